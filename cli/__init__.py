@@ -1,0 +1,1 @@
+"""The Typer application `lad-fast` (imported as lad_fast.cli)."""

@@ -1,0 +1,50 @@
+"""The ``lad-fast`` command line. This module only assembles commands; each lives in its own module.
+
+Heavy imports (torch, nibabel ...) happen inside commands so that ``--help`` is instant. Library errors
+(:class:`lad_fast.errors.LadFastError`) print as one line and exit with code 2; ``LAD_FAST_DEBUG=1``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from lad_fast.cli import data_cmds, info_cmd
+
+app = typer.Typer(
+    name="lad-fast",
+    help="Locality-Aware Diffusion for 3D abdominal CT: prepare data, train, generate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("info")(info_cmd.info)
+app.command("phantom")(data_cmds.phantom)
+app.command("prepare")(data_cmds.prepare)
+app.command("preview")(data_cmds.preview)
+
+
+def _debug() -> bool:
+    return os.environ.get("LAD_FAST_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning library errors into one line and exit code 2."""
+    from lad_fast.errors import LadFastError
+
+    try:
+        app(args=argv)  # standalone mode: usage errors and --help exit by themselves
+    except LadFastError as err:
+        if _debug():
+            raise
+        print(f"lad-fast: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("lad-fast: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Configuration: frozen dataclasses, and presets that are named data.
+
+A component takes its own config (``VQGANConfig``, ``UNetConfig`` ...), never the whole tree. Every run
+writes its resolved :class:`LadConfig` as ``config.json``; :func:`config_from_dict` reads it back.
+Numbers for the ``lad`` preset come from ../shared/LAD_REFERENCE.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from lad_fast.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GeometryConfig:
+    """Voxel grid of prepared volumes, ``(D, H, W)`` with D the inferior-superior axis."""
+
+    shape: tuple[int, int, int] = (32, 256, 256)
+    spacing: tuple[float, float, float] = (2.3, 1.6, 1.6)  # mm along (D, H, W)
+    hu_window: tuple[float, float] = (-1000.0, 400.0)  # clipped, then mapped to [-1, 1]
+    # A volume is "too small" when it covers less than this fraction of the field of view on an axis.
+    min_coverage: float = 0.5
+    # The slice window holds the most slices of these organs (Lad: pancreas and its lesions).
+    window_organs: tuple[str, ...] = ("pancreas", "pancreatic_lesion")
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Procedural abdomen phantoms, written at ``spacing`` over ``shape`` (then prepared like real CT)."""
+
+    shape: tuple[int, int, int] = (48, 256, 256)  # (D, H, W) of the written NIfTI
+    spacing: tuple[float, float, float] = (2.3, 1.6, 1.6)
+    noise_hu: float = 12.0
+    blur_mm: float = 1.2
+
+
+@dataclass(frozen=True)
+class VQGANConfig:
+    in_channels: int = 1
+    channels: tuple[int, ...] = (16, 32, 64)  # one entry per resolution; len - 1 stride-2 downsamplings
+    res_blocks: int = 1
+    groups: int = 8  # GroupNorm groups
+    latent_channels: int = 8
+    codebook_size: int = 16384
+    code_dim: int = 8
+    ema_decay: float = 0.99
+    commitment: float = 0.25
+    dead_code_threshold: float = 1.0  # EMA usage below this restarts the code from the batch
+
+
+@dataclass(frozen=True)
+class VQGANLossConfig:
+    l1: float = 4.0
+    perceptual: float = 4.0  # needs a weights file (see losses.py); 0 disables
+    perceptual_weights: str | None = None
+    gan_2d: float = 0.25
+    gan_3d: float = 0.25
+    feature_matching: float = 4.0
+    gan_start_step: int = 50_000
+    locality_organs: tuple[str, ...] = ("pancreas", "pancreatic_lesion")
+    locality_weights: tuple[float, ...] = (1.0, 1.0)
+    locality_mode: str = "box"  # "box" (Lad) or "mask"
+    disc_channels: int = 64
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    channels: int = 64
+    multipliers: tuple[int, ...] = (1, 2, 4, 8)
+    res_blocks: int = 1
+    attention_levels: tuple[int, ...] = (2, 3)  # full 3D attention at these (coarse) levels
+    heads: int = 8
+    head_dim: int = 32
+    groups: int = 8
+    time_dim: int = 256
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ConditionConfig:
+    # Structure condition: per-slice Betti numbers of these canonical organs (Lad: bg, pancreas, lesion).
+    structure_organs: tuple[str, ...] = ("background", "pancreas", "pancreatic_lesion")
+    betti_3d: bool = False  # append per-organ 3D (b0, b1, b2)
+    content_dim: int = 512  # content head output (Lad: 1x2x16x16 = 512)
+    embed_dim: int = 256
+    drop_prob: float = 0.25  # classifier-free guidance: replaced by a learned null condition
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 300
+    schedule: str = "cosine"  # "cosine" | "linear"
+    prediction: str = "eps"  # "eps" | "x0" | "v"
+    loss: str = "l1"  # "l1" | "l2"
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    channels: tuple[int, ...] = (16, 32, 64)
+    groups: int = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100_000
+    batch_size: int = 2
+    lr: float = 1.9e-5
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA weights
+    amp: str = "none"  # "none" | "bf16" | "fp16"
+    compile: bool = True  # only on CUDA
+    log_every: int = 10
+    checkpoint_every: int = 500
+    preview_every: int = 1000
+    max_bad_steps: int = 20  # non-finite steps tolerated before stopping
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotate_deg: float = 8.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate_mm: float = 8.0
+    elastic_mm: float = 6.0
+    elastic_grid: int = 5
+    morph_prob: float = 0.3  # per organ: dilate or erode by one voxel
+    remove_prob: float = 0.0  # per organ (not background): drop it
+    volume_range: tuple[float, float] = (0.7, 1.4)  # allowed organ volume ratio against the source
+
+
+@dataclass(frozen=True)
+class LadConfig:
+    """The whole tree. Components take their own part of it."""
+
+    preset: str = "lad"
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+    vqgan: VQGANConfig = field(default_factory=VQGANConfig)
+    vqgan_loss: VQGANLossConfig = field(default_factory=VQGANLossConfig)
+    vqgan_train: TrainConfig = field(default_factory=TrainConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    diffusion_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-4, betas=(0.9, 0.999), batch_size=5, ema_decay=0.995)
+    )
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    segmenter_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-3, betas=(0.9, 0.999), steps=5000, batch_size=2)
+    )
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def _lad() -> LadConfig:
+    return LadConfig()
+
+
+def _tiny() -> LadConfig:
+    """CPU-sized: same field of view as ``lad`` at 4x coarser in-plane and 2x coarser axial spacing."""
+    return LadConfig(
+        preset="tiny",
+        geometry=GeometryConfig(shape=(16, 64, 64), spacing=(4.6, 6.4, 6.4)),
+        phantom=PhantomConfig(shape=(24, 64, 64), spacing=(4.6, 6.4, 6.4), noise_hu=10.0, blur_mm=3.0),
+        vqgan=VQGANConfig(channels=(16, 32, 64), groups=8, codebook_size=512, code_dim=8),
+        vqgan_loss=VQGANLossConfig(perceptual=0.0, gan_start_step=10**9, disc_channels=16),
+        vqgan_train=TrainConfig(
+            steps=600, batch_size=4, lr=2e-3, betas=(0.9, 0.99), compile=False, log_every=10,
+            checkpoint_every=100, preview_every=200,
+        ),
+        unet=UNetConfig(channels=32, multipliers=(1, 2, 4), attention_levels=(1, 2), heads=4, head_dim=16,
+                        time_dim=128),
+        condition=ConditionConfig(content_dim=64, embed_dim=128),
+        diffusion_train=TrainConfig(
+            steps=1500, batch_size=8, lr=5e-4, betas=(0.9, 0.999), ema_decay=0.99, compile=False,
+            log_every=10, checkpoint_every=250, preview_every=500,
+        ),
+        segmenter=SegmenterConfig(channels=(16, 32, 64)),
+        segmenter_train=TrainConfig(
+            steps=600, batch_size=4, lr=3e-3, betas=(0.9, 0.999), compile=False, checkpoint_every=200,
+        ),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], LadConfig]] = {"tiny": _tiny, "lad": _lad}
+
+
+def get_preset(name: str) -> LadConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        return tuple(_coerce(a, v) for a, v in zip(args, value, strict=True))
+    return value
+
+
+def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+
+
+def config_from_dict(data: dict[str, Any]) -> LadConfig:
+    """Inverse of :func:`config_to_dict`; fields missing from ``data`` take their defaults."""
+    return _from_dict(LadConfig, data)
+
+
+def override(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` that ignores ``None`` values (handy for optional CLI flags)."""
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

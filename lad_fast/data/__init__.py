@@ -1,0 +1,1 @@
+"""Data: readers, geometry, layouts, label vocabularies, phantoms and prepared datasets."""

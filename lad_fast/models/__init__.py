@@ -1,0 +1,1 @@
+"""Networks. Model code never imports training, I/O or CLI code."""

@@ -1,0 +1,1 @@
+"""Training loops: shared utilities and one module per trained model."""

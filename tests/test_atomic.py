@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import pytest
+
+from lad_fast.atomic import atomic_dir, atomic_path, write_json
+
+
+def test_failed_write_leaves_target_untouched(tmp_path):
+    target = tmp_path / "a.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text().strip().endswith("}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_atomic_dir_replaces_whole(tmp_path):
+    target = tmp_path / "case"
+    with atomic_dir(target) as tmp:
+        (tmp / "x").write_text("1")
+    with pytest.raises(ValueError), atomic_dir(target) as tmp:
+        (tmp / "y").write_text("2")
+        raise ValueError
+    assert sorted(p.name for p in target.iterdir()) == ["x"]
+    assert [p.name for p in tmp_path.iterdir()] == ["case"]
