@@ -1,0 +1,204 @@
+"""Pure sampling functions over any denoiser backend.
+
+A denoiser is ``denoise(x, t) -> prediction`` (x (B, C, d, h, w), t (B,) int64), returning the network's
+parameterisation ("eps", "x0" or "v"). Conditions are closed over by :func:`guided_denoiser`, which runs
+the conditional and the null branch of classifier-free guidance as one batch. Noise comes from one
+``torch.Generator`` per sample, so a sample never depends on the batch it was drawn in (EDM practice).
+The samplers never touch files or the VQ-GAN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from lad_fast.diffusion import Schedule, to_x0_eps
+from lad_fast.errors import ConfigError
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guided_denoiser(
+    net: Callable[..., torch.Tensor],
+    cond: Sequence[torch.Tensor],
+    null: Sequence[torch.Tensor],
+    scale: float,
+) -> Denoiser:
+    """``null + scale * (cond - null)`` with both branches in one forward pass of ``net(x, t, *cond)``.
+
+    Scale 1 is the plain conditional model (the official Lad setting), 0 the unconditional one.
+    """
+    if scale < 0:
+        raise ConfigError(f"guidance scale must be >= 0, got {scale}")
+    if scale == 1.0:
+        return lambda x, t: net(x, t, *cond)
+    if scale == 0.0:
+        return lambda x, t: net(x, t, *null)
+    both = tuple(torch.cat([c, n]) for c, n in zip(cond, null, strict=True))
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out_c, out_n = net(torch.cat([x, x]), torch.cat([t, t]), *both).chunk(2)
+        return out_n + scale * (out_c - out_n)
+
+    return denoise
+
+
+def per_sample_noise(
+    generators: Sequence[torch.Generator],
+    shape: Sequence[int],
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(len(generators), *shape) standard normal noise, sample i drawn from generators[i] on the CPU."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators]).to(
+        device=device, dtype=dtype
+    )
+
+
+def timesteps(T: int, steps: int) -> list[int]:
+    """``steps`` integer timesteps from T-1 down to 0, evenly spaced (all T when steps == T)."""
+    if not 1 <= steps <= T:
+        raise ConfigError(f"steps must be between 1 and T={T}, got {steps}")
+    if steps == 1:
+        return [T - 1]
+    return [round((T - 1) * (1 - i / (steps - 1))) for i in range(steps)]
+
+
+def _predict(denoise: Denoiser, prediction: str, x: torch.Tensor, t: int, abar: torch.Tensor, clip: bool):
+    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    a = abar.to(x.dtype)
+    x0, eps = to_x0_eps(prediction, denoise(x, tt).to(x.dtype), x, a)
+    if clip:  # Lad clips x0 to [-1, 1]; eps is made consistent with the clipped x0
+        x0 = x0.clamp(-1, 1)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    return x0, eps
+
+
+def sample_ddim(
+    denoise: Denoiser,
+    sched: Schedule,
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    *,
+    prediction: str = "eps",
+    steps: int = 50,
+    eta: float = 0.0,
+    clip: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021) over ``steps`` timesteps; eta = 1 with all T steps is ancestral DDPM.
+
+    shape is one sample's (C, d, h, w); returns x0 of shape (len(generators), *shape).
+    """
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, got {eta}")
+    ts = timesteps(sched.T, steps)
+    x = per_sample_noise(generators, shape, device, dtype)
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        a = sched.abar(torch.tensor(t))
+        a_prev = sched.abar(torch.tensor(t_prev))
+        x0, eps = _predict(denoise, prediction, x, t, a, clip)
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+        dir_coef = (1 - a_prev - sigma**2).clamp_min(0).sqrt()
+        x = a_prev.sqrt().to(dtype) * x0 + dir_coef.to(dtype) * eps
+        if t_prev >= 0 and sigma > 0:
+            x = x + sigma.to(dtype) * per_sample_noise(generators, shape, device, dtype)
+        if callback is not None:
+            callback(i + 1, len(ts))
+    return x
+
+
+def sample_ddpm(
+    denoise: Denoiser,
+    sched: Schedule,
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    *,
+    prediction: str = "eps",
+    clip: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, int], None] | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Ancestral DDPM over all T steps with the posterior mean and variance (the official Lad sampler)."""
+    x = per_sample_noise(generators, shape, device, dtype)
+    for i, t in enumerate(range(sched.T - 1, -1, -1)):
+        a = sched.abar(torch.tensor(t))
+        a_prev = sched.abar(torch.tensor(t - 1))
+        beta = sched.betas[t]
+        x0, _ = _predict(denoise, prediction, x, t, a, clip)
+        # posterior q(x_{t-1} | x_t, x0): mean c0 x0 + ct x_t, variance beta (1 - a_prev) / (1 - a)
+        c0 = a_prev.sqrt() * beta / (1 - a)
+        ct = (1 - beta).sqrt() * (1 - a_prev) / (1 - a)
+        x = c0.to(dtype) * x0 + ct.to(dtype) * x
+        if t > 0:
+            var = beta * (1 - a_prev) / (1 - a)
+            x = x + var.sqrt().to(dtype) * per_sample_noise(generators, shape, device, dtype)
+        if callback is not None:
+            callback(i + 1, sched.T)
+    return x
+
+
+def sample_dpmpp_2m(
+    denoise: Denoiser,
+    sched: Schedule,
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    *,
+    prediction: str = "eps",
+    steps: int = 20,
+    clip: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, int], None] | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022), deterministic second-order multistep in data prediction.
+
+    ``steps`` network evaluations; the last one, at t = 0, returns its x0 prediction.
+    """
+    ts = timesteps(sched.T, steps)
+    x = per_sample_noise(generators, shape, device, dtype)
+
+    def lam(a: torch.Tensor) -> torch.Tensor:  # log(alpha / sigma)
+        return 0.5 * (a.log() - (1 - a).log())
+
+    prev_x0: torch.Tensor | None = None
+    h_prev = None
+    for i, t in enumerate(ts):
+        a = sched.abar(torch.tensor(t))
+        x0, _ = _predict(denoise, prediction, x, t, a, clip)
+        if callback is not None:
+            callback(i + 1, len(ts))
+        if i + 1 == len(ts):
+            return x0
+        a_next = sched.abar(torch.tensor(ts[i + 1]))
+        h = lam(a_next) - lam(a)
+        if prev_x0 is None or i + 2 == len(ts):  # first step, and the last step, are first order
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)).to(dtype) * x0 - (1 / (2 * r)).to(dtype) * prev_x0
+        sigma_ratio = ((1 - a_next) / (1 - a)).sqrt()
+        x = sigma_ratio.to(dtype) * x - (a_next.sqrt() * torch.expm1(-h)).to(dtype) * d
+        prev_x0, h_prev = x0, h
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp2m": sample_dpmpp_2m,
+}
+
+
+def sample(name: str, *args: object, **kwargs: object) -> torch.Tensor:
+    """Dispatch to one of :data:`SAMPLERS` by name."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](*args, **kwargs)
