@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager as contextlib_contextmanager
 
 import torch
 
@@ -52,3 +54,19 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
                 "before Python starts, or use impl='torch'"
             )
     return impl
+
+
+@contextlib_contextmanager
+def forced_impl(impl: str) -> Iterator[None]:
+    """Force every op to ``impl`` inside the block (export uses "torch": standard ONNX ops only)."""
+    if impl not in ("torch", "triton"):
+        raise ConfigError(f"forced_impl takes 'torch' or 'triton', got {impl!r}")
+    old = os.environ.get("LAD_FAST_KERNELS")
+    os.environ["LAD_FAST_KERNELS"] = impl
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LAD_FAST_KERNELS", None)
+        else:
+            os.environ["LAD_FAST_KERNELS"] = old
