@@ -1,13 +1,19 @@
 """Nearest-code search for vector quantisation: squared distance and argmin over a codebook.
 
-Until the Triton kernel lands, every impl runs the PyTorch reference.
+The Triton path (``kernels/_vq_triton.py``) fuses the distance and the argmin over codebook blocks with
+fp32 accumulation and never materialises the (N, K) matrix: O(N) extra memory. It is registered as the
+custom op ``lad_fast::vq_nearest`` so ``torch.compile`` keeps it inside one graph.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lad_fast.errors import ConfigError
 from lad_fast.kernels._dispatch import resolve_impl
+
+MAX_CODE_DIM = 256
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,9 +28,78 @@ def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
     return idx, dist.clamp_min(0.0)
 
 
+def _check(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    if z.dim() != 2 or codebook.dim() != 2:
+        raise ConfigError(
+            f"vq_nearest expects z (N, D) and codebook (K, D), got shapes {tuple(z.shape)} and "
+            f"{tuple(codebook.shape)}; flatten latents to (N, D) first"
+        )
+    if z.shape[1] != codebook.shape[1]:
+        raise ConfigError(
+            f"vq_nearest: z has {z.shape[1]} dims per row but the codebook has {codebook.shape[1]}; "
+            "they must match"
+        )
+    if codebook.shape[0] == 0:
+        raise ConfigError("vq_nearest: the codebook is empty (K = 0); it needs at least one code")
+    if z.dtype != codebook.dtype or z.dtype not in DTYPES:
+        raise ConfigError(
+            f"vq_nearest: z and codebook must share one dtype among float32/float16/bfloat16, got "
+            f"{z.dtype} and {codebook.dtype}; cast one to the other"
+        )
+    if z.device != codebook.device:
+        raise ConfigError(
+            f"vq_nearest: z is on {z.device} but the codebook is on {codebook.device}; move them together"
+        )
+
+
+@torch.library.custom_op("lad_fast::vq_nearest", mutates_args=())
+def _vq_nearest_op(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from lad_fast.kernels import _vq_triton
+
+    n, d = z.shape
+    if d > MAX_CODE_DIM:
+        raise ConfigError(
+            f"vq_nearest (triton) supports code dims up to {MAX_CODE_DIM}, got {d}; use impl='torch'"
+        )
+    z, codebook = z.contiguous(), codebook.contiguous()
+    # ||c||^2 once per call, in fp32; the kernel reads it per codebook block.
+    code_norms = codebook.float().pow(2).sum(1).contiguous()
+    indices = torch.empty(n, dtype=torch.int64, device=z.device)
+    distances = torch.empty(n, dtype=torch.float32, device=z.device)
+    if n > 0:
+        _vq_triton.launch(z, codebook, code_norms, indices, distances)
+    return indices, distances
+
+
+@_vq_nearest_op.register_fake
+def _(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = z.shape[0]
+    return z.new_empty(n, dtype=torch.int64), z.new_empty(n, dtype=torch.float32)
+
+
+def _vq_setup_context(ctx, inputs, output) -> None:
+    # Indices are integers and distances are reported as constants: neither carries a gradient.
+    ctx.mark_non_differentiable(*output)
+
+
+def _vq_backward(ctx, grad_indices, grad_distances):
+    return None, None
+
+
+_vq_nearest_op.register_autograd(_vq_backward, setup_context=_vq_setup_context)
+
+
 def vq_nearest(
     z: torch.Tensor, codebook: torch.Tensor, impl: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code of each row of ``z`` (N, D) in ``codebook`` (K, D): (indices (N,), distances (N,))."""
-    resolve_impl(impl, z, codebook)
-    return vq_nearest_ref(z, codebook)
+    """Nearest code of each row of ``z`` (N, D) in ``codebook`` (K, D).
+
+    Returns (indices int64 (N,), squared distances fp32 (N,)); both carry no gradient. On exact ties the
+    lowest index wins. Inputs: float32, float16 or bfloat16, one dtype and one device; D <= 256 on the
+    Triton path.
+    """
+    _check(z, codebook)
+    if resolve_impl(impl, z, codebook) == "triton":
+        return _vq_nearest_op(z, codebook)
+    with torch.no_grad():
+        return vq_nearest_ref(z, codebook)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Without a GPU the Triton kernels run under the interpreter. The variable must be set before triton is
+# first imported, so it is set here, when pytest loads this file, before any test module is collected.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 
