@@ -1,0 +1,172 @@
+"""Conditions that guide the diffusion model (LAD_REFERENCE.md phase 2).
+
+Two parts, concatenated in this order (see :class:`ConditionLayout`):
+
+* content: the one-hot mask encoded by the frozen VQ-GAN encoder to a latent ``(B, C_lat, d, h, w)``,
+  then :class:`ContentHead` (trained with the diffusion model; the official code used two freshly
+  initialised, never trained Conv3d 8->4->1) to ``(B, content_dim)``;
+* structure: the per-slice Betti numbers of :func:`structure_condition` (Lad: 32 x 3 x 2 = 192), plus
+  per-organ 3D Betti numbers when ``ConditionConfig.betti_3d``, scaled by :func:`normalize_structure`.
+
+Model code: imports no training, I/O or CLI code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lad_fast.config import ConditionConfig
+from lad_fast.data.labels import CANONICAL_ID, NUM_CLASSES
+from lad_fast.errors import ConfigError, InputError
+from lad_fast.topology import betti_3d, lad_structure_vector
+
+BACKGROUND = "background"
+
+
+def _structure_lut(organs: tuple[str, ...]) -> np.ndarray:
+    """Canonical id -> structure class. Class i is ``organs[i]``; "background", when listed, takes every
+    canonical id not listed (so it means "none of the other listed organs", as in Lad's 0/1/2 masks);
+    when it is not listed, unlisted ids get class len(organs), which no Betti number looks at."""
+    unknown = [o for o in organs if o != BACKGROUND and o not in CANONICAL_ID]
+    if unknown:
+        raise ConfigError(f"structure_organs {unknown} are not canonical organs; see data/labels.py")
+    if len(set(organs)) != len(organs):
+        raise ConfigError(f"structure_organs lists an organ twice: {organs}")
+    rest = organs.index(BACKGROUND) if BACKGROUND in organs else len(organs)
+    lut = np.full(NUM_CLASSES, rest, dtype=np.uint8)
+    for i, organ in enumerate(organs):
+        if organ != BACKGROUND:
+            lut[CANONICAL_ID[organ]] = i
+    return lut
+
+
+def structure_classes(mask: np.ndarray, cfg: ConditionConfig) -> np.ndarray:
+    """Canonical (D, H, W) mask -> (D, H, W) uint8 map of structure classes (index into structure_organs)."""
+    arr = np.asarray(mask)
+    if arr.dtype.kind not in "iub":
+        raise InputError(f"canonical mask must hold integer ids, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= NUM_CLASSES):
+        raise InputError(
+            f"canonical mask holds ids outside 0..{NUM_CLASSES - 1} (min {arr.min()}, max {arr.max()}); "
+            "map it with lad_fast.data.labels first"
+        )
+    return _structure_lut(cfg.structure_organs)[arr]
+
+
+def structure_dim(depth: int, cfg: ConditionConfig) -> int:
+    """Length of the structure condition for masks with ``depth`` axial slices."""
+    n = len(cfg.structure_organs)
+    organs_3d = sum(1 for o in cfg.structure_organs if o != BACKGROUND)
+    return depth * n * 2 + (3 * organs_3d if cfg.betti_3d else 0)
+
+
+def structure_condition(mask: np.ndarray, cfg: ConditionConfig) -> np.ndarray:
+    """Structure condition of a canonical (D, H, W) mask: int64 of length ``structure_dim(D, cfg)``.
+
+    The Lad vector (slice-major, then class, then (b0, b1)) over the classes of cfg.structure_organs,
+    then, when cfg.betti_3d, (b0, b1, b2) of every listed organ other than background, in list order.
+    """
+    classes = structure_classes(mask, cfg)
+    n = len(cfg.structure_organs)
+    vec = lad_structure_vector(classes, classes=range(n))
+    if cfg.betti_3d:
+        organs = [i for i, o in enumerate(cfg.structure_organs) if o != BACKGROUND]
+        vec = np.concatenate([vec, betti_3d(classes, organs).reshape(-1)])
+    return vec
+
+
+def normalize_structure(vec: Any) -> torch.Tensor:
+    """Betti counts (..., L) -> float32 tensor log1p(counts).
+
+    Counts are heavy-tailed (b0 = 1 almost everywhere, b1 of the background can reach tens on noisy
+    predicted masks); log1p keeps small counts distinguishable and large ones bounded, and needs no
+    dataset statistics. Negative values are invalid (no Betti number is negative).
+    """
+    t = vec if isinstance(vec, torch.Tensor) else torch.as_tensor(np.asarray(vec))
+    if t.numel() and float(t.min()) < 0:
+        raise InputError("structure vector holds negative counts; Betti numbers are never negative")
+    return torch.log1p(t.float())
+
+
+def mask_to_onehot(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer labels (B, D, H, W) -> one-hot float (B, K, D, H, W) with K = num_classes."""
+    if mask.is_floating_point():
+        raise InputError(f"mask must hold integer labels, got dtype {mask.dtype}")
+    if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_classes):
+        raise InputError(
+            f"mask labels must lie in 0..{num_classes - 1}, got {int(mask.min())}..{int(mask.max())}"
+        )
+    return F.one_hot(mask.long(), num_classes).movedim(-1, 1).float()
+
+
+class ContentHead(nn.Module):
+    """Encoded mask latent (B, C_lat, d, h, w) -> content condition (B, content_dim).
+
+    Lad's shape family (two stride-2 Conv3d, C_lat -> 4 -> 1), then adaptive average pooling to a fixed
+    grid so any geometry gives the same width, and a linear map to content_dim. Trained with the
+    diffusion model.
+    """
+
+    def __init__(
+        self, latent_channels: int, content_dim: int, hidden: int = 4, pool: tuple[int, int, int] = (2, 8, 8)
+    ) -> None:
+        super().__init__()
+        if latent_channels < 1 or content_dim < 1 or hidden < 1:
+            raise ConfigError(
+                f"ContentHead needs positive sizes, got latent_channels={latent_channels}, "
+                f"content_dim={content_dim}, hidden={hidden}"
+            )
+        self.conv1 = nn.Conv3d(latent_channels, hidden, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv3d(hidden, 1, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool3d(pool)
+        self.proj = nn.Linear(pool[0] * pool[1] * pool[2], content_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 5 or z.shape[1] != self.conv1.in_channels:
+            raise InputError(
+                f"ContentHead expects (B, {self.conv1.in_channels}, d, h, w), got {tuple(z.shape)}"
+            )
+        x = self.conv2(F.silu(self.conv1(z)))  # (B, 1, ~d/4, ~h/4, ~w/4)
+        return self.proj(self.pool(x).flatten(1))  # (B, content_dim)
+
+
+@dataclass(frozen=True)
+class ConditionLayout:
+    """Where each part lives in the full condition vector ``cat([content, structure], -1)``."""
+
+    content_dim: int
+    structure_dim: int
+
+    @classmethod
+    def for_config(cls, cfg: ConditionConfig, depth: int) -> ConditionLayout:
+        """Layout for masks with ``depth`` axial slices (Lad: 512 + 32 * 3 * 2 = 704)."""
+        if depth < 1:
+            raise ConfigError(f"depth must be at least 1, got {depth}")
+        return cls(content_dim=cfg.content_dim, structure_dim=structure_dim(depth, cfg))
+
+    @property
+    def content(self) -> slice:
+        return slice(0, self.content_dim)
+
+    @property
+    def structure(self) -> slice:
+        return slice(self.content_dim, self.content_dim + self.structure_dim)
+
+    @property
+    def total(self) -> int:
+        return self.content_dim + self.structure_dim
+
+    def assemble(self, content: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
+        """(B, content_dim) and normalised (B, structure_dim) -> (B, total)."""
+        if content.shape[-1] != self.content_dim or structure.shape[-1] != self.structure_dim:
+            raise InputError(
+                f"condition parts have widths {content.shape[-1]} and {structure.shape[-1]}, the layout "
+                f"expects {self.content_dim} and {self.structure_dim}"
+            )
+        return torch.cat([content, structure.to(content.dtype)], dim=-1)

@@ -1,0 +1,102 @@
+"""lad_fast.conditions: structure condition, normalisation, one-hot, content head, layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lad_fast.conditions import (
+    ConditionLayout,
+    ContentHead,
+    mask_to_onehot,
+    normalize_structure,
+    structure_classes,
+    structure_condition,
+)
+from lad_fast.config import ConditionConfig, get_preset
+from lad_fast.data.labels import CANONICAL_ID
+from lad_fast.errors import ConfigError, InputError
+from lad_fast.topology import betti_3d_gudhi, lad_structure_vector_gudhi
+
+
+def _canonical_lad_case(shared) -> tuple[np.ndarray, np.ndarray]:
+    ref = shared / "lad_reference"
+    lut = np.array([0, CANONICAL_ID["pancreas"], CANONICAL_ID["pancreatic_lesion"]], dtype=np.uint8)
+    return lut[np.load(ref / "Case_00001_mask.npy")], np.load(ref / "Case_00001_topo.npy")
+
+
+def test_lad_case_through_canonical_ids_gives_the_official_vector(shared):
+    mask, topo = _canonical_lad_case(shared)
+    np.testing.assert_array_equal(structure_condition(mask, ConditionConfig()), topo)
+
+
+def test_background_means_every_unlisted_organ_and_betti_3d_is_appended():
+    mask = np.zeros((3, 9, 9), dtype=np.uint8)
+    mask[:, 2:7, 2:7] = CANONICAL_ID["liver"]  # not listed: counts as background
+    mask[1, 4, 4] = CANONICAL_ID["pancreas"]
+    cfg = ConditionConfig(structure_organs=("background", "pancreas"), betti_3d=True)
+    classes = structure_classes(mask, cfg)
+    assert set(np.unique(classes)) == {0, 1}
+    vec = structure_condition(mask, cfg)
+    want = np.concatenate([lad_structure_vector_gudhi(classes, (0, 1)), betti_3d_gudhi(classes, (1,))[0]])
+    np.testing.assert_array_equal(vec, want)
+    assert vec.shape == (ConditionLayout.for_config(cfg, depth=3).structure_dim,)
+    # background has one hole (the pancreas voxel) on slice 1 only
+    assert vec[:12].reshape(3, 2, 2)[:, 0, 1].tolist() == [0, 1, 0]
+
+
+def test_structure_condition_rejects_bad_masks_and_configs():
+    with pytest.raises(InputError, match="outside 0..11"):
+        structure_condition(np.full((1, 2, 2), 40, dtype=np.uint8), ConditionConfig())
+    with pytest.raises(InputError, match="integer ids"):
+        structure_condition(np.zeros((1, 2, 2), dtype=np.float32), ConditionConfig())
+    with pytest.raises(ConfigError, match="not canonical organs"):
+        structure_condition(np.zeros((1, 2, 2), dtype=np.uint8), ConditionConfig(structure_organs=("lung",)))
+
+
+def test_normalize_structure_is_log1p_and_rejects_negatives():
+    out = normalize_structure(np.array([[0, 1, 3]], dtype=np.int64))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[0.0, np.log(2.0), np.log(4.0)]], dtype=torch.float32))
+    with pytest.raises(InputError, match="negative counts"):
+        normalize_structure(torch.tensor([1, -1]))
+
+
+def test_mask_to_onehot_round_trips_and_checks_range():
+    mask = torch.tensor([[[[0, 2], [1, 2]]]])  # (B=1, D=1, H=2, W=2)
+    onehot = mask_to_onehot(mask, 3)
+    assert onehot.shape == (1, 3, 1, 2, 2)
+    assert torch.equal(onehot.argmax(1), mask) and torch.equal(onehot.sum(1), torch.ones(1, 1, 2, 2))
+    with pytest.raises(InputError, match=r"labels must lie in 0..1"):
+        mask_to_onehot(mask, 2)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "lad"])
+def test_content_head_and_layout_fit_the_presets(preset):
+    cfg = get_preset(preset)
+    depth = cfg.geometry.shape[0]
+    layout = ConditionLayout.for_config(cfg.condition, depth)
+    if preset == "lad":
+        assert (layout.content_dim, layout.structure_dim, layout.total) == (512, 192, 704)
+    head = ContentHead(cfg.vqgan.latent_channels, cfg.condition.content_dim)
+    latent = torch.randn(2, cfg.vqgan.latent_channels, depth // 4, 16, 12)  # any latent geometry
+    content = head(latent)
+    assert content.shape == (2, cfg.condition.content_dim)
+    full = layout.assemble(content, torch.zeros(2, layout.structure_dim))
+    assert full.shape == (2, layout.total)
+    assert torch.equal(full[:, layout.content], content) and not full[:, layout.structure].any()
+    content.sum().backward()  # trainable
+    assert head.conv1.weight.grad is not None
+
+
+def test_content_head_and_layout_reject_bad_shapes():
+    with pytest.raises(InputError, match=r"expects \(B, 8, d, h, w\)"):
+        ContentHead(8, 16)(torch.zeros(1, 4, 4, 4, 4))
+    with pytest.raises(ConfigError, match="positive sizes"):
+        ContentHead(0, 16)
+    layout = ConditionLayout.for_config(ConditionConfig(content_dim=4), depth=2)
+    with pytest.raises(InputError, match="layout expects 4 and 12"):
+        layout.assemble(torch.zeros(1, 4), torch.zeros(1, 5))
+    with pytest.raises(ConfigError, match="depth must be at least 1"):
+        ConditionLayout.for_config(ConditionConfig(), depth=0)
