@@ -11,6 +11,7 @@ import os
 import sys
 
 import typer
+
 from lad_fast.cli import data_cmds, info_cmd
 
 app = typer.Typer(
@@ -31,9 +32,18 @@ def _debug() -> bool:
     return os.environ.get("LAD_FAST_DEBUG", "") not in ("", "0")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"lad-fast: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning library errors into one line and exit code 2."""
+    import warnings
+
     from lad_fast.errors import LadFastError
+
+    if not _debug():
+        warnings.formatwarning = _one_line_warning
 
     try:
         app(args=argv)  # standalone mode: usage errors and --help exit by themselves

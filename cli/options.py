@@ -20,6 +20,8 @@ class Layout(str, Enum):
     totalseg = "totalseg"
     nnunet = "nnunet"
     flat = "flat"
+    file = "file"
+    dicom = "dicom"
 
 
 class Vocabulary(str, Enum):
