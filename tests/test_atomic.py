@@ -24,3 +24,14 @@ def test_atomic_dir_replaces_whole(tmp_path):
         raise ValueError
     assert sorted(p.name for p in target.iterdir()) == ["x"]
     assert [p.name for p in tmp_path.iterdir()] == ["case"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
