@@ -1,54 +1,348 @@
 """3D convolution and the fused GroupNorm-apply + SiLU + conv + bias + residual used by res blocks.
 
-Until the Triton kernels land, every impl runs the PyTorch reference.
+The Triton path (``kernels/_conv3d_triton.py``, imported lazily) is an implicit GEMM on
+channels-last-3d data with fp32 accumulation. The fused op computes per-(n, group) statistics with a
+small reduction kernel, then applies the GroupNorm affine and SiLU while loading the GEMM's input tile
+and adds bias and residual in the output store, so the normalised activation is never written out.
+
+Both ops are ``torch.library`` custom ops (``lad_fast::conv3d``, ``lad_fast::norm_act_conv3d``) with a
+fake (shape) implementation and an autograd formula, so ``torch.compile`` keeps them in one graph.
+
+Backward goes through PyTorch, not Triton: ``aten.convolution_backward`` (cuDNN on GPU) for the
+convolution and, for the fused op, GroupNorm + SiLU recomputed from the saved input with
+``aten.native_group_norm`` and differentiated with ``aten.native_group_norm_backward``, in fp32 as
+under autocast. The activation is recomputed rather than saved, so the fused op keeps only its inputs
+alive between forward and backward (the backward then holds fp32 copies of x for a moment).
+
+The Triton kernel supports kernel sizes 1 to 4 per axis (1, 3, and the (1, 3, 3) / (1, 4, 4) in-plane
+shapes), any stride and padding, dilation 1, fp16 / bf16 / fp32. ``impl="auto"`` falls back to the
+reference for anything else; ``impl="triton"`` raises instead. Under autocast the Triton path casts x,
+weight, bias and residual to the autocast dtype (gamma and beta stay as given), like ``F.conv3d``.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from lad_fast.errors import ConfigError
 from lad_fast.kernels._dispatch import resolve_impl
 
 IntOr3 = int | tuple[int, int, int]
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_KERNEL = 4
+
+
+# ----------------------------------------------------------------------------------------- references
+
 
 def conv3d_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: IntOr3 = 1,
-    padding: IntOr3 = 0,
-) -> torch.Tensor:
+    padding: IntOr3 = 0, dilation: IntOr3 = 1,
+) -> torch.Tensor:  # fmt: skip
     """Reference: ``F.conv3d``. x (N, C, D, H, W), weight (O, C, kd, kh, kw) -> (N, O, D', H', W')."""
-    return F.conv3d(x, weight, bias, stride=stride, padding=padding)
-
-
-def conv3d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: IntOr3 = 1,
-    padding: IntOr3 = 0, impl: str = "auto",
-) -> torch.Tensor:
-    """Same result as ``torch.nn.functional.conv3d`` for these arguments."""
-    resolve_impl(impl, x, weight)
-    return conv3d_ref(x, weight, bias, stride, padding)
+    return F.conv3d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
 
 
 def norm_act_conv3d_ref(
     x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, weight: torch.Tensor,
     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, stride: IntOr3 = 1,
-    padding: IntOr3 = 0, eps: float = 1e-6,
-) -> torch.Tensor:
+    padding: IntOr3 = 0, eps: float = 1e-6, dilation: IntOr3 = 1,
+) -> torch.Tensor:  # fmt: skip
     """Reference of the res-block chain: conv3d(silu(group_norm(x))) + bias (+ residual).
 
     x (N, C, D, H, W); gamma, beta (C,); weight (O, C, k, k, k); residual (N, O, D', H', W') or None.
     """
     h = F.silu(F.group_norm(x, groups, gamma, beta, eps))
-    out = F.conv3d(h, weight, bias, stride=stride, padding=padding)
+    out = F.conv3d(h, weight, bias, stride=stride, padding=padding, dilation=dilation)
     return out if residual is None else out + residual
+
+
+# ------------------------------------------------------------------------------------- host checks
+
+
+def _triple(name: str, value: IntOr3, minimum: int) -> tuple[int, int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value, value)
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ConfigError(f"{name} must be an int or a tuple of 3 ints (D, H, W), got {value!r}")
+    if min(value) < minimum:
+        raise ConfigError(f"{name} must be >= {minimum} on every axis, got {tuple(value)}")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _check_shapes(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int, int],
+    padding: tuple[int, int, int], dilation: tuple[int, int, int],
+) -> tuple[int, int, int, int, int]:  # fmt: skip
+    """Check ranks and sizes; return the output shape (N, O, D', H', W')."""
+    if x.dim() != 5:
+        raise ConfigError(f"x must be 5-D (N, C, D, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 5:
+        raise ConfigError(f"weight must be 5-D (O, C, kd, kh, kw), got shape {tuple(weight.shape)}")
+    n, c = x.shape[:2]
+    o = weight.shape[0]
+    if weight.shape[1] != c:
+        raise ConfigError(
+            f"channel mismatch: x has {c} channels but weight expects {weight.shape[1]} "
+            f"(weight shape {tuple(weight.shape)}); grouped convolution is not supported"
+        )
+    if bias is not None and tuple(bias.shape) != (o,):
+        raise ConfigError(f"bias must have shape ({o},) (one per output channel), got {tuple(bias.shape)}")
+    out = [n, o]
+    for axis, (size, k, s, p, d) in enumerate(
+        zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
+    ):
+        size_out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if size_out < 1:
+            raise ConfigError(
+                f"input size {size} on axis {'DHW'[axis]} is too small for kernel {k} with padding {p}: "
+                f"the output would be empty; pad the input or use a smaller kernel"
+            )
+        out.append(size_out)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _check_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int) -> None:
+    c = x.shape[1]
+    if not isinstance(groups, int) or groups < 1 or c % groups != 0:
+        raise ConfigError(f"groups must be a positive divisor of the {c} input channels, got {groups!r}")
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        if tuple(t.shape) != (c,):
+            raise ConfigError(f"{name} must have shape ({c},) (one per input channel), got {tuple(t.shape)}")
+
+
+def _triton_unsupported(
+    weight: torch.Tensor, dilation: tuple[int, int, int], tensors: dict[str, torch.Tensor | None],
+    affine: dict[str, torch.Tensor] | None = None,
+) -> str | None:  # fmt: skip
+    """Why the Triton kernel cannot run these arguments, or None when it can."""
+    if dilation != (1, 1, 1):
+        return f"dilation {dilation} is not supported by the Triton kernel (only 1)"
+    if max(weight.shape[2:]) > _MAX_KERNEL:
+        return (
+            f"kernel size {tuple(weight.shape[2:])} is not supported by the Triton kernel "
+            f"(1 to {_MAX_KERNEL} per axis)"
+        )
+    x = tensors["x"]
+    assert x is not None
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} is not supported by the Triton kernel (float16, bfloat16 or float32)"
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            return f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; cast them to one dtype"
+        if t.device != x.device:
+            return f"device mismatch: x is on {x.device} but {name} is on {t.device}"
+    for name, t in (affine or {}).items():
+        if t.dtype not in (x.dtype, torch.float32):
+            return f"dtype mismatch: {name} is {t.dtype}; it must be float32 or x's dtype {x.dtype}"
+        if t.device != x.device:
+            return f"device mismatch: x is on {x.device} but {name} is on {t.device}"
+    return None
+
+
+def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Cast floating tensors to the autocast dtype when autocast is on, as it does for ``F.conv3d``.
+
+    Custom ops get no autocast rule of their own; without this an fp32 weight beside fp16 activations
+    would be a dtype mismatch.
+    """
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+
+
+def _pick(impl: str, reason: str | None, *tensors: torch.Tensor | None) -> str:
+    """Resolve ``impl``; an explicit Triton request that the kernel cannot serve raises, auto falls back."""
+    chosen = resolve_impl(impl, *[t for t in tensors if t is not None])
+    if chosen == "triton" and reason is not None:
+        explicit = impl == "triton" or os.environ.get("LAD_FAST_KERNELS", "") == "triton"
+        if explicit:
+            raise ConfigError(f"{reason}; use impl='torch' for these arguments")
+        return "torch"
+    return chosen
+
+
+# -------------------------------------------------------------------------------------- custom ops
+
+
+def _out_shape(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> list:
+    sizes = [
+        (s + 2 * p - k) // st + 1
+        for s, k, st, p in zip(x.shape[2:], weight.shape[2:], stride, padding, strict=True)
+    ]
+    return [x.shape[0], weight.shape[0], *sizes]
+
+
+def _empty_out(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]):
+    return torch.empty(
+        _out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
+        memory_format=torch.channels_last_3d,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("lad_fast::conv3d", mutates_args=())
+def _conv3d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int]
+) -> torch.Tensor:
+    from lad_fast.kernels import _conv3d_triton as kt
+
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    return kt.launch_conv3d(x, weight, bias, None, tuple(stride), tuple(padding))
+
+
+@_conv3d_op.register_fake
+def _(x, weight, bias, stride, padding):
+    return _empty_out(x, weight, stride, padding)
+
+
+def _conv3d_setup(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+    ctx.stride, ctx.padding = list(stride), list(padding)
+
+
+def _conv3d_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight, ctx.bias_sizes, ctx.stride, ctx.padding, [1, 1, 1], False, [0, 0, 0], 1,
+        [needs[0], needs[1], ctx.bias_sizes is not None and needs[2]],
+    )  # fmt: skip
+    return gx, gw, gb, None, None
+
+
+_conv3d_op.register_autograd(_conv3d_backward, setup_context=_conv3d_setup)
+
+
+@torch.library.custom_op("lad_fast::norm_act_conv3d", mutates_args=())
+def _norm_act_conv3d_op(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, weight: torch.Tensor,
+    bias: torch.Tensor | None, residual: torch.Tensor | None, stride: list[int], padding: list[int],
+    eps: float,
+) -> torch.Tensor:  # fmt: skip
+    from lad_fast.kernels import _conv3d_triton as kt
+
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    mean, rstd = kt.group_stats(x, groups, eps)  # fp32 (N, G)
+    # Fold the GroupNorm affine into one multiply-add per (n, c): y = x * scale + shift.
+    n, c = x.shape[:2]
+    cpg = c // groups
+    scale = rstd.repeat_interleave(cpg, dim=1) * gamma.float()[None, :]  # (N, C)
+    shift = beta.float()[None, :] - mean.repeat_interleave(cpg, dim=1) * scale
+    return kt.launch_conv3d(
+        x, weight, bias, residual, tuple(stride), tuple(padding), scale.contiguous(), shift.contiguous()
+    )
+
+
+@_norm_act_conv3d_op.register_fake
+def _(x, gamma, beta, groups, weight, bias, residual, stride, padding, eps):
+    return _empty_out(x, weight, stride, padding)
+
+
+def _norm_act_setup(ctx, inputs, output) -> None:
+    x, gamma, beta, groups, weight, bias, residual, stride, padding, eps = inputs
+    ctx.save_for_backward(x, gamma, beta, weight)
+    ctx.groups, ctx.eps = groups, eps
+    ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+    ctx.has_residual = residual is not None
+    ctx.stride, ctx.padding = list(stride), list(padding)
+
+
+def _norm_act_backward(ctx, grad):
+    x, gamma, beta, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_norm = needs[0] or needs[1] or needs[2]
+    n, c = x.shape[:2]
+    hxw = x.shape[2] * x.shape[3] * x.shape[4]
+    # Recompute the activation the forward never wrote: y = group_norm(x), h = silu(y). GroupNorm and
+    # SiLU run in fp32 as under autocast (and as the forward kernel does); h is cast to the conv dtype
+    # like the forward's A tile. The CPU GroupNorm kernels give wrong gradients when x and its gradient
+    # differ in memory format, and CUDA's copy to contiguous anyway, so both are made contiguous.
+    x32 = x.contiguous().float()
+    g32, b32 = gamma.float(), beta.float()
+    y, mean, rstd = torch.ops.aten.native_group_norm(x32, g32, b32, n, c, hxw, ctx.groups, ctx.eps)
+    sig = torch.sigmoid(y)
+    h = (y * sig).to(weight.dtype)
+    gh, gw, gb = torch.ops.aten.convolution_backward(
+        grad, h, weight, ctx.bias_sizes, ctx.stride, ctx.padding, [1, 1, 1], False, [0, 0, 0], 1,
+        [need_norm, needs[4], ctx.bias_sizes is not None and needs[5]],
+    )  # fmt: skip
+    gx = ggamma = gbeta = None
+    if need_norm:
+        gy = (gh.float() * (sig * (1.0 + y * (1.0 - sig)))).contiguous()  # d silu(y) / dy
+        gx, ggamma, gbeta = torch.ops.aten.native_group_norm_backward(
+            gy, x32, mean, rstd, g32, n, c, hxw, ctx.groups, [needs[0], needs[1], needs[2]]
+        )
+        gx = None if gx is None else gx.to(x.dtype)
+        ggamma = None if ggamma is None else ggamma.to(gamma.dtype)
+        gbeta = None if gbeta is None else gbeta.to(beta.dtype)
+    gres = grad if ctx.has_residual and needs[6] else None
+    return gx, ggamma, gbeta, None, gw, gb, gres, None, None, None
+
+
+_norm_act_conv3d_op.register_autograd(_norm_act_backward, setup_context=_norm_act_setup)
+
+
+# ---------------------------------------------------------------------------------- public functions
+
+
+def conv3d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: IntOr3 = 1,
+    padding: IntOr3 = 0, dilation: IntOr3 = 1, impl: str = "auto",
+) -> torch.Tensor:  # fmt: skip
+    """Same result as ``torch.nn.functional.conv3d`` for these arguments (any memory format).
+
+    x (N, C, D, H, W); weight (O, C, kd, kh, kw); bias (O,) or None -> (N, O, D', H', W'). The Triton
+    path returns a channels-last-3d tensor in x's dtype.
+    """
+    s, p, d = _triple("stride", stride, 1), _triple("padding", padding, 0), _triple("dilation", dilation, 1)
+    _check_shapes(x, weight, bias, s, p, d)
+    if impl != "torch":  # the reference gets autocast from F.conv3d itself
+        x, weight, bias = _autocast(x, weight, bias)
+    reason = _triton_unsupported(weight, d, {"x": x, "weight": weight, "bias": bias})
+    if _pick(impl, reason, x, weight, bias) == "torch":
+        return conv3d_ref(x, weight, bias, s, p, d)
+    return torch.ops.lad_fast.conv3d(x, weight, bias, list(s), list(p))
 
 
 def norm_act_conv3d(
     x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, weight: torch.Tensor,
     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, stride: IntOr3 = 1,
-    padding: IntOr3 = 0, eps: float = 1e-6, impl: str = "auto",
-) -> torch.Tensor:
-    """GroupNorm-apply and SiLU in the input load, bias and residual add in the output store."""
-    resolve_impl(impl, x, weight)
-    return norm_act_conv3d_ref(x, gamma, beta, groups, weight, bias, residual, stride, padding, eps)
+    padding: IntOr3 = 0, eps: float = 1e-6, dilation: IntOr3 = 1, impl: str = "auto",
+) -> torch.Tensor:  # fmt: skip
+    """conv3d(silu(group_norm(x, groups, gamma, beta, eps))) + bias (+ residual), fused.
+
+    x (N, C, D, H, W); gamma, beta (C,) in x's dtype or float32; weight (O, C, kd, kh, kw); bias (O,)
+    or None; residual (N, O, D', H', W') or None -> (N, O, D', H', W'). GroupNorm-apply and SiLU run
+    in the input load, bias and residual add in the output store.
+    """
+    s, p, d = _triple("stride", stride, 1), _triple("padding", padding, 0), _triple("dilation", dilation, 1)
+    out_shape = _check_shapes(x, weight, bias, s, p, d)
+    _check_norm(x, gamma, beta, groups)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ConfigError(f"residual must have the output shape {out_shape}, got {tuple(residual.shape)}")
+    if impl != "torch":  # GroupNorm's gamma and beta stay fp32, as autocast keeps them
+        x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    reason = _triton_unsupported(
+        weight, d, {"x": x, "weight": weight, "bias": bias, "residual": residual},
+        {"gamma": gamma, "beta": beta},
+    )  # fmt: skip
+    if _pick(impl, reason, x, gamma, beta, weight, bias, residual) == "torch":
+        return norm_act_conv3d_ref(x, gamma, beta, groups, weight, bias, residual, s, p, eps, d)
+    return torch.ops.lad_fast.norm_act_conv3d(
+        x, gamma, beta, groups, weight, bias, residual, list(s), list(p), eps
+    )

@@ -1,0 +1,263 @@
+"""Triton kernels of conv3d and norm_act_conv3d (private; imported lazily by ``kernels/conv3d.py``).
+
+Two kernels:
+
+- ``_channel_stats_kernel``: per-(n, split, channel) shifted sums of a channels-last-3d input, combined
+  on the host into GroupNorm mean and rstd. Splitting the spatial axis keeps an H100 busy when the
+  batch is small (2 in the VQ-GAN).
+- ``_conv3d_kernel``: implicit GEMM on channels-last-3d data. Rows (M) are output voxels
+  n * D' * H' * W', columns (N) are output channels, the reduction (K) runs over taps x input channels
+  with channels innermost, so each A-tile row is a contiguous run of channels. With ``NORM`` the
+  GroupNorm affine (folded into a per-(n, c) scale and shift) and SiLU are applied to the A tile as it
+  is loaded; out-of-bounds (padding) positions are zeroed *after* the activation, as zero padding of
+  silu(norm(x)) requires. Bias and the residual are added in the store.
+
+Accumulation is fp32; the output is stored in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lad_fast.kernels._dispatch import interpreter_on
+
+# Under the interpreter one small fixed config (tl.dot needs dims >= 16); its cost is per program and
+# per op, so a tall BLOCK_M keeps the tests fast while tiny channel counts still span several blocks.
+_INTERP_CONV = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+
+
+def _conv_configs() -> list[triton.Config]:
+    configs = []
+    for bm in (64, 128, 256):
+        for bn in (16, 32, 64, 128):
+            for bk in (16, 32, 64):
+                for stages, warps in ((3, 4), (4, 4), (3, 8)):
+                    configs.append(
+                        triton.Config(
+                            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                            num_stages=stages,
+                            num_warps=warps,
+                        )
+                    )
+    return configs
+
+
+def _prune_conv_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles wider than the problem: BLOCK_N beyond the out channels, BLOCK_K beyond the in channels."""
+    max_n = max(16, triton.next_power_of_2(named_args["O"]))
+    max_k = max(16, triton.next_power_of_2(named_args["C"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k]
+    # 256-row tiles only for narrow outputs (the 16- and 32-channel VQ-GAN levels), where they keep
+    # enough work per program; 8 warps only pay off on the largest tiles.
+    kept = [c for c in kept if c.kwargs["BLOCK_M"] < 256 or c.kwargs["BLOCK_N"] <= 32]
+    kept = [c for c in kept if c.num_warps == 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 64]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _channel_stats_kernel(
+    x_ptr, sum_ptr, sumsq_ptr,
+    S, C, CHUNK,
+    sxn,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # x is channels-last-3d: voxel s of sample n starts at n * sxn + s * C, all channels contiguous, so
+    # every (BLOCK_S, C) tile is one coalesced read.
+    n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    base = x_ptr + n.to(tl.int64) * sxn
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    # Shifting by the sample's first voxel keeps sumsq - sum^2 / count from cancelling when |mean| >> std.
+    pivot = tl.load(base + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+    start = pid_s * CHUNK
+    for s0 in range(start, start + CHUNK, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = (offs_s < S)[:, None] & c_mask[None, :]
+        v = tl.load(base + offs_s.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+        v = tl.where(mask, v.to(tl.float32) - pivot[None, :], 0.0)
+        acc += v
+        acc2 += v * v
+    out = (n * tl.num_programs(1) + pid_s) * C + offs_c
+    tl.store(sum_ptr + out, tl.sum(acc, axis=0), mask=c_mask)
+    tl.store(sumsq_ptr + out, tl.sum(acc2, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _conv3d_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, shift_ptr,
+    M, C, D, H, W, O, OD, OH, OW,
+    sxn, sxd, sxh, sxw,
+    srn, src, srd, srh, srw,
+    son, soc, sod, soh, sow,
+    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped program order: GROUP_M row blocks share the same weight columns while they are in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(O, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) output voxels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output channels
+    m_mask = offs_m < M
+    n_mask = offs_n < O
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    t = t // OH
+    od = t % OD
+    nb = t // OD
+    x_row = x_ptr + nb.to(tl.int64) * sxn  # (BLOCK_M,) pointers to each row's sample
+
+    c_blocks = tl.cdiv(C, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat loop over (tap, channel block) so the pipeliner overlaps loads across taps too.
+    for kk in range(0, KD * KH * KW * c_blocks):
+        tap = kk // c_blocks
+        c0 = (kk % c_blocks) * BLOCK_K
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        i_d = od * SD - PD + kd
+        i_h = oh * SH - PH + kh
+        i_w = ow * SW - PW + kw
+        inside = m_mask & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+        offs_c = c0 + tl.arange(0, BLOCK_K)
+        c_mask = offs_c < C
+        a_mask = inside[:, None] & c_mask[None, :]
+        a_ptrs = x_row[:, None] + (i_d * sxd + i_h * sxh + i_w * sxw)[:, None] + offs_c[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if NORM:
+            nc = nb[:, None] * C + offs_c[None, :]
+            nc_mask = m_mask[:, None] & c_mask[None, :]
+            sc = tl.load(scale_ptr + nc, mask=nc_mask, other=0.0)
+            sh = tl.load(shift_ptr + nc, mask=nc_mask, other=0.0)
+            y = a.to(tl.float32) * sc + sh
+            y = y * tl.sigmoid(y)
+            # Padding is zero in silu(norm(x)), not silu(norm(0)).
+            a = tl.where(a_mask, y, 0.0).to(w_ptr.dtype.element_ty)
+        w_ptrs = w_ptr + (tap * C + offs_c)[:, None] * O + offs_n[None, :]
+        b = tl.load(w_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_ptrs = res_ptr + (nb.to(tl.int64) * srn + od * srd + oh * srh + ow * srw)[:, None]
+        acc += tl.load(r_ptrs + offs_n[None, :] * src, mask=out_mask, other=0.0).to(tl.float32)
+    o_ptrs = out_ptr + (nb.to(tl.int64) * son + od * sod + oh * soh + ow * sow)[:, None]
+    tl.store(o_ptrs + offs_n[None, :] * soc, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+_conv3d_tuned = triton.autotune(
+    configs=_conv_configs(),
+    key=["M", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM"],
+    prune_configs_by={"early_config_prune": _prune_conv_configs},
+)(_conv3d_kernel)
+
+
+def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm statistics of channels-last-3d ``x`` (N, C, D, H, W): fp32 (mean, rstd), each (N, G).
+
+    The kernel writes shifted per-channel partial sums over spatial splits; the (N, C)-sized combination
+    into groups (Chan's parallel variance formula) runs here in torch.
+    """
+    n, c, d, h, w = x.shape
+    s = d * h * w
+    block_c = max(2, triton.next_power_of_2(c))
+    block_s = 16 if interpreter_on() else max(1, 2048 // block_c)  # about 2048 fp32 per accumulator
+    # Enough programs to fill the GPU (about 4 per SM on an H100), never more than one block each.
+    target = 4 if interpreter_on() else 512
+    split = max(1, min(triton.cdiv(target, n), triton.cdiv(s, block_s)))
+    chunk = triton.cdiv(triton.cdiv(s, split), block_s) * block_s
+    split = triton.cdiv(s, chunk)
+    sums = torch.empty((n, split, c), device=x.device, dtype=torch.float32)
+    sumsqs = torch.empty_like(sums)
+    _channel_stats_kernel[(n, split)](
+        x, sums, sumsqs, s, c, chunk, x.stride(0), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4
+    )
+    pivot = x[:, :, 0, 0, 0].float()  # (N, C), the shift the kernel subtracted
+    s1, s2 = sums.sum(1), sumsqs.sum(1)  # (N, C)
+    mean_c = pivot + s1 / s
+    m2_c = (s2 - s1 * s1 / s).clamp_min(0.0)  # sum of squared deviations from the channel mean
+    cpg = c // groups
+    mean_cg = mean_c.view(n, groups, cpg)
+    mean = mean_cg.mean(2)
+    m2 = m2_c.view(n, groups, cpg).sum(2) + s * (mean_cg - mean[..., None]).square().sum(2)
+    rstd = torch.rsqrt(m2 / (s * cpg) + eps)
+    return mean, rstd
+
+
+def launch_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: tuple[int, int, int],
+    padding: tuple[int, int, int],
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the implicit-GEMM kernel. Shapes and dtypes were checked by the caller.
+
+    x: channels-last-3d (N, C, D, H, W); weight (O, C, kd, kh, kw); residual (N, O, D', H', W') any
+    strides; scale/shift fp32 (N, C) contiguous when the GroupNorm + SiLU prologue is on.
+    Returns (N, O, D', H', W') in channels-last-3d memory format, dtype of x.
+    """
+    n, c, d, h, w = x.shape
+    o, _, kd, kh, kw = weight.shape
+    od = (d + 2 * padding[0] - kd) // stride[0] + 1
+    oh = (h + 2 * padding[1] - kh) // stride[1] + 1
+    ow = (w + 2 * padding[2] - kw) // stride[2] + 1
+    out = torch.empty(
+        (n, o, od, oh, ow), device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d
+    )
+    m = n * od * oh * ow
+    if m == 0 or o == 0:
+        return out
+    # (kd, kh, kw, C, O): row tap * C + c, channels of one tap contiguous as in the A tile.
+    w2 = weight.permute(2, 3, 4, 1, 0).contiguous()
+    norm = scale is not None
+    res = residual if residual is not None else out
+    dummy = out  # never read: the constexpr flag removes the load
+    args = (
+        x, w2, bias if bias is not None else dummy, res, out,
+        scale if norm else dummy, shift if norm else dummy,
+        m, c, d, h, w, o, od, oh, ow,
+        x.stride(0), x.stride(2), x.stride(3), x.stride(4),
+        *res.stride(),
+        *out.stride(),
+    )  # fmt: skip
+    flags = dict(
+        SD=stride[0], SH=stride[1], SW=stride[2], PD=padding[0], PH=padding[1], PW=padding[2],
+        KD=kd, KH=kh, KW=kw, NORM=norm, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        # fp32 follows PyTorch's own switch for convolutions (cuDNN allows TF32 by default).
+        IEEE=x.dtype == torch.float32 and (interpreter_on() or not torch.backends.cudnn.allow_tf32),
+    )  # fmt: skip
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"]),)
+
+    if interpreter_on():
+        _conv3d_kernel[grid](*args, **flags, **_INTERP_CONV)
+    else:
+        _conv3d_tuned[grid](*args, **flags)
+    return out
