@@ -55,14 +55,17 @@ class VQGANConfig:
 @dataclass(frozen=True)
 class VQGANLossConfig:
     l1: float = 4.0
-    perceptual: float = 4.0  # needs a weights file (see losses.py); 0 disables
+    # Lad uses LPIPS x4, whose ImageNet weights cannot be downloaded here: the term is off until a
+    # feature network is supplied (perceptual_weights: a lad-fast segmenter run, or a weights file).
+    perceptual: float = 0.0
     perceptual_weights: str | None = None
     gan_2d: float = 0.25
     gan_3d: float = 0.25
     feature_matching: float = 4.0
     gan_start_step: int = 50_000
-    locality_organs: tuple[str, ...] = ("pancreas", "pancreatic_lesion")
-    locality_weights: tuple[float, ...] = (1.0, 1.0)
+    # "a+b" is one box over the union (Lad: one box over pancreas and tumour, weight 1.0)
+    locality_organs: tuple[str, ...] = ("pancreas+pancreatic_lesion",)
+    locality_weights: tuple[float, ...] = (1.0,)
     locality_mode: str = "box"  # "box" (Lad) or "mask"
     disc_channels: int = 64
 
