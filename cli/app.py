@@ -13,6 +13,7 @@ import sys
 import typer
 
 from lad_fast.cli import data_cmds, info_cmd
+from lad_fast.cli.train_cmds import train_app
 
 app = typer.Typer(
     name="lad-fast",
@@ -26,6 +27,7 @@ app.command("info")(info_cmd.info)
 app.command("phantom")(data_cmds.phantom)
 app.command("prepare")(data_cmds.prepare)
 app.command("preview")(data_cmds.preview)
+app.add_typer(train_app, name="train")
 
 
 def _debug() -> bool:
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("lad-fast: interrupted", file=sys.stderr)
         sys.exit(130)
+
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from lad_fast.cli.options import ForceOpt, Layout, OutDir, Preset, PresetOpt, SeedOpt, Vocabulary
 
 
@@ -17,9 +18,8 @@ def phantom(
     force: ForceOpt = False,
 ) -> None:
     """Write N synthetic abdominal CTs and TotalSegmentator-numbered label maps as NIfTI."""
-    from lad_fast.data.phantom import write_phantoms
-
     from lad_fast.config import get_preset
+    from lad_fast.data.phantom import write_phantoms
 
     cfg = get_preset(preset.value)
     paths = write_phantoms(out, n=n, cfg=cfg.phantom, seed=seed, force=force)
@@ -41,14 +41,19 @@ def prepare(
     force: ForceOpt = False,
 ) -> None:
     """Turn CT (NIfTI or DICOM) and masks into a prepared, preset-geometry training dataset."""
-    from lad_fast.data.prepared import prepare_dataset
-
     from lad_fast.config import get_preset
+    from lad_fast.data.prepared import prepare_dataset
 
     cfg = get_preset(preset.value)
     index = prepare_dataset(
-        src, out, cfg, layout=layout.value, vocabulary=vocabulary.value, label_map=label_map,
-        strict=strict, force=force,
+        src,
+        out,
+        cfg,
+        layout=layout.value,
+        vocabulary=vocabulary.value,
+        label_map=label_map,
+        strict=strict,
+        force=force,
     )
     typer.echo(f"prepared {len(index['cases'])} cases in {out}")
 
@@ -56,7 +61,9 @@ def prepare(
 def preview(
     image: Annotated[Path, typer.Argument(help="NIfTI image, DICOM folder, or prepared case id path.")],
     mask: Annotated[Path | None, typer.Option("--mask", "-m", help="Label map to outline.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG path (default: beside the image).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG path (default: beside the image).")
+    ] = None,
 ) -> None:
     """Write a PNG of three orthogonal slices, with mask outlines."""
     from lad_fast.preview import write_preview

@@ -27,10 +27,15 @@ def backend_report() -> dict[str, str]:
         "python": ".".join(map(str, __import__("sys").version_info[:3])),
         "torch": torch.__version__,
         "cuda": (f"yes ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if cuda else "no"),
-        "triton": (f"{triton} (GPU kernels)" if triton and cuda else f"{triton} (no GPU)" if triton else "no"),
+        "triton": (
+            f"{triton} (GPU kernels)" if triton and cuda else f"{triton} (no GPU)" if triton else "no"
+        ),
         "triton interpreter": (
-            "on (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"
-            else "available (set TRITON_INTERPRET=1)" if triton else "no"
+            "on (TRITON_INTERPRET=1)"
+            if os.environ.get("TRITON_INTERPRET") == "1"
+            else "available (set TRITON_INTERPRET=1)"
+            if triton
+            else "no"
         ),
         "cupy": _version("cupy") or "no",
         "onnxruntime": _version("onnxruntime") or "no",

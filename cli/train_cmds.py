@@ -1,0 +1,144 @@
+"""``lad-fast train``: the whole pipeline (no subcommand), or one model: vqgan, segmenter, diffusion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lad_fast.cli.options import ForceOpt, Preset, PresetOpt
+
+train_app = typer.Typer(
+    help="Train the models. Without a subcommand: the whole pipeline on the given data (default: phantoms).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", "-d", help="Prepared dataset (lad-fast prepare). Default: built-in phantoms."),
+]
+RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name (under ./runs) or folder.")]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", min=1, help="Training steps (default: the preset's).")
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
+def resolve_run(run: str) -> Path:
+    """A bare name means ./runs/<name>; anything with a path separator is a folder."""
+    p = Path(run)
+    return p if (len(p.parts) > 1 or p.is_absolute()) else Path("runs") / run
+
+
+@train_app.callback()
+def pipeline(
+    ctx: typer.Context,
+    data: DataOpt = None,
+    run: RunOpt = "default",
+    preset: PresetOpt = Preset.tiny,
+    steps: StepsOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Phantoms (when no --data), prepare, VQ-GAN, segmenter (when masks are missing), diffusion."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from lad_fast.config import get_preset
+    from lad_fast.pipeline import train_pipeline
+
+    path = train_pipeline(
+        resolve_run(run),
+        get_preset(preset.value),
+        data=data,
+        steps=steps,
+        resume=resume,
+        force=force,
+        device=device,
+    )
+    typer.echo(f"trained run {path}")
+
+
+@train_app.command("vqgan")
+def vqgan(
+    data: DataOpt = None,
+    run: RunOpt = "default",
+    preset: PresetOpt = Preset.tiny,
+    steps: StepsOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Phase 1: the 3D VQ-GAN with the locality loss."""
+    from lad_fast.config import get_preset
+    from lad_fast.train.vqgan import train_vqgan
+
+    result = train_vqgan(
+        resolve_run(run),
+        get_preset(preset.value),
+        data=data,
+        steps=steps,
+        resume=resume,
+        force=force,
+        device=device,
+    )
+    typer.echo(f"vqgan: {result.step} steps, checkpoint {result.checkpoint}")
+
+
+@train_app.command("segmenter")
+def segmenter(
+    data: DataOpt = None,
+    run: RunOpt = "default",
+    preset: PresetOpt = Preset.tiny,
+    steps: StepsOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The built-in organ segmenter, on the labelled cases of a prepared dataset."""
+    from lad_fast.config import get_preset
+    from lad_fast.train.segmenter import train_segmenter
+
+    result = train_segmenter(
+        resolve_run(run),
+        get_preset(preset.value),
+        data=data,
+        steps=steps,
+        resume=resume,
+        force=force,
+        device=device,
+    )
+    typer.echo(f"segmenter: {result.step} steps, checkpoint {result.checkpoint}")
+
+
+@train_app.command("diffusion")
+def diffusion(
+    data: DataOpt = None,
+    run: RunOpt = "default",
+    vqgan_run: Annotated[
+        str | None, typer.Option("--vqgan", help="Run holding the trained VQ-GAN (default: --run).")
+    ] = None,
+    preset: PresetOpt = Preset.tiny,
+    steps: StepsOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Phase 2: the conditional latent diffusion model with classifier-free guidance."""
+    from lad_fast.config import get_preset
+    from lad_fast.train.diffusion import train_diffusion
+
+    result = train_diffusion(
+        resolve_run(run),
+        get_preset(preset.value),
+        data=data,
+        vqgan_run=resolve_run(vqgan_run) if vqgan_run else None,
+        steps=steps,
+        resume=resume,
+        force=force,
+        device=device,
+    )
+    typer.echo(f"diffusion: {result.step} steps, checkpoint {result.checkpoint}")

@@ -1,0 +1,73 @@
+"""Batches from a prepared dataset, as a pure function of (seed, step, rank) for exact resume."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lad_fast.data.prepared import PreparedDataset
+from lad_fast.errors import InputError
+from lad_fast.train.distributed import shard_indices
+
+
+def split_indices(n: int, val_fraction: float = 0.2, min_val: int = 1) -> tuple[list[int], list[int]]:
+    """Deterministic train / held-out split of ``n`` cases: the last ``max(min_val, n * f)`` are held out.
+
+    Cases are in index order (sorted ids), so the split never depends on a seed or on the machine.
+    With fewer than two cases there is nothing to hold out and both lists hold every case.
+    """
+    if n < 2:
+        return list(range(n)), list(range(n))
+    n_val = min(n - 1, max(min_val, round(n * val_fraction)))
+    return list(range(n - n_val)), list(range(n - n_val, n))
+
+
+@dataclass
+class PreparedBatches:
+    """``batches(step, rank, world) -> dict`` over a subset of a prepared dataset.
+
+    Returns CPU tensors: ``image`` (B, 1, D, H, W) float32 in [-1, 1]; ``mask`` (B, D, H, W) int64 or
+    None when a case has none (``require_mask`` makes that an error); ``structure`` (B, n) int64 or None;
+    ``ids`` the case ids.
+    """
+
+    dataset: PreparedDataset
+    batch_size: int
+    seed: int
+    indices: Sequence[int] | None = None
+    require_mask: bool = False
+
+    def __post_init__(self) -> None:
+        if self.indices is None:
+            self.indices = list(range(len(self.dataset)))
+        if not self.indices:
+            raise InputError(f"{self.dataset.path}: no cases to train on")
+        if self.require_mask:
+            missing = [self.dataset.case_ids[i] for i in self.indices if self.dataset[i]["mask"] is None]
+            if missing:
+                raise InputError(
+                    f"{self.dataset.path}: {len(missing)} case(s) have no mask ({', '.join(missing[:3])}); "
+                    "prepare a labelled dataset or predict masks first (lad-fast predict-masks)"
+                )
+
+    def cases(self, idx: Sequence[int]) -> dict[str, Any]:
+        items = [self.dataset[self.indices[i]] for i in idx]  # type: ignore[index]
+        image = torch.from_numpy(np.stack([np.asarray(c["image"], dtype=np.float32) for c in items]))[:, None]
+        has_mask = all(c["mask"] is not None for c in items)
+        mask = torch.from_numpy(np.stack([np.asarray(c["mask"]) for c in items])).long() if has_mask else None
+        structure = (
+            torch.from_numpy(np.stack([np.asarray(c["structure"]) for c in items])) if has_mask else None
+        )
+        return {"image": image, "mask": mask, "structure": structure, "ids": [c["id"] for c in items]}
+
+    def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        idx = shard_indices(len(self.indices), self.batch_size, self.seed, step, rank, world)  # type: ignore[arg-type]
+        return self.cases(idx)
+
+    def all(self) -> dict[str, Any]:
+        """Every case of the subset in order (evaluation on held-out cases)."""
+        return self.cases(range(len(self.indices)))  # type: ignore[arg-type]
