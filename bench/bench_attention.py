@@ -14,18 +14,12 @@ says so and exits 0 without writing anything.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-RESULTS = Path(__file__).resolve().parent / "results" / "attention.jsonl"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from _common import DTYPES, append_result, cuda_missing, dtype_name, environment, peak_extra_mib, time_ms
 
 
 def preset_shapes(preset: str) -> list[tuple[int, int, int, int]]:
@@ -42,22 +36,8 @@ def preset_shapes(preset: str) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def peak_extra_mib(fn) -> float:
-    """Peak memory allocated by one call of ``fn`` beyond what was live before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak / 2**20
-
-
 def bench_shape(shape: tuple[int, int, int, int], dtype: torch.dtype) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench
 
     from lad_fast.kernels import attention
 
@@ -93,9 +73,9 @@ def bench_shape(shape: tuple[int, int, int, int], dtype: torch.dtype) -> dict[st
     for name, fn in (("triton", ours), ("sdpa", sdpa)):
         out = fn()  # compile / autotune outside the timing
         out.backward(grad_out, retain_graph=True)
-        fwd_ms = do_bench(fn, warmup=25, rep=200)
-        bwd_ms = do_bench(
-            lambda out=out: out.backward(grad_out, retain_graph=True), grad_to_none=[qkv], warmup=25, rep=200
+        fwd_ms = time_ms(fn, rep=200)
+        bwd_ms = time_ms(
+            lambda out=out: out.backward(grad_out, retain_graph=True), rep=200, grad_to_none=[qkv]
         )
         rows[name] = {
             "fwd_ms": fwd_ms,
@@ -117,25 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="*", help="override the sequence lengths L")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append a result line")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention needs a CUDA GPU: nothing measured, no result written.")
+    if cuda_missing("bench_attention"):
         return 0
-
-    import triton
 
     shapes = preset_shapes(args.preset)
     if args.tokens:
         b, h, _, d = shapes[0]
         shapes = [(b, h, seq, d) for seq in args.tokens]
-    device = torch.cuda.get_device_name()
-    print(f"attention  {args.dtype}  on {device}")
+    env = environment()
+    dtype = DTYPES[args.dtype]
+    print(f"attention  {dtype_name(dtype)}  on {env['device']}")
     print(
         f"  {'B,H,L,d':<18}{'impl':<8}{'fwd ms':>9}{'TFLOP/s':>9}{'x sdpa':>8}"
         f"{'bwd ms':>9}{'TFLOP/s':>9}{'x sdpa':>8}{'peak MiB':>10}"
     )
     measured = []
     for shape in shapes:
-        m = bench_shape(shape, DTYPES[args.dtype])
+        m = bench_shape(shape, dtype)
         measured.append(m)
         for name, r in m["results"].items():
             print(
@@ -150,21 +128,13 @@ def main(argv: list[str] | None = None) -> int:
 
     record: dict[str, Any] = {
         "op": "attention",
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
+        **env,
         "preset": args.preset,
-        "dtype": args.dtype,
+        "dtype": dtype_name(dtype),
         "shapes": measured,
     }
     if not args.no_write:
-        from lad_fast.atomic import append_line
-
-        append_line(RESULTS, json.dumps(record))
-        print(f"appended to {RESULTS}")
+        print(f"appended to {append_result('attention', record)}")
     return 0
 
 

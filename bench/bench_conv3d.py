@@ -14,28 +14,20 @@ Prints time, TFLOP/s, peak memory and ratios (> 1 means Triton is faster) and ap
 per measurement, with device and versions, to bench/results/conv3d.jsonl. Needs CUDA; on a CPU-only
 machine it says so and exits 0 without writing anything.
 
-    python bench/bench_conv3d.py [--dtype fp16 bf16] [--quick] [--no-write]
+    python bench/bench_conv3d.py [--dtype float16 bfloat16] [--quick] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import DTYPES, append_result, cuda_missing, dtype_name, environment, peak_extra_mib, time_ms
 
-from lad_fast.atomic import append_line
 from lad_fast.config import get_preset
 from lad_fast.kernels import conv3d, norm_act_conv3d, norm_act_conv3d_ref
-
-RESULTS = Path(__file__).resolve().parent / "results" / "conv3d.jsonl"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def lad_shapes() -> list[dict]:
@@ -58,24 +50,6 @@ def lad_shapes() -> list[dict]:
              "channels": cfg.unet.channels * mult, "size": size, "groups": cfg.unet.groups}
         )  # fmt: skip
     return shapes
-
-
-def _time_ms(fn: Callable[[], torch.Tensor]) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def _peak_mib(fn: Callable[[], torch.Tensor]) -> float:
-    """Extra memory one call allocates at its peak, above what was live before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak / 2**20
 
 
 def bench_shape(shape: dict, dtype: torch.dtype) -> list[dict]:
@@ -112,15 +86,15 @@ def bench_shape(shape: dict, dtype: torch.dtype) -> list[dict]:
     # Compile and autotune before anything is timed; check the fused result on the way.
     err = (fused().float() - chain_autocast().float()).abs().max().item()
     conv_err = (conv_triton().float() - conv_cudnn().float()).abs().max().item()
-    t = {name: _time_ms(fn) for name, fn in [("fused", fused), ("chain_autocast", chain_autocast),
+    t = {name: time_ms(fn) for name, fn in [("fused", fused), ("chain_autocast", chain_autocast),
                                               ("chain_half", chain_half), ("conv_triton", conv_triton),
                                               ("conv_cudnn", conv_cudnn)]}  # fmt: skip
-    mem = {name: _peak_mib(fn) for name, fn in [("fused", fused), ("chain_autocast", chain_autocast),
+    mem = {name: peak_extra_mib(fn) for name, fn in [("fused", fused), ("chain_autocast", chain_autocast),
                                                  ("chain_half", chain_half), ("conv_triton", conv_triton),
                                                  ("conv_cudnn", conv_cudnn)]}  # fmt: skip
     chain = min(t["chain_autocast"], t["chain_half"])
     common = {"shape": [n, c, d, h, w], "groups": groups, "kernel": [3, 3, 3], "padding": 1,
-              "dtype": str(dtype).removeprefix("torch."), "name": shape["name"]}  # fmt: skip
+              "dtype": dtype_name(dtype), "name": shape["name"]}  # fmt: skip
     return [
         {**common, "op": "norm_act_conv3d", "ms": t["fused"], "tflops": flops / t["fused"] / 1e9,
          "peak_mib": mem["fused"], "ref_ms": chain, "ref_ms_autocast": t["chain_autocast"],
@@ -132,30 +106,13 @@ def bench_shape(shape: dict, dtype: torch.dtype) -> list[dict]:
     ]  # fmt: skip
 
 
-def environment() -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16"])
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float16", "bfloat16"])
     parser.add_argument("--quick", action="store_true", help="only the first VQ-GAN and U-Net shapes")
-    parser.add_argument("--no-write", action="store_true", help=f"do not append to {RESULTS}")
+    parser.add_argument("--no-write", action="store_true", help="do not append to bench/results/conv3d.jsonl")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "bench_conv3d needs a CUDA GPU (the Triton kernels run there); nothing measured, nothing written"
-        )
+    if cuda_missing("bench_conv3d"):
         return 0
     env = environment()
     shapes = lad_shapes()
@@ -164,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  cuda {env['cuda']}")
     cols = ("ms", "TFLOP/s", "MiB", "ref ms", "ref MiB")
     print(f"{'op':16} {'shape':24} {'dtype':9} " + " ".join(f"{c:>8}" for c in cols) + f" {'x':>6}")
-    for dtype_name in args.dtype:
+    path = None
+    for name in args.dtype:
         for shape in shapes:
-            for rec in bench_shape(shape, DTYPES[dtype_name]):
+            for rec in bench_shape(shape, DTYPES[name]):
                 dims = "x".join(str(v) for v in rec["shape"])
                 print(
                     f"{rec['op']:16} {dims:24} {rec['dtype']:9} {rec['ms']:8.3f} {rec['tflops']:8.1f} "
@@ -174,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{rec['speedup']:6.2f}"
                 )
                 if not args.no_write:
-                    append_line(RESULTS, json.dumps({**env, **rec}))
-    if not args.no_write:
-        print(f"appended to {RESULTS}")
+                    path = append_result("conv3d", {**env, **rec})
+    if path is not None:
+        print(f"appended to {path}")
     return 0
 
 

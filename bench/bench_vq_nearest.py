@@ -12,17 +12,11 @@ and the speed-up against cdist + argmin measured side by side, then appends one 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
-from pathlib import Path
 from typing import Any
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results" / "vq_nearest.jsonl"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from _common import DTYPES, append_result, cuda_missing, dtype_name, environment, peak_extra_mib, time_ms
 
 
 def preset_shape(preset: str) -> tuple[int, int, int]:
@@ -35,31 +29,14 @@ def preset_shape(preset: str) -> tuple[int, int, int]:
     return cfg.vqgan_train.batch_size * voxels, cfg.vqgan.codebook_size, cfg.vqgan.code_dim
 
 
-def peak_extra_mib(fn) -> float:
-    """Peak memory allocated by one call of ``fn`` beyond what was live before it, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak / 2**20
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="lad")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--no-write", action="store_true", help="print only; do not append a result line")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_vq_nearest needs a CUDA GPU: nothing measured, no result written.")
+    if cuda_missing("bench_vq_nearest"):
         return 0
-
-    import triton
-    from triton.testing import do_bench
 
     from lad_fast.kernels import vq_nearest, vq_nearest_ref
 
@@ -85,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, float]] = {}
     for name, fn in candidates.items():
         fn()  # compile / autotune outside the timing
-        ms = do_bench(fn, warmup=25, rep=200)
+        ms = time_ms(fn, rep=200)
         rows[name] = {
             "ms": ms,
             "tflops": flops / ms / 1e9,
@@ -96,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows.values():
         r["speedup_vs_cdist"] = base / r["ms"]
 
-    device = torch.cuda.get_device_name()
-    print(f"vq_nearest  N={n} K={k} D={d} {args.dtype}  on {device}")
+    env = environment()
+    print(f"vq_nearest  N={n} K={k} D={d} {dtype_name(dtype)}  on {env['device']}")
     print(f"  max |dist - ref| = {max_err:.3g}; index agreement with cdist+argmin = {agree:.6f}")
     print(f"  {'impl':<14}{'ms':>10}{'TFLOP/s':>10}{'GB/s':>10}{'peak MiB':>11}{'vs cdist':>10}")
     for name, r in rows.items():
@@ -108,23 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 
     record: dict[str, Any] = {
         "op": "vq_nearest",
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
+        **env,
         "preset": args.preset,
-        "shape": {"N": n, "K": k, "D": d, "dtype": args.dtype},
+        "shape": {"N": n, "K": k, "D": d, "dtype": dtype_name(dtype)},
         "max_abs_dist_err": max_err,
         "index_agreement_vs_cdist": agree,
         "results": rows,
     }
     if not args.no_write:
-        from lad_fast.atomic import append_line
-
-        append_line(RESULTS, json.dumps(record))
-        print(f"appended to {RESULTS}")
+        print(f"appended to {append_result('vq_nearest', record)}")
     return 0
 
 

@@ -8,7 +8,7 @@ package imports without it.
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager as contextlib_contextmanager
@@ -20,13 +20,16 @@ from lad_fast.errors import BackendUnavailableError, ConfigError
 IMPLS = ("auto", "torch", "triton")
 
 
-@functools.cache
+# Whether triton is installed, decided once at import by looking for the package without importing it
+# (importing triton is slow and, on CPU, must wait until TRITON_INTERPRET is set). A plain module
+# constant, unlike a functools.cache, is something torch.compile traces without a warning or a guard
+# on a cache wrapper.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when the triton package is installed (found at import of this module, not imported)."""
+    return _TRITON_FOUND
 
 
 def interpreter_on() -> bool:
@@ -54,6 +57,28 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
                 "before Python starts, or use impl='torch'"
             )
     return impl
+
+
+def autocast_inputs(
+    *tensors: torch.Tensor | None, dtype: torch.dtype | None = None
+) -> list[torch.Tensor | None]:
+    """Cast the floating tensors as autocast would, when autocast is on for their device type.
+
+    ``dtype=None`` casts to the autocast dtype (the rule of ``F.conv3d`` and SDPA); ``dtype=float32``
+    is the rule of fp32 ops such as ``cdist``; float64 tensors stay as they are, as under autocast.
+    Custom ops get no autocast rule of their own, so the public functions apply it before their dtype
+    checks: without it an fp32 weight beside fp16 activations would be a dtype mismatch. Returns the
+    tensors in order (None stays None).
+    """
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return list(tensors)
+    dtype = dtype or torch.get_autocast_dtype(device)
+    # Autocast's own eligibility rule: floating tensors other than float64.
+    return [
+        t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)
+        for t in tensors
+    ]
 
 
 @contextlib_contextmanager

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lad_fast.errors import ConfigError
-from lad_fast.kernels._dispatch import resolve_impl
+from lad_fast.kernels._dispatch import autocast_inputs, resolve_impl
 
 HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16 and power-of-two tiles; 16 is the tiny preset's
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,8 +99,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "au
     """softmax(q k^T / sqrt(d)) v, no mask; shapes as ``scaled_dot_product_attention``.
 
     q, k, v: (B, heads, L, d), one dtype (float32, float16, bfloat16) and device; any strides.
-    Returns (B, heads, L, d). The Triton path supports d in {16, 32, 64, 128} and any L.
+    Returns (B, heads, L, d). The Triton path supports d in {16, 32, 64, 128} and any L. Under autocast
+    q, k and v are cast to the autocast dtype first, as autocast does for SDPA.
     """
+    q, k, v = autocast_inputs(q, k, v)
     _check(q, k, v)
     if resolve_impl(impl, q, k, v) == "torch":
         return attention_ref(q, k, v)

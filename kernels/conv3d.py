@@ -17,7 +17,8 @@ alive between forward and backward (the backward then holds fp32 copies of x for
 The Triton kernel supports kernel sizes 1 to 4 per axis (1, 3, and the (1, 3, 3) / (1, 4, 4) in-plane
 shapes), any stride and padding, dilation 1, fp16 / bf16 / fp32. ``impl="auto"`` falls back to the
 reference for anything else; ``impl="triton"`` raises instead. Under autocast the Triton path casts x,
-weight, bias and residual to the autocast dtype (gamma and beta stay as given), like ``F.conv3d``.
+weight, bias and residual to the autocast dtype (gamma and beta stay as given), as autocast does for
+``F.conv3d`` (custom ops have no autocast rule of their own); the reference gets autocast from its ops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lad_fast.errors import ConfigError
-from lad_fast.kernels._dispatch import resolve_impl
+from lad_fast.kernels._dispatch import autocast_inputs, resolve_impl
 
 IntOr3 = int | tuple[int, int, int]
 
@@ -149,19 +150,6 @@ def _triton_unsupported(
         if t.device != x.device:
             return f"device mismatch: x is on {x.device} but {name} is on {t.device}"
     return None
-
-
-def _autocast(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Cast floating tensors to the autocast dtype when autocast is on, as it does for ``F.conv3d``.
-
-    Custom ops get no autocast rule of their own; without this an fp32 weight beside fp16 activations
-    would be a dtype mismatch.
-    """
-    device = next(t for t in tensors if t is not None).device.type
-    if not torch.is_autocast_enabled(device):
-        return list(tensors)
-    dtype = torch.get_autocast_dtype(device)
-    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
 
 
 def _pick(impl: str, reason: str | None, *tensors: torch.Tensor | None) -> str:
@@ -311,12 +299,11 @@ def conv3d(
     """
     s, p, d = _triple("stride", stride, 1), _triple("padding", padding, 0), _triple("dilation", dilation, 1)
     _check_shapes(x, weight, bias, s, p, d)
-    if impl != "torch":  # the reference gets autocast from F.conv3d itself
-        x, weight, bias = _autocast(x, weight, bias)
-    reason = _triton_unsupported(weight, d, {"x": x, "weight": weight, "bias": bias})
-    if _pick(impl, reason, x, weight, bias) == "torch":
-        return conv3d_ref(x, weight, bias, s, p, d)
-    return torch.ops.lad_fast.conv3d(x, weight, bias, list(s), list(p))
+    cx, cw, cb = autocast_inputs(x, weight, bias)  # what autocast does to F.conv3d's operands
+    reason = _triton_unsupported(cw, d, {"x": cx, "weight": cw, "bias": cb})
+    if _pick(impl, reason, cx, cw, cb) == "torch":
+        return conv3d_ref(x, weight, bias, s, p, d)  # F.conv3d applies autocast itself
+    return torch.ops.lad_fast.conv3d(cx, cw, cb, list(s), list(p))
 
 
 def norm_act_conv3d(
@@ -335,14 +322,12 @@ def norm_act_conv3d(
     _check_norm(x, gamma, beta, groups)
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ConfigError(f"residual must have the output shape {out_shape}, got {tuple(residual.shape)}")
-    if impl != "torch":  # GroupNorm's gamma and beta stay fp32, as autocast keeps them
-        x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    # What autocast does to the chain: the conv operands in the autocast dtype, GroupNorm's gamma and
+    # beta as given (autocast runs group_norm in fp32). The reference gets autocast from its own ops.
+    cx, cw, cb, cr = autocast_inputs(x, weight, bias, residual)
     reason = _triton_unsupported(
-        weight, d, {"x": x, "weight": weight, "bias": bias, "residual": residual},
-        {"gamma": gamma, "beta": beta},
-    )  # fmt: skip
-    if _pick(impl, reason, x, gamma, beta, weight, bias, residual) == "torch":
-        return norm_act_conv3d_ref(x, gamma, beta, groups, weight, bias, residual, s, p, eps, d)
-    return torch.ops.lad_fast.norm_act_conv3d(
-        x, gamma, beta, groups, weight, bias, residual, list(s), list(p), eps
+        cw, d, {"x": cx, "weight": cw, "bias": cb, "residual": cr}, {"gamma": gamma, "beta": beta}
     )
+    if _pick(impl, reason, cx, gamma, beta, cw, cb, cr) == "torch":
+        return norm_act_conv3d_ref(x, gamma, beta, groups, weight, bias, residual, s, p, eps, d)
+    return torch.ops.lad_fast.norm_act_conv3d(cx, gamma, beta, groups, cw, cb, cr, list(s), list(p), eps)

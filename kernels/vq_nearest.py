@@ -10,22 +10,36 @@ from __future__ import annotations
 import torch
 
 from lad_fast.errors import ConfigError
-from lad_fast.kernels._dispatch import resolve_impl
+from lad_fast.kernels._dispatch import autocast_inputs, resolve_impl
 
 MAX_CODE_DIM = 256
+REF_CHUNK = 1 << 22  # distance entries per row chunk of the reference (16 MiB of fp32)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def vq_nearest_ref(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: z (N, D), codebook (K, D) -> (indices int64 (N,), squared distances fp32 (N,)).
 
-    Distances are computed in fp32 whatever the input dtype (MONAI practice: VQ distances in fp32).
-    Materialises the (N, K) matrix; the Triton kernel does not.
+    Distances are computed in fp32 whatever the input dtype and whatever the autocast (MONAI practice:
+    VQ distances in fp32). On exact ties the lowest index wins. This is also the CPU hot path of VQ-GAN
+    training, so it works on row chunks of at most ``REF_CHUNK`` distance entries (16 MiB), reusing one
+    buffer: ||z||^2 is the same for every code of a row, so the argmin runs over ||c||^2 - 2 z.c, one
+    ``addmm`` per chunk, and ||z||^2 is added back to the winning score only.
     """
-    z32, c32 = z.float(), codebook.float()
-    d = (z32 * z32).sum(1, keepdim=True) - 2.0 * (z32 @ c32.t()) + (c32 * c32).sum(1)[None, :]
-    dist, idx = d.min(dim=1)
-    return idx, dist.clamp_min(0.0)
+    with torch.autocast(z.device.type, enabled=False):  # an autocast matmul would round to 8 bits
+        z32, c32 = z.float(), codebook.float()
+        n, k = z32.shape[0], c32.shape[0]
+        code_norms = (c32 * c32).sum(1)  # (K,)
+        rows = max(1, min(n, REF_CHUNK // max(k, 1)))
+        score = z32.new_empty(rows, k)  # (rows, K), reused by every chunk: no page faults per chunk
+        best = z32.new_empty(n)
+        indices = torch.empty(n, dtype=torch.int64, device=z32.device)
+        for start in range(0, n, rows):
+            chunk = z32[start : start + rows]
+            s = torch.addmm(code_norms, chunk, c32.t(), alpha=-2.0, out=score[: chunk.shape[0]])
+            torch.min(s, dim=1, out=(best[start : start + rows], indices[start : start + rows]))
+        distances = (best + (z32 * z32).sum(1)).clamp_min(0.0)
+    return indices, distances
 
 
 def _check(z: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -96,8 +110,9 @@ def vq_nearest(
 
     Returns (indices int64 (N,), squared distances fp32 (N,)); both carry no gradient. On exact ties the
     lowest index wins. Inputs: float32, float16 or bfloat16, one dtype and one device; D <= 256 on the
-    Triton path.
+    Triton path. Under autocast both are cast to float32 first (the search stays fp32, as for cdist).
     """
+    z, codebook = autocast_inputs(z, codebook, dtype=torch.float32)
     _check(z, codebook)
     if resolve_impl(impl, z, codebook) == "triton":
         return _vq_nearest_op(z, codebook)

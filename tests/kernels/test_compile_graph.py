@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lad_fast.kernels import attention, vq_nearest
+from lad_fast.kernels._dispatch import resolve_impl
 
 
 def _step(z: torch.Tensor, codebook: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -42,3 +45,22 @@ def test_compiled_step_matches_eager_with_gradients():
     torch.testing.assert_close(loss_c, loss)
     for got, want in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_dispatch_traces_without_warnings(monkeypatch):
+    """resolve_impl reads module constants only: dynamo traces it without warning (e.g. about a cache)."""
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # earlier tests may have warned
+    monkeypatch.setenv("LAD_FAST_KERNELS", "")
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        # impl="triton" is the branch that asks whether triton is installed
+        return x * 3 if resolve_impl("triton", x) == "triton" else x * 2
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(pick, backend="eager", fullgraph=True)(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 3.0))
+    assert not [
+        str(w.message) for w in caught if "dynamo" in str(w.message).lower() or "cache" in str(w.message)
+    ]

@@ -44,6 +44,20 @@ def test_matches_reference(n, k, d, dtype, close):
     close(dist, ((zz - cc[target]) ** 2).sum(1), dtype)
 
 
+@pytest.mark.parametrize("chunk", [1, 40, 1 << 22])
+def test_reference_row_chunks(chunk, monkeypatch, close):
+    """The reference's row chunks (one row, several with a ragged last one, all rows) agree with float64."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("lad_fast.kernels.vq_nearest"), "REF_CHUNK", chunk)
+    z, codebook, target = _lattice_case(33, 17, 5, torch.float32, seed=5)
+    idx, dist = vq_nearest_ref(z, codebook)
+    assert torch.equal(idx, target)
+    assert dist.dtype == torch.float32 and dist.shape == (33,)
+    close(dist, ((z.double() - codebook.double()[target]) ** 2).sum(1), torch.float32)
+    assert vq_nearest_ref(z[:0], codebook)[0].shape == (0,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_exact_ties_pick_lowest_index(dtype):
     # Duplicates in one codebook block (3, 9) and across blocks (5, 40): bitwise-equal scores.
