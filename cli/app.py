@@ -12,7 +12,8 @@ import sys
 
 import typer
 
-from lad_fast.cli import data_cmds, info_cmd
+from lad_fast.cli import data_cmds, generate_cmd, info_cmd
+from lad_fast.cli.bench_cmd import bench_app
 from lad_fast.cli.train_cmds import train_app
 
 app = typer.Typer(
@@ -28,6 +29,8 @@ app.command("phantom")(data_cmds.phantom)
 app.command("prepare")(data_cmds.prepare)
 app.command("preview")(data_cmds.preview)
 app.add_typer(train_app, name="train")
+app.command("generate")(generate_cmd.generate)
+app.add_typer(bench_app, name="bench")
 
 
 def _debug() -> bool:

@@ -1,0 +1,72 @@
+"""``lad-fast generate``: synthetic CT volumes with paired masks from a trained run."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lad_fast.cli.options import ForceOpt, SeedOpt
+
+
+class Sampler(str, Enum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+    dpmpp2m = "dpmpp2m"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    compile = "compile"
+    onnx = "onnx"
+    trt = "trt"
+
+
+def generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest).")],
+    run: Annotated[
+        str | None,
+        typer.Option("--run", "-r", help="Trained run (name under ./runs or folder). Default: latest."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Number of volumes.")] = 8,
+    sampler: Annotated[
+        Sampler, typer.Option(help="ddpm walks all T steps; ddim and dpmpp2m take --steps.")
+    ] = (Sampler.ddim),
+    steps: Annotated[int, typer.Option(help="Sampling steps (at most the model's T).")] = 50,
+    guidance: Annotated[float, typer.Option(help="Guidance scale: 0 unconditional, 1 conditional.")] = 2.0,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Prepared dataset or folder of NIfTI masks to condition on. Default: the run's data."
+        ),
+    ] = None,
+    augment: Annotated[int, typer.Option(help="Augmented variants per source mask (0: none).")] = 4,
+    batch: Annotated[int, typer.Option(help="Volumes per sampler call.")] = 4,
+    seed: SeedOpt = 0,
+    backend: Annotated[Backend, typer.Option(help="Denoiser backend.")] = Backend.torch,
+    force: ForceOpt = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Sample N volumes with augmented anatomical conditions; resumable, shards by rank under torchrun."""
+    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.generate import generate as run_generate
+    from lad_fast.runs import latest_run
+
+    path = run_generate(
+        resolve_run(run) if run else latest_run(),
+        out,
+        n=n,
+        sampler=sampler.value,
+        steps=steps,
+        guidance=guidance,
+        masks=masks,
+        augment=augment,
+        batch=batch,
+        seed=seed,
+        backend=backend.value,
+        force=force,
+        device=device,
+    )
+    typer.echo(f"generated {n} volumes in {path}")

@@ -1,0 +1,169 @@
+"""Latent diffusion training: mask rendering, the latent cache, batches, training, resume and loading."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lad_fast.config import ConditionConfig, DiffusionConfig, TrainConfig, UNetConfig, VQGANConfig, get_preset
+from lad_fast.errors import CheckpointError, InputError, OutputExistsError
+from lad_fast.train.diffusion import (
+    LATENTS_NAME,
+    LatentBatches,
+    check_vqgan_run,
+    load_diffusion,
+    mask_as_image,
+    train_diffusion,
+)
+
+
+def small_config():
+    """The tiny geometry (so the cached tiny phantoms fit) with models shrunk to run in seconds."""
+    cfg = get_preset("tiny")
+    return replace(
+        cfg,
+        vqgan=VQGANConfig(channels=(8, 8, 8), groups=4, latent_channels=4, code_dim=4, codebook_size=32),
+        vqgan_train=replace(cfg.vqgan_train, steps=2, batch_size=1, checkpoint_every=2),
+        unet=UNetConfig(channels=8, multipliers=(1, 2), attention_levels=(1,), heads=1, head_dim=8, groups=4,
+                        time_dim=16),
+        condition=ConditionConfig(content_dim=8, embed_dim=16),
+        diffusion=DiffusionConfig(timesteps=20),
+        diffusion_train=TrainConfig(steps=3, batch_size=2, lr=1e-3, betas=(0.9, 0.999), ema_decay=0.9,
+                                    compile=False, log_every=1, checkpoint_every=2, preview_every=0),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory) -> Path:
+    import os
+
+    from lad_fast.data.cache import phantom_dataset
+
+    old = os.environ.get("LAD_FAST_CACHE")
+    os.environ["LAD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return phantom_dataset("tiny", n=3)
+    finally:
+        if old is None:
+            os.environ.pop("LAD_FAST_CACHE")
+        else:
+            os.environ["LAD_FAST_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def vqgan_run(tmp_path_factory, phantoms) -> Path:
+    from lad_fast.train.vqgan import train_vqgan
+
+    run = tmp_path_factory.mktemp("runs") / "vq"
+    train_vqgan(run, small_config(), data=phantoms, device="cpu")
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, phantoms, vqgan_run) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "diff"
+    result = train_diffusion(run, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu")
+    assert result.step == 3
+    return run
+
+
+def test_mask_as_image_maps_ids_evenly_onto_minus_one_to_one():
+    mask = torch.tensor([0, 1, 6, 11]).view(1, 1, 1, 4)
+    img = mask_as_image(mask)
+    assert img.shape == (1, 1, 1, 1, 4) and img.dtype == torch.float32
+    torch.testing.assert_close(img.flatten(), torch.tensor([-1.0, -1 + 2 / 11, -1 + 12 / 11, 1.0]))
+
+
+def test_mask_as_image_rejects_float_and_out_of_range_masks():
+    with pytest.raises(InputError, match="integer labels"):
+        mask_as_image(torch.zeros(1, 2, 2, 2))
+    with pytest.raises(InputError, match=r"0\.\.11 \(canonical ids\), got 0\.\.12"):
+        mask_as_image(torch.tensor([0, 12]).view(1, 1, 1, 2))
+
+
+def test_latent_batches_are_a_pure_function_and_drop_conditions_at_the_configured_rate():
+    lat = {
+        "latent": torch.randn(5, 4, 2, 2, 2),
+        "content": torch.randn(5, 4, 2, 2, 2),
+        "structure": torch.rand(5, 6),
+    }
+    b = LatentBatches(lat, batch_size=400, seed=3, drop_prob=0.25)
+    one, two = b(7, 0, 1), b(7, 0, 1)
+    assert all(torch.equal(one[k], two[k]) for k in ("x0", "content", "structure", "keep"))
+    assert one["seed"] == two["seed"] and one["seed"] != b(8, 0, 1)["seed"]
+    assert one["x0"].shape == (400, 4, 2, 2, 2) and one["structure"].shape == (400, 6)
+    assert 0.18 < 1 - one["keep"].mean().item() < 0.32  # 400 Bernoulli(0.25) draws: 5 sigma is +-0.11
+    assert not torch.equal(b(7, 0, 2)["keep"], b(7, 1, 2)["keep"])  # ranks draw different dropout
+
+
+def test_missing_vqgan_run_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not a lad-fast run.*train a VQ-GAN first"):
+        train_diffusion(tmp_path / "new", small_config(), vqgan_run=tmp_path / "nothing", device="cpu")
+    assert not (tmp_path / "new").exists()
+
+
+def test_vqgan_run_of_another_geometry_is_refused(vqgan_run):
+    cfg = small_config()
+    other = replace(cfg, geometry=replace(cfg.geometry, shape=(16, 32, 32)))
+    with pytest.raises(CheckpointError, match=r"another preset or geometry \(geometry\.shape"):
+        check_vqgan_run(vqgan_run, other)
+
+
+def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, phantoms):
+    from safetensors import safe_open
+
+    cache = trained / "diffusion" / LATENTS_NAME
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+        latent = f.get_tensor("latent")
+        assert f.get_tensor("structure").shape == (3, 16 * 3 * 2)
+    assert latent.shape == (3, 4, 4, 16, 16) and latent.min() >= -1 - 1e-5 and latent.max() <= 1 + 1e-5
+    assert json.loads(meta["ids"]) == [
+        c["id"] for c in json.loads((phantoms / "index.json").read_text())["cases"]
+    ]
+    net, m = load_diffusion(trained)
+    assert m["vqgan_run"] == str(vqgan_run.resolve()) and len(m["vqgan_hash"]) == 16
+    assert m["structure_dim"] == 96 and m["latent_shape"] == [4, 4, 16, 16] and m["step"] == 3
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    # the EMA weights are what load_diffusion returns (not the last raw weights)
+    from lad_fast.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(trained / "diffusion", "diffusion")
+    ema = ckpt.tensors("ema")
+    assert all(torch.equal(v, ema[k]) for k, v in net.state_dict().items())
+    assert any(not torch.equal(v, ema[k]) for k, v in ckpt.tensors("model").items())
+
+
+def test_second_run_reuses_the_latent_cache_and_resume_matches_an_uninterrupted_run(
+    tmp_path, trained, vqgan_run, phantoms, monkeypatch
+):
+    from lad_fast.train import diffusion as mod
+    from lad_fast.train.checkpoint import load_checkpoint
+
+    run = tmp_path / "part"
+    train_diffusion(run, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu", stop_at=2)
+    calls = []
+    real = mod.encode_case
+    monkeypatch.setattr(mod, "encode_case", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train_diffusion(run, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu", resume=True)
+    assert calls == []  # encoded once, by the first call
+    a = load_checkpoint(run / "diffusion", "diffusion")
+    b = load_checkpoint(trained / "diffusion", "diffusion")
+    assert a.step == b.step == 3
+    for stem in ("model", "ema"):
+        ta, tb = a.tensors(stem), b.tensors(stem)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_existing_checkpoint_needs_resume_or_force(trained, vqgan_run, phantoms):
+    with pytest.raises(OutputExistsError, match="already holds a diffusion checkpoint; pass --resume"):
+        train_diffusion(trained, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu")
+
+
+def test_load_diffusion_without_a_trained_model_says_how_to_train(vqgan_run):
+    with pytest.raises(CheckpointError, match="has no trained diffusion model.*lad-fast train diffusion"):
+        load_diffusion(vqgan_run)
