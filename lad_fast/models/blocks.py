@@ -127,28 +127,70 @@ class ResBlock3d(nn.Module):
 
 
 class Downsample3d(nn.Module):
-    """Stride-2 3x3x3 conv: (B, ch, D, H, W) -> (B, out_ch, D/2, H/2, W/2) for even sizes."""
+    """Stride-2 3x3x3 conv: (B, ch, D, H, W) -> (B, out_ch, D/2, H/2, W/2) for even sizes.
 
-    def __init__(self, ch: int, out_ch: int | None = None, impl: str = "auto") -> None:
+    With ``groups`` the conv is pre-activated (GroupNorm + SiLU in the fused op's input load), so a
+    stack of resampling steps without res blocks between them is still a nonlinear network.
+    """
+
+    def __init__(
+        self, ch: int, out_ch: int | None = None, impl: str = "auto", groups: int | None = None
+    ) -> None:
         super().__init__()
         self.impl = check_impl(impl)
+        self.norm = group_norm(ch, groups) if groups else None
         self.conv = nn.Conv3d(ch, out_ch or ch, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv3d(x, self.conv.weight, self.conv.bias, stride=2, padding=1, impl=self.impl)
+        if self.norm is None:
+            return conv3d(x, self.conv.weight, self.conv.bias, stride=2, padding=1, impl=self.impl)
+        n = self.norm
+        return norm_act_conv3d(
+            x,
+            n.weight,
+            n.bias,
+            n.num_groups,
+            self.conv.weight,
+            self.conv.bias,
+            stride=2,
+            padding=1,
+            eps=n.eps,
+            impl=self.impl,
+        )
 
 
 class Upsample3d(nn.Module):
-    """Nearest x2 then a 3x3x3 conv: (B, ch, D, H, W) -> (B, out_ch, 2D, 2H, 2W)."""
+    """Nearest x2 then a 3x3x3 conv: (B, ch, D, H, W) -> (B, out_ch, 2D, 2H, 2W).
 
-    def __init__(self, ch: int, out_ch: int | None = None, impl: str = "auto") -> None:
+    With ``groups`` the conv is pre-activated like :class:`Downsample3d`. Nearest upsampling repeats
+    every value 8 times, which leaves GroupNorm's statistics unchanged, so norm-act after upsampling
+    equals norm-act before it and the fused op applies it in the conv's input load.
+    """
+
+    def __init__(
+        self, ch: int, out_ch: int | None = None, impl: str = "auto", groups: int | None = None
+    ) -> None:
         super().__init__()
         self.impl = check_impl(impl)
+        self.norm = group_norm(ch, groups) if groups else None
         self.conv = nn.Conv3d(ch, out_ch or ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return conv3d(x, self.conv.weight, self.conv.bias, padding=1, impl=self.impl)
+        if self.norm is None:
+            return conv3d(x, self.conv.weight, self.conv.bias, padding=1, impl=self.impl)
+        n = self.norm
+        return norm_act_conv3d(
+            x,
+            n.weight,
+            n.bias,
+            n.num_groups,
+            self.conv.weight,
+            self.conv.bias,
+            padding=1,
+            eps=n.eps,
+            impl=self.impl,
+        )
 
 
 class AttentionBlock3d(nn.Module):

@@ -5,8 +5,8 @@ x (B, in_channels, D, H, W) -> latents (B, latent_channels, D/f, H/f, W/f) -> x 
 The ``lad`` preset (channels 16, 32, 64; 16384 codes of 8 dims) maps a 32x256x256 volume to an
 8x8x64x64 latent, as in LAD_REFERENCE.md phase 1.
 
-Parameter count of ``VQGAN(get_preset("lad").vqgan)``: 735,785 trainable parameters (encoder 361,288,
-decoder 374,497); the EMA codebook is held in buffers (16384 x 8 codes plus its EMA statistics), not
+Parameter count of ``VQGAN(get_preset("lad").vqgan)``: 736,073 trainable parameters (encoder 361,384,
+decoder 374,689); the EMA codebook is held in buffers (16384 x 8 codes plus its EMA statistics), not
 parameters. ``tests/models/test_vqgan.py`` checks this number.
 
 Stage contract used by later phases (they never reach inside the model):
@@ -62,7 +62,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(ch):
             layers += [ResBlock3d(c, c, cfg.groups, impl=impl) for _ in range(cfg.res_blocks)]
             if i < len(ch) - 1:
-                layers.append(Downsample3d(c, ch[i + 1], impl=impl))
+                layers.append(Downsample3d(c, ch[i + 1], impl=impl, groups=cfg.groups))
         self.blocks = nn.ModuleList(layers)
         self.norm_out = group_norm(ch[-1], cfg.groups)
         self.conv_out = nn.Conv3d(ch[-1], cfg.latent_channels, 1)
@@ -97,7 +97,7 @@ class Decoder(nn.Module):
         for i in reversed(range(len(ch))):
             layers += [ResBlock3d(ch[i], ch[i], cfg.groups, impl=impl) for _ in range(cfg.res_blocks)]
             if i > 0:
-                layers.append(Upsample3d(ch[i], ch[i - 1], impl=impl))
+                layers.append(Upsample3d(ch[i], ch[i - 1], impl=impl, groups=cfg.groups))
         self.blocks = nn.ModuleList(layers)
         self.norm_out = group_norm(ch[0], cfg.groups)
         self.conv_out = nn.Conv3d(ch[0], cfg.in_channels, 3, padding=1)

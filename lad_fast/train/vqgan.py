@@ -33,6 +33,7 @@ from lad_fast.runs import RunDir, config_diff
 from lad_fast.train.checkpoint import latest_step_dir, load_checkpoint
 from lad_fast.train.data import PreparedBatches, split_indices
 from lad_fast.train.loop import Phase, TrainResult, train
+from lad_fast.train.schedule import make_scheduler
 
 MODEL = "vqgan"
 PREVIEWS = "previews"
@@ -369,7 +370,8 @@ def train_vqgan(
     def adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
 
-    phases = [Phase("generator", adam(model.parameters()), generator_loss)]
+    opt_g = adam(model.parameters())
+    phases = [Phase("generator", opt_g, generator_loss, scheduler=make_scheduler(opt_g, tc))]
     disc_params = [p for name in ("disc2d", "disc3d") if name in modules for p in modules[name].parameters()]
     if disc_params:
         phases.append(Phase("discriminator", adam(disc_params), discriminator_loss, lc.gan_start_step))

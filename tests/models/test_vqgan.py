@@ -184,7 +184,7 @@ def test_lad_preset_parameter_count_and_latent_shape() -> None:
     documented = int(
         re.search(r"([\d,]+) trainable parameters", vqgan_module.__doc__).group(1).replace(",", "")
     )
-    assert n == documented == 735_785
+    assert n == documented == 736_073
     assert model.quantizer.codebook.shape == (16384, 8)
     t0 = time.perf_counter()
     with torch.no_grad():
