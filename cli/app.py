@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from lad_fast.cli import data_cmds, generate_cmd, info_cmd
+from lad_fast.cli import data_cmds, generate_cmd, info_cmd, masks_cmd
 from lad_fast.cli.bench_cmd import bench_app
 from lad_fast.cli.train_cmds import train_app
 
@@ -28,6 +28,8 @@ app.command("info")(info_cmd.info)
 app.command("phantom")(data_cmds.phantom)
 app.command("prepare")(data_cmds.prepare)
 app.command("preview")(data_cmds.preview)
+app.command("predict-masks")(masks_cmd.predict_masks)
+app.command("import-masks")(masks_cmd.import_masks)
 app.add_typer(train_app, name="train")
 app.command("generate")(generate_cmd.generate)
 app.add_typer(bench_app, name="bench")

@@ -38,6 +38,11 @@ def prepare(
         Path | None, typer.Option(help='JSON map {"<id>": "<canonical organ>"} for the masks.')
     ] = None,
     strict: Annotated[bool, typer.Option(help="Label ids outside the vocabulary are an error.")] = False,
+    segmenter: Annotated[
+        str | None,
+        typer.Option(help="Run with a trained segmenter: predicts masks for the cases that have none."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     force: ForceOpt = False,
 ) -> None:
     """Turn CT (NIfTI or DICOM) and masks into a prepared, preset-geometry training dataset."""
@@ -56,6 +61,20 @@ def prepare(
         force=force,
     )
     typer.echo(f"prepared {len(index['cases'])} cases in {out}")
+    unlabelled = [c["id"] for c in index["cases"] if not c["has_mask"]]
+    if unlabelled and segmenter:
+        from lad_fast.cli.train_cmds import resolve_run
+        from lad_fast.train.segmenter import predict_masks
+
+        written = predict_masks(resolve_run(segmenter), out, device=device)
+        typer.echo(f"predicted masks and conditions for {len(written)} case(s) with segmenter {segmenter}")
+    elif unlabelled:
+        typer.echo(
+            f"{len(unlabelled)} case(s) have no mask; give them predicted masks with "
+            f"`lad-fast prepare ... --segmenter RUN`, `lad-fast predict-masks {out} --run RUN` "
+            "(after `lad-fast train segmenter`), or `lad-fast import-masks`",
+            err=True,
+        )
 
 
 def preview(

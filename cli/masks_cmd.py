@@ -1,0 +1,51 @@
+"""Mask commands: ``predict-masks`` (the built-in segmenter) and ``import-masks`` (an external one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lad_fast.cli.options import Vocabulary
+
+DataArg = Annotated[Path, typer.Argument(help="Prepared dataset (lad-fast prepare).", file_okay=False)]
+
+
+def predict_masks(
+    data: DataArg,
+    run: Annotated[
+        str, typer.Option("--run", "-r", help="Run holding a trained segmenter (name or folder).")
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Predict every case, replacing the masks it already has.")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Predict organ masks (and structure conditions) for the cases of DATA that have none."""
+    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.train.segmenter import predict_masks as predict
+
+    written = predict(resolve_run(run), data, device=device, force=force)
+    typer.echo(f"predicted masks for {len(written)} case(s) in {data}")
+
+
+def import_masks(
+    data: DataArg,
+    masks: Annotated[
+        Path, typer.Argument(help="Folder with <case id>/ TotalSegmentator folders or <case id>.nii.gz.")
+    ],
+    vocabulary: Annotated[
+        Vocabulary, typer.Option(help="Label ids of the masks (organ folders are always TotalSegmentator).")
+    ] = Vocabulary.totalseg,
+    force: Annotated[
+        bool, typer.Option("--force", help="Import for every case, replacing the masks it already has.")
+    ] = False,
+) -> None:
+    """Import masks an external segmenter (TotalSegmentator) wrote, onto the cases of DATA."""
+    from lad_fast.masks import import_masks as run_import
+
+    if vocabulary is Vocabulary.auto:
+        raise typer.BadParameter("name the masks' vocabulary (totalseg, abdomenct1k, lad, canonical)")
+    written = run_import(data, masks, vocabulary=vocabulary.value, force=force)
+    typer.echo(f"imported masks for {len(written)} case(s) into {data}")

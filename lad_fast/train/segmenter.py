@@ -1,0 +1,390 @@
+"""The built-in organ segmenter: training, loading, and predicting masks for unlabelled cases.
+
+Lad conditions its diffusion model on *predicted* organ masks (LAD_REFERENCE.md phase 2). When a
+prepared dataset holds unlabelled cases, :func:`train_segmenter` learns the canonical organs from its
+labelled cases and :func:`predict_masks` writes a mask and structure condition for the others.
+
+* Training reads the labelled cases of the train split (:func:`lad_fast.train.data.split_indices`) and
+  runs :func:`lad_fast.train.loop.train` as model ``"segmenter"``; at the end, per-organ Dice on the
+  held-out split is logged (``log.jsonl`` event ``"eval"``).
+* Augmentation is light and side-preserving: intensity jitter, CT-like noise and small integer shifts.
+  There are no flips: a left-right flip turns a right kidney into a left one (anatomy has a side), and
+  the canonical grid fixes the other axes too.
+* ``meta.json`` stores the organ vocabulary (:data:`CANONICAL_ORGANS`); :func:`load_segmenter` refuses a
+  checkpoint trained for another one, since its output channels would mean other organs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lad_fast.config import LadConfig, SegmenterConfig, config_from_dict, config_to_dict
+from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
+from lad_fast.data.prepared import PreparedDataset
+from lad_fast.errors import CheckpointError, InputError
+from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
+from lad_fast.train.data import PreparedBatches, split_indices
+from lad_fast.train.loop import TrainResult
+from lad_fast.train.schedule import make_scheduler
+
+MODEL = "segmenter"
+# Augmentation, in HU (CT intensities are absolute, so jitter stays well below organ contrasts of
+# 10-60 HU) and voxels. Shifts are small next to the organs' positional spread between patients.
+JITTER_SCALE = 0.02  # HU' = HU * (1 + U(-s, s)) + U(-o, o) + N(0, noise)
+JITTER_OFFSET_HU = 5.0
+JITTER_NOISE_HU = 3.0
+SHIFT_VOXELS = (1, 2, 2)  # at most this many voxels along (D, H, W), either way
+EVAL_BATCH = 4
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+
+def _shift(a: torch.Tensor, shift: Sequence[int], fill: float) -> torch.Tensor:
+    """Move ``a`` (..., D, H, W) by integer ``shift`` voxels; uncovered voxels hold ``fill`` (no wrap)."""
+    out = torch.full_like(a, fill)
+    src, dst = [Ellipsis], [Ellipsis]
+    for s, n in zip(shift, a.shape[-3:], strict=True):
+        src.append(slice(max(-s, 0), n - max(s, 0)))
+        dst.append(slice(max(s, 0), n - max(-s, 0)))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+@dataclass
+class SegmenterBatches:
+    """``batches(step, rank, world) -> {"image", "mask"}``: labelled training cases with augmentation.
+
+    ``image`` (B, 1, D, H, W) float32 in [-1, 1] of ``hu_window``; ``mask`` (B, D, H, W) int64 canonical
+    ids. A pure function of (seed, step, rank), so a resumed run draws the same batches.
+    """
+
+    source: PreparedBatches
+    seed: int
+    hu_window: tuple[float, float]
+    augment: bool = True
+
+    def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+        from lad_fast.train.distributed import step_generator
+
+        batch = self.source(step, rank, world)
+        image, mask = batch["image"], batch["mask"]
+        if not self.augment:
+            return {"image": image, "mask": mask}
+        g = step_generator(self.seed + 1, step, rank)  # another stream than the batch indices
+        b = image.shape[0]
+        lo, hi = self.hu_window
+        half = (hi - lo) / 2.0
+        hu = (image + 1.0) * half + lo
+        scale = 1.0 + JITTER_SCALE * (2 * torch.rand(b, generator=g) - 1)
+        offset = JITTER_OFFSET_HU * (2 * torch.rand(b, generator=g) - 1)
+        noise = JITTER_NOISE_HU * torch.randn(image.shape, generator=g)
+        hu = hu * scale.view(b, 1, 1, 1, 1) + offset.view(b, 1, 1, 1, 1) + noise
+        image = ((hu.clamp(lo, hi) - lo) / half - 1.0).float()
+        limits = torch.tensor(SHIFT_VOXELS)
+        shifts = (torch.rand(b, 3, generator=g) * (2 * limits + 1)).floor().long() - limits
+        images, masks = [], []
+        for i in range(b):
+            s = shifts[i].tolist()
+            images.append(_shift(image[i], s, -1.0))  # -1: the window's floor, air
+            masks.append(_shift(mask[i], s, 0))
+        return {"image": torch.stack(images), "mask": torch.stack(masks)}
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def labelled_split(dataset: PreparedDataset) -> tuple[list[int], list[int]]:
+    """(train, held-out) dataset indices among the cases that have a mask; InputError when none does."""
+    labelled = [i for i, entry in enumerate(dataset.index["cases"]) if entry.get("has_mask")]
+    if not labelled:
+        raise InputError(
+            f"{dataset.path}: no case has a mask, so the segmenter has nothing to learn from; prepare "
+            "labelled cases or import masks from an external segmenter (lad_fast.masks.import_masks)"
+        )
+    train_pos, val_pos = split_indices(len(labelled))
+    return [labelled[i] for i in train_pos], [labelled[i] for i in val_pos]
+
+
+def _model_config(cfg: SegmenterConfig) -> dict[str, Any]:
+    return {"segmenter": config_to_dict(cfg), "num_classes": NUM_CLASSES}
+
+
+@torch.no_grad()
+def predict_volumes(
+    net: Segmenter, images: np.ndarray, device: torch.device | str, batch_size: int = EVAL_BATCH
+) -> np.ndarray:
+    """Label maps of ``images`` (N, D, H, W) in [-1, 1] -> (N, D, H, W) uint8 canonical ids.
+
+    Cases run ``batch_size`` at a time: oneDNN's 3D convolutions are several times slower per case at
+    batch 1 than at batch 4 on CPU.
+    """
+    was_training = net.training
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))[:, None]
+        out.append(net.predict(x.to(device)).cpu().numpy())
+    net.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, *np.shape(images)[1:]), dtype=np.uint8)
+
+
+def evaluate_segmenter(
+    net: Segmenter, dataset: PreparedDataset, indices: Sequence[int], device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """Per-organ Dice of ``net`` on the cases ``indices`` of ``dataset`` (they must have masks).
+
+    Returns ``{"dice": {organ: mean over cases holding the organ}, "dice_pooled": {organ: Dice over all
+    voxels of the cases}, "cases": n}``. Organs absent from every case are left out.
+    """
+    per_case: dict[str, list[float]] = {}
+    inter = np.zeros(NUM_CLASSES)
+    total = np.zeros(NUM_CLASSES)
+    for start in range(0, len(indices), EVAL_BATCH):
+        items = [dataset[i] for i in indices[start : start + EVAL_BATCH]]
+        if any(it["mask"] is None for it in items):
+            raise InputError(f"{dataset.path}: evaluation needs cases with masks")
+        pred = predict_volumes(net, np.stack([np.asarray(it["image"]) for it in items]), device)
+        for p, it in zip(pred, items, strict=True):
+            truth = np.asarray(it["mask"])
+            d = dice_per_class(torch.from_numpy(p), torch.from_numpy(truth.astype(np.uint8)), NUM_CLASSES)
+            for c in range(1, NUM_CLASSES):
+                if (truth == c).any():
+                    per_case.setdefault(CANONICAL_ORGANS[c], []).append(float(d[c]))
+                inter[c] += np.count_nonzero((p == c) & (truth == c))
+                total[c] += np.count_nonzero(p == c) + np.count_nonzero(truth == c)
+    return {
+        "dice": {organ: round(float(np.mean(v)), 4) for organ, v in per_case.items()},
+        "dice_pooled": {
+            CANONICAL_ORGANS[c]: round(float(2 * inter[c] / total[c]), 4)
+            for c in range(1, NUM_CLASSES)
+            if CANONICAL_ORGANS[c] in per_case
+        },
+        "cases": len(indices),
+    }
+
+
+def train_segmenter(
+    run: Path,
+    cfg: LadConfig,
+    data: Path | None = None,
+    steps: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "auto",
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train the segmenter of ``cfg`` on the labelled cases of a prepared dataset into ``run/segmenter/``.
+
+    data: a prepared dataset at ``cfg.preset`` (default: the built-in phantoms); only cases with a mask
+        are used, the train split for training and the held-out split for the Dice logged at the end.
+    steps: overrides ``cfg.segmenter_train.steps``. resume / force / stop_at: see ``lad_fast.train.loop``.
+    """
+    from lad_fast.data.cache import phantom_dataset
+    from lad_fast.devices import resolve_device
+    from lad_fast.runs import RunDir
+    from lad_fast.train.distributed import init_distributed
+    from lad_fast.train.loop import Phase, train
+
+    run = Path(run)
+    tcfg = replace(cfg.segmenter_train, steps=steps) if steps is not None else cfg.segmenter_train
+    dev = resolve_device(device)
+    info = init_distributed(dev)
+    if dev.type == "cuda" and info.enabled:
+        dev = torch.device("cuda", info.local_rank)
+
+    data = Path(data) if data is not None else phantom_dataset(cfg.preset)
+    dataset = PreparedDataset(data, expect_preset=cfg.preset)
+    train_idx, val_idx = labelled_split(dataset)
+    rundir = RunDir.create(run, cfg)
+
+    with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not of history
+        torch.manual_seed(tcfg.seed)
+        net = Segmenter(cfg.segmenter, NUM_CLASSES).to(dev)
+    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+    sched = make_scheduler(opt, tcfg)
+
+    def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
+        logits = mods["model"](batch["image"].to(dev))
+        return dice_loss(logits, batch["mask"].to(dev)), {}
+
+    source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, train_idx, require_mask=True)
+    batches = SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window)
+
+    def preview(step: int, run_path: Path) -> None:
+        from lad_fast.atomic import atomic_path
+
+        case = val_idx[0]
+        item = dataset[case]
+        pred = predict_volumes(net, np.asarray(item["image"])[None], dev)[0]
+        img = render_prediction(item["image"], pred, item["mask"], dataset.geometry, f"step {step}")
+        with atomic_path(run_path / "previews" / f"segmenter-{step:08d}.png", suffix=".png") as tmp:
+            img.save(tmp, format="PNG")
+
+    meta = {
+        "preset": cfg.preset,
+        "data_hash": _file_hash(data / "index.json"),
+        "data": str(data.resolve()),
+        "organs": list(CANONICAL_ORGANS),
+        "train_cases": len(train_idx),
+        "held_out_cases": [dataset.case_ids[i] for i in val_idx],
+    }
+    result = train(
+        rundir,
+        MODEL,
+        tcfg,
+        {"model": net},
+        [Phase("model", opt, loss, scheduler=sched)],
+        batches,
+        model_config=_model_config(cfg.segmenter),
+        meta=meta,
+        resume=resume,
+        force=force,
+        preview=preview,
+        device=dev,
+        stop_at=stop_at,
+    )
+    if info.is_main and result.step >= tcfg.steps:
+        eval_net, _ = load_segmenter(run, device=dev)  # the EMA weights when there are any
+        scores = evaluate_segmenter(eval_net, dataset, val_idx, dev)
+        held_out = not set(val_idx) & set(train_idx)
+        rundir.log({"model": MODEL, "event": "eval", "step": result.step, "held_out": held_out, **scores})
+    return result
+
+
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def load_segmenter(run: Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
+    """The trained segmenter of ``run`` in eval mode (EMA weights when trained with them) and its meta.
+
+    The meta is the checkpoint's ``meta.json`` plus ``"config"``: the run's resolved config (dict).
+    CheckpointError when the run or checkpoint is missing or damaged, or was trained for another organ
+    vocabulary than this lad-fast's :data:`CANONICAL_ORGANS`.
+    """
+    from lad_fast.runs import RunDir
+    from lad_fast.train.checkpoint import load_checkpoint
+
+    run = Path(run)
+    rundir = RunDir.open(run)
+    model_dir = rundir.model_dir(MODEL)
+    ckpt = load_checkpoint(model_dir, MODEL)
+    if ckpt is None:
+        raise CheckpointError(
+            f"run {run} has no trained segmenter (no checkpoint in {model_dir}); train one with "
+            f"`lad-fast train segmenter --run {run}`"
+        )
+    organs = (ckpt.meta.get("extra") or {}).get("organs")
+    if organs != list(CANONICAL_ORGANS):
+        raise CheckpointError(
+            f"{ckpt.path}: segmenter trained for the organ vocabulary {organs}, but this lad-fast uses "
+            f"{list(CANONICAL_ORGANS)}; retrain it with `lad-fast train segmenter --run NEW_RUN`"
+        )
+    try:
+        seg_cfg = config_from_dict({"segmenter": ckpt.meta["model_config"]["segmenter"]}).segmenter
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt.path / 'meta.json'}: no usable segmenter config ({err})") from err
+    net = Segmenter(seg_cfg, len(organs))
+    ckpt.load_module("ema" if ckpt.has("ema") else "model", net)
+    net = net.to(device).eval()
+    meta = dict(ckpt.meta)
+    meta["config"] = rundir.config_dict()
+    return net, meta
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+
+def predict_masks(run: Path, data: Path, device: str = "auto", force: bool = False) -> list[str]:
+    """Predict canonical masks for the cases of the prepared dataset ``data`` that have none (every case
+    with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
+
+    Per case, ``mask.npy`` (D, H, W) uint8 and ``structure.npy`` (the structure condition of the run's
+    ``condition`` config) are written atomically into the case folder, then ``index.json`` is rewritten
+    atomically with ``has_mask: true`` and ``mask_source: "predicted:<run>"``; an interrupted call leaves
+    every case either untouched or complete, and a rerun continues.
+    """
+    from lad_fast.atomic import write_json
+    from lad_fast.conditions import structure_condition
+    from lad_fast.data.prepared import CASES, INDEX
+    from lad_fast.devices import resolve_device
+    from lad_fast.masks import validate_mask, write_case_mask
+    from lad_fast.progress import track
+
+    dev = resolve_device(device)
+    net, meta = load_segmenter(Path(run), device=dev)
+    cfg = config_from_dict(meta["config"])
+    data = Path(data)
+    dataset = PreparedDataset(data, expect_preset=cfg.preset)
+    if tuple(dataset.geometry.shape) != tuple(cfg.geometry.shape):
+        raise InputError(
+            f"{data}: prepared at shape {dataset.geometry.shape}, the segmenter of {run} expects "
+            f"{cfg.geometry.shape}; re-prepare the dataset at preset {cfg.preset!r}"
+        )
+    index = json.loads((data / INDEX).read_text(encoding="utf-8"))
+    todo = [i for i, entry in enumerate(index["cases"]) if force or not entry.get("has_mask")]
+    written = []
+    chunks = [todo[i : i + EVAL_BATCH] for i in range(0, len(todo), EVAL_BATCH)]
+    for chunk in track(chunks, "predict masks"):
+        images = np.stack([np.asarray(dataset[i]["image"]) for i in chunk])
+        for i, pred in zip(chunk, predict_volumes(net, images, dev), strict=True):
+            entry = index["cases"][i]
+            mask = validate_mask(pred, images.shape[1:], f"prediction for case {entry['id']}")
+            write_case_mask(data / CASES / entry["id"], mask, structure_condition(mask, cfg.condition))
+            entry["has_mask"] = True
+            entry["mask_source"] = f"predicted:{run}"
+            write_json(data / INDEX, index)  # after the case's files: the index never lists a half case
+            written.append(entry["id"])
+    return written
+
+
+# ------------------------------------------------------------------------------------------- preview
+
+
+def render_prediction(
+    image: np.ndarray,
+    pred: np.ndarray,
+    truth: np.ndarray | None,
+    geometry: Any,
+    title: str = "",
+):
+    """PIL image: the case's three planes with true outlines (top, when given) and predicted ones below.
+
+    image (D, H, W) in [-1, 1] of ``geometry.hu_window``; pred, truth (D, H, W) canonical ids.
+    """
+    from PIL import Image
+
+    from lad_fast.data.geometry import unit_to_hu
+    from lad_fast.preview import render_slices
+
+    hu = unit_to_hu(np.asarray(image, dtype=np.float32), geometry.hu_window)
+    names = dict(enumerate(CANONICAL_ORGANS))
+    spacing = tuple(geometry.spacing)
+    panels = []
+    if truth is not None:
+        panels.append(
+            render_slices(hu, np.asarray(truth), spacing, title=f"{title} true".strip(), names=names)
+        )
+    panels.append(
+        render_slices(hu, np.asarray(pred), spacing, title=f"{title} predicted".strip(), names=names)
+    )
+    width = max(p.width for p in panels)
+    canvas = Image.new("RGB", (width, sum(p.height for p in panels)))
+    y = 0
+    for p in panels:
+        canvas.paste(p, (0, y))
+        y += p.height
+    return canvas

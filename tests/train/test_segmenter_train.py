@@ -1,0 +1,317 @@
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from lad_fast.conditions import structure_condition
+from lad_fast.config import SegmenterConfig, get_preset
+from lad_fast.data.labels import CANONICAL_ID, CANONICAL_ORGANS, NUM_CLASSES
+from lad_fast.data.prepared import PreparedDataset
+from lad_fast.errors import CheckpointError, InputError
+from lad_fast.runs import RunDir
+from lad_fast.train.data import PreparedBatches
+from lad_fast.train.segmenter import (
+    SHIFT_VOXELS,
+    SegmenterBatches,
+    _shift,
+    evaluate_segmenter,
+    labelled_split,
+    load_segmenter,
+    predict_masks,
+    predict_volumes,
+    render_prediction,
+    train_segmenter,
+)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    """A prepared dataset of 4 tiny phantoms (3 train, 1 held out), made once for this module."""
+    from lad_fast.data.cache import phantom_dataset
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("LAD_FAST_QUIET", "1")
+        return phantom_dataset("tiny", n=4)
+
+
+@pytest.fixture
+def data(phantoms, tmp_path):
+    """A private copy: the tests below write masks into it."""
+    return shutil.copytree(phantoms, tmp_path / "data")
+
+
+def tiny_cfg(steps: int = 2):
+    cfg = get_preset("tiny")
+    return replace(
+        cfg,
+        segmenter=SegmenterConfig(channels=(8, 16), groups=4),
+        segmenter_train=replace(cfg.segmenter_train, steps=steps, batch_size=2, checkpoint_every=100),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "seg"
+    result = train_segmenter(run, tiny_cfg(), data=phantoms, device="cpu")
+    return run, result
+
+
+def _drop_mask(data, case: int) -> str:
+    """Make case ``case`` unlabelled, as prepare writes a case without a mask."""
+    index = json.loads((data / "index.json").read_text())
+    entry = index["cases"][case]
+    entry["has_mask"], entry["mask_source"], entry["vocabulary"] = False, None, None
+    for name in ("mask.npy", "structure.npy"):
+        (data / "cases" / entry["id"] / name).unlink()
+    (data / "index.json").write_text(json.dumps(index))
+    return entry["id"]
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_training_checkpoints_the_vocabulary_and_logs_held_out_dice(trained, phantoms):
+    run, result = trained
+    assert result.step == 2 and result.checkpoint.name == "step-00000002"
+    meta = json.loads((result.checkpoint / "meta.json").read_text())
+    assert meta["model"] == "segmenter" and meta["preset"] == "tiny"
+    assert meta["extra"]["organs"] == list(CANONICAL_ORGANS)
+    assert meta["extra"]["train_cases"] == 3 and meta["extra"]["held_out_cases"] == ["phantom_0_0003"]
+    evals = [r for r in RunDir(run).read_log("segmenter") if r.get("event") == "eval"]
+    assert len(evals) == 1 and evals[0]["held_out"] and evals[0]["cases"] == 1
+    assert {"liver", "spleen", "kidney_right", "kidney_left", "pancreas"} <= set(evals[0]["dice"])
+    assert all(0.0 <= v <= 1.0 for v in evals[0]["dice"].values())
+
+
+def test_load_segmenter_returns_the_trained_weights_in_eval_mode(trained):
+    run, result = trained
+    net, meta = load_segmenter(run)
+    assert not net.training and net.num_classes == NUM_CLASSES
+    assert net.cfg == SegmenterConfig(channels=(8, 16), groups=4)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(result.checkpoint / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
+    assert meta["config"]["preset"] == "tiny" and meta["step"] == 2
+
+
+def test_a_checkpoint_for_another_vocabulary_is_refused(trained, tmp_path):
+    run, result = trained
+    copy = shutil.copytree(run, tmp_path / "other")
+    meta_path = copy / "segmenter" / result.checkpoint.name / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["extra"]["organs"] = ["background", "pancreas", "pancreatic_lesion"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"organ vocabulary \['background', 'pancreas'.*retrain"):
+        load_segmenter(copy)
+
+
+def test_a_run_without_a_segmenter_is_a_clear_error(tmp_path):
+    RunDir.create(tmp_path / "empty", get_preset("tiny"))
+    with pytest.raises(CheckpointError, match="has no trained segmenter.*lad-fast train segmenter"):
+        load_segmenter(tmp_path / "empty")
+
+
+def test_a_dataset_without_masks_cannot_train(data, tmp_path):
+    for i in range(4):
+        _drop_mask(data, i)
+    with pytest.raises(InputError, match="no case has a mask"):
+        train_segmenter(tmp_path / "r", tiny_cfg(), data=data, device="cpu")
+
+
+def test_split_uses_labelled_cases_only(data):
+    _drop_mask(data, 1)
+    train_idx, val_idx = labelled_split(PreparedDataset(data))
+    assert train_idx == [0, 2] and val_idx == [3]
+
+
+def test_segmenter_preset_warms_up_then_decays():
+    from lad_fast.config import get_preset
+    from lad_fast.train.schedule import lr_factor
+
+    tc = get_preset("tiny").segmenter_train
+    f = lr_factor(tc)
+    warm = round(tc.warmup_fraction * tc.steps)
+    assert warm > 0 and f(0) < f(warm - 1) == pytest.approx(1.0)
+    assert f(tc.steps // 2) < f(warm) and f(tc.steps) == pytest.approx(tc.final_lr_fraction)
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+
+def _reference_shift(a: np.ndarray, s, fill):
+    out = np.full_like(a, fill)
+    d, h, w = a.shape[-3:]
+    for z in range(d):
+        for y in range(h):
+            for x in range(w):
+                zz, yy, xx = z - s[0], y - s[1], x - s[2]
+                if 0 <= zz < d and 0 <= yy < h and 0 <= xx < w:
+                    out[..., z, y, x] = a[..., zz, yy, xx]
+    return out
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, -2, 2), (-1, 2, -1), (3, 0, -4)])
+def test_shift_matches_a_loop_reference(shift):
+    a = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).reshape(2, 4, 5, 6)
+    np.testing.assert_array_equal(_shift(a, shift, -1.0).numpy(), _reference_shift(a.numpy(), shift, -1.0))
+
+
+def test_augmented_batches_are_pure_shifted_and_keep_sides(phantoms):
+    ds = PreparedDataset(phantoms)
+    source = PreparedBatches(ds, 2, seed=0, indices=[0, 1, 2])
+    batches = SegmenterBatches(source, seed=0, hu_window=ds.geometry.hu_window)
+    a, b = batches(5), batches(5)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert not torch.equal(batches(6)["image"], a["image"])
+    raw = source(5)
+    right, left = CANONICAL_ID["kidney_right"], CANONICAL_ID["kidney_left"]
+    lim = SHIFT_VOXELS
+    for i in range(2):
+        # The augmented mask is the raw mask moved by a small shift, never mirrored.
+        shifts = [
+            (z, y, x)
+            for z in range(-lim[0], lim[0] + 1)
+            for y in range(-lim[1], lim[1] + 1)
+            for x in range(-lim[2], lim[2] + 1)
+            if torch.equal(_shift(raw["mask"][i], (z, y, x), 0), a["mask"][i])
+        ]
+        assert shifts, "augmented mask is not a small shift of the original"
+        m = a["mask"][i].numpy()
+        w = np.arange(m.shape[-1])
+        # W increases toward the patient's right: the right kidney stays at larger W.
+        assert (w * (m == right)).sum() / (m == right).sum() > (w * (m == left)).sum() / (m == left).sum()
+        # Intensity jitter is small: a few HU where the shift leaves the voxel inside the volume.
+        moved = _shift(raw["image"][i], shifts[0], -1.0)
+        assert float((moved - a["image"][i]).abs().mean()) < 30 / 700
+
+
+# ------------------------------------------------------------------------------------------- predicting
+
+
+def test_predict_masks_fills_unlabelled_cases_atomically(trained, data):
+    run, _ = trained
+    case = _drop_mask(data, 2)
+    before = {p: p.read_bytes() for p in (data / "cases").glob("*/mask.npy")}
+    written = predict_masks(run, data, device="cpu")
+    assert written == [case]
+    entry = PreparedDataset(data).entry(case)
+    assert entry["has_mask"] and entry["mask_source"] == f"predicted:{run}"
+    mask = np.load(data / "cases" / case / "mask.npy")
+    net, meta = load_segmenter(run)
+    image = np.asarray(PreparedDataset(data)[2]["image"])
+    np.testing.assert_array_equal(mask, predict_volumes(net, image[None], "cpu")[0])
+    assert mask.dtype == np.uint8 and mask.shape == image.shape
+    cfg = get_preset("tiny")
+    np.testing.assert_array_equal(
+        np.load(data / "cases" / case / "structure.npy"), structure_condition(mask, cfg.condition)
+    )
+    assert {p: p.read_bytes() for p in before} == before  # labelled cases untouched
+    assert predict_masks(run, data, device="cpu") == []  # nothing left to do
+    assert len(predict_masks(run, data, device="cpu", force=True)) == 4
+
+
+def test_predict_masks_refuses_another_preset(trained, data):
+    run, _ = trained
+    index = json.loads((data / "index.json").read_text())
+    index["preset"] = "lad"
+    (data / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="prepared at preset 'lad', but 'tiny' is needed"):
+        predict_masks(run, data, device="cpu")
+
+
+def test_evaluation_scores_a_perfect_and_an_empty_prediction(phantoms):
+    class Oracle(torch.nn.Module):
+        """Predicts a fixed label map whatever the input (stands in for a perfect segmenter)."""
+
+        def __init__(self, masks):
+            super().__init__()
+            self.masks, self.calls = masks, 0
+
+        def predict(self, x):
+            out = self.masks[self.calls : self.calls + x.shape[0]]
+            self.calls += x.shape[0]
+            return out
+
+    ds = PreparedDataset(phantoms)
+    truth = torch.from_numpy(np.stack([np.asarray(ds[i]["mask"]) for i in range(4)]))
+    scores = evaluate_segmenter(Oracle(truth), ds, [0, 1, 2, 3])
+    assert scores["cases"] == 4 and set(scores["dice"].values()) == {1.0}
+    scores = evaluate_segmenter(Oracle(torch.zeros_like(truth)), ds, [0, 1, 2, 3])
+    assert set(scores["dice"].values()) == {0.0} and set(scores["dice_pooled"].values()) == {0.0}
+
+
+def test_render_prediction_stacks_true_over_predicted(phantoms):
+    ds = PreparedDataset(phantoms)
+    item = ds[0]
+    both = render_prediction(item["image"], np.asarray(item["mask"]), item["mask"], ds.geometry, "case")
+    one = render_prediction(item["image"], np.asarray(item["mask"]), None, ds.geometry)
+    assert both.height == 2 * one.height and both.width == one.width
+
+
+def test_predict_masks_command(trained, data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from lad_fast.cli.masks_cmd import predict_masks as command
+
+    app = typer.Typer()
+    app.command()(command)
+    run, _ = trained
+    case = _drop_mask(data, 0)
+    result = CliRunner().invoke(app, [str(data), "--run", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "predicted masks for 1 case(s)" in result.output
+    assert PreparedDataset(data).entry(case)["mask_source"] == f"predicted:{run}"
+    RunDir.create(tmp_path / "bare", get_preset("tiny"))
+    result = CliRunner().invoke(app, [str(data), "--run", str(tmp_path / "bare")])
+    assert isinstance(result.exception, CheckpointError)
+    assert "has no trained segmenter" in str(result.exception)
+
+
+# ------------------------------------------------------------------------------ prepare --segmenter
+
+
+def test_prepare_predicts_masks_for_unlabelled_cases(trained, phantoms, tmp_path, capsys):
+    from lad_fast.cli.app import main
+
+    run, _ = trained
+    src = tmp_path / "src" / "images"
+    src.mkdir(parents=True)
+    for image in sorted((phantoms.parent / "raw" / "images").glob("*.nii.gz"))[:2]:
+        shutil.copy(image, src / image.name)
+    plain = tmp_path / "plain"
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", str(src.parent), str(plain), "--preset", "tiny"])
+    assert exc.value.code == 0
+    assert "2 case(s) have no mask" in capsys.readouterr().err
+
+    out = tmp_path / "prepared"
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "prepare",
+                str(src.parent),
+                str(out),
+                "--preset",
+                "tiny",
+                "--segmenter",
+                str(run),
+                "--device",
+                "cpu",
+            ]
+        )
+    assert exc.value.code == 0
+    cases = json.loads((out / "index.json").read_text())["cases"]
+    assert [c["has_mask"] for c in cases] == [True, True]
+    assert all(c["mask_source"].startswith("predicted:") for c in cases)
+    for c in cases:
+        mask = np.load(out / "cases" / c["id"] / "mask.npy")
+        assert mask.shape == (16, 64, 64) and mask.dtype == np.uint8
+        assert np.load(out / "cases" / c["id"] / "structure.npy").dtype == np.int64
