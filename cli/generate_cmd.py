@@ -33,8 +33,9 @@ def generate(
     n: Annotated[int, typer.Option("--n", "-n", help="Number of volumes.")] = 8,
     sampler: Annotated[
         Sampler, typer.Option(help="ddpm walks all T steps; ddim and dpmpp2m take --steps.")
-    ] = (Sampler.ddim),
+    ] = Sampler.ddpm,
     steps: Annotated[int, typer.Option(help="Sampling steps (at most the model's T).")] = 50,
+    eta: Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 stochastic (= DDPM).")] = 0.0,
     guidance: Annotated[float, typer.Option(help="Guidance scale: 0 unconditional, 1 conditional.")] = 2.0,
     masks: Annotated[
         Path | None,
@@ -60,6 +61,7 @@ def generate(
         n=n,
         sampler=sampler.value,
         steps=steps,
+        eta=eta,
         guidance=guidance,
         masks=masks,
         augment=augment,

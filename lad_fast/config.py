@@ -99,6 +99,11 @@ class DiffusionConfig:
     schedule: str = "cosine"  # "cosine" | "linear"
     prediction: str = "eps"  # "eps" | "x0" | "v"
     loss: str = "l1"  # "l1" | "l2"
+    # Lad maps latents to [-1, 1] by the codebook's min/max, which leaves them with a small variance
+    # (std ~0.2): few-step samplers then drift. "channel" also standardises each latent channel
+    # (mean/std of the training latents, kept in the checkpoint) as latent diffusion models do;
+    # "none" is Lad's plain scaling.
+    latent_norm: str = "channel"
 
 
 @dataclass(frozen=True)

@@ -297,9 +297,10 @@ def generate(
     run: Path,
     out: Path,
     n: int,
-    sampler: str = "ddim",
+    sampler: str = "ddpm",
     steps: int = 50,
     guidance: float = 2.0,
+    eta: float = 0.0,
     masks: Path | None = None,
     augment: int = 4,
     batch: int = 4,
@@ -310,7 +311,9 @@ def generate(
 ) -> Path:
     """Generate ``n`` volumes with paired masks from the trained ``run`` into ``out``; returns ``out``.
 
-    sampler: "ddpm" (all T steps, ``steps`` ignored), "ddim" or "dpmpp2m" with ``steps`` <= T.
+    sampler: "ddpm" (all T steps, ``steps`` ignored; the official Lad sampler and the default), "ddim"
+    (``eta`` 0 deterministic, 1 stochastic) or "dpmpp2m" with ``steps`` <= T. The deterministic samplers
+    need a well-trained denoiser: at the tiny preset's short budget they drift (see README).
     guidance: classifier-free guidance scale (0 unconditional, 1 conditional). masks: a prepared dataset
     or a folder of NIfTI masks on the preset grid (default: the data the diffusion model trained on).
     augment: augmented variants per source mask (0: the masks as they are). batch: volumes per sampler
@@ -323,7 +326,14 @@ def generate(
     from lad_fast.progress import make_progress
     from lad_fast.runs import RunDir
     from lad_fast.samplers import guided_denoiser, sample
-    from lad_fast.train.diffusion import checkpoint_hash, encode_case, load_diffusion, load_frozen_vqgan
+    from lad_fast.train.diffusion import (
+        checkpoint_hash,
+        clip_bounds,
+        denormalize_latents,
+        encode_case,
+        load_diffusion,
+        load_frozen_vqgan,
+    )
     from lad_fast.train.distributed import init_distributed
 
     run, out = Path(run), Path(out)
@@ -360,6 +370,7 @@ def generate(
         "base_seed": seed,
         "sampler": sampler,
         "steps": steps,
+        "eta": float(eta),
         "guidance": float(guidance),
         "augment": augment,
         "source_dataset": str(source_path.resolve()),
@@ -405,7 +416,19 @@ def generate(
                 null = net.null_condition(len(ids)).to(emb.dtype)
                 den = guided_denoiser(denoise, [emb], [null], guidance)
                 gens = [torch.Generator().manual_seed(volume_seed(seed, i)) for i in ids]
-                x0 = sample(sampler, den, sched, shape, gens, prediction=prediction, steps=steps, device=dev)
+                x0 = sample(
+                    sampler,
+                    den,
+                    sched,
+                    shape,
+                    gens,
+                    prediction=prediction,
+                    steps=steps,
+                    eta=eta,
+                    device=dev,
+                    clip=clip_bounds(meta.get("latent_norm"), torch.zeros(1, *shape, device=dev)),
+                )
+                x0 = denormalize_latents(x0, meta.get("latent_norm"))
                 for k, (i, src, mask, record, _) in enumerate(jobs):
                     latent = vq.quantize(vq.from_unit(x0[k : k + 1].clamp(-1, 1).float()))
                     image = vq.decode(latent)[0, 0].float().cpu().numpy()

@@ -1,5 +1,8 @@
 """Pure sampling functions over any denoiser backend.
 
+``clip`` bounds the x0 prediction: True for [-1, 1] (Lad), False for none, or per-element (lo, hi)
+tensors broadcast against x (standardised latents, whose [-1, 1] range differs per channel).
+
 A denoiser is ``denoise(x, t) -> prediction`` (x (B, C, d, h, w), t (B,) int64), returning the network's
 parameterisation ("eps", "x0" or "v"). Conditions are closed over by :func:`guided_denoiser`, which runs
 the conditional and the null branch of classifier-free guidance as one batch. Noise comes from one
@@ -65,12 +68,22 @@ def timesteps(T: int, steps: int) -> list[int]:
     return [round((T - 1) * (1 - i / (steps - 1))) for i in range(steps)]
 
 
-def _predict(denoise: Denoiser, prediction: str, x: torch.Tensor, t: int, abar: torch.Tensor, clip: bool):
+Clip = bool | tuple[torch.Tensor, torch.Tensor]
+
+
+def _clip(x0: torch.Tensor, clip: Clip) -> torch.Tensor:
+    if clip is True:
+        return x0.clamp(-1, 1)
+    lo, hi = clip  # type: ignore[misc]
+    return torch.maximum(torch.minimum(x0, hi.to(x0)), lo.to(x0))
+
+
+def _predict(denoise: Denoiser, prediction: str, x: torch.Tensor, t: int, abar: torch.Tensor, clip: Clip):
     tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     a = abar.to(x.dtype)
     x0, eps = to_x0_eps(prediction, denoise(x, tt).to(x.dtype), x, a)
-    if clip:  # Lad clips x0 to [-1, 1]; eps is made consistent with the clipped x0
-        x0 = x0.clamp(-1, 1)
+    if clip is not False:  # Lad clips x0 to [-1, 1]; eps is made consistent with the clipped x0
+        x0 = _clip(x0, clip)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
     return x0, eps
 
@@ -84,7 +97,7 @@ def sample_ddim(
     prediction: str = "eps",
     steps: int = 50,
     eta: float = 0.0,
-    clip: bool = True,
+    clip: Clip = True,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
@@ -119,7 +132,7 @@ def sample_ddpm(
     generators: Sequence[torch.Generator],
     *,
     prediction: str = "eps",
-    clip: bool = True,
+    clip: Clip = True,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
@@ -152,7 +165,7 @@ def sample_dpmpp_2m(
     *,
     prediction: str = "eps",
     steps: int = 20,
-    clip: bool = True,
+    clip: Clip = True,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,

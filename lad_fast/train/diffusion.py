@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import torch
 
 from lad_fast.config import LadConfig, config_from_dict, config_to_dict
 from lad_fast.data.labels import NUM_CLASSES
-from lad_fast.errors import CheckpointError, InputError, OutputExistsError
+from lad_fast.errors import CheckpointError, ConfigError, InputError, OutputExistsError
 from lad_fast.models.unet import LatentUNet
 from lad_fast.train.loop import TrainResult
 
@@ -225,6 +225,55 @@ class LatentBatches:
         }
 
 
+# ------------------------------------------------------------------------------------- latent norm
+
+
+def latent_norm(latents: torch.Tensor, mode: str) -> dict[str, list[float]]:
+    """Per-channel mean and std of unit-scaled latents (N, C, d, h, w) for ``mode`` "channel", or the
+    identity (0, 1) for "none". Stored in the checkpoint's meta so sampling inverts it exactly."""
+    c = latents.shape[1]
+    if mode == "none":
+        return {"mean": [0.0] * c, "std": [1.0] * c}
+    if mode != "channel":
+        raise ConfigError(f"diffusion.latent_norm must be 'channel' or 'none', got {mode!r}")
+    dims = (0, *range(2, latents.ndim))
+    std = latents.double().std(dim=dims).clamp_min(1e-3)
+    return {"mean": latents.double().mean(dim=dims).tolist(), "std": std.tolist()}
+
+
+def _norm_tensors(
+    norm: Mapping[str, Sequence[float]], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, -1) + (1,) * (like.ndim - 2)
+    mean = torch.tensor(norm["mean"], dtype=like.dtype, device=like.device).view(shape)
+    std = torch.tensor(norm["std"], dtype=like.dtype, device=like.device).view(shape)
+    return mean, std
+
+
+def normalize_latents(latents: torch.Tensor, norm: Mapping[str, Sequence[float]]) -> torch.Tensor:
+    """Unit-scaled latents -> what the diffusion model sees: (latents - mean) / std per channel."""
+    mean, std = _norm_tensors(norm, latents)
+    return (latents - mean) / std
+
+
+def denormalize_latents(x: torch.Tensor, norm: Mapping[str, Sequence[float]] | None) -> torch.Tensor:
+    """Inverse of :func:`normalize_latents` (the identity for runs trained before latent_norm)."""
+    if norm is None:
+        return x
+    mean, std = _norm_tensors(norm, x)
+    return x * std + mean
+
+
+def clip_bounds(
+    norm: Mapping[str, Sequence[float]] | None, like: torch.Tensor
+) -> bool | tuple[torch.Tensor, torch.Tensor]:
+    """The sampler's x0 bounds: [-1, 1] in unit-scaled latent space, mapped through the normalisation."""
+    if norm is None:
+        return True
+    mean, std = _norm_tensors(norm, like)
+    return (-1 - mean) / std, (1 - mean) / std
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -297,6 +346,8 @@ def train_diffusion(
         torch.distributed.barrier()
         if not info.is_main:
             latents = encode_dataset(vq, data, cfg, cache, vq_hash, dev)
+    norm = latent_norm(latents["latent"], cfg.diffusion.latent_norm)
+    latents = {**latents, "latent": normalize_latents(latents["latent"], norm)}
     latent_channels, struct_dim = latents["latent"].shape[1], latents["structure"].shape[1]
     if struct_dim != structure_len(cfg.geometry.shape[0], cfg.condition):  # defensive: a foreign cache
         raise CheckpointError(f"{cache}: structure vectors of {struct_dim} values do not fit the config")
@@ -331,6 +382,7 @@ def train_diffusion(
         "vqgan_hash": vq_hash,
         "latent_scale": list(vq.latent_scale()),
         "latent_shape": list(latents["latent"].shape[1:]),
+        "latent_norm": norm,
         "structure_dim": struct_dim,
         "cases": int(latents["latent"].shape[0]),
     }
