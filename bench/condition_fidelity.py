@@ -31,7 +31,9 @@ ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="run with a VQ-GAN and a diffusion model")
-    parser.add_argument("--segmenter-run", type=Path, default=None, help="run with a segmenter (default --run)")
+    parser.add_argument(
+        "--segmenter-run", type=Path, default=None, help="run with a segmenter (default --run)"
+    )
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     parser.add_argument("--sampler", default="ddim")
@@ -64,17 +66,31 @@ def main(argv: list[str] | None = None) -> int:
     for g in args.guidance:
         t0 = time.perf_counter()
         out = generate(
-            args.run, args.work / f"guidance-{g:g}", n=args.n, sampler=args.sampler, steps=args.steps,
-            guidance=g, augment=args.augment, seed=args.seed, device="cpu", force=True,
+            args.run,
+            args.work / f"guidance-{g:g}",
+            n=args.n,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=g,
+            augment=args.augment,
+            seed=args.seed,
+            device="cpu",
+            force=True,
         )
         gen_s = time.perf_counter() - t0
         ids = sorted(p.name[: -len(".nii.gz")] for p in (out / "images").glob("*.nii.gz"))
-        images = np.stack([hu_to_unit(read(out / "images" / f"{i}.nii.gz").astype(np.float32),
-                                      cfg.geometry.hu_window) for i in ids])
+        images = np.stack(
+            [
+                hu_to_unit(read(out / "images" / f"{i}.nii.gz").astype(np.float32), cfg.geometry.hu_window)
+                for i in ids
+            ]
+        )
         conds = np.stack([read(out / "masks" / f"{i}.nii.gz").astype(np.uint8) for i in ids])
         preds = predict_volumes(seg, images, "cpu")
         s_err = [
-            float(np.abs(structure_condition(p, cfg.condition) - structure_condition(c, cfg.condition)).mean())
+            float(
+                np.abs(structure_condition(p, cfg.condition) - structure_condition(c, cfg.condition)).mean()
+            )
             for p, c in zip(preds, conds, strict=True)
         ]
         vol_err, dice = {}, {}
@@ -90,32 +106,48 @@ def main(argv: list[str] | None = None) -> int:
             vol_err[organ] = round(float(np.mean(ve)), 4) if ve else None
             dice[organ] = round(float(np.mean(dc)), 4) if dc else None
         row = {
-            "guidance": g, "volumes": len(ids), "generate_s": round(gen_s, 1),
-            "structure_l1": round(float(np.mean(s_err)), 4), "organ_volume_error": vol_err, "dice": dice,
+            "guidance": g,
+            "volumes": len(ids),
+            "generate_s": round(gen_s, 1),
+            "structure_l1": round(float(np.mean(s_err)), 4),
+            "organ_volume_error": vol_err,
+            "dice": dice,
             "mean_volume_error": round(float(np.mean([v for v in vol_err.values() if v is not None])), 4),
             "mean_dice": round(float(np.mean([v for v in dice.values() if v is not None])), 4),
         }
         results.append(row)
-        print(f"guidance {g:>4g}: structure L1 {row['structure_l1']:.3f}  volume error "
-              f"{row['mean_volume_error']:.3f}  Dice {row['mean_dice']:.3f}  ({gen_s:.0f} s)", flush=True)
+        print(
+            f"guidance {g:>4g}: structure L1 {row['structure_l1']:.3f}  volume error "
+            f"{row['mean_volume_error']:.3f}  Dice {row['mean_dice']:.3f}  ({gen_s:.0f} s)",
+            flush=True,
+        )
 
     uncond = next((r for r in results if r["guidance"] == 0), None)
     cond = [r for r in results if r["guidance"] > 0]
     verdict = None
     if uncond and cond:
         verdict = all(
-            r["structure_l1"] < uncond["structure_l1"] and r["mean_volume_error"] < uncond["mean_volume_error"]
+            r["structure_l1"] < uncond["structure_l1"]
+            and r["mean_volume_error"] < uncond["mean_volume_error"]
             for r in cond
         )
         print(f"conditional beats unconditional on structure and organ volume: {verdict}")
     record = {
         "bench": "condition_fidelity",
-        "command": "python bench/condition_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/condition_fidelity.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "device": "cpu",
-        "machine": {"cpu": platform.machine(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "preset": cfg.preset,
-        "sampler": args.sampler, "steps": args.steps, "augment": args.augment, "seed": args.seed,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "augment": args.augment,
+        "seed": args.seed,
         "results": results,
         "conditional_beats_unconditional": verdict,
     }

@@ -11,7 +11,9 @@ from lad_fast.cli.app import main
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", "from lad_fast.cli.app import main; main()", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -49,8 +51,17 @@ def test_debug_env_shows_traceback(tmp_path):
 
     env = dict(os.environ, LAD_FAST_DEBUG="1")
     out = subprocess.run(
-        [sys.executable, "-c", "from lad_fast.cli.app import main; main()", "prepare",
-         str(tmp_path / "missing"), str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "from lad_fast.cli.app import main; main()",
+            "prepare",
+            str(tmp_path / "missing"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert out.returncode != 0 and "Traceback" in out.stderr
