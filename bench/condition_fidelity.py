@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--guidance", type=float, nargs="+", default=[0.0, 1.0, 3.0])
-    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--augment", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
