@@ -27,10 +27,7 @@ import torch.nn.functional as F
 from lad_fast.config import VQGANConfig
 from lad_fast.errors import ConfigError
 from lad_fast.kernels import conv3d, norm_act_conv3d, vq_nearest
-from lad_fast.kernels._dispatch import resolve_impl
 from lad_fast.models.blocks import Downsample3d, ResBlock3d, Upsample3d, check_impl, group_norm
-
-_REF_CHUNK = 1 << 24  # distance-matrix entries per chunk of the reference nearest-code search
 
 
 def _check_cfg(cfg: VQGANConfig) -> None:
@@ -166,14 +163,10 @@ class EMAQuantizer(nn.Module):
 
     def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Indices (N,) of the nearest codes of z_flat (N, code_dim), searched in fp32."""
-        z32, codebook = z_flat.float(), self.codebook.float()
+        # Neither path materialises the (N, K) distance matrix: the kernel never does, and the reference
+        # works on bounded row chunks (lad_fast.kernels.vq_nearest.REF_CHUNK).
         with torch.autocast(device_type=z_flat.device.type, enabled=False):
-            if resolve_impl(self.impl, z32, codebook) == "triton":
-                return vq_nearest(z32, codebook, impl=self.impl)[0]
-            # The reference materialises an (N, K) distance matrix (2 GiB per lad-preset volume, 32768 x
-            # 16384 fp32); row chunks of 16M entries (64 MiB) bound that peak memory.
-            rows = max(1, _REF_CHUNK // self.codebook_size)
-            return torch.cat([vq_nearest(c, codebook, impl=self.impl)[0] for c in z32.split(rows)])
+            return vq_nearest(z_flat.float(), self.codebook.float(), impl=self.impl)[0]
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes of integer indices (B, d, h, w) -> (B, code_dim, d, h, w) in fp32."""

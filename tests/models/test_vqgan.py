@@ -194,10 +194,14 @@ def test_lad_preset_parameter_count_and_latent_shape() -> None:
 
 
 def test_chunked_reference_search_matches_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lad_fast.models.vqgan as vqgan_module
+    import importlib
+
+    vq_module = importlib.import_module("lad_fast.kernels.vq_nearest")
 
     torch.manual_seed(0)
     q = EMAQuantizer(16, 3, impl="torch")
     z = torch.randn(37, 3)  # not a multiple of the chunk
-    monkeypatch.setattr(vqgan_module, "_REF_CHUNK", 64)  # 4 rows per chunk
+    whole = vq_nearest_ref(z, q.codebook)[0]
+    monkeypatch.setattr(vq_module, "REF_CHUNK", 64)  # 4 rows per chunk
     assert torch.equal(q.nearest(z), vq_nearest_ref(z, q.codebook)[0])
+    assert torch.equal(q.nearest(z), whole)
