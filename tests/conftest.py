@@ -24,3 +24,14 @@ def shared() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_phantoms(tmp_path_factory) -> Path:
+    """A prepared dataset of three tiny phantoms, generated once per test session. Read-only: tests
+    that write masks or indexes copy it first."""
+    from lad_fast.data.cache import phantom_dataset
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return phantom_dataset("tiny", n=3)

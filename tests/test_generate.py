@@ -8,14 +8,13 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from _shared import small_config as shared_small_config
 
-from lad_fast.config import ConditionConfig, DiffusionConfig, TrainConfig, UNetConfig, VQGANConfig, get_preset
 from lad_fast.errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -29,33 +28,16 @@ FAST = {"sampler": "ddim", "steps": 3, "guidance": 2.0, "device": "cpu"}
 
 
 def small_config():
-    cfg = get_preset("tiny")
-    return replace(
-        cfg,
-        vqgan=VQGANConfig(channels=(8, 8, 8), groups=4, latent_channels=4, code_dim=4, codebook_size=32),
-        vqgan_train=replace(cfg.vqgan_train, steps=2, batch_size=1, checkpoint_every=2),
-        unet=UNetConfig(channels=8, multipliers=(1, 2), attention_levels=(1,), heads=1, head_dim=8, groups=4,
-                        time_dim=16),
-        condition=ConditionConfig(content_dim=8, embed_dim=16),
-        diffusion=DiffusionConfig(timesteps=20),
-        diffusion_train=TrainConfig(steps=2, batch_size=2, lr=1e-3, betas=(0.9, 0.999), ema_decay=0.9,
-                                    compile=False, log_every=1, checkpoint_every=2, preview_every=0),
-    )  # fmt: skip
+    return shared_small_config(diffusion_steps=2)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, tiny_phantoms) -> Path:
     """A run with a VQ-GAN and a diffusion model trained for two steps on three tiny phantoms."""
-    from lad_fast.data.cache import phantom_dataset
     from lad_fast.train.diffusion import train_diffusion
     from lad_fast.train.vqgan import train_vqgan
 
-    old = os.environ.get("LAD_FAST_CACHE")
-    os.environ["LAD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        data = phantom_dataset("tiny", n=3)
-    finally:
-        os.environ.pop("LAD_FAST_CACHE") if old is None else os.environ.update(LAD_FAST_CACHE=old)
+    data = tiny_phantoms
     path = tmp_path_factory.mktemp("runs") / "r"
     cfg = small_config()
     train_vqgan(path, cfg, data=data, device="cpu")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _shared import small_config
 
-from lad_fast.config import ConditionConfig, DiffusionConfig, TrainConfig, UNetConfig, VQGANConfig, get_preset
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
 from lad_fast.train.diffusion import (
     LATENTS_NAME,
@@ -21,52 +21,19 @@ from lad_fast.train.diffusion import (
 )
 
 
-def small_config():
-    """The tiny geometry (so the cached tiny phantoms fit) with models shrunk to run in seconds."""
-    cfg = get_preset("tiny")
-    return replace(
-        cfg,
-        vqgan=VQGANConfig(channels=(8, 8, 8), groups=4, latent_channels=4, code_dim=4, codebook_size=32),
-        vqgan_train=replace(cfg.vqgan_train, steps=2, batch_size=1, checkpoint_every=2),
-        unet=UNetConfig(channels=8, multipliers=(1, 2), attention_levels=(1,), heads=1, head_dim=8, groups=4,
-                        time_dim=16),
-        condition=ConditionConfig(content_dim=8, embed_dim=16),
-        diffusion=DiffusionConfig(timesteps=20),
-        diffusion_train=TrainConfig(steps=3, batch_size=2, lr=1e-3, betas=(0.9, 0.999), ema_decay=0.9,
-                                    compile=False, log_every=1, checkpoint_every=2, preview_every=0),
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="session")
-def phantoms(tmp_path_factory) -> Path:
-    import os
-
-    from lad_fast.data.cache import phantom_dataset
-
-    old = os.environ.get("LAD_FAST_CACHE")
-    os.environ["LAD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return phantom_dataset("tiny", n=3)
-    finally:
-        if old is None:
-            os.environ.pop("LAD_FAST_CACHE")
-        else:
-            os.environ["LAD_FAST_CACHE"] = old
-
-
-@pytest.fixture(scope="session")
-def vqgan_run(tmp_path_factory, phantoms) -> Path:
+def vqgan_run(tmp_path_factory, tiny_phantoms) -> Path:
     from lad_fast.train.vqgan import train_vqgan
 
     run = tmp_path_factory.mktemp("runs") / "vq"
-    train_vqgan(run, small_config(), data=phantoms, device="cpu")
+    train_vqgan(run, small_config(), data=tiny_phantoms, device="cpu")
     return run
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, phantoms, vqgan_run) -> Path:
+def trained(tmp_path_factory, tiny_phantoms, vqgan_run) -> Path:
     run = tmp_path_factory.mktemp("runs") / "diff"
-    result = train_diffusion(run, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu")
+    result = train_diffusion(run, small_config(), data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu")
     assert result.step == 3
     return run
 
@@ -113,7 +80,7 @@ def test_vqgan_run_of_another_geometry_is_refused(vqgan_run):
         check_vqgan_run(vqgan_run, other)
 
 
-def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, phantoms):
+def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, tiny_phantoms):
     from safetensors import safe_open
 
     cache = trained / "diffusion" / LATENTS_NAME
@@ -123,7 +90,7 @@ def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, phant
         assert f.get_tensor("structure").shape == (3, 16 * 3 * 2)
     assert latent.shape == (3, 4, 4, 16, 16) and latent.min() >= -1 - 1e-5 and latent.max() <= 1 + 1e-5
     assert json.loads(meta["ids"]) == [
-        c["id"] for c in json.loads((phantoms / "index.json").read_text())["cases"]
+        c["id"] for c in json.loads((tiny_phantoms / "index.json").read_text())["cases"]
     ]
     net, m = load_diffusion(trained)
     assert m["vqgan_run"] == str(vqgan_run.resolve()) and len(m["vqgan_hash"]) == 16
@@ -139,17 +106,17 @@ def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, phant
 
 
 def test_second_run_reuses_the_latent_cache_and_resume_matches_an_uninterrupted_run(
-    tmp_path, trained, vqgan_run, phantoms, monkeypatch
+    tmp_path, trained, vqgan_run, tiny_phantoms, monkeypatch
 ):
     from lad_fast.train import diffusion as mod
     from lad_fast.train.checkpoint import load_checkpoint
 
     run = tmp_path / "part"
-    train_diffusion(run, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu", stop_at=2)
+    train_diffusion(run, small_config(), data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu", stop_at=2)
     calls = []
     real = mod.encode_case
     monkeypatch.setattr(mod, "encode_case", lambda *a, **k: calls.append(1) or real(*a, **k))
-    train_diffusion(run, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu", resume=True)
+    train_diffusion(run, small_config(), data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu", resume=True)
     assert calls == []  # encoded once, by the first call
     a = load_checkpoint(run / "diffusion", "diffusion")
     b = load_checkpoint(trained / "diffusion", "diffusion")
@@ -159,9 +126,9 @@ def test_second_run_reuses_the_latent_cache_and_resume_matches_an_uninterrupted_
         assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_existing_checkpoint_needs_resume_or_force(trained, vqgan_run, phantoms):
+def test_existing_checkpoint_needs_resume_or_force(trained, vqgan_run, tiny_phantoms):
     with pytest.raises(OutputExistsError, match="already holds a diffusion checkpoint; pass --resume"):
-        train_diffusion(trained, small_config(), data=phantoms, vqgan_run=vqgan_run, device="cpu")
+        train_diffusion(trained, small_config(), data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu")
 
 
 def test_load_diffusion_without_a_trained_model_says_how_to_train(vqgan_run):

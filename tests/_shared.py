@@ -1,0 +1,32 @@
+"""Helpers shared by test modules (importable through pytest's ``pythonpath = ["tests"]``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lad_fast.config import (
+    ConditionConfig,
+    DiffusionConfig,
+    LadConfig,
+    TrainConfig,
+    UNetConfig,
+    VQGANConfig,
+    get_preset,
+)
+
+
+def small_config(diffusion_steps: int = 3) -> LadConfig:
+    """The tiny geometry (so the cached tiny phantoms fit) with models shrunk to train in seconds."""
+    cfg = get_preset("tiny")
+    return replace(
+        cfg,
+        vqgan=VQGANConfig(channels=(8, 8, 8), groups=4, latent_channels=4, code_dim=4, codebook_size=32),
+        vqgan_train=replace(cfg.vqgan_train, steps=2, batch_size=1, checkpoint_every=2),
+        unet=UNetConfig(channels=8, multipliers=(1, 2), attention_levels=(1,), heads=1, head_dim=8, groups=4,
+                        time_dim=16),
+        condition=ConditionConfig(content_dim=8, embed_dim=16),
+        diffusion=DiffusionConfig(timesteps=20),
+        diffusion_train=TrainConfig(steps=diffusion_steps, batch_size=2, lr=1e-3, betas=(0.9, 0.999),
+                                    ema_decay=0.9, compile=False, log_every=1, checkpoint_every=2,
+                                    preview_every=0),
+    )  # fmt: skip
