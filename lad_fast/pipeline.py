@@ -53,7 +53,8 @@ def train_pipeline(
     _say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
     train_vqgan(run, cfg, **common)
 
-    unlabelled = [dataset.case_ids[i] for i in range(len(dataset)) if dataset[i]["mask"] is None]
+    labelled = set(dataset.labelled_indices())
+    unlabelled = [cid for i, cid in enumerate(dataset.case_ids) if i not in labelled]
     if unlabelled:
         from lad_fast.train.segmenter import predict_masks, train_segmenter
 

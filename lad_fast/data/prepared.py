@@ -356,6 +356,10 @@ class PreparedDataset:
     def __len__(self) -> int:
         return len(self._cases)
 
+    def labelled_indices(self) -> list[int]:
+        """Indices of the cases that have a mask (read from the index; no array is opened)."""
+        return [i for i, c in enumerate(self._cases) if c["has_mask"]]
+
     def entry(self, case_id: str) -> dict:
         """The index entry of ``case_id``."""
         for c in self._cases:

@@ -47,7 +47,8 @@ class PreparedBatches:
         if not self.indices:
             raise InputError(f"{self.dataset.path}: no cases to train on")
         if self.require_mask:
-            missing = [self.dataset.case_ids[i] for i in self.indices if self.dataset[i]["mask"] is None]
+            labelled = set(self.dataset.labelled_indices())
+            missing = [self.dataset.case_ids[i] for i in self.indices if i not in labelled]
             if missing:
                 raise InputError(
                     f"{self.dataset.path}: {len(missing)} case(s) have no mask ({', '.join(missing[:3])}); "

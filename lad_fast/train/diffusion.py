@@ -166,7 +166,7 @@ def encode_dataset(
     ds = PreparedDataset(data, expect_preset=cfg.preset)
     if config_to_dict(ds.geometry) != config_to_dict(cfg.geometry):
         raise InputError(f"{data}: prepared at another geometry than preset {cfg.preset!r}; re-prepare it")
-    cases = [i for i in range(len(ds)) if ds.entry(ds.case_ids[i])["has_mask"]]
+    cases = ds.labelled_indices()
     if not cases:
         raise InputError(
             f"{data}: no case has a mask; the diffusion model is conditioned on masks "

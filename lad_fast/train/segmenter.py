@@ -103,7 +103,7 @@ class SegmenterBatches:
 
 def labelled_split(dataset: PreparedDataset) -> tuple[list[int], list[int]]:
     """(train, held-out) dataset indices among the cases that have a mask; InputError when none does."""
-    labelled = [i for i, entry in enumerate(dataset.index["cases"]) if entry.get("has_mask")]
+    labelled = dataset.labelled_indices()
     if not labelled:
         raise InputError(
             f"{dataset.path}: no case has a mask, so the segmenter has nothing to learn from; prepare "

@@ -315,3 +315,9 @@ def test_prepare_predicts_masks_for_unlabelled_cases(trained, phantoms, tmp_path
         mask = np.load(out / "cases" / c["id"] / "mask.npy")
         assert mask.shape == (16, 64, 64) and mask.dtype == np.uint8
         assert np.load(out / "cases" / c["id"] / "structure.npy").dtype == np.int64
+
+
+def test_labelled_indices_come_from_the_index(data):
+    dropped = _drop_mask(data, 1)
+    ds = PreparedDataset(data)
+    assert ds.labelled_indices() == [0, 2, 3] and ds.case_ids[1] == dropped
