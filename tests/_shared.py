@@ -30,3 +30,23 @@ def small_config(diffusion_steps: int = 3) -> LadConfig:
                                     ema_decay=0.9, compile=False, log_every=1, checkpoint_every=2,
                                     preview_every=0),
     )  # fmt: skip
+
+
+def kill_after_first_checkpoint(proc, model_dir, model: str, timeout_s: float = 60.0) -> int:
+    """SIGKILL a training subprocess once ``model_dir`` has a checkpoint; return the step it holds."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from lad_fast.train.checkpoint import load_checkpoint
+
+    pointer = Path(model_dir) / "latest"
+    deadline = time.monotonic() + timeout_s
+    while not pointer.exists():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout_s:g} s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    return load_checkpoint(Path(model_dir), model).step

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _shared import kill_after_first_checkpoint
 
 from lad_fast.train.checkpoint import load_checkpoint
 
@@ -53,16 +52,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         toy.run_toy(tmp_path / "full", toy.toy_cfg(steps=STEPS, checkpoint_every=10, ema_decay=0.9))
     finally:
         torch.set_num_threads(threads)
-    pointer = killed / "segmenter" / "latest"
-    deadline = time.monotonic() + 60
-    while not pointer.exists():
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    at_kill = load_checkpoint(killed / "segmenter", "segmenter").step
+    at_kill = kill_after_first_checkpoint(proc, killed / "segmenter", "segmenter")
     assert 10 <= at_kill < STEPS  # killed mid-run, after (at least) the first checkpoint
 
     resumed = _worker(killed, "--resume")

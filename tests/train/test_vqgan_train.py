@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -167,16 +165,9 @@ def test_cli_sigkill_then_resume_matches_uninterrupted(tmp_path: Path, phantoms:
     killed, full = tmp_path / "killed", tmp_path / "full"
     proc = _cli(killed, phantoms, sleep=0.3)
     reference = _cli(full, phantoms)
-    pointer = killed / "vqgan" / "latest"
-    deadline = time.monotonic() + 60
-    while not pointer.exists():
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    at_kill = load_checkpoint(killed / "vqgan", "vqgan").step
+    from _shared import kill_after_first_checkpoint  # here: the CLI subprocess imports this module
+
+    at_kill = kill_after_first_checkpoint(proc, killed / "vqgan", "vqgan")
     assert 3 <= at_kill < STEPS  # killed mid-run, after the first checkpoint
 
     resumed = _cli(killed, phantoms, "--resume")
