@@ -15,6 +15,8 @@ class Sampler(str, Enum):
     ddpm = "ddpm"
     ddim = "ddim"
     dpmpp2m = "dpmpp2m"
+    euler = "euler"
+    heun = "heun"
 
 
 class Backend(str, Enum):
@@ -32,7 +34,10 @@ def generate(
     ] = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Number of volumes.")] = 8,
     sampler: Annotated[
-        Sampler, typer.Option(help="ddpm walks all T steps; ddim and dpmpp2m take --steps.")
+        Sampler,
+        typer.Option(
+            help="ddpm walks all T steps; ddim and dpmpp2m take --steps. Flow models: euler or heun."
+        ),
     ] = Sampler.ddpm,
     steps: Annotated[int, typer.Option(help="Sampling steps (at most the model's T).")] = 50,
     eta: Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 stochastic (= DDPM).")] = 0.0,

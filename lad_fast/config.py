@@ -104,6 +104,22 @@ class DiffusionConfig:
     # (mean/std of the training latents, kept in the checkpoint) as latent diffusion models do;
     # "none" is Lad's plain scaling.
     latent_norm: str = "channel"
+    # "ddpm": the discrete process above (Lad). "flow": flow matching / rectified flow (Lipman et al. 2023,
+    # Liu et al. 2023, as in SD3 and MAISI-v2): x_t = (1 - t) x0 + t noise for t in [0, 1] (t = 0 data,
+    # t = 1 noise), and the network predicts the velocity v = dx_t/dt = noise - x0 (``prediction`` is then
+    # unused); it sees t * (timesteps - 1), the scale of the DDPM integer timesteps (lad_fast/diffusion.py).
+    objective: str = "ddpm"
+    # DDPM only. "min_snr": Min-SNR-gamma weighting (Hang et al. 2023), weight min(SNR, gamma) in x0 terms.
+    loss_weighting: str = "none"  # "none" | "min_snr"
+    min_snr_gamma: float = 5.0
+    # Flow only: the training distribution of t, before the shift.
+    flow_t_sampling: str = "logit_normal"  # "logit_normal" (SD3: sigmoid of N(mean, std)) | "uniform"
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    # Flow only: timestep shift t' = s t / (1 + (s - 1) t), in training and in the samplers' time grid.
+    # s = flow_shift * sqrt(latent voxels / flow_shift_reference), or flow_shift when the reference is 0.
+    flow_shift: float = 1.0
+    flow_shift_reference: int = 0
 
 
 @dataclass(frozen=True)

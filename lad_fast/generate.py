@@ -313,7 +313,8 @@ def generate(
 
     sampler: "ddpm" (all T steps, ``steps`` ignored; the official Lad sampler and the default), "ddim"
     (``eta`` 0 deterministic, 1 stochastic) or "dpmpp2m" with ``steps`` <= T. The deterministic samplers
-    need a well-trained denoiser: at the tiny preset's short budget they drift (see README).
+    need a well-trained denoiser: at the tiny preset's short budget they drift (see README). A model
+    trained with objective "flow" takes "euler" or "heun" instead (``lad_fast.samplers.check_sampler``).
     guidance: classifier-free guidance scale (0 unconditional, 1 conditional). masks: a prepared dataset
     or a folder of NIfTI masks on the preset grid (default: the data the diffusion model trained on).
     augment: augmented variants per source mask (0: the masks as they are). batch: volumes per sampler
@@ -325,7 +326,7 @@ def generate(
     from lad_fast.export.backends import make_denoiser
     from lad_fast.progress import make_progress
     from lad_fast.runs import RunDir
-    from lad_fast.samplers import guided_denoiser, sample
+    from lad_fast.samplers import check_sampler, guided_denoiser, sample
     from lad_fast.train.diffusion import (
         checkpoint_hash,
         clip_bounds,
@@ -347,6 +348,8 @@ def generate(
     cfg = RunDir.open(run).config()
     sched = make_schedule(meta["diffusion_config"])
     prediction = meta["diffusion_config"].prediction
+    objective = meta["diffusion_config"].objective
+    check_sampler(sampler, objective)
     if sampler == "ddpm":
         steps = sched.T  # ancestral DDPM always walks every timestep
     elif not 1 <= steps <= sched.T:
@@ -390,7 +393,8 @@ def generate(
     _drop_torn_line(manifest)
 
     shape = tuple(int(s) for s in meta["latent_shape"])
-    example = (torch.zeros(1, *shape, device=dev), torch.zeros(1, dtype=torch.long, device=dev),
+    t_dtype = torch.float32 if objective == "flow" else torch.long  # flow time is continuous
+    example = (torch.zeros(1, *shape, device=dev), torch.zeros(1, dtype=t_dtype, device=dev),
                torch.zeros(1, net.cond_cfg.embed_dim, device=dev))  # fmt: skip
     denoise = make_denoiser(backend, net, example, ("x", "t", "cond"), run / "diffusion" / "export")
     window = cfg.geometry.hu_window

@@ -3,20 +3,25 @@
 ``clip`` bounds the x0 prediction: True for [-1, 1] (Lad), False for none, or per-element (lo, hi)
 tensors broadcast against x (standardised latents, whose [-1, 1] range differs per channel).
 
-A denoiser is ``denoise(x, t) -> prediction`` (x (B, C, d, h, w), t (B,) int64), returning the network's
-parameterisation ("eps", "x0" or "v"). Conditions are closed over by :func:`guided_denoiser`, which runs
-the conditional and the null branch of classifier-free guidance as one batch. Noise comes from one
+A denoiser is ``denoise(x, t) -> prediction`` (x (B, C, d, h, w), t (B,)), returning the network's
+parameterisation: for the DDPM objective t is int64 and the prediction "eps", "x0" or "v"; for the flow
+objective (:func:`sample_flow_euler`, :func:`sample_flow_heun`) t is float32 on the DDPM scale,
+t_flow * (T - 1), and the prediction the velocity noise - x0 (see lad_fast/diffusion.py).
+:func:`check_sampler` says which samplers fit which objective. Conditions are closed over by
+:func:`guided_denoiser`, which runs the conditional and the null branch of classifier-free guidance as
+one batch. Noise comes from one
 ``torch.Generator`` per sample, so a sample never depends on the batch it was drawn in (EDM practice).
 The samplers never touch files or the VQ-GAN.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
-from lad_fast.diffusion import Schedule, to_x0_eps
+from lad_fast.diffusion import FlowSchedule, Schedule, shift_time, to_x0_eps
 from lad_fast.errors import ConfigError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -203,15 +208,122 @@ def sample_dpmpp_2m(
     return x
 
 
+def flow_timesteps(steps: int, shift: float = 1.0) -> list[float]:
+    """``steps + 1`` flow times from 1 (noise) down to 0 (data): evenly spaced, then shifted (s > 1 spends
+    more of the steps near the noise end, as in training)."""
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}")
+    return [float(shift_time(1 - i / steps, shift)) for i in range(steps + 1)]
+
+
+def _velocity(denoise: Denoiser, x: torch.Tensor, t: float, sched: FlowSchedule, clip: Clip) -> torch.Tensor:
+    tt = torch.full((x.shape[0],), t * sched.time_scale, dtype=torch.float32, device=x.device)
+    v = denoise(x, tt).to(x.dtype)
+    if clip is not False:  # x0 = x - t v is clipped; v is made consistent with it, v = (x - x0) / t
+        x0 = _clip(x - t * v, clip)
+        v = (x - x0) / t
+    return v
+
+
+def _flow(
+    second_order: bool,
+    denoise: Denoiser,
+    sched: FlowSchedule,
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    steps: int,
+    clip: Clip,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    callback: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    if not isinstance(sched, FlowSchedule):
+        raise ConfigError("the flow samplers need a FlowSchedule (a model trained with objective 'flow')")
+    ts = flow_timesteps(steps, sched.shift_for(math.prod(shape[1:])))
+    x = per_sample_noise(generators, shape, device, dtype)
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        v = _velocity(denoise, x, t, sched, clip)
+        if second_order and t_next > 0:  # Heun's trapezoid; the last step, to t = 0, stays Euler
+            x_euler = x + (t_next - t) * v
+            v = 0.5 * (v + _velocity(denoise, x_euler, t_next, sched, clip))
+        x = x + (t_next - t) * v
+        if callback is not None:
+            callback(i + 1, steps)
+    return x
+
+
+def sample_flow_euler(
+    denoise: Denoiser,
+    sched: FlowSchedule,
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    *,
+    steps: int = 30,
+    clip: Clip = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, int], None] | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Euler integration of the flow ODE dx/dt = v from t = 1 to 0 over :func:`flow_timesteps`.
+
+    ``steps`` network evaluations; shape is one sample's (C, d, h, w); returns x0 (len(generators), *shape).
+    clip bounds each step's x0 = x - t v like the DDPM samplers do (the last step lands on that x0).
+    ``prediction`` and ``eta`` are for the DDPM samplers and are ignored.
+    """
+    return _flow(False, denoise, sched, shape, generators, steps, clip, device, dtype, callback)
+
+
+def sample_flow_heun(
+    denoise: Denoiser,
+    sched: FlowSchedule,
+    shape: Sequence[int],
+    generators: Sequence[torch.Generator],
+    *,
+    steps: int = 15,
+    clip: Clip = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, int], None] | None = None,
+    **_: object,
+) -> torch.Tensor:
+    """Heun's second-order method (Karras et al. 2022, algorithm 1) on the flow ODE, the last step Euler.
+
+    ``2 steps - 1`` network evaluations; otherwise as :func:`sample_flow_euler`.
+    """
+    return _flow(True, denoise, sched, shape, generators, steps, clip, device, dtype, callback)
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "dpmpp2m": sample_dpmpp_2m,
+    "euler": sample_flow_euler,
+    "heun": sample_flow_heun,
+}
+# Which samplers integrate which training objective (DiffusionConfig.objective).
+OBJECTIVE_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "ddpm": ("ddpm", "ddim", "dpmpp2m"),
+    "flow": ("euler", "heun"),
 }
 
 
-def sample(name: str, *args: object, **kwargs: object) -> torch.Tensor:
-    """Dispatch to one of :data:`SAMPLERS` by name."""
+def check_sampler(name: str, objective: str) -> None:
+    """Raise ConfigError unless sampler ``name`` exists and fits a model trained with ``objective``."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](*args, **kwargs)
+    if objective not in OBJECTIVE_SAMPLERS:
+        raise ConfigError(f"unknown diffusion objective {objective!r}; choose 'ddpm' or 'flow'")
+    fits = OBJECTIVE_SAMPLERS[objective]
+    if name not in fits:
+        raise ConfigError(
+            f"sampler {name!r} does not fit this model, trained with objective {objective!r}; "
+            f"use --sampler {' or '.join(fits)}"
+        )
+
+
+def sample(name: str, denoise: Denoiser, sched: Schedule | FlowSchedule, *args: object, **kwargs: object):
+    """Dispatch to one of :data:`SAMPLERS` by name, after :func:`check_sampler` against ``sched``."""
+    check_sampler(name, sched.objective)
+    return SAMPLERS[name](denoise, sched, *args, **kwargs)
