@@ -72,6 +72,43 @@ def test_guided_ddim_through_onnx_equals_eager(tmp_path):
     torch.testing.assert_close(out["onnx"], out["torch"], atol=1e-4, rtol=1e-4)
 
 
+class FlowToy(torch.nn.Module):
+    """net(x, t, cond) with the U-Net's sinusoidal embedding of a continuous (float) time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+        self.time = torch.nn.Linear(8, 2)
+        self.cond = torch.nn.Linear(5, 2)
+
+    def forward(self, x, t, cond):
+        from lad_fast.models.unet import timestep_embedding
+
+        bias = (self.time(timestep_embedding(t, 8)) + self.cond(cond))[:, :, None, None, None]
+        return torch.nn.functional.silu(self.conv(x)) + bias
+
+
+def test_guided_flow_heun_through_onnx_equals_eager(tmp_path):
+    from lad_fast.config import DiffusionConfig
+    from lad_fast.diffusion import make_schedule
+    from lad_fast.samplers import guided_denoiser, sample
+
+    torch.manual_seed(2)
+    net = FlowToy()
+    sched = make_schedule(DiffusionConfig(timesteps=50, objective="flow", flow_shift=3.0))
+    # the flow samplers pass float time: the graph is exported with a float t (as generate does)
+    ex = [torch.randn(1, 2, 3, 4, 5), torch.zeros(1, dtype=torch.float32), torch.randn(1, 5)]
+    cond, null = (torch.randn(2, 5),), (torch.zeros(2, 5),)
+    out = {}
+    for backend in ("torch", "onnx"):
+        den = make_denoiser(backend, net, ex, ("x", "t", "cond"), tmp_path)
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        out[backend] = sample(
+            "heun", guided_denoiser(den, cond, null, 2.0), sched, (2, 3, 4, 5), gens, steps=4
+        )
+    torch.testing.assert_close(out["onnx"], out["torch"], atol=1e-4, rtol=1e-4)
+
+
 def test_unknown_backend_is_named():
     with pytest.raises(
         ConfigError, match="unknown backend 'tensorflow'; choose one of: torch, compile, onnx, trt"

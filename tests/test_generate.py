@@ -152,7 +152,11 @@ def test_bad_arguments_are_refused_before_any_file(run, tmp_path):
         generate(run, out, n=0, device="cpu")
     with pytest.raises(ConfigError, match=r"--steps 21 is outside 1\.\.20"):
         generate(run, out, n=2, sampler="ddim", steps=21, device="cpu")
-    with pytest.raises(ConfigError, match="unknown sampler 'euler'"):
+    with pytest.raises(ConfigError, match="unknown sampler 'rk4'"):
+        generate(run, out, n=2, sampler="rk4", device="cpu")
+    with pytest.raises(
+        ConfigError, match="sampler 'euler' does not fit .* objective 'ddpm'; use --sampler ddpm"
+    ):
         generate(run, out, n=2, sampler="euler", device="cpu")
     with pytest.raises(BackendUnavailableError, match="--backend trt: TensorRT is not installed"):
         generate(run, out, n=2, backend="trt", device="cpu")
