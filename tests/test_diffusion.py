@@ -38,15 +38,17 @@ def test_parameterisations_invert(prediction):
     torch.testing.assert_close(got_eps, eps)
 
 
-def test_loss_is_zero_for_the_oracle_and_positive_otherwise():
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_is_zero_for_the_oracle_and_positive_otherwise(prediction):
     s = make_schedule(DiffusionConfig(timesteps=20))
     x0 = torch.randn(4, 2, 3)
 
-    def oracle(xt, t):
+    def oracle(xt, t):  # knows x0, so recovers the noise from x_t, and returns this parameterisation
         a = s.abar(t).float()[:, None, None]
-        return (xt - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (xt - a.sqrt() * x0) / (1 - a).sqrt()
+        return training_target(prediction, x0, eps, a)
 
-    cfg = DiffusionConfig(timesteps=20)
+    cfg = DiffusionConfig(timesteps=20, prediction=prediction)
     assert diffusion_loss(oracle, x0, s, cfg, torch.Generator().manual_seed(0)).item() < 1e-4
     assert diffusion_loss(lambda xt, t: xt * 0, x0, s, cfg, torch.Generator().manual_seed(0)).item() > 0.3
 
