@@ -20,6 +20,11 @@ formatting, the preset's name, paths (the dataset's folder, ``image_source``, ``
 masks predicted again by a run in another folder keep the hash), fields derived from the sources and the
 geometry (crop, affine, shape, unknown labels) and any other file. It trusts that ``image.npy`` is what
 ``prepare`` makes of the sources (another lad-fast version's prepare is not told apart).
+
+``content_hash(masks=False)`` leaves the masks out: the identity of the images alone. The VQ-GAN
+records that one, because the pipeline predicts masks for unlabelled cases after phase 1 and a
+``--resume`` of phase 1 must still find the data it was trained on; the segmenter, the diffusion model
+and the latent cache, which learn from or encode the masks, record the full hash.
 """
 
 from __future__ import annotations
@@ -81,11 +86,14 @@ def dataset_hash(
     organs: list[str],
     image_dtype: str,
     cases: Iterable[tuple[str, str, str | None]],
+    masks: bool = True,
 ) -> str:
-    """sha256 of :data:`DATASET_HASH_VERSION`, the geometry dict, the organ list, the image dtype and the
-    ``(id, content_hash, mask_hash or None)`` of every case, sorted by id, as one canonical JSON text."""
+    """sha256 of :data:`DATASET_HASH_VERSION`, ``masks``, the geometry dict, the organ list, the image
+    dtype and the ``(id, content_hash, mask_hash or None)`` of every case, sorted by id, as one canonical
+    JSON text. ``masks`` only tells the two scopes apart; the caller leaves the mask hashes None without."""
     blob = {
         "definition": DATASET_HASH_VERSION,
+        "masks": bool(masks),
         "geometry": geometry,
         "organs": list(organs),
         "image_dtype": image_dtype,

@@ -11,6 +11,8 @@ A case entry records ``content_hash`` (of its sources) and ``mask_hash`` (of its
 arrays; :mod:`lad_fast.data.digest`); :meth:`PreparedDataset.content_hash` combines them into the
 dataset's one data hash. After ``prepare``, masks are added or replaced only through
 :meth:`PreparedDataset.set_masks` (imported or predicted masks), which owns the case files and the index.
+This module is the prepared format's one owner (prepare writes it, the class reads it and later writes
+masks into it), hence a little over 450 lines.
 
 Images are stored as float16: values lie in [-1, 1] where float16's step is at most 2**-10, i.e. under
 0.7 HU of the 1400 HU window (rounding error at most 0.35 HU, below the 1 HU step of int16 CT), and it
@@ -364,18 +366,20 @@ class PreparedDataset:
         shown = ", ".join(self.case_ids[:5]) + (" ..." if len(self) > 5 else "")
         raise InputError(f"{self.path}: no case {case_id!r} (cases: {shown})")
 
-    def content_hash(self) -> str:
+    def content_hash(self, masks: bool = True) -> str:
         """The dataset's content hash (64 hex digits), the "data hash" checkpoints and caches record: the
-        geometry, organ list, image dtype and each case's id, source ``content_hash`` and ``mask_hash``,
-        sorted by id. What it covers, and what it leaves out, is listed in :mod:`lad_fast.data.digest`."""
+        geometry, organ list, image dtype and each case's id, source ``content_hash`` and (``masks``)
+        ``mask_hash``, sorted by id. ``masks=False``: the images' identity alone, which predicting or
+        importing masks leaves unchanged. What it covers and leaves out: :mod:`lad_fast.data.digest`."""
         cases = []
         for entry in self._cases:
             digest = None
-            if entry["has_mask"]:  # indexes written before mask_hash existed: hash the arrays
+            if masks and entry["has_mask"]:  # indexes written before mask_hash existed: hash the arrays
                 digest = entry.get("mask_hash") or mask_hash_of_folder(self.path / CASES / entry["id"])
             cases.append((entry["id"], entry.get("content_hash"), digest))
         geometry = json.loads(json.dumps(config_to_dict(self.geometry)))
-        return dataset_hash(geometry, self.index["organs"], self.index.get("image_dtype", "float16"), cases)
+        dtype = self.index.get("image_dtype", "float16")
+        return dataset_hash(geometry, self.index["organs"], dtype, cases, masks=masks)
 
     def set_masks(self, masks: Mapping[str, tuple[Any, str]], condition: ConditionConfig) -> list[str]:
         """Add or replace the masks of some cases; returns their ids (in the order of ``masks``).
