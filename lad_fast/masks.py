@@ -11,19 +11,20 @@ Three sources, each recorded in the case's ``index.json`` entry as ``mask_source
 * the built-in segmenter (:func:`lad_fast.train.segmenter.predict_masks`,
   ``mask_source: "predicted:<run>"``).
 
-Every source writes ``mask.npy`` (D, H, W) uint8 and ``structure.npy`` into the case folder atomically,
-then rewrites ``index.json`` atomically, so the dataset is consistent at every instant.
+The imported and predicted masks are written by :meth:`lad_fast.data.prepared.PreparedDataset.set_masks`,
+which owns the case files and ``index.json``: it writes ``mask.npy`` (D, H, W) uint8 and ``structure.npy``
+into each case folder atomically, then rewrites ``index.json`` atomically, so the dataset is consistent
+at every instant.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
+from lad_fast.data.labels import CANONICAL_ORGANS, validate_mask
 from lad_fast.errors import InputError
 
 # How far the resampled mask grid may sit from the prepared image grid (mm) before it counts as another
@@ -40,46 +41,6 @@ def mask_source_kind(entry: dict[str, Any]) -> str | None:
         if source.startswith(f"{kind}:"):
             return kind
     return "dataset"
-
-
-def validate_mask(mask: Any, shape: tuple[int, ...], source: str) -> np.ndarray:
-    """Check a canonical mask against its image's ``shape`` (D, H, W); return it as uint8.
-
-    InputError, naming ``source``, for: another shape than the image, non-finite or non-integer values,
-    negative labels, ids outside the canonical organs (0..NUM_CLASSES-1).
-    """
-    arr = np.asarray(mask)
-    if tuple(arr.shape) != tuple(shape):
-        raise InputError(
-            f"{source}: mask shape {tuple(arr.shape)} differs from its image's {tuple(shape)}; "
-            "a mask must lie voxel for voxel on its image"
-        )
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise InputError(f"{source}: mask holds NaN or Inf; masks hold integer organ ids")
-        if np.any(arr != np.round(arr)):
-            raise InputError(f"{source}: float mask holds non-integer values; masks hold integer organ ids")
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"{source}: mask dtype {arr.dtype} is not numeric; masks hold integer organ ids")
-    if arr.size and arr.min() < 0:
-        raise InputError(f"{source}: mask holds negative labels (min {arr.min():g}); organ ids are 0 or more")
-    if arr.size and arr.max() >= NUM_CLASSES:
-        raise InputError(
-            f"{source}: mask holds id {arr.max():g}, but canonical ids run 0..{NUM_CLASSES - 1}; "
-            "map it to the canonical organs first (lad_fast.data.labels.to_canonical)"
-        )
-    return arr.astype(np.uint8)
-
-
-def write_case_mask(folder: Path, mask: np.ndarray, structure: np.ndarray) -> None:
-    """Write ``mask.npy`` (uint8) and ``structure.npy`` (int64) into a prepared case folder, atomically."""
-    from lad_fast.atomic import atomic_path
-
-    for name, array in (("mask.npy", np.asarray(mask, np.uint8)), ("structure.npy", np.asarray(structure))):
-        with atomic_path(Path(folder) / name, suffix=".npy") as tmp:
-            np.save(tmp, array.astype(np.int64) if name == "structure.npy" else array)
 
 
 def _find_external(masks_dir: Path, case_id: str) -> Path | None:
@@ -156,12 +117,10 @@ def import_masks(
     Cases that already have a mask are skipped unless ``force``; cases without an entry are skipped.
     ``cfg``: the LadConfig whose ``condition`` makes ``structure.npy`` (default: the dataset's preset).
     """
-    from lad_fast.atomic import write_json
-    from lad_fast.conditions import structure_condition
     from lad_fast.config import get_preset
     from lad_fast.data.io import read_labels
     from lad_fast.data.labels import to_canonical
-    from lad_fast.data.prepared import CASES, INDEX, PreparedDataset
+    from lad_fast.data.prepared import PreparedDataset
     from lad_fast.progress import track
 
     data, masks_dir = Path(data), Path(masks_dir)
@@ -169,8 +128,7 @@ def import_masks(
     if not masks_dir.is_dir():
         raise InputError(f"{masks_dir}: no such folder; pass the folder holding one mask per case id")
     cfg = cfg if cfg is not None else get_preset(dataset.preset)
-    index = json.loads((data / INDEX).read_text(encoding="utf-8"))
-    found = {e["id"]: _find_external(masks_dir, e["id"]) for e in index["cases"]}
+    found = {case_id: _find_external(masks_dir, case_id) for case_id in dataset.case_ids}
     if not any(found.values()):
         shown = ", ".join(dataset.case_ids[:3])
         raise InputError(
@@ -178,9 +136,9 @@ def import_masks(
             f"for ids such as {shown})"
         )
     written = []
-    for entry in track(index["cases"], "import masks"):
-        path = found[entry["id"]]
-        if path is None or (entry.get("has_mask") and not force):
+    for case_id in track(dataset.case_ids, "import masks"):
+        path, entry = found[case_id], dataset.entry(case_id)
+        if path is None or (entry["has_mask"] and not force):
             continue
         labels = read_labels(path)  # rejects float non-integer and negative labels, naming the file
         image_shape = _image_header_shape(entry)
@@ -193,12 +151,8 @@ def import_masks(
             labels.array, vocabulary, affine=labels.affine, strict=strict, source=str(path)
         )
         mask = mask_onto_case(canonical, labels.affine, entry, dataset.geometry, str(path))
-        mask = validate_mask(mask, tuple(dataset.geometry.shape), str(path))
-        write_case_mask(data / CASES / entry["id"], mask, structure_condition(mask, cfg.condition))
-        entry["has_mask"] = True
-        entry["mask_source"] = f"external:{path}"
-        write_json(data / INDEX, index)
-        written.append(entry["id"])
+        # One case per call: a case is complete on disk (arrays and index) before the next is read.
+        written += dataset.set_masks({case_id: (mask, f"external:{path}")}, cfg.condition)
     return written
 
 
@@ -208,5 +162,4 @@ __all__ = [
     "mask_onto_case",
     "mask_source_kind",
     "validate_mask",
-    "write_case_mask",
 ]

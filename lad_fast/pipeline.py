@@ -48,21 +48,21 @@ def train_pipeline(
     dataset = PreparedDataset(data, expect_preset=cfg.preset)
     if len(dataset) == 0:
         raise InputError(f"{data}: the prepared dataset has no cases")
+    labelled = set(dataset.labelled_indices())
+    unlabelled = [cid for i, cid in enumerate(dataset.case_ids) if i not in labelled]
+    if len(unlabelled) == len(dataset):  # refused before phase 1, so nothing is trained in vain
+        raise InputError(
+            f"{data}: no case has a mask, so the organ segmenter has nothing to learn from; prepare "
+            "some labelled cases, or import masks from an external segmenter (lad_fast.masks)"
+        )
     common = dict(data=data, steps=steps, resume=resume, force=force, device=device)
 
     _say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
     train_vqgan(run, cfg, **common)
 
-    labelled = set(dataset.labelled_indices())
-    unlabelled = [cid for i, cid in enumerate(dataset.case_ids) if i not in labelled]
     if unlabelled:
         from lad_fast.train.segmenter import predict_masks, train_segmenter
 
-        if len(unlabelled) == len(dataset):
-            raise InputError(
-                f"{data}: no case has a mask, so the organ segmenter has nothing to learn from; prepare "
-                "some labelled cases, or import masks from an external segmenter (lad_fast.masks)"
-            )
         _say(f"masks: {len(unlabelled)} case(s) without a mask; training the organ segmenter")
         train_segmenter(run, cfg, **common)
         predict_masks(run, data, device=device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 from lad_fast.config import (
     ConditionConfig,
@@ -50,3 +52,16 @@ def kill_after_first_checkpoint(proc, model_dir, model: str, timeout_s: float = 
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     return load_checkpoint(Path(model_dir), model).step
+
+
+def shared_data(path: Path) -> Path:
+    """``path`` (the ../shared/data sample data) if it is a folder; otherwise the calling test skips, or,
+    under ``CI=true``, fails: the README cites the tests that read it as evidence, so CI must run them."""
+    import pytest
+
+    if Path(path).is_dir():
+        return Path(path)
+    missing = f"{path} is not beside this checkout"
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"{missing}; under CI=true the tests that read the shared sample data must run")
+    pytest.skip(missing)

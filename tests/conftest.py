@@ -1,4 +1,5 @@
-"""Shared fixtures. ``shared`` is ../shared beside the project (read-only sample data)."""
+"""Shared fixtures. ``shared`` is ../shared/data beside the project (read-only sample data): tests that
+read it skip without it, but fail under ``CI=true`` (see :func:`_shared.shared_data`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
+from _shared import shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -21,9 +23,7 @@ SHARED = ROOT.parent / "shared"
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    if not (SHARED / "data").is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
-    return SHARED / "data"
+    return shared_data(SHARED / "data")
 
 
 @pytest.fixture(scope="session")

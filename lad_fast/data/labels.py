@@ -262,3 +262,34 @@ def to_canonical(
         out[right] = CANONICAL_ID["kidney_right"]
         out[left] = CANONICAL_ID["kidney_left"]
     return out, unknown
+
+
+def validate_mask(mask: Any, shape: tuple[int, ...], source: str) -> np.ndarray:
+    """Check a canonical mask against its image's ``shape`` (D, H, W); return it as uint8.
+
+    InputError, naming ``source``, for: another shape than the image, non-finite or non-integer values,
+    negative labels, ids outside the canonical organs (0..NUM_CLASSES-1).
+    """
+    arr = np.asarray(mask)
+    if tuple(arr.shape) != tuple(shape):
+        raise InputError(
+            f"{source}: mask shape {tuple(arr.shape)} differs from its image's {tuple(shape)}; "
+            "a mask must lie voxel for voxel on its image"
+        )
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{source}: mask holds NaN or Inf; masks hold integer organ ids")
+        if np.any(arr != np.round(arr)):
+            raise InputError(f"{source}: float mask holds non-integer values; masks hold integer organ ids")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{source}: mask dtype {arr.dtype} is not numeric; masks hold integer organ ids")
+    if arr.size and arr.min() < 0:
+        raise InputError(f"{source}: mask holds negative labels (min {arr.min():g}); organ ids are 0 or more")
+    if arr.size and arr.max() >= NUM_CLASSES:
+        raise InputError(
+            f"{source}: mask holds id {arr.max():g}, but canonical ids run 0..{NUM_CLASSES - 1}; "
+            "map it to the canonical organs first (lad_fast.data.labels.to_canonical)"
+        )
+    return arr.astype(np.uint8)

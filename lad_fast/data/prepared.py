@@ -7,6 +7,13 @@ Layout of a prepared folder::
     cases/<id>/mask.npy        (D, H, W) uint8 canonical organ ids      (cases with a mask)
     cases/<id>/structure.npy   (n,) int64 structure condition           (cases with a mask)
 
+A case entry records ``content_hash`` (of its sources) and ``mask_hash`` (of its mask and structure
+arrays; :mod:`lad_fast.data.digest`); :meth:`PreparedDataset.content_hash` combines them into the
+dataset's one data hash. After ``prepare``, masks are added or replaced only through
+:meth:`PreparedDataset.set_masks` (imported or predicted masks), which owns the case files and the index.
+This module is the prepared format's one owner (prepare writes it, the class reads it and later writes
+masks into it), hence a little over 450 lines.
+
 Images are stored as float16: values lie in [-1, 1] where float16's step is at most 2**-10, i.e. under
 0.7 HU of the 1400 HU window (rounding error at most 0.35 HU, below the 1 HU step of int16 CT), and it
 halves disk and read bandwidth against float32. Every array loads with ``np.load(mmap_mode="r")``.
@@ -25,9 +32,9 @@ place; when no case was written yet and this run created ``out``, it is removed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from lad_fast.atomic import write_json
-from lad_fast.config import GeometryConfig, LadConfig, config_from_dict, config_to_dict
+from lad_fast.config import ConditionConfig, GeometryConfig, LadConfig, config_from_dict, config_to_dict
+from lad_fast.data.digest import dataset_hash, mask_hash, mask_hash_of_folder, source_hash
 from lad_fast.data.labels import CANONICAL_ORGANS
 from lad_fast.errors import InputError, OutputExistsError
 
@@ -170,23 +178,6 @@ def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------ one case
 
 
-def content_hash(paths: list[Path | None], extra: str = "") -> str:
-    """sha256 over the bytes of the source files (folders: every file, by relative path) and ``extra``."""
-    h = hashlib.sha256()
-    for path in paths:
-        if path is None:
-            h.update(b"\0none\0")
-            continue
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(block)
-    h.update(extra.encode())
-    return h.hexdigest()
-
-
 def _is_complete(entry: dict | None, folder: Path, digest: str, vocabulary_name: str | None) -> bool:
     if entry is None or entry.get("content_hash") != digest or entry.get("vocabulary") != vocabulary_name:
         return False
@@ -218,9 +209,12 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
             np.save(tmp, array)
 
     save("image.npy", case.image.astype(IMAGE_DTYPE))
+    digest_of_mask = None
     if case.mask is not None:
+        structure = np.asarray(structure_condition(case.mask, cfg.condition), dtype=np.int64)
         save("mask.npy", case.mask)
-        save("structure.npy", np.asarray(structure_condition(case.mask, cfg.condition), dtype=np.int64))
+        save("structure.npy", structure)
+        digest_of_mask = mask_hash(case.mask, structure)
     return {
         "id": plan.case_id,
         "image_source": str(plan.image),
@@ -232,6 +226,7 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
         "unknown_labels": [int(i) for i in unknown],
         "shape": list(case.image.shape),
         "has_mask": case.mask is not None,
+        "mask_hash": digest_of_mask,
     }
 
 
@@ -292,7 +287,7 @@ def prepare_dataset(
         for plan in track(plans, "prepare"):
             folder = out / CASES / plan.case_id
             extra = json.dumps(plan.vocabulary, sort_keys=True, default=str)
-            digest = content_hash([plan.image, plan.mask], extra)
+            digest = source_hash([plan.image, plan.mask], extra)
             entry = previous.get(plan.case_id)
             if not _is_complete(entry, folder, digest, plan.vocabulary_name):
                 with atomic_dir(folder) as tmp:
@@ -344,9 +339,12 @@ class PreparedDataset:
                 f"{self.path}: prepared at preset {preset!r}, but {expect_preset!r} is needed; re-prepare it "
                 f"with `lad-fast prepare SRC OUT --preset {expect_preset}`"
             )
-        self.index = index
         self.preset: str = preset
         self.geometry: GeometryConfig = config_from_dict({"geometry": index["geometry"]}).geometry
+        self._adopt(index)
+
+    def _adopt(self, index: dict) -> None:
+        self.index = index
         self._cases: list[dict] = list(index["cases"])
 
     @property
@@ -367,6 +365,75 @@ class PreparedDataset:
                 return c
         shown = ", ".join(self.case_ids[:5]) + (" ..." if len(self) > 5 else "")
         raise InputError(f"{self.path}: no case {case_id!r} (cases: {shown})")
+
+    def content_hash(self, masks: bool = True) -> str:
+        """The dataset's content hash (64 hex digits), the "data hash" checkpoints and caches record: the
+        geometry, organ list, image dtype and each case's id, source ``content_hash`` and (``masks``)
+        ``mask_hash``, sorted by id. ``masks=False``: the images' identity alone, which predicting or
+        importing masks leaves unchanged. What it covers and leaves out: :mod:`lad_fast.data.digest`."""
+        cases = []
+        for entry in self._cases:
+            digest = None
+            if masks and entry["has_mask"]:  # indexes written before mask_hash existed: hash the arrays
+                digest = entry.get("mask_hash") or mask_hash_of_folder(self.path / CASES / entry["id"])
+            cases.append((entry["id"], entry.get("content_hash"), digest))
+        geometry = json.loads(json.dumps(config_to_dict(self.geometry)))
+        dtype = self.index.get("image_dtype", "float16")
+        return dataset_hash(geometry, self.index["organs"], dtype, cases, masks=masks)
+
+    def set_masks(self, masks: Mapping[str, tuple[Any, str]], condition: ConditionConfig) -> list[str]:
+        """Add or replace the masks of some cases; returns their ids (in the order of ``masks``).
+
+        masks: ``{case id: (mask (D, H, W) canonical ids on the case's prepared grid, source)}``; ``source``
+            is recorded as the case's ``mask_source`` (``"predicted:<run>"``, ``"external:<path>"``).
+        condition: the config of the structure condition computed from each mask.
+
+        Every mask is checked (:func:`lad_fast.data.labels.validate_mask`) and its structure condition
+        computed before anything is written. Then each case's ``mask.npy`` (uint8) and ``structure.npy``
+        (int64) are written atomically, and ``index.json`` is rewritten once, atomically, with
+        ``has_mask``, ``mask_source`` and ``mask_hash``. Cases that had a mask are first withdrawn from the
+        index (one more index write), so at every instant the index lists each case either without a
+        mask or with the arrays its ``mask_hash`` describes. InputError for an unknown case id, an invalid
+        mask, or an ``index.json`` that changed on disk since this dataset was opened.
+        """
+        from lad_fast.atomic import atomic_path
+        from lad_fast.conditions import structure_condition
+        from lad_fast.data.labels import validate_mask
+
+        arrays = {}
+        for case_id, (mask, source) in masks.items():
+            self.entry(case_id)  # an unknown id raises, naming the cases
+            m = validate_mask(mask, tuple(self.geometry.shape), f"case {case_id} ({source})")
+            arrays[case_id] = (m, np.asarray(structure_condition(m, condition), dtype=np.int64), str(source))
+        if not arrays:
+            return []
+        index_path = self.path / INDEX
+        try:
+            unchanged = json.loads(index_path.read_text()) == self.index
+        except (OSError, ValueError):
+            unchanged = False
+        if not unchanged:
+            raise InputError(
+                f"{index_path}: changed on disk since this dataset was opened (another process writing "
+                "masks?); open the dataset again and retry"
+            )
+        index = json.loads(json.dumps(self.index))  # a private copy: self.index follows the disk
+        entries = {e["id"]: e for e in index["cases"]}
+        replaced = [case_id for case_id in arrays if entries[case_id]["has_mask"]]
+        for case_id in replaced:
+            entries[case_id].update(has_mask=False, mask_source=None, mask_hash=None)
+        if replaced:
+            write_json(index_path, index)
+            self._adopt(json.loads(json.dumps(index)))
+        for case_id, (mask, structure, _) in arrays.items():
+            for name, array in (("mask.npy", mask), ("structure.npy", structure)):
+                with atomic_path(self.path / CASES / case_id / name, suffix=".npy") as tmp:
+                    np.save(tmp, array)
+        for case_id, (mask, structure, source) in arrays.items():
+            entries[case_id].update(has_mask=True, mask_source=source, mask_hash=mask_hash(mask, structure))
+        write_json(index_path, index)  # after every case's arrays: the index never lists a half case
+        self._adopt(index)
+        return list(arrays)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self._cases[i]

@@ -4,7 +4,8 @@ Pipeline of :func:`train_diffusion`:
 
 1. the frozen VQ-GAN of a trained run encodes every case of a prepared dataset once; the result is
    cached in ``<run>/diffusion/latents.safetensors`` keyed by the VQ-GAN checkpoint hash, the dataset's
-   ``index.json`` hash and the condition config, so a second call (or ``--resume``) skips the encoder:
+   content hash (``PreparedDataset.content_hash``) and the condition config, so a second call (or
+   ``--resume``) skips the encoder:
    image latents ``to_unit`` -> [-1, 1] (Lad scales by the codebook's min and max), the content encoding
    of each mask (``encode_pre_quant`` of :func:`mask_as_image`, as Lad passes the label map through the
    encoder) and the normalised structure vector;
@@ -122,8 +123,10 @@ def load_frozen_vqgan(vqgan_run: Path, cfg: LadConfig, device: torch.device) -> 
 # ------------------------------------------------------------------------------------------ latents
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _data_hash(data: Path) -> str:
+    from lad_fast.data.prepared import PreparedDataset
+
+    return PreparedDataset(data).content_hash()
 
 
 @torch.no_grad()
@@ -159,7 +162,7 @@ def encode_dataset(
     from safetensors.torch import save_file
 
     from lad_fast.atomic import atomic_path
-    from lad_fast.data.prepared import INDEX, PreparedDataset
+    from lad_fast.data.prepared import PreparedDataset
     from lad_fast.progress import track
     from lad_fast.train.checkpoint import config_hash
 
@@ -174,7 +177,7 @@ def encode_dataset(
         )
     key = {
         "vqgan_hash": vqgan_hash,
-        "data_hash": _file_hash(Path(data) / INDEX),
+        "data_hash": ds.content_hash(),
         "condition": config_hash(config_to_dict(cfg.condition)),
         "ids": json.dumps([ds.case_ids[i] for i in cases]),
     }
@@ -376,7 +379,7 @@ def train_diffusion(
     batches = LatentBatches(latents, tcfg.batch_size, tcfg.seed, cfg.condition.drop_prob)
     meta = {
         "preset": cfg.preset,
-        "data_hash": _file_hash(data / "index.json"),
+        "data_hash": _data_hash(data),
         "data": str(data.resolve()),
         "vqgan_run": str(vqgan_run.resolve()),
         "vqgan_hash": vq_hash,

@@ -16,7 +16,6 @@ labelled cases and :func:`predict_masks` writes a mask and structure condition f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -230,7 +229,7 @@ def train_segmenter(
 
     meta = {
         "preset": cfg.preset,
-        "data_hash": _file_hash(data / "index.json"),
+        "data_hash": dataset.content_hash(),
         "data": str(data.resolve()),
         "organs": list(CANONICAL_ORGANS),
         "train_cases": len(train_idx),
@@ -257,12 +256,6 @@ def train_segmenter(
         held_out = not set(val_idx) & set(train_idx)
         rundir.log({"model": MODEL, "event": "eval", "step": result.step, "held_out": held_out, **scores})
     return result
-
-
-def _file_hash(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -312,16 +305,12 @@ def predict_masks(run: Path, data: Path, device: str = "auto", force: bool = Fal
     """Predict canonical masks for the cases of the prepared dataset ``data`` that have none (every case
     with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
 
-    Per case, ``mask.npy`` (D, H, W) uint8 and ``structure.npy`` (the structure condition of the run's
-    ``condition`` config) are written atomically into the case folder, then ``index.json`` is rewritten
-    atomically with ``has_mask: true`` and ``mask_source: "predicted:<run>"``; an interrupted call leaves
-    every case either untouched or complete, and a rerun continues.
+    Masks are written by :meth:`PreparedDataset.set_masks` (structure condition of the run's ``condition``
+    config, ``mask_source: "predicted:<run>"``), one batch of cases at a time: each batch's arrays are
+    written atomically, then ``index.json`` once; an interrupted call leaves every case either untouched
+    or complete, and a rerun continues.
     """
-    from lad_fast.atomic import write_json
-    from lad_fast.conditions import structure_condition
-    from lad_fast.data.prepared import CASES, INDEX
     from lad_fast.devices import resolve_device
-    from lad_fast.masks import validate_mask, write_case_mask
     from lad_fast.progress import track
 
     dev = resolve_device(device)
@@ -334,20 +323,16 @@ def predict_masks(run: Path, data: Path, device: str = "auto", force: bool = Fal
             f"{data}: prepared at shape {dataset.geometry.shape}, the segmenter of {run} expects "
             f"{cfg.geometry.shape}; re-prepare the dataset at preset {cfg.preset!r}"
         )
-    index = json.loads((data / INDEX).read_text(encoding="utf-8"))
-    todo = [i for i, entry in enumerate(index["cases"]) if force or not entry.get("has_mask")]
+    labelled = set(dataset.labelled_indices())
+    todo = [i for i in range(len(dataset)) if force or i not in labelled]
     written = []
     chunks = [todo[i : i + EVAL_BATCH] for i in range(0, len(todo), EVAL_BATCH)]
     for chunk in track(chunks, "predict masks"):
         images = np.stack([np.asarray(dataset[i]["image"]) for i in chunk])
-        for i, pred in zip(chunk, predict_volumes(net, images, dev), strict=True):
-            entry = index["cases"][i]
-            mask = validate_mask(pred, images.shape[1:], f"prediction for case {entry['id']}")
-            write_case_mask(data / CASES / entry["id"], mask, structure_condition(mask, cfg.condition))
-            entry["has_mask"] = True
-            entry["mask_source"] = f"predicted:{run}"
-            write_json(data / INDEX, index)  # after the case's files: the index never lists a half case
-            written.append(entry["id"])
+        preds = predict_volumes(net, images, dev)
+        ids = [dataset.case_ids[i] for i in chunk]
+        masks = {case_id: (pred, f"predicted:{run}") for case_id, pred in zip(ids, preds, strict=True)}
+        written += dataset.set_masks(masks, cfg.condition)
     return written
 
 

@@ -13,8 +13,6 @@ when their weights are > 0, ``disc2d.safetensors`` / ``disc3d.safetensors``), ``
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,13 +36,6 @@ from lad_fast.train.schedule import make_scheduler
 MODEL = "vqgan"
 PREVIEWS = "previews"
 PREVIEW_CASES = 3  # held-out cases shown in a preview
-
-
-def data_hash(dataset: PreparedDataset) -> str:
-    """SHA-256 over the preset, geometry and every case's id and source content hash."""
-    cases = [(c["id"], c.get("content_hash")) for c in dataset.index["cases"]]
-    blob = json.dumps([dataset.preset, dataset.index.get("geometry"), cases], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass
@@ -323,7 +314,7 @@ def train_vqgan(
             f"{dataset.path}: prepared at shape {tuple(dataset.geometry.shape)}, but this config needs "
             f"{tuple(cfg.geometry.shape)}; re-prepare it with this config"
         )
-    digest = data_hash(dataset)
+    digest = dataset.content_hash(masks=False)  # the pipeline predicts masks after this phase
     tc, lc = cfg.vqgan_train, cfg.vqgan_loss
     train_idx, val_idx = split_indices(len(dataset))
     _precheck(Path(run) / MODEL, digest, resume, force)

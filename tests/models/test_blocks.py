@@ -1,4 +1,4 @@
-"""Shared 3D blocks: shapes, the fused path against plain PyTorch modules, FiLM, attention, impl switch."""
+"""Shared 3D blocks: shapes, each block against a written-out float64 reference, FiLM, impl switch."""
 
 from __future__ import annotations
 
@@ -9,33 +9,78 @@ import torch.nn.functional as F
 from lad_fast.errors import ConfigError
 from lad_fast.models.blocks import AttentionBlock3d, Downsample3d, ResBlock3d, Upsample3d, set_impl
 
+# Independent references, written out from the blocks' docstrings with plain tensor ops in float64 (the
+# blocks run in float32): GroupNorm by hand, convolutions through F.conv3d with the documented stride
+# and padding, nearest upsampling as repetition. Parameters come from the block; nothing calls its
+# sub-modules' forwards.
 
-def _plain_resblock(block: ResBlock3d, x: torch.Tensor) -> torch.Tensor:
-    """The same block written with the nn modules' own forwards (no kernels module)."""
-    h = block.conv1(F.silu(block.norm1(x)))
-    h = block.conv2(F.silu(block.norm2(h)))
-    return h + (x if block.skip is None else block.skip(x))
+
+def _gn(x: torch.Tensor, gn: torch.nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm: per sample and group of channels, normalise over (channels in group, D, H, W)."""
+    b, c = x.shape[:2]
+    g = x.double().reshape(b, gn.num_groups, -1)
+    y = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + gn.eps)
+    shape = (1, c, 1, 1, 1)
+    return y.reshape(x.shape) * gn.weight.double().view(shape) + gn.bias.double().view(shape)
+
+
+def _conv(x: torch.Tensor, conv: torch.nn.Conv3d, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    return F.conv3d(x.double(), conv.weight.double(), conv.bias.double(), stride=stride, padding=padding)
+
+
+def _act(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)  # SiLU
+
+
+def _ref_resblock(block: ResBlock3d, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """(GroupNorm, SiLU, 3x3x3 conv) twice, FiLM h * (1 + scale) + shift after the second norm, plus the
+    identity or a 1x1x1 conv skip."""
+    h = _conv(_act(_gn(x, block.norm1)), block.conv1, padding=1)
+    h = _gn(h, block.norm2)
+    if cond is not None:
+        lin = block.film[1]
+        film = _act(cond.double()) @ lin.weight.double().T + lin.bias.double()
+        scale, shift = film[:, :, None, None, None].chunk(2, dim=1)
+        h = h * (1 + scale) + shift
+    h = _conv(_act(h), block.conv2, padding=1)
+    return h + (x.double() if block.skip is None else _conv(x, block.skip))
+
+
+def _randomise_norms(module: torch.nn.Module) -> None:
+    """GroupNorm starts as the identity affine (weight 1, bias 0); random values test that it is used."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.5)
+            torch.nn.init.normal_(m.bias, 0.0, 0.5)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("in_ch,out_ch", [(8, 8), (8, 16)])
-def test_resblock_matches_plain_modules(in_ch: int, out_ch: int) -> None:
+def test_resblock_matches_a_written_out_reference(in_ch: int, out_ch: int) -> None:
     torch.manual_seed(0)
     block = ResBlock3d(in_ch, out_ch, groups=4, impl="torch")
-    x = torch.randn(2, in_ch, 4, 6, 6)
+    _randomise_norms(block)
+    x = torch.randn(2, in_ch, 4, 6, 5)
     out = block(x)
-    assert out.shape == (2, out_ch, 4, 6, 6)
-    torch.testing.assert_close(out, _plain_resblock(block, x), rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, out_ch, 4, 6, 5)
+    _close(out, _ref_resblock(block, x))
     assert (block.skip is None) == (in_ch == out_ch)
 
 
 def test_resblock_film_starts_as_identity_and_uses_condition() -> None:
     torch.manual_seed(0)
     block = ResBlock3d(8, 8, groups=4, film_dim=5, impl="torch")
+    _randomise_norms(block)
     x, cond = torch.randn(2, 8, 4, 4, 4), torch.randn(2, 5)
     # Zero-initialised FiLM: same output as the unconditioned block.
-    torch.testing.assert_close(block(x, cond), _plain_resblock(block, x), rtol=1e-5, atol=1e-5)
+    _close(block(x, cond), _ref_resblock(block, x))
     torch.nn.init.normal_(block.film[1].weight)
+    torch.nn.init.normal_(block.film[1].bias)
     a = block(x, cond)
+    _close(a, _ref_resblock(block, x, cond))
     b = block(x, torch.randn(2, 5))
     assert not torch.allclose(a, b)
     # Per sample: changing sample 1's condition leaves sample 0 unchanged.
@@ -63,44 +108,48 @@ def test_resblock_dropout_only_in_training() -> None:
     torch.manual_seed(0)
     block = ResBlock3d(8, 8, groups=4, dropout=0.5, impl="torch").eval()
     x = torch.randn(1, 8, 4, 4, 4)
-    torch.testing.assert_close(block(x), _plain_resblock(block, x), rtol=1e-5, atol=1e-5)
+    _close(block(x), _ref_resblock(block, x))
     block.train()
-    assert not torch.allclose(block(x), _plain_resblock(block, x))
+    assert not torch.allclose(block(x).double(), _ref_resblock(block, x))
 
 
-def test_down_and_upsample_shapes_and_values() -> None:
+@pytest.mark.parametrize("groups", [None, 4])
+def test_down_and_upsample_match_a_written_out_reference(groups: int | None) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 8, 4, 8, 6)
-    down = Downsample3d(8, 16, impl="torch")
+    down = Downsample3d(8, 16, impl="torch", groups=groups)
+    _randomise_norms(down)
     y = down(x)
     assert y.shape == (2, 16, 2, 4, 3)
-    torch.testing.assert_close(y, down.conv(x))
-    up = Upsample3d(16, 8, impl="torch")
+    pre = x.double() if groups is None else _act(_gn(x, down.norm))
+    _close(y, _conv(pre, down.conv, stride=2, padding=1))
+
+    up = Upsample3d(16, 8, impl="torch", groups=groups)
+    _randomise_norms(up)
     z = up(y)
     assert z.shape == (2, 8, 4, 8, 6)
-    torch.testing.assert_close(
-        z,
-        up.conv(
-            torch.repeat_interleave(torch.repeat_interleave(torch.repeat_interleave(y, 2, 2), 2, 3), 2, 4)
-        ),
-    )
+    nearest = y.detach()[:, :, :, None, :, None, :, None].expand(2, 16, 2, 2, 4, 2, 3, 2)
+    nearest = nearest.reshape(2, 16, 4, 8, 6)  # every voxel repeated twice along D, H and W
+    pre = nearest.double() if groups is None else _act(_gn(nearest, up.norm))
+    _close(z, _conv(pre, up.conv, padding=1))
 
 
 def test_attention_matches_naive_softmax() -> None:
     torch.manual_seed(0)
     blk = AttentionBlock3d(8, heads=2, head_dim=4, groups=4, impl="torch")
     x = torch.randn(2, 8, 2, 3, 3)
+    _randomise_norms(blk)
     out = blk(x)
     b, c, L = 2, 8, 18
-    t = blk.norm(x).reshape(b, c, L).transpose(1, 2)
-    q, k, v = blk.qkv(t).split(8, dim=-1)
+    t = _gn(x, blk.norm).reshape(b, c, L).transpose(1, 2)
+    q, k, v = (t @ blk.qkv.weight.double().T + blk.qkv.bias.double()).split(8, dim=-1)
     heads = []
     for h in range(2):
         sl = slice(4 * h, 4 * h + 4)
         w = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / 2.0, dim=-1)
         heads.append(w @ v[..., sl])
-    ref = x + blk.proj(torch.cat(heads, -1)).transpose(1, 2).reshape(x.shape)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    proj = torch.cat(heads, -1) @ blk.proj.weight.double().T + blk.proj.bias.double()
+    _close(out, x.double() + proj.transpose(1, 2).reshape(x.shape))
 
 
 def test_set_impl_reaches_every_block_and_validates() -> None:
