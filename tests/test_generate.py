@@ -117,24 +117,26 @@ def test_one_seed_gives_the_same_volume_whatever_the_batch(run, tmp_path):
 
 
 def test_rerun_of_an_interrupted_generate_completes_the_set(run, made, tmp_path, monkeypatch):
-    import lad_fast.generate as mod
+    from lad_fast.generated import VolumeWriter
 
     out = tmp_path / "out"
-    real, written = mod._write_volume, []
+    real, written = VolumeWriter.write, []
 
-    def dies_after_two(*args, **kwargs):
+    def dies_after_two(self, i, *args, **kwargs):
         if len(written) == 2:
             raise KeyboardInterrupt
-        real(*args, **kwargs)
-        written.append(args[1])
+        real(self, i, *args, **kwargs)
+        written.append(volume_id(i))
 
-    monkeypatch.setattr(mod, "_write_volume", dies_after_two)
+    monkeypatch.setattr(VolumeWriter, "write", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         generate(run, out, n=5, augment=2, batch=2, seed=1, **FAST)
     assert written == ["lad_000000", "lad_000001"] and not (out / "dataset.json").exists()
     with open(out / MANIFEST, "a") as f:
         f.write('{"id": "lad_0000')  # a line torn by the kill
-    monkeypatch.setattr(mod, "_write_volume", lambda *a, **k: written.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(
+        VolumeWriter, "write", lambda self, i, *a, **k: written.append(volume_id(i)) or real(self, i, *a, **k)
+    )
     generate(run, out, n=5, augment=2, batch=2, seed=1, **FAST)
     assert written[2:] == ["lad_000002", "lad_000003", "lad_000004"]  # only the missing ones
     lines = [json.loads(x) for x in (out / MANIFEST).read_text().splitlines()]
