@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,12 @@ from lad_fast.jobs import (
     load_source_masks,
     volume_seed,
 )
+
+if TYPE_CHECKING:
+    from lad_fast.config import LadConfig
+    from lad_fast.diffusion import Schedule
+    from lad_fast.models.unet import LatentUNet
+    from lad_fast.models.vqgan import VQGAN
 
 # Re-exported: the names callers used to import from here.
 __all__ = [
@@ -74,11 +80,11 @@ class Generator:
     latents; meta: the diffusion checkpoint's meta; vqgan_hash: the VQ-GAN checkpoint's hash.
     """
 
-    net: Any
-    vq: Any
-    cfg: Any
+    net: LatentUNet
+    vq: VQGAN
+    cfg: LadConfig
     meta: dict[str, Any]
-    sched: Any
+    sched: Schedule
     prediction: str
     latent_shape: tuple[int, ...]
     clip: Any
@@ -167,14 +173,14 @@ class SamplerSettings:
 
 
 def sample_latents(
-    net: Any,
+    net: LatentUNet,
     denoise: Callable[..., torch.Tensor],
     content: torch.Tensor,
     structure: torch.Tensor,
     seeds: Sequence[int],
     settings: SamplerSettings,
     *,
-    sched: Any,
+    sched: Schedule,
     prediction: str,
     shape: Sequence[int],
     clip: Any = True,
@@ -192,7 +198,7 @@ def sample_latents(
 
     options = sampler_options(settings.sampler)
     kwargs: dict[str, Any] = {
-        k: v for k, v in (("steps", settings.steps), ("eta", settings.eta)) if k in options
+        k: v for k, v in (("steps", settings.steps), ("eta", settings.eta)) if k in options and v is not None
     }
     with torch.no_grad():
         content, structure = content.to(device), structure.to(device)

@@ -30,7 +30,7 @@ IMAGES, MASKS = "images", "masks"
 MANIFEST = "manifest.jsonl"
 DATASET_JSON = "dataset.json"
 _SHARD_RE = re.compile(r"^manifest\.rank\d+\.jsonl$")
-_ID_RE = re.compile(r"^lad_\d{6,}$")
+_ID_RE = re.compile(r"lad_\d{6,}")
 # Settings that make two volumes with the same id the same volume; a rerun must match them to resume.
 IDENTITY = ("base_seed", "sampler", "steps", "guidance", "augment", "source_dataset", "diffusion_checkpoint")
 
@@ -43,7 +43,7 @@ def volume_id(i: int) -> str:
 def volume_paths(out: Path, vid: str) -> tuple[Path, Path]:
     """(image, mask) paths of volume ``vid`` in ``out``; ``vid`` comes from a manifest, so it is checked to
     be a plain volume id (``lad_`` and digits) before it becomes a path."""
-    if not isinstance(vid, str) or not _ID_RE.match(vid):
+    if not isinstance(vid, str) or not _ID_RE.fullmatch(vid):
         raise InputError(f"{Path(out) / MANIFEST}: {vid!r} is not a volume id; the manifest is damaged")
     return Path(out) / IMAGES / f"{vid}.nii.gz", Path(out) / MASKS / f"{vid}.nii.gz"
 
