@@ -62,6 +62,7 @@ def test_generated_dataset_format(made, run):
     sources = load_source_masks(data, "tiny", (16, 64, 64))
     for r in lines:
         assert r["sampler"] == "ddim" and r["steps"] == 3 and r["guidance"] == 2.0 and r["backend"] == "torch"
+        assert r["eta"] == 0.0  # not given: DDIM's deterministic default
         assert (
             r["diffusion_checkpoint"] == meta["checkpoint_hash"]
             and r["vqgan_checkpoint"] == meta["vqgan_hash"]
@@ -302,6 +303,12 @@ def test_eta_with_a_sampler_that_ignores_it_is_refused(tmp_path, sampler):
     ):
         generate(tmp_path / "nowhere", tmp_path / "o", n=1, sampler=sampler, eta=0.0, device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+def test_manifest_records_no_eta_for_a_sampler_that_does_not_read_it(run, tmp_path):
+    generate(run, tmp_path / "o", n=1, augment=0, sampler="dpmpp2m", steps=2, device="cpu")
+    (record,) = read_manifest(tmp_path / "o").values()
+    assert record["sampler"] == "dpmpp2m" and record["steps"] == 2 and record["eta"] is None
 
 
 def test_cli_refuses_eta_with_ddpm_and_does_not_when_eta_is_not_given(tmp_path, capsys):
