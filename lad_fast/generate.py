@@ -302,7 +302,7 @@ def generate(
     options = sampler_options(sampler)
     T = gen.sched.T
     if "steps" not in options:
-        steps = T  # ancestral DDPM always walks every timestep
+        steps = T  # a sampler without steps (ancestral DDPM) walks every timestep
     elif not 1 <= steps <= T:
         raise ConfigError(f"--steps {steps} is outside 1..{T} (the model's T); use at most {T}")
     if "eta" in options and eta is None:
