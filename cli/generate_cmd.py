@@ -40,7 +40,10 @@ def generate(
         ),
     ] = Sampler.ddpm,
     steps: Annotated[int, typer.Option(help="Sampling steps (at most the model's T).")] = 50,
-    eta: Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 stochastic (= DDPM).")] = 0.0,
+    eta: Annotated[
+        float | None,
+        typer.Option(help="DDIM only: noise, 0 deterministic (default), 1 stochastic (= DDPM)."),
+    ] = None,
     guidance: Annotated[float, typer.Option(help="Guidance scale: 0 unconditional, 1 conditional.")] = 2.0,
     masks: Annotated[
         Path | None,

@@ -62,6 +62,7 @@ def test_generated_dataset_format(made, run):
     sources = load_source_masks(data, "tiny", (16, 64, 64))
     for r in lines:
         assert r["sampler"] == "ddim" and r["steps"] == 3 and r["guidance"] == 2.0 and r["backend"] == "torch"
+        assert r["eta"] == 0.0  # not given: DDIM's deterministic default
         assert (
             r["diffusion_checkpoint"] == meta["checkpoint_hash"]
             and r["vqgan_checkpoint"] == meta["vqgan_hash"]
@@ -117,24 +118,26 @@ def test_one_seed_gives_the_same_volume_whatever_the_batch(run, tmp_path):
 
 
 def test_rerun_of_an_interrupted_generate_completes_the_set(run, made, tmp_path, monkeypatch):
-    import lad_fast.generate as mod
+    from lad_fast.generated import VolumeWriter
 
     out = tmp_path / "out"
-    real, written = mod._write_volume, []
+    real, written = VolumeWriter.write, []
 
-    def dies_after_two(*args, **kwargs):
+    def dies_after_two(self, i, *args, **kwargs):
         if len(written) == 2:
             raise KeyboardInterrupt
-        real(*args, **kwargs)
-        written.append(args[1])
+        real(self, i, *args, **kwargs)
+        written.append(volume_id(i))
 
-    monkeypatch.setattr(mod, "_write_volume", dies_after_two)
+    monkeypatch.setattr(VolumeWriter, "write", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         generate(run, out, n=5, augment=2, batch=2, seed=1, **FAST)
     assert written == ["lad_000000", "lad_000001"] and not (out / "dataset.json").exists()
     with open(out / MANIFEST, "a") as f:
         f.write('{"id": "lad_0000')  # a line torn by the kill
-    monkeypatch.setattr(mod, "_write_volume", lambda *a, **k: written.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(
+        VolumeWriter, "write", lambda self, i, *a, **k: written.append(volume_id(i)) or real(self, i, *a, **k)
+    )
     generate(run, out, n=5, augment=2, batch=2, seed=1, **FAST)
     assert written[2:] == ["lad_000002", "lad_000003", "lad_000004"]  # only the missing ones
     lines = [json.loads(x) for x in (out / MANIFEST).read_text().splitlines()]
@@ -235,3 +238,107 @@ def test_two_process_torchrun_writes_disjoint_ids_and_one_manifest(run, made, tm
     got = _images(out)
     assert got.keys() == ref.keys()
     assert max(int(np.abs(got[k].astype(int) - ref[k].astype(int)).max()) for k in ref) <= 1
+
+
+# ------------------------------------------------------------------------------------- parts, no files
+
+
+def _tiny_net(structure_dim: int = 6):
+    import torch
+
+    from lad_fast.models.unet import LatentUNet
+
+    cfg = small_config()
+    torch.manual_seed(0)
+    net = LatentUNet(cfg.unet, cfg.condition, 4, structure_dim).eval().requires_grad_(False)
+    for p in net.parameters():  # a trained net is not the zero predictor, nor blind to its conditions
+        p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "eta"), [("ddim", 3, 0.5), ("ddpm", 20, None), ("dpmpp2m", 3, None)]
+)
+def test_sample_latents_gives_each_seed_the_same_latent_whatever_the_batch(sampler, steps, eta):
+    import torch
+
+    from lad_fast.diffusion import make_schedule
+    from lad_fast.generate import SamplerSettings, sample_latents
+
+    net = _tiny_net()
+    sched = make_schedule(small_config().diffusion)
+    shape = (4, 4, 8, 8)
+    g = torch.Generator().manual_seed(1)
+    content, structure = torch.randn(3, *shape, generator=g), torch.rand(3, 6, generator=g)
+    seeds = [11, 22, 33]
+    settings = SamplerSettings(sampler, steps, 2.0, eta)
+
+    def run(idx, settings=settings, seeds=seeds):
+        return sample_latents(
+            net, net, content[idx], structure[idx], [seeds[i] for i in idx], settings,
+            sched=sched, prediction="eps", shape=shape,
+        )  # fmt: skip
+
+    batch = run([0, 1, 2])
+    assert batch.shape == (3, *shape) and torch.isfinite(batch).all()
+    for k in range(3):
+        torch.testing.assert_close(run([k])[0], batch[k], rtol=0, atol=1e-6)
+    torch.testing.assert_close(run([2, 0])[1], batch[0], rtol=0, atol=1e-6)  # position in the batch
+    assert not torch.allclose(batch[0], batch[1])
+    # the conditions matter: guidance 0 (unconditional) gives other latents from the same seeds
+    assert not torch.allclose(run([0, 1, 2], SamplerSettings(sampler, steps, 0.0, eta)), batch)
+    assert not torch.allclose(run([0], seeds=[12, 22, 33])[0], batch[0])
+
+
+def test_sampler_options_name_what_each_sampler_reads():
+    from lad_fast.generate import sampler_options
+
+    assert sampler_options("ddim") == {"steps", "eta"}
+    assert sampler_options("dpmpp2m") == {"steps"}
+    assert sampler_options("ddpm") == frozenset()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp2m"])
+def test_eta_with_a_sampler_that_ignores_it_is_refused(tmp_path, sampler):
+    # refused before the run is opened: there is no run here
+    with pytest.raises(
+        ConfigError,
+        match=f"^--eta has no effect on the {sampler} sampler; drop --eta, or use --sampler ddim$",
+    ):
+        generate(tmp_path / "nowhere", tmp_path / "o", n=1, sampler=sampler, eta=0.0, device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_records_no_eta_for_a_sampler_that_does_not_read_it(run, tmp_path):
+    generate(run, tmp_path / "o", n=1, augment=0, sampler="dpmpp2m", steps=2, device="cpu")
+    (record,) = read_manifest(tmp_path / "o").values()
+    assert record["sampler"] == "dpmpp2m" and record["steps"] == 2 and record["eta"] is None
+
+
+def test_cli_refuses_eta_with_ddpm_and_does_not_when_eta_is_not_given(tmp_path, capsys):
+    from lad_fast.cli.app import main
+
+    args = ["generate", "--out", str(tmp_path / "o"), "--run", str(tmp_path / "nowhere"), "--sampler", "ddpm"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--eta", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert (
+        err == "lad-fast: error: --eta has no effect on the ddpm sampler; drop --eta, or use --sampler ddim\n"
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(args)  # without --eta: past the eta check, stopped by the missing run
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--eta" not in err and "nowhere does not exist" in err
+
+
+@pytest.mark.slow  # inductor compiles the U-Net: 2-3 min cold on two busy cores, ~25 s with its cache
+def test_compile_backend_gives_the_eager_volumes(run, tmp_path):
+    # torch.compile of the tiny U-Net on the CPU (inductor); one DDIM step keeps it to one compiled graph
+    settings = {**FAST, "steps": 1}
+    generate(run, tmp_path / "eager", n=2, augment=0, batch=2, seed=4, **settings)
+    generate(run, tmp_path / "compiled", n=2, augment=0, batch=2, seed=4, backend="compile", **settings)
+    a, b = _images(tmp_path / "eager"), _images(tmp_path / "compiled")
+    assert a.keys() == b.keys() and len(a) == 2
+    assert max(int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in a) <= 1
+    assert {r["backend"] for r in read_manifest(tmp_path / "compiled").values()} == {"compile"}
