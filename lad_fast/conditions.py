@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lad_fast.config import ConditionConfig
-from lad_fast.data.labels import CANONICAL_ID, NUM_CLASSES
 from lad_fast.errors import ConfigError, InputError
+from lad_fast.organs import CANONICAL_ID, NUM_CLASSES
 from lad_fast.topology import betti_3d, lad_structure_vector
 
 BACKGROUND = "background"
@@ -35,7 +35,7 @@ def _structure_lut(organs: tuple[str, ...]) -> np.ndarray:
     when it is not listed, unlisted ids get class len(organs), which no Betti number looks at."""
     unknown = [o for o in organs if o != BACKGROUND and o not in CANONICAL_ID]
     if unknown:
-        raise ConfigError(f"structure_organs {unknown} are not canonical organs; see data/labels.py")
+        raise ConfigError(f"structure_organs {unknown} are not canonical organs; see lad_fast/organs.py")
     if len(set(organs)) != len(organs):
         raise ConfigError(f"structure_organs lists an organ twice: {organs}")
     rest = organs.index(BACKGROUND) if BACKGROUND in organs else len(organs)

@@ -31,11 +31,11 @@ from torch import nn
 
 from lad_fast.checkpoints import META_NAME, latest_step_dir, load_checkpoint
 from lad_fast.config import LadConfig, config_from_dict, config_to_dict
-from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.errors import CheckpointError, ConfigError, InputError
 from lad_fast.models.segmenter import Segmenter
 from lad_fast.models.unet import LatentUNet
 from lad_fast.models.vqgan import VQGAN
+from lad_fast.organs import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.runs import RunDir, config_diff
 
 # Config sections a VQ-GAN run must share with the diffusion run that uses its latents.
@@ -152,7 +152,7 @@ def load_segmenter(run: Path, device: str | torch.device = "cpu") -> tuple[Segme
 
     Its own meta entry: ``config``, the run's resolved config (dict), for the preset and geometry the
     segmenter expects. CheckpointError also when it was trained for another organ vocabulary than this
-    lad-fast's :data:`~lad_fast.data.labels.CANONICAL_ORGANS`.
+    lad-fast's :data:`~lad_fast.organs.CANONICAL_ORGANS`.
     """
     net, meta = _load(run, "segmenter", "segmenter", _build_segmenter, device)
     meta["config"] = RunDir.open(run).config_dict()
