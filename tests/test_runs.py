@@ -1,3 +1,5 @@
+"""lad_fast.runs (run folders, the log, latest_run) and lad_fast.checkpoints (verified step folders)."""
+
 from __future__ import annotations
 
 import os
