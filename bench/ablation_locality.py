@@ -24,7 +24,8 @@ import torch
 
 from lad_fast.atomic import write_json
 from lad_fast.config import LadConfig, get_preset
-from lad_fast.train.vqgan import load_vqgan, train_vqgan
+from lad_fast.train.vqgan import train_vqgan
+from lad_fast.trained import load_vqgan
 
 BOX = "pancreas+pancreatic_lesion"
 

@@ -46,11 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     from lad_fast.train.segmenter import (
         evaluate_segmenter,
         labelled_split,
-        load_segmenter,
-        predict_volumes,
         render_prediction,
         train_segmenter,
     )
+    from lad_fast.trained import load_segmenter, predict_volumes
 
     cfg = get_preset("tiny")
     steps = args.steps or cfg.segmenter_train.steps

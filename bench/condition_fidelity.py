@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from lad_fast.data.labels import CANONICAL_ID
     from lad_fast.generate import generate
     from lad_fast.runs import RunDir
-    from lad_fast.train.segmenter import load_segmenter, predict_volumes
+    from lad_fast.trained import load_segmenter, predict_volumes
 
     cfg = RunDir.open(args.run).config()
     seg, _ = load_segmenter(args.segmenter_run or args.run)

@@ -72,7 +72,10 @@ class OnnxDenoiser:
             ) from err
         path = Path(path)
         if not path.is_file():
-            raise BackendUnavailableError(f"{path}: no ONNX file; export it first (lad-fast export)")
+            raise BackendUnavailableError(
+                f"{path}: no ONNX file; write one with lad_fast.export.onnx.export_onnx, or let "
+                "`lad-fast generate --backend onnx` export the run's denoiser itself"
+            )
         available = ort.get_available_providers()
         chosen = [
             p for p in (providers or ("CUDAExecutionProvider", "CPUExecutionProvider")) if p in available

@@ -30,14 +30,6 @@ def _trt():
     return trt
 
 
-def tensorrt_available() -> bool:
-    try:
-        _trt()
-    except BackendUnavailableError:
-        return False
-    return torch.cuda.is_available()
-
-
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -114,15 +106,3 @@ class TensorRTDenoiser:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise LadFastError("TensorRT execution failed")
         return out.float()
-
-
-def compile_torch_tensorrt(net: torch.nn.Module, example: Sequence[torch.Tensor], fp16: bool = True):
-    """The torch-tensorrt route (dynamo IR): a module that runs TensorRT engines in place of subgraphs."""
-    try:
-        import torch_tensorrt
-    except ImportError as err:
-        raise BackendUnavailableError(_INSTALL_HINT) from err
-    precisions = {torch.float16, torch.float32} if fp16 else {torch.float32}
-    return torch_tensorrt.compile(
-        net.eval(), ir="dynamo", inputs=list(example), enabled_precisions=precisions
-    )

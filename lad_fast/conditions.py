@@ -1,10 +1,11 @@
 """Conditions that guide the diffusion model (LAD_REFERENCE.md phase 2).
 
-Two parts, concatenated in this order (see :class:`ConditionLayout`):
+Two parts, concatenated in this order by ``LatentUNet.embed_condition``:
 
-* content: the one-hot mask encoded by the frozen VQ-GAN encoder to a latent ``(B, C_lat, d, h, w)``,
-  then :class:`ContentHead` (trained with the diffusion model; the official code used two freshly
-  initialised, never trained Conv3d 8->4->1) to ``(B, content_dim)``;
+* content: the mask rendered as a grey-level image (:func:`lad_fast.trained.mask_as_image`) and encoded
+  by the frozen VQ-GAN encoder to a latent ``(B, C_lat, d, h, w)``, then :class:`ContentHead` (trained
+  with the diffusion model; the official code used two freshly initialised, never trained Conv3d
+  8->4->1) to ``(B, content_dim)``;
 * structure: the per-slice Betti numbers of :func:`structure_condition` (Lad: 32 x 3 x 2 = 192), plus
   per-organ 3D Betti numbers when ``ConditionConfig.betti_3d``, scaled by :func:`normalize_structure`.
 
@@ -13,7 +14,6 @@ Model code: imports no training, I/O or CLI code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lad_fast.config import ConditionConfig
-from lad_fast.data.labels import CANONICAL_ID, NUM_CLASSES
 from lad_fast.errors import ConfigError, InputError
+from lad_fast.organs import CANONICAL_ID, NUM_CLASSES
 from lad_fast.topology import betti_3d, lad_structure_vector
 
 BACKGROUND = "background"
@@ -35,7 +35,7 @@ def _structure_lut(organs: tuple[str, ...]) -> np.ndarray:
     when it is not listed, unlisted ids get class len(organs), which no Betti number looks at."""
     unknown = [o for o in organs if o != BACKGROUND and o not in CANONICAL_ID]
     if unknown:
-        raise ConfigError(f"structure_organs {unknown} are not canonical organs; see data/labels.py")
+        raise ConfigError(f"structure_organs {unknown} are not canonical organs; see lad_fast/organs.py")
     if len(set(organs)) != len(organs):
         raise ConfigError(f"structure_organs lists an organ twice: {organs}")
     rest = organs.index(BACKGROUND) if BACKGROUND in organs else len(organs)
@@ -94,17 +94,6 @@ def normalize_structure(vec: Any) -> torch.Tensor:
     return torch.log1p(t.float())
 
 
-def mask_to_onehot(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Integer labels (B, D, H, W) -> one-hot float (B, K, D, H, W) with K = num_classes."""
-    if mask.is_floating_point():
-        raise InputError(f"mask must hold integer labels, got dtype {mask.dtype}")
-    if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_classes):
-        raise InputError(
-            f"mask labels must lie in 0..{num_classes - 1}, got {int(mask.min())}..{int(mask.max())}"
-        )
-    return F.one_hot(mask.long(), num_classes).movedim(-1, 1).float()
-
-
 class ContentHead(nn.Module):
     """Encoded mask latent (B, C_lat, d, h, w) -> content condition (B, content_dim).
 
@@ -134,39 +123,3 @@ class ContentHead(nn.Module):
             )
         x = self.conv2(F.silu(self.conv1(z)))  # (B, 1, ~d/4, ~h/4, ~w/4)
         return self.proj(self.pool(x).flatten(1))  # (B, content_dim)
-
-
-@dataclass(frozen=True)
-class ConditionLayout:
-    """Where each part lives in the full condition vector ``cat([content, structure], -1)``."""
-
-    content_dim: int
-    structure_dim: int
-
-    @classmethod
-    def for_config(cls, cfg: ConditionConfig, depth: int) -> ConditionLayout:
-        """Layout for masks with ``depth`` axial slices (Lad: 512 + 32 * 3 * 2 = 704)."""
-        if depth < 1:
-            raise ConfigError(f"depth must be at least 1, got {depth}")
-        return cls(content_dim=cfg.content_dim, structure_dim=structure_dim(depth, cfg))
-
-    @property
-    def content(self) -> slice:
-        return slice(0, self.content_dim)
-
-    @property
-    def structure(self) -> slice:
-        return slice(self.content_dim, self.content_dim + self.structure_dim)
-
-    @property
-    def total(self) -> int:
-        return self.content_dim + self.structure_dim
-
-    def assemble(self, content: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
-        """(B, content_dim) and normalised (B, structure_dim) -> (B, total)."""
-        if content.shape[-1] != self.content_dim or structure.shape[-1] != self.structure_dim:
-            raise InputError(
-                f"condition parts have widths {content.shape[-1]} and {structure.shape[-1]}, the layout "
-                f"expects {self.content_dim} and {self.structure_dim}"
-            )
-        return torch.cat([content, structure.to(content.dtype)], dim=-1)

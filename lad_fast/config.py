@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lad_fast.errors import ConfigError
@@ -284,8 +284,3 @@ def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
 def config_from_dict(data: dict[str, Any]) -> LadConfig:
     """Inverse of :func:`config_to_dict`; fields missing from ``data`` take their defaults."""
     return _from_dict(LadConfig, data)
-
-
-def override(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` that ignores ``None`` values (handy for optional CLI flags)."""
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

@@ -112,7 +112,7 @@ def load_generator(run: Path, device: torch.device) -> Generator:
 
     from lad_fast.diffusion import make_schedule
     from lad_fast.runs import RunDir
-    from lad_fast.train.diffusion import (
+    from lad_fast.trained import (
         checkpoint_hash,
         clip_bounds,
         denormalize_latents,
@@ -288,10 +288,10 @@ def generate(
     """
     from lad_fast.data.geometry import unit_to_hu
     from lad_fast.devices import resolve_device
+    from lad_fast.distributed import init_distributed
     from lad_fast.export.backends import make_denoiser
     from lad_fast.progress import make_progress
     from lad_fast.samplers import check_sampler
-    from lad_fast.train.distributed import init_distributed
 
     run, out = Path(run), Path(out)
     _check_args(n, sampler, guidance, augment, batch, backend, eta)

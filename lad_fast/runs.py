@@ -6,7 +6,7 @@ Layout::
       config.json            resolved LadConfig (lad_fast.config.config_to_dict)
       log.jsonl              one JSON object per line, every model's training appends here
       vqgan/ diffusion/ segmenter/
-        step-00000100/       one complete checkpoint (see lad_fast.train.checkpoint)
+        step-00000100/       one complete checkpoint (see lad_fast.checkpoints)
         latest               pointer file naming the newest complete step folder
 
 A run folder is created by lad-fast or refused: a folder that holds files lad-fast did not write raises
@@ -203,7 +203,7 @@ def latest_run(
 
     Used by ``generate`` without ``--run``. Raises CheckpointError when there is none.
     """
-    from lad_fast.train.checkpoint import latest_step_dir
+    from lad_fast.checkpoints import latest_step_dir
 
     root = Path(root)
     best: tuple[float, Path] | None = None

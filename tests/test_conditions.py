@@ -1,4 +1,4 @@
-"""lad_fast.conditions: structure condition, normalisation, one-hot, content head, layout."""
+"""lad_fast.conditions: structure condition, its length and normalisation, the content head."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from lad_fast.conditions import (
-    ConditionLayout,
     ContentHead,
-    mask_to_onehot,
     normalize_structure,
     structure_classes,
     structure_condition,
+    structure_dim,
 )
 from lad_fast.config import ConditionConfig, get_preset
 from lad_fast.data.labels import CANONICAL_ID
@@ -41,7 +40,7 @@ def test_background_means_every_unlisted_organ_and_betti_3d_is_appended():
     vec = structure_condition(mask, cfg)
     want = np.concatenate([lad_structure_vector_gudhi(classes, (0, 1)), betti_3d_gudhi(classes, (1,))[0]])
     np.testing.assert_array_equal(vec, want)
-    assert vec.shape == (ConditionLayout.for_config(cfg, depth=3).structure_dim,)
+    assert vec.shape == (structure_dim(3, cfg),) == (3 * 2 * 2 + 3,)
     # background has one hole (the pancreas voxel) on slice 1 only
     assert vec[:12].reshape(3, 2, 2)[:, 0, 1].tolist() == [0, 1, 0]
 
@@ -63,40 +62,22 @@ def test_normalize_structure_is_log1p_and_rejects_negatives():
         normalize_structure(torch.tensor([1, -1]))
 
 
-def test_mask_to_onehot_round_trips_and_checks_range():
-    mask = torch.tensor([[[[0, 2], [1, 2]]]])  # (B=1, D=1, H=2, W=2)
-    onehot = mask_to_onehot(mask, 3)
-    assert onehot.shape == (1, 3, 1, 2, 2)
-    assert torch.equal(onehot.argmax(1), mask) and torch.equal(onehot.sum(1), torch.ones(1, 1, 2, 2))
-    with pytest.raises(InputError, match=r"labels must lie in 0..1"):
-        mask_to_onehot(mask, 2)
-
-
 @pytest.mark.parametrize("preset", ["tiny", "lad"])
-def test_content_head_and_layout_fit_the_presets(preset):
+def test_content_head_and_structure_length_fit_the_presets(preset):
     cfg = get_preset(preset)
     depth = cfg.geometry.shape[0]
-    layout = ConditionLayout.for_config(cfg.condition, depth)
-    if preset == "lad":
-        assert (layout.content_dim, layout.structure_dim, layout.total) == (512, 192, 704)
+    if preset == "lad":  # Lad: 512 + 32 * 3 * 2 = 704
+        assert (cfg.condition.content_dim, structure_dim(depth, cfg.condition)) == (512, 192)
     head = ContentHead(cfg.vqgan.latent_channels, cfg.condition.content_dim)
     latent = torch.randn(2, cfg.vqgan.latent_channels, depth // 4, 16, 12)  # any latent geometry
     content = head(latent)
     assert content.shape == (2, cfg.condition.content_dim)
-    full = layout.assemble(content, torch.zeros(2, layout.structure_dim))
-    assert full.shape == (2, layout.total)
-    assert torch.equal(full[:, layout.content], content) and not full[:, layout.structure].any()
     content.sum().backward()  # trainable
     assert head.conv1.weight.grad is not None
 
 
-def test_content_head_and_layout_reject_bad_shapes():
+def test_content_head_rejects_bad_shapes():
     with pytest.raises(InputError, match=r"expects \(B, 8, d, h, w\)"):
         ContentHead(8, 16)(torch.zeros(1, 4, 4, 4, 4))
     with pytest.raises(ConfigError, match="positive sizes"):
         ContentHead(0, 16)
-    layout = ConditionLayout.for_config(ConditionConfig(content_dim=4), depth=2)
-    with pytest.raises(InputError, match="layout expects 4 and 12"):
-        layout.assemble(torch.zeros(1, 4), torch.zeros(1, 5))
-    with pytest.raises(ConfigError, match="depth must be at least 1"):
-        ConditionLayout.for_config(ConditionConfig(), depth=0)

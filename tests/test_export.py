@@ -128,3 +128,14 @@ def test_trt_without_tensorrt_says_how_to_install(tmp_path):
         BackendUnavailableError, match=r"TensorRT is not installed: pip install 'lad-fast\[trt\]'"
     ):
         make_denoiser("trt", ToyDenoiser(), example(1), NAMES, tmp_path)
+
+
+def test_a_missing_onnx_file_says_how_to_make_one(tmp_path):
+    from lad_fast.export.onnx import OnnxDenoiser
+
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"absent.onnx: no ONNX file; write one with lad_fast.export.onnx.export_onnx, or let "
+        r"`lad-fast generate --backend onnx` export",
+    ):
+        OnnxDenoiser(tmp_path / "absent.onnx")

@@ -53,7 +53,7 @@ def made(run, tmp_path_factory) -> Path:
 
 
 def test_generated_dataset_format(made, run):
-    from lad_fast.train.diffusion import load_diffusion
+    from lad_fast.trained import load_diffusion
 
     lines = [json.loads(x) for x in (made / MANIFEST).read_text().splitlines()]
     assert [r["id"] for r in lines] == [volume_id(i) for i in range(5)]
@@ -91,7 +91,7 @@ def test_generated_dataset_format(made, run):
 
 def test_augmented_mask_is_result_k_of_augment_many(run):
     from lad_fast.augment import augment_many
-    from lad_fast.train.diffusion import load_diffusion
+    from lad_fast.trained import load_diffusion
 
     cfg = small_config()
     src = load_source_masks(Path(load_diffusion(run)[1]["data"]), "tiny", (16, 64, 64))[1]

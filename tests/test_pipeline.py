@@ -14,7 +14,7 @@ from lad_fast.config import SegmenterConfig
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
 from lad_fast.pipeline import train_pipeline
-from lad_fast.train.checkpoint import load_checkpoint
+from lad_fast.checkpoints import load_checkpoint
 
 STEPS = 2
 

@@ -1,7 +1,9 @@
 """Label vocabularies and the one canonical organ list every prepared dataset uses.
 
 Inputs arrive with TotalSegmentator v2 ids, AbdomenCT-1K ids, the Lad/UniSeg pancreas ids or a user JSON
-map; :func:`to_canonical` maps all of them onto :data:`CANONICAL_ORGANS` at prepare time.
+map; :func:`to_canonical` maps all of them onto :data:`CANONICAL_ORGANS` at prepare time. The canonical
+list itself is defined in :mod:`lad_fast.organs`, below the modules that need the ids without the data
+package (``lad_fast.conditions``, which ``lad_fast.data.prepared`` uses).
 """
 
 from __future__ import annotations
@@ -16,24 +18,8 @@ from scipy import ndimage
 
 from lad_fast.errors import ConfigError, InputError
 
-# Canonical ids are the positions in this tuple. Order is a contract: prepared datasets, checkpoints
-# and generated masks store these ids. Append only.
-CANONICAL_ORGANS: tuple[str, ...] = (
-    "background",
-    "liver",
-    "spleen",
-    "kidney_right",
-    "kidney_left",
-    "pancreas",
-    "pancreatic_lesion",
-    "stomach",
-    "gallbladder",
-    "aorta",
-    "inferior_vena_cava",
-    "vertebrae",
-)
-CANONICAL_ID: dict[str, int] = {name: i for i, name in enumerate(CANONICAL_ORGANS)}
-NUM_CLASSES = len(CANONICAL_ORGANS)
+# The canonical ids are re-exported here, where most callers import them.
+from lad_fast.organs import CANONICAL_ID, CANONICAL_ORGANS, NUM_CLASSES  # noqa: F401
 
 # A vocabulary may map an id to "kidney" (both sides in one label, as AbdomenCT-1K does);
 # to_canonical splits it into kidney_right / kidney_left by body side.

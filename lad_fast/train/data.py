@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from lad_fast.data.prepared import PreparedDataset
+from lad_fast.distributed import shard_indices
 from lad_fast.errors import InputError
-from lad_fast.train.distributed import shard_indices
 
 
 def split_indices(n: int, val_fraction: float = 0.2, min_val: int = 1) -> tuple[list[int], list[int]]:

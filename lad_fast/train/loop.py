@@ -10,7 +10,7 @@ previews and checkpoints. Example (one optimiser)::
     train(run, "segmenter", cfg, {"model": net}, [phase], batches, model_config=config_to_dict(seg_cfg))
 
 Determinism: ``batches(step, rank, world)`` must be a pure function of its arguments (use
-:func:`lad_fast.train.distributed.shard_indices` / ``step_generator``); with RNG states restored from
+:func:`lad_fast.distributed.shard_indices` / ``step_generator``); with RNG states restored from
 ``state.pt``, a resumed run reaches the same weights as an uninterrupted one (bit for bit on CPU).
 """
 
@@ -27,10 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lad_fast.config import TrainConfig
-from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError, TrainingDivergedError
-from lad_fast.runs import RunDir, config_diff
-from lad_fast.train.checkpoint import (
+from lad_fast.checkpoints import (
     Checkpoint,
     capture_rng,
     config_hash,
@@ -41,7 +38,10 @@ from lad_fast.train.checkpoint import (
     seed_all,
     versions,
 )
-from lad_fast.train.distributed import DistInfo, all_true, init_distributed, step_seed
+from lad_fast.config import TrainConfig
+from lad_fast.distributed import DistInfo, all_true, init_distributed, step_seed
+from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError, TrainingDivergedError
+from lad_fast.runs import RunDir, config_diff
 from lad_fast.train.ema import EMA
 
 # loss(modules, batch, step) -> (scalar loss, {name: value} to log). ``modules`` are the wrapped

@@ -1,4 +1,4 @@
-"""The built-in organ segmenter: training, loading, and predicting masks for unlabelled cases.
+"""The built-in organ segmenter: training, and predicting masks for unlabelled cases.
 
 Lad conditions its diffusion model on *predicted* organ masks (LAD_REFERENCE.md phase 2). When a
 prepared dataset holds unlabelled cases, :func:`train_segmenter` learns the canonical organs from its
@@ -10,8 +10,9 @@ labelled cases and :func:`predict_masks` writes a mask and structure condition f
 * Augmentation is light and side-preserving: intensity jitter, CT-like noise and small integer shifts.
   There are no flips: a left-right flip turns a right kidney into a left one (anatomy has a side), and
   the canonical grid fixes the other axes too.
-* ``meta.json`` stores the organ vocabulary (:data:`CANONICAL_ORGANS`); :func:`load_segmenter` refuses a
-  checkpoint trained for another one, since its output channels would mean other organs.
+* ``meta.json`` stores the organ vocabulary (:data:`CANONICAL_ORGANS`);
+  :func:`lad_fast.trained.load_segmenter` refuses a checkpoint trained for another one, since its output
+  channels would mean other organs.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import torch
 from lad_fast.config import LadConfig, SegmenterConfig, config_from_dict, config_to_dict
 from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
-from lad_fast.errors import CheckpointError, InputError
+from lad_fast.errors import InputError
 from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
 from lad_fast.train.data import PreparedBatches, split_indices
 from lad_fast.train.loop import TrainResult
 from lad_fast.train.schedule import make_scheduler
+from lad_fast.trained import load_segmenter, predict_volumes
 
 MODEL = "segmenter"
 # Augmentation, in HU (CT intensities are absolute, so jitter stays well below organ contrasts of
@@ -71,7 +73,7 @@ class SegmenterBatches:
     augment: bool = True
 
     def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-        from lad_fast.train.distributed import step_generator
+        from lad_fast.distributed import step_generator
 
         batch = self.source(step, rank, world)
         image, mask = batch["image"], batch["mask"]
@@ -114,25 +116,6 @@ def labelled_split(dataset: PreparedDataset) -> tuple[list[int], list[int]]:
 
 def _model_config(cfg: SegmenterConfig) -> dict[str, Any]:
     return {"segmenter": config_to_dict(cfg), "num_classes": NUM_CLASSES}
-
-
-@torch.no_grad()
-def predict_volumes(
-    net: Segmenter, images: np.ndarray, device: torch.device | str, batch_size: int = EVAL_BATCH
-) -> np.ndarray:
-    """Label maps of ``images`` (N, D, H, W) in [-1, 1] -> (N, D, H, W) uint8 canonical ids.
-
-    Cases run ``batch_size`` at a time: oneDNN's 3D convolutions are several times slower per case at
-    batch 1 than at batch 4 on CPU.
-    """
-    was_training = net.training
-    net.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))[:, None]
-        out.append(net.predict(x.to(device)).cpu().numpy())
-    net.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, *np.shape(images)[1:]), dtype=np.uint8)
 
 
 def evaluate_segmenter(
@@ -188,8 +171,8 @@ def train_segmenter(
     """
     from lad_fast.data.cache import phantom_dataset
     from lad_fast.devices import resolve_device
+    from lad_fast.distributed import init_distributed
     from lad_fast.runs import RunDir
-    from lad_fast.train.distributed import init_distributed
     from lad_fast.train.loop import Phase, train
 
     run = Path(run)
@@ -256,46 +239,6 @@ def train_segmenter(
         held_out = not set(val_idx) & set(train_idx)
         rundir.log({"model": MODEL, "event": "eval", "step": result.step, "held_out": held_out, **scores})
     return result
-
-
-# ---------------------------------------------------------------------------------------------- load
-
-
-def load_segmenter(run: Path, device: torch.device | str = "cpu") -> tuple[Segmenter, dict[str, Any]]:
-    """The trained segmenter of ``run`` in eval mode (EMA weights when trained with them) and its meta.
-
-    The meta is the checkpoint's ``meta.json`` plus ``"config"``: the run's resolved config (dict).
-    CheckpointError when the run or checkpoint is missing or damaged, or was trained for another organ
-    vocabulary than this lad-fast's :data:`CANONICAL_ORGANS`.
-    """
-    from lad_fast.runs import RunDir
-    from lad_fast.train.checkpoint import load_checkpoint
-
-    run = Path(run)
-    rundir = RunDir.open(run)
-    model_dir = rundir.model_dir(MODEL)
-    ckpt = load_checkpoint(model_dir, MODEL)
-    if ckpt is None:
-        raise CheckpointError(
-            f"run {run} has no trained segmenter (no checkpoint in {model_dir}); train one with "
-            f"`lad-fast train segmenter --run {run}`"
-        )
-    organs = (ckpt.meta.get("extra") or {}).get("organs")
-    if organs != list(CANONICAL_ORGANS):
-        raise CheckpointError(
-            f"{ckpt.path}: segmenter trained for the organ vocabulary {organs}, but this lad-fast uses "
-            f"{list(CANONICAL_ORGANS)}; retrain it with `lad-fast train segmenter --run NEW_RUN`"
-        )
-    try:
-        seg_cfg = config_from_dict({"segmenter": ckpt.meta["model_config"]["segmenter"]}).segmenter
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{ckpt.path / 'meta.json'}: no usable segmenter config ({err})") from err
-    net = Segmenter(seg_cfg, len(organs))
-    ckpt.load_module("ema" if ckpt.has("ema") else "model", net)
-    net = net.to(device).eval()
-    meta = dict(ckpt.meta)
-    meta["config"] = rundir.config_dict()
-    return net, meta
 
 
 # ------------------------------------------------------------------------------------------- predict

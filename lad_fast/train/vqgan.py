@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lad_fast.config import LadConfig, VQGANConfig, config_from_dict, config_to_dict
+from lad_fast.checkpoints import latest_step_dir, load_checkpoint
+from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError
 from lad_fast.losses import VQGANLoss, locality_loss, organ_groups
 from lad_fast.models.vqgan import VQGAN
-from lad_fast.runs import RunDir, config_diff
-from lad_fast.train.checkpoint import latest_step_dir, load_checkpoint
+from lad_fast.runs import RunDir
 from lad_fast.train.data import PreparedBatches, split_indices
 from lad_fast.train.loop import Phase, TrainResult, train
 from lad_fast.train.schedule import make_scheduler
@@ -263,7 +263,7 @@ def _perceptual_net(cfg: LadConfig, device: torch.device) -> nn.Module | None:
             f"vqgan_loss.perceptual is {lc.perceptual} but vqgan_loss.perceptual_weights is not set; point "
             "it at a lad-fast run holding a trained segmenter (lad-fast train segmenter), or set perceptual 0"
         )
-    from lad_fast.train.segmenter import load_segmenter  # type: ignore[import-not-found]
+    from lad_fast.trained import load_segmenter
 
     seg, _ = load_segmenter(Path(lc.perceptual_weights), device)
 
@@ -417,43 +417,3 @@ def train_vqgan(
     if state["eval"] is None or state["eval"]["step"] != result.step:
         evaluate(result.step)  # e.g. resuming a run that was already complete
     return result
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def load_vqgan(run: Path, device: str | torch.device = "cpu") -> tuple[VQGAN, dict[str, Any]]:
-    """The trained VQ-GAN of ``run`` in eval mode (EMA weights when the run kept them) and its meta.
-
-    The meta is the checkpoint's ``meta.json`` with its ``extra`` entries (``latent_scale`` (min, max),
-    ``heldout`` ...) also lifted to the top level. Raises CheckpointError when the run has no complete
-    VQ-GAN checkpoint, when the checkpoint is damaged, or when its model config differs from the run's.
-    """
-    rundir = RunDir.open(run)
-    ckpt = load_checkpoint(rundir.model_dir(MODEL), MODEL)
-    if ckpt is None:
-        raise CheckpointError(
-            f"run {rundir.path} has no complete VQ-GAN checkpoint; train one with "
-            f"`lad-fast train vqgan --run {rundir.path.name}`"
-        )
-    stored = ckpt.meta.get("model_config") or {}
-    current = config_to_dict(rundir.config().vqgan)
-    diff = config_diff(stored, current)
-    if diff:
-        raise CheckpointError(
-            f"the VQ-GAN checkpoint {ckpt.path} was trained with another model config than "
-            f"{rundir.config_path} ({'; '.join(diff)}); the run folder is inconsistent: retrain with --force"
-        )
-    vq_cfg: VQGANConfig = config_from_dict({"vqgan": stored}).vqgan
-    model = VQGAN(vq_cfg)
-    if ckpt.has("ema"):
-        try:
-            model.load_state_dict(ckpt.tensors("ema"))
-        except RuntimeError as err:
-            raise CheckpointError(f"{ckpt.path / 'ema.safetensors'} does not fit the VQ-GAN ({err})") from err
-    else:
-        ckpt.load_module("model", model)
-    meta = dict(ckpt.meta)
-    for k, v in (meta.get("extra") or {}).items():
-        meta.setdefault(k, v)
-    return model.to(device).eval(), meta

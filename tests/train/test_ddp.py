@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from lad_fast.checkpoints import load_checkpoint
 from lad_fast.runs import RunDir
-from lad_fast.train.checkpoint import load_checkpoint
 
 WORKER = Path(__file__).with_name("toy_train.py")
 

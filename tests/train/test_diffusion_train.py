@@ -11,14 +11,8 @@ import torch
 from _shared import small_config
 
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
-from lad_fast.train.diffusion import (
-    LATENTS_NAME,
-    LatentBatches,
-    check_vqgan_run,
-    load_diffusion,
-    mask_as_image,
-    train_diffusion,
-)
+from lad_fast.train.diffusion import LATENTS_NAME, LatentBatches, train_diffusion
+from lad_fast.trained import check_vqgan_run, load_diffusion, mask_as_image
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +91,7 @@ def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, tiny_
     assert m["structure_dim"] == 96 and m["latent_shape"] == [4, 4, 16, 16] and m["step"] == 3
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     # the EMA weights are what load_diffusion returns (not the last raw weights)
-    from lad_fast.train.checkpoint import load_checkpoint
+    from lad_fast.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(trained / "diffusion", "diffusion")
     ema = ckpt.tensors("ema")
@@ -108,8 +102,8 @@ def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, tiny_
 def test_second_run_reuses_the_latent_cache_and_resume_matches_an_uninterrupted_run(
     tmp_path, trained, vqgan_run, tiny_phantoms, monkeypatch
 ):
+    from lad_fast.checkpoints import load_checkpoint
     from lad_fast.train import diffusion as mod
-    from lad_fast.train.checkpoint import load_checkpoint
 
     run = tmp_path / "part"
     train_diffusion(run, small_config(), data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu", stop_at=2)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lad_fast.checkpoints import load_checkpoint
+from lad_fast.distributed import shard_indices, step_seed
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError, TrainingDivergedError
 from lad_fast.runs import RunDir
-from lad_fast.train.checkpoint import load_checkpoint
-from lad_fast.train.distributed import shard_indices, step_seed
 from lad_fast.train.ema import EMA
 from lad_fast.train.loop import Phase, train
 

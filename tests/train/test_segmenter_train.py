@@ -21,12 +21,11 @@ from lad_fast.train.segmenter import (
     _shift,
     evaluate_segmenter,
     labelled_split,
-    load_segmenter,
     predict_masks,
-    predict_volumes,
     render_prediction,
     train_segmenter,
 )
+from lad_fast.trained import load_segmenter, predict_volumes
 
 
 @pytest.fixture(scope="module")

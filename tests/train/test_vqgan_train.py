@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from lad_fast.checkpoints import load_checkpoint
 from lad_fast.config import LadConfig, VQGANConfig, get_preset
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
-from lad_fast.train.checkpoint import load_checkpoint
-from lad_fast.train.vqgan import evaluate_reconstruction, load_vqgan, train_vqgan
+from lad_fast.train.vqgan import evaluate_reconstruction, train_vqgan
+from lad_fast.trained import load_vqgan
 
 
 def small_cfg(**train: object) -> LadConfig:
@@ -277,7 +278,9 @@ def test_load_vqgan_without_checkpoint(tmp_path: Path) -> None:
 
     RunDir.create(tmp_path / "empty", small_cfg())
     with pytest.raises(
-        CheckpointError, match=r"no complete VQ-GAN checkpoint; train one with `lad-fast train vqgan"
+        CheckpointError,
+        match=r"has no trained VQ-GAN \(no complete checkpoint in .*vqgan\); "
+        r"train one with `lad-fast train vqgan --run",
     ):
         load_vqgan(tmp_path / "empty")
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lad_fast.config import TrainConfig, get_preset
+from lad_fast.distributed import step_generator
 from lad_fast.runs import RunDir
-from lad_fast.train.distributed import step_generator
 from lad_fast.train.loop import Phase, TrainResult, train
 
 SHAPE = (1, 4, 6, 6)  # (C, D, H, W) of one toy volume

@@ -5,7 +5,7 @@ import torch
 
 from lad_fast.errors import ConfigError
 from lad_fast.samplers import _clip
-from lad_fast.train.diffusion import clip_bounds, denormalize_latents, latent_norm, normalize_latents
+from lad_fast.trained import clip_bounds, denormalize_latents, latent_norm, normalize_latents
 
 
 def latents() -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 ``torchrun --nproc_per_node N`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; :func:`init_distributed`
 reads them (gloo on CPU, nccl on CUDA). Rank 0 writes every file; other ranks only compute.
+Training and generation both use it, so it lives below ``lad_fast.train``.
 """
 
 from __future__ import annotations

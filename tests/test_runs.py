@@ -1,3 +1,5 @@
+"""lad_fast.runs (run folders, the log, latest_run) and lad_fast.checkpoints (verified step folders)."""
+
 from __future__ import annotations
 
 import os
@@ -7,12 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-import lad_fast.train.checkpoint as ck
+import lad_fast.checkpoints as ck
 from lad_fast.atomic import atomic_dir
+from lad_fast.checkpoints import latest_step_dir, load_checkpoint, save_checkpoint
 from lad_fast.config import get_preset
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError
 from lad_fast.runs import RunDir, latest_run
-from lad_fast.train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
 
 
 def _save(model_dir, step, value, model="vqgan", keep=2):
