@@ -50,6 +50,17 @@ class VQGANConfig:
     ema_decay: float = 0.99
     commitment: float = 0.25
     dead_code_threshold: float = 1.0  # EMA usage below this restarts the code from the batch
+    # Layout options. The defaults are lad-fast's layout; the `lad-official` preset sets those of the
+    # official Lad / Medical Diffusion (TATS) VQ-GAN (see _lad_official for how its sizes arise).
+    encoder_res_blocks: tuple[int, ...] = ()  # per level, finest first; () = res_blocks at every level
+    decoder_channels: tuple[int, ...] = ()  # per level, finest first; () = channels
+    decoder_res_blocks: tuple[int, ...] = ()  # per level, finest first; () = res_blocks at every level
+    # "conv3": pre-activated stride-2 3x3x3 conv down, nearest x2 + pre-activated 3x3x3 conv up;
+    # "conv4": plain stride-2 4x4x4 conv down, plain stride-2 4x4x4 transposed conv up (official)
+    resample: str = "conv3"
+    decoder_in_kernel: int = 3  # the decoder's first conv (official: 1, its post-quantisation conv)
+    # "out": GroupNorm + SiLU before the decoder's last conv; "in": right after its first conv (official)
+    decoder_norm: str = "out"
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,11 @@ class UNetConfig:
     groups: int = 8
     time_dim: int = 256
     dropout: float = 0.0
+    # "lad_fast": LatentUNet (pre-activated 3x3x3 res blocks, full 3D attention at attention_levels, a
+    # trained condition MLP). "official": OfficialLatentUNet, the official Lad / Medical Diffusion U-Net
+    # (in-plane convs, spatial linear + depth attention, the raw 704-value condition); build either
+    # with lad_fast.models.unet.build_unet.
+    arch: str = "lad_fast"
 
 
 @dataclass(frozen=True)
