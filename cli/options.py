@@ -12,6 +12,7 @@ import typer
 class Preset(str, Enum):
     tiny = "tiny"
     lad = "lad"
+    lad_official = "lad-official"
 
 
 class Layout(str, Enum):

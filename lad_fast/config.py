@@ -50,6 +50,17 @@ class VQGANConfig:
     ema_decay: float = 0.99
     commitment: float = 0.25
     dead_code_threshold: float = 1.0  # EMA usage below this restarts the code from the batch
+    # Layout options. The defaults are lad-fast's layout; the `lad-official` preset sets those of the
+    # official Lad / Medical Diffusion (TATS) VQ-GAN (see _lad_official for how its sizes arise).
+    encoder_res_blocks: tuple[int, ...] = ()  # per level, finest first; () = res_blocks at every level
+    decoder_channels: tuple[int, ...] = ()  # per level, finest first; () = channels
+    decoder_res_blocks: tuple[int, ...] = ()  # per level, finest first; () = res_blocks at every level
+    # "conv3": pre-activated stride-2 3x3x3 conv down, nearest x2 + pre-activated 3x3x3 conv up;
+    # "conv4": plain stride-2 4x4x4 conv down, plain stride-2 4x4x4 transposed conv up (official)
+    resample: str = "conv3"
+    decoder_in_kernel: int = 3  # the decoder's first conv (official: 1, its post-quantisation conv)
+    # "out": GroupNorm + SiLU before the decoder's last conv; "in": right after its first conv (official)
+    decoder_norm: str = "out"
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,11 @@ class UNetConfig:
     groups: int = 8
     time_dim: int = 256
     dropout: float = 0.0
+    # "lad_fast": LatentUNet (pre-activated 3x3x3 res blocks, full 3D attention at attention_levels, a
+    # trained condition MLP). "official": OfficialLatentUNet, the official Lad / Medical Diffusion U-Net
+    # (in-plane convs, spatial linear + depth attention, the raw 704-value condition); build either
+    # with lad_fast.models.unet.build_unet.
+    arch: str = "lad_fast"
 
 
 @dataclass(frozen=True)
@@ -246,7 +262,84 @@ def _tiny() -> LadConfig:
     )
 
 
-PRESETS: dict[str, typing.Callable[[], LadConfig]] = {"tiny": _tiny, "lad": _lad}
+def _lad_official() -> LadConfig:
+    """``lad``'s geometry with the official Lad architecture at its exact sizes, and Lad's diffusion settings.
+
+    ``lad`` runs lad-fast's own (smaller VQ-GAN, larger U-Net) models on the official geometry; this
+    preset is the one to compare speed against the official code with, so that a speed-up is never a
+    smaller network. Sizes were read from Medical Diffusion's ``vq_gan_3d/model/vqgan.py`` and
+    ``ddpm/diffusion.py`` (Lad's code is a fork of it) and checked by instantiating those modules:
+
+    VQ-GAN (TATS layout, n_hiddens 16, downsample 4 per axis, 8-dim codes): **1,391,081** parameters.
+      encoder 441,568: 3x3x3 conv 1->16 (448); per level a 4x4x4 stride-2 conv then one res block:
+      16->32 (32,800) + res 32 (55,488), 32->64 (131,136) + res 64 (221,568); GroupNorm 64 (128).
+      pre-quantisation 1x1x1 conv 64->8 (520), lad-fast's ``Encoder.conv_out``.
+      post-quantisation 1x1x1 conv 8->64 (576), lad-fast's ``Decoder.conv_in`` (decoder_in_kernel=1).
+      decoder 948,417: GroupNorm 64 (128); per level a 4x4x4 stride-2 transposed conv then two res
+      blocks: 64->64 (262,208) + 2 x res 64 (443,136), 64->32 (131,104) + 2 x res 32 (110,976); 3x3x3
+      conv 32->1 (865). The decoder's widths are 64, 64, 32 (never 16), hence decoder_channels.
+      A res block at c channels: 2 GroupNorms (4c) + 2 convs 3x3x3 (2 (27c^2 + c)). The EMA codebook is
+      buffers, not parameters, in both codes.
+    U-Net (Unet3D: dim 64, dim_mults (1, 2, 4, 8), 8 latent channels, 8 heads x 32, cond_dim 704):
+      **41,317,960** trainable parameters (41,317,976 ``nn.Parameter`` values: rotary-embedding-torch
+      keeps its 16 rotary frequencies as a frozen parameter; lad-fast computes them on the fly).
+      stem (1,7,7) conv 8->64 (25,152) + depth attention 64 (65,600); time MLP 64->256->256 (82,432);
+      null condition (704); relative-position bias 32 x 8 (256); down levels 18,205,824; middle
+      12,461,056; up levels 10,357,184; last res block 128->64 (119,232) + 1x1x1 conv 64->8 (520).
+      Res block in->out with FiLM from 256 + 704 = 960 values: 960*2out + 2out (FiLM) + 9 in out + out
+      + 9 out^2 + out + 4 out (convs, GroupNorms) + (in out + out when in != out). Spatial linear
+      attention at c: 1026c (LayerNorm c, q/k/v 768c, output 256c + c); depth or slice
+      attention at c: 1025c (LayerNorm c, q/k/v 768c, output 256c, no biases). In-plane (1,4,4)
+      resampling at c: 16c^2 + c.
+      lad-fast adds the content head (two stride-2 3x3x3 convs 8->4->1: 977 parameters, trained),
+      which the official code builds afresh, untrained, on every call: 41,318,937 in all.
+    """
+    base = _lad()
+    return replace(
+        base,
+        preset="lad-official",
+        vqgan=replace(
+            base.vqgan,
+            channels=(16, 32, 64),
+            encoder_res_blocks=(0, 1, 1),
+            decoder_channels=(32, 64, 64),
+            decoder_res_blocks=(2, 2, 0),
+            resample="conv4",
+            decoder_in_kernel=1,
+            decoder_norm="in",
+        ),
+        unet=UNetConfig(
+            channels=64,
+            multipliers=(1, 2, 4, 8),
+            res_blocks=2,
+            attention_levels=(0, 1, 2, 3),
+            heads=8,
+            head_dim=32,
+            groups=8,
+            time_dim=256,
+            arch="official",
+        ),
+        # The official U-Net conditions on the raw vector: content 512 + structure 192 = 704.
+        condition=replace(base.condition, content_dim=512, embed_dim=704),
+        # Lad's diffusion: T = 300, cosine, epsilon, L1, latents scaled by the codebook's min/max.
+        diffusion=replace(
+            base.diffusion,
+            timesteps=300,
+            schedule="cosine",
+            prediction="eps",
+            loss="l1",
+            latent_norm="none",
+            objective="ddpm",
+            loss_weighting="none",
+        ),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], LadConfig]] = {
+    "tiny": _tiny,
+    "lad": _lad,
+    "lad-official": _lad_official,
+}
 
 
 def get_preset(name: str) -> LadConfig:

@@ -126,24 +126,47 @@ class ResBlock3d(nn.Module):
         return conv3d(h, self.conv2.weight, self.conv2.bias, padding=1, impl=self.impl) + skip
 
 
+def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
 class Downsample3d(nn.Module):
-    """Stride-2 3x3x3 conv: (B, ch, D, H, W) -> (B, out_ch, D/2, H/2, W/2) for even sizes.
+    """Strided conv: (B, ch, D, H, W) -> (B, out_ch, D/s, H/s, W/s) per axis stride s, for divisible sizes.
+
+    Default: a stride-2 3x3x3 conv. ``kernel`` and ``stride`` (int or per axis (D, H, W)) give the
+    official Lad layouts too: a 4x4x4 stride-2 conv (its VQ-GAN) and an in-plane (1, 4, 4) conv of
+    stride (1, 2, 2) (its U-Net). The zero padding ``(k - s + 1) // 2`` per axis keeps sizes exact
+    (the official VQ-GAN pads by replication instead: same shapes and parameters).
 
     With ``groups`` the conv is pre-activated (GroupNorm + SiLU in the fused op's input load), so a
     stack of resampling steps without res blocks between them is still a nonlinear network.
     """
 
     def __init__(
-        self, ch: int, out_ch: int | None = None, impl: str = "auto", groups: int | None = None
+        self,
+        ch: int,
+        out_ch: int | None = None,
+        impl: str = "auto",
+        groups: int | None = None,
+        kernel: int | tuple[int, int, int] = 3,
+        stride: int | tuple[int, int, int] = 2,
     ) -> None:
         super().__init__()
         self.impl = check_impl(impl)
+        k, s = _triple(kernel), _triple(stride)
+        if any(not 1 <= ki <= 4 or not 1 <= si <= ki for ki, si in zip(k, s, strict=True)):
+            raise ConfigError(
+                f"Downsample3d: kernel {k} and stride {s} must satisfy 1 <= stride <= kernel <= 4 per axis"
+            )
+        self.stride = s
+        self.padding = tuple((ki - si + 1) // 2 for ki, si in zip(k, s, strict=True))
         self.norm = group_norm(ch, groups) if groups else None
-        self.conv = nn.Conv3d(ch, out_ch or ch, 3, stride=2, padding=1)
+        self.conv = nn.Conv3d(ch, out_ch or ch, k, stride=s, padding=self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, p = self.stride, self.padding
         if self.norm is None:
-            return conv3d(x, self.conv.weight, self.conv.bias, stride=2, padding=1, impl=self.impl)
+            return conv3d(x, self.conv.weight, self.conv.bias, stride=s, padding=p, impl=self.impl)
         n = self.norm
         return norm_act_conv3d(
             x,
@@ -152,8 +175,8 @@ class Downsample3d(nn.Module):
             n.num_groups,
             self.conv.weight,
             self.conv.bias,
-            stride=2,
-            padding=1,
+            stride=s,
+            padding=p,
             eps=n.eps,
             impl=self.impl,
         )
@@ -191,6 +214,38 @@ class Upsample3d(nn.Module):
             eps=n.eps,
             impl=self.impl,
         )
+
+
+class TransposedUpsample3d(nn.Module):
+    """Transposed conv: (B, ch, D, H, W) -> (B, out_ch, D*s, H*s, W*s) per axis stride s.
+
+    The official Lad resampling: a 4x4x4 stride-2 transposed conv in its VQ-GAN decoder and an
+    in-plane (1, 4, 4) one of stride (1, 2, 2) in its U-Net. Padding ``(k - s) // 2`` per axis makes
+    the output exactly s times the input. No norm, as in the official code. There is no fused kernel
+    for it; ``impl`` is kept so :func:`set_impl` treats every block alike.
+    """
+
+    def __init__(
+        self,
+        ch: int,
+        out_ch: int | None = None,
+        impl: str = "auto",
+        kernel: int | tuple[int, int, int] = 4,
+        stride: int | tuple[int, int, int] = 2,
+    ) -> None:
+        super().__init__()
+        self.impl = check_impl(impl)
+        k, s = _triple(kernel), _triple(stride)
+        if any(si < 1 or ki < si or (ki - si) % 2 for ki, si in zip(k, s, strict=True)):
+            raise ConfigError(
+                f"TransposedUpsample3d: kernel {k} and stride {s} need stride <= kernel and an even "
+                "kernel - stride per axis (e.g. kernel 4, stride 2)"
+            )
+        padding = tuple((ki - si) // 2 for ki, si in zip(k, s, strict=True))
+        self.conv = nn.ConvTranspose3d(ch, out_ch or ch, k, stride=s, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
 
 
 class AttentionBlock3d(nn.Module):

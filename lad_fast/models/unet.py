@@ -56,6 +56,11 @@ class LatentUNet(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
+        if cfg.arch != "lad_fast":
+            raise ConfigError(
+                f"LatentUNet builds unet.arch='lad_fast', got {cfg.arch!r}; build the network with "
+                "lad_fast.models.unet.build_unet, which picks the class for the arch"
+            )
         self.impl = check_impl(impl)
         self.cfg, self.cond_cfg = cfg, cond
         self.latent_channels, self.structure_dim = latent_channels, structure_dim
@@ -165,3 +170,21 @@ class LatentUNet(nn.Module):
             for block in blocks:
                 h = block(h, emb) if isinstance(block, ResBlock3d) else block(h)
         return self.out(F.silu(self.norm_out(h)))
+
+
+UNET_ARCHS = ("lad_fast", "official")
+
+
+def build_unet(
+    cfg: UNetConfig, cond: ConditionConfig, latent_channels: int, structure_dim: int, impl: str = "auto"
+) -> nn.Module:
+    """The denoiser for ``cfg.arch``: :class:`LatentUNet` ("lad_fast") or
+    :class:`~lad_fast.models.unet_official.OfficialLatentUNet` ("official"). Both take
+    ``forward(x, t, cond_emb)`` and provide ``embed_condition`` and ``null_condition``."""
+    if cfg.arch == "lad_fast":
+        return LatentUNet(cfg, cond, latent_channels, structure_dim, impl)
+    if cfg.arch == "official":
+        from lad_fast.models.unet_official import OfficialLatentUNet  # it imports this module
+
+        return OfficialLatentUNet(cfg, cond, latent_channels, structure_dim, impl)
+    raise ConfigError(f"unet.arch must be one of {UNET_ARCHS}, got {cfg.arch!r}")

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from lad_fast.config import VQGANConfig
 from lad_fast.errors import ConfigError
 from lad_fast.kernels import conv3d, norm_act_conv3d, vq_nearest
-from lad_fast.models.blocks import Downsample3d, ResBlock3d, Upsample3d, check_impl, group_norm
+from lad_fast.models.blocks import (
+    Downsample3d,
+    ResBlock3d,
+    TransposedUpsample3d,
+    Upsample3d,
+    check_impl,
+    group_norm,
+)
 
 
 def _check_cfg(cfg: VQGANConfig) -> None:
@@ -44,6 +51,32 @@ def _check_cfg(cfg: VQGANConfig) -> None:
         raise ConfigError(f"VQGANConfig.ema_decay must be in (0, 1), got {cfg.ema_decay}")
     if cfg.codebook_size < 1:
         raise ConfigError(f"VQGANConfig.codebook_size must be at least 1, got {cfg.codebook_size}")
+    n = len(cfg.channels)
+    for name in ("encoder_res_blocks", "decoder_channels", "decoder_res_blocks"):
+        value = getattr(cfg, name)
+        if value and len(value) != n:
+            raise ConfigError(
+                f"VQGANConfig.{name} has {len(value)} entries but channels has {n}; give one per level "
+                "(finest first) or () for the default"
+            )
+    if cfg.resample not in ("conv3", "conv4"):
+        raise ConfigError(f"VQGANConfig.resample must be 'conv3' or 'conv4', got {cfg.resample!r}")
+    if cfg.decoder_norm not in ("out", "in"):
+        raise ConfigError(f"VQGANConfig.decoder_norm must be 'out' or 'in', got {cfg.decoder_norm!r}")
+    if cfg.decoder_in_kernel not in (1, 3):
+        raise ConfigError(f"VQGANConfig.decoder_in_kernel must be 1 or 3, got {cfg.decoder_in_kernel}")
+
+
+def _down(cfg: VQGANConfig, ch: int, out_ch: int, impl: str) -> nn.Module:
+    if cfg.resample == "conv4":  # official: plain 4x4x4 stride-2 conv
+        return Downsample3d(ch, out_ch, impl=impl, kernel=4)
+    return Downsample3d(ch, out_ch, impl=impl, groups=cfg.groups)
+
+
+def _up(cfg: VQGANConfig, ch: int, out_ch: int, impl: str) -> nn.Module:
+    if cfg.resample == "conv4":  # official: plain 4x4x4 stride-2 transposed conv
+        return TransposedUpsample3d(ch, out_ch, impl=impl, kernel=4)
+    return Upsample3d(ch, out_ch, impl=impl, groups=cfg.groups)
 
 
 class Encoder(nn.Module):
@@ -54,12 +87,13 @@ class Encoder(nn.Module):
         _check_cfg(cfg)
         self.impl = check_impl(impl)
         ch = cfg.channels
+        n_res = cfg.encoder_res_blocks or (cfg.res_blocks,) * len(ch)
         self.conv_in = nn.Conv3d(cfg.in_channels, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i, c in enumerate(ch):
-            layers += [ResBlock3d(c, c, cfg.groups, impl=impl) for _ in range(cfg.res_blocks)]
+            layers += [ResBlock3d(c, c, cfg.groups, impl=impl) for _ in range(n_res[i])]
             if i < len(ch) - 1:
-                layers.append(Downsample3d(c, ch[i + 1], impl=impl, groups=cfg.groups))
+                layers.append(_down(cfg, c, ch[i + 1], impl))
         self.blocks = nn.ModuleList(layers)
         self.norm_out = group_norm(ch[-1], cfg.groups)
         self.conv_out = nn.Conv3d(ch[-1], cfg.latent_channels, 1)
@@ -88,22 +122,33 @@ class Decoder(nn.Module):
         super().__init__()
         _check_cfg(cfg)
         self.impl = check_impl(impl)
-        ch = cfg.channels
-        self.conv_in = nn.Conv3d(cfg.latent_channels, ch[-1], 3, padding=1)
+        ch = cfg.decoder_channels or cfg.channels
+        n_res = cfg.decoder_res_blocks or (cfg.res_blocks,) * len(ch)
+        k_in = cfg.decoder_in_kernel
+        self.conv_in = nn.Conv3d(cfg.latent_channels, ch[-1], k_in, padding=k_in // 2)
+        # decoder_norm="in" (official): GroupNorm + SiLU right after conv_in, and a plain conv_out.
+        # The attribute exists only then, so default configs build the same modules in the same order.
+        if cfg.decoder_norm == "in":
+            self.norm_in = group_norm(ch[-1], cfg.groups)
         layers: list[nn.Module] = []
         for i in reversed(range(len(ch))):
-            layers += [ResBlock3d(ch[i], ch[i], cfg.groups, impl=impl) for _ in range(cfg.res_blocks)]
+            layers += [ResBlock3d(ch[i], ch[i], cfg.groups, impl=impl) for _ in range(n_res[i])]
             if i > 0:
-                layers.append(Upsample3d(ch[i], ch[i - 1], impl=impl, groups=cfg.groups))
+                layers.append(_up(cfg, ch[i], ch[i - 1], impl))
         self.blocks = nn.ModuleList(layers)
-        self.norm_out = group_norm(ch[0], cfg.groups)
+        self.norm_out = group_norm(ch[0], cfg.groups) if cfg.decoder_norm == "out" else None
         self.conv_out = nn.Conv3d(ch[0], cfg.in_channels, 3, padding=1)
         self.groups = cfg.groups
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = conv3d(z, self.conv_in.weight, self.conv_in.bias, padding=1, impl=self.impl)
+        k = self.conv_in.padding
+        h = conv3d(z, self.conv_in.weight, self.conv_in.bias, padding=k, impl=self.impl)
+        if self.norm_out is None:
+            h = F.silu(F.group_norm(h, self.groups, self.norm_in.weight, self.norm_in.bias, self.norm_in.eps))
         for block in self.blocks:
             h = block(h)
+        if self.norm_out is None:
+            return conv3d(h, self.conv_out.weight, self.conv_out.bias, padding=1, impl=self.impl)
         return norm_act_conv3d(
             h,
             self.norm_out.weight,
