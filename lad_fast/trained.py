@@ -33,7 +33,7 @@ from lad_fast.checkpoints import META_NAME, latest_step_dir, load_checkpoint
 from lad_fast.config import LadConfig, config_from_dict, config_to_dict
 from lad_fast.errors import CheckpointError, ConfigError, InputError
 from lad_fast.models.segmenter import Segmenter
-from lad_fast.models.unet import LatentUNet
+from lad_fast.models.unet import LatentUNet, build_unet
 from lad_fast.models.vqgan import VQGAN
 from lad_fast.organs import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.runs import RunDir, config_diff
@@ -120,7 +120,7 @@ def load_vqgan(run: Path, device: str | torch.device = "cpu") -> tuple[VQGAN, di
 
 def _build_diffusion(mc: Mapping[str, Any], meta: Mapping[str, Any], rundir: RunDir) -> nn.Module:
     part = config_from_dict({"unet": mc["unet"], "condition": mc["condition"], "diffusion": mc["diffusion"]})
-    return LatentUNet(part.unet, part.condition, int(mc["latent_channels"]), int(mc["structure_dim"]))
+    return build_unet(part.unet, part.condition, int(mc["latent_channels"]), int(mc["structure_dim"]))
 
 
 def load_diffusion(run: Path, device: str | torch.device = "cpu") -> tuple[LatentUNet, dict[str, Any]]:

@@ -82,7 +82,7 @@ class FlowToy(torch.nn.Module):
         self.cond = torch.nn.Linear(5, 2)
 
     def forward(self, x, t, cond):
-        from lad_fast.models.unet import timestep_embedding
+        from lad_fast.models.blocks import timestep_embedding
 
         bias = (self.time(timestep_embedding(t, 8)) + self.cond(cond))[:, :, None, None, None]
         return torch.nn.functional.silu(self.conv(x)) + bias

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from _shared import small_config
 
+from lad_fast.checkpoints import load_checkpoint
 from lad_fast.config import SegmenterConfig
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
 from lad_fast.pipeline import train_pipeline
-from lad_fast.checkpoints import load_checkpoint
 
 STEPS = 2
 

@@ -11,6 +11,8 @@ one model through both paths).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -276,3 +278,12 @@ class AttentionBlock3d(nn.Module):
         o = attention(q, k, v, impl=self.impl)
         o = o.transpose(1, 2).reshape(b, d * h * w, self.heads * self.head_dim)
         return x + self.proj(o).transpose(1, 2).reshape(b, c, d, h, w)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))

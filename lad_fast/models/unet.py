@@ -13,8 +13,6 @@ at every sampling step, and a three-tensor graph for ONNX / TensorRT export.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,16 +27,8 @@ from lad_fast.models.blocks import (
     Upsample3d,
     check_impl,
     group_norm,
+    timestep_embedding,
 )
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps t (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
 
 
 class LatentUNet(nn.Module):

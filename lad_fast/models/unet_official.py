@@ -15,7 +15,7 @@ lad-fast's style, with the layout and parameter shapes of that network (LAD_REFE
 
 Differences that change no parameter count: zero padding everywhere (the official VQ-GAN pads by
 replication, the U-Net already pads with zeros), the sinusoidal time features of
-:func:`~lad_fast.models.unet.timestep_embedding` (cos/sin order), no ``focus_present`` masking (off in
+:func:`~lad_fast.models.blocks.timestep_embedding` (cos/sin order), no ``focus_present`` masking (off in
 the official training), and the rotary frequencies computed on the fly (recent rotary-embedding-torch
 versions keep the 16 frequencies as a frozen ``nn.Parameter``). The content convs (official: created
 afresh, untrained, on every call) are a trained head here, counted apart. Parameter counts: see
@@ -35,8 +35,13 @@ import torch.nn.functional as F
 from lad_fast.config import ConditionConfig, UNetConfig
 from lad_fast.errors import ConfigError
 from lad_fast.kernels import attention, conv3d
-from lad_fast.models.blocks import Downsample3d, TransposedUpsample3d, check_impl, group_norm
-from lad_fast.models.unet import timestep_embedding
+from lad_fast.models.blocks import (
+    Downsample3d,
+    TransposedUpsample3d,
+    check_impl,
+    group_norm,
+    timestep_embedding,
+)
 
 IN_PLANE = (1, 3, 3)
 STEM_KERNEL = (1, 7, 7)

@@ -28,7 +28,7 @@ import torch
 
 from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
-from lad_fast.models.unet import LatentUNet
+from lad_fast.models.unet import build_unet
 from lad_fast.train.loop import TrainResult
 from lad_fast.trained import (
     check_vqgan_run,
@@ -209,7 +209,7 @@ def train_diffusion(
 
     with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not of history
         torch.manual_seed(tcfg.seed)
-        net = LatentUNet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
+        net = build_unet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
     sched = make_schedule(cfg.diffusion).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
 
