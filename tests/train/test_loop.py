@@ -337,3 +337,20 @@ def test_resume_with_other_phases(tmp_path):
     ):
         build = _job({"model": net}, [Phase("gen", opt, None)], model_config={"width": 4, "kind": "toy"})
         train(tmp_path / "r", TINY, "segmenter", cfg, build, resume=True)
+
+
+@pytest.mark.parametrize("module", ["vqgan", "diffusion", "segmenter"])
+def test_trainers_leave_setup_to_the_loop(module):
+    """Device, rank, DDP, seeding and refusal code lives in the loop (lad_fast.train.setup) only."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"lad_fast.train.{module}")
+    source = inspect.getsource(getattr(mod, f"train_{module}"))
+    tokens = (
+        "resolve_device", "init_distributed", "LOCAL_RANK", "local_rank", "barrier", "is_main",
+        "torch.distributed", "DistributedDataParallel", "torch.manual_seed", "fork_rng", "already holds",
+        "clear_model", "RunDir.create",
+    )  # fmt: skip
+    for token in tokens:
+        assert token not in source, f"train_{module} holds setup code: {token}"
