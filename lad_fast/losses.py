@@ -218,23 +218,28 @@ def organ_groups(names: Sequence[str]) -> tuple[tuple[int, ...], ...]:
     return tuple(groups)
 
 
-class VQGANLoss(nn.Module):
-    """All VQ-GAN loss terms with the weights of ``VQGANLossConfig``; owns the two discriminators.
+def make_discriminators(
+    cfg: VQGANLossConfig, in_channels: int = 1, layers: int = 3
+) -> tuple[PatchDiscriminator, PatchDiscriminator]:
+    """Lad's 2D slice and 3D volume PatchGAN discriminators, built in that order (so their initial
+    weights, drawn from the caller's RNG stream, are the same whatever uses them)."""
+    return (
+        PatchDiscriminator(2, in_channels, cfg.disc_channels, layers),
+        PatchDiscriminator(3, in_channels, cfg.disc_channels, layers),
+    )
+
+
+class VQGANLoss:
+    """All VQ-GAN loss terms with the weights of ``VQGANLossConfig``; it owns no networks.
 
     ``generator_loss`` and ``discriminator_loss`` return dicts of named fp32 scalars; ``"total"`` is the
-    one to backpropagate. GAN and feature-matching terms are 0 (and not computed) before
-    ``cfg.gan_start_step``. The training loop optimises ``discriminator_parameters()`` with their own
-    optimiser. ``perceptual_net`` is required when ``cfg.perceptual > 0`` (see the module docstring).
+    one to backpropagate. The discriminators (:func:`make_discriminators`, or their DDP / compiled
+    wrappers) and the perceptual term (a :class:`SlicePerceptualLoss`, required when ``cfg.perceptual > 0``)
+    are arguments of each call: the caller trains them with their own optimiser. GAN and
+    feature-matching terms are 0 (and not computed) before ``cfg.gan_start_step``.
     """
 
-    def __init__(
-        self,
-        cfg: VQGANLossConfig,
-        in_channels: int = 1,
-        perceptual_net: nn.Module | None = None,
-        disc_layers: int = 3,
-    ) -> None:
-        super().__init__()
+    def __init__(self, cfg: VQGANLossConfig) -> None:
         if cfg.locality_mode not in ("box", "mask"):
             raise ConfigError(
                 f"VQGANLossConfig.locality_mode must be 'box' or 'mask', got {cfg.locality_mode!r}"
@@ -245,23 +250,19 @@ class VQGANLoss(nn.Module):
                 f"{len(cfg.locality_weights)} "
                 "locality_weights; give one weight per organ"
             )
-        if cfg.perceptual > 0 and perceptual_net is None:
-            raise ConfigError(
-                f"VQGANLossConfig.perceptual is {cfg.perceptual} but no feature network was given; lad-fast "
-                "never downloads LPIPS weights: load a frozen network from a local file "
-                f"(perceptual_weights={cfg.perceptual_weights!r}) and pass it, or set perceptual to 0"
-            )
         self.cfg = cfg
         self.organs = organ_groups(cfg.locality_organs)
-        self.disc_2d = PatchDiscriminator(2, in_channels, cfg.disc_channels, disc_layers)
-        self.disc_3d = PatchDiscriminator(3, in_channels, cfg.disc_channels, disc_layers)
-        self.perceptual = SlicePerceptualLoss(perceptual_net) if perceptual_net is not None else None
 
     def gan_active(self, step: int) -> bool:
         return step >= self.cfg.gan_start_step
 
-    def discriminator_parameters(self) -> list[nn.Parameter]:
-        return [*self.disc_2d.parameters(), *self.disc_3d.parameters()]
+    def _discs(self, disc_2d: nn.Module | None, disc_3d: nn.Module | None) -> tuple[nn.Module, nn.Module]:
+        if disc_2d is None or disc_3d is None:
+            raise ConfigError(
+                f"VQGANLoss: from gan_start_step={self.cfg.gan_start_step} on, the GAN terms need disc_2d "
+                "and disc_3d (lad_fast.losses.make_discriminators); pass both"
+            )
+        return disc_2d, disc_3d
 
     def generator_loss(
         self,
@@ -270,10 +271,24 @@ class VQGANLoss(nn.Module):
         vq_loss: torch.Tensor,
         mask: torch.Tensor | None,
         step: int,
+        *,
+        disc_2d: nn.Module | None = None,
+        disc_3d: nn.Module | None = None,
+        perceptual: nn.Module | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """x, recon (B, C, D, H, W); mask (B, D, H, W) canonical labels or None (locality term 0)."""
+        """x, recon (B, C, D, H, W); mask (B, D, H, W) canonical labels or None (locality term 0).
+
+        disc_2d, disc_3d: needed from ``gan_start_step`` on; perceptual: needed when ``cfg.perceptual > 0``.
+        """
         cfg = self.cfg
+        if cfg.perceptual > 0 and perceptual is None:
+            raise ConfigError(
+                f"VQGANLossConfig.perceptual is {cfg.perceptual} but no perceptual network was given; "
+                "lad-fast never downloads LPIPS weights: load a frozen network from a local file "
+                f"(perceptual_weights={cfg.perceptual_weights!r}), wrap it in SlicePerceptualLoss and pass "
+                "it, or set perceptual to 0"
+            )
         zero = x.new_zeros((), dtype=torch.float32)
         terms = {
             "l1": l1_loss(x, recon),
@@ -288,15 +303,16 @@ class VQGANLoss(nn.Module):
             terms["locality"] = locality_loss(
                 x, recon, mask, self.organs, cfg.locality_weights, cfg.locality_mode
             )
-        if self.perceptual is not None and cfg.perceptual > 0:
-            terms["perceptual"] = self.perceptual(x, recon, generator=generator)
+        if perceptual is not None and cfg.perceptual > 0:
+            terms["perceptual"] = perceptual(x, recon, generator=generator)
         if self.gan_active(step):
+            d2, d3 = self._discs(disc_2d, disc_3d)
             real_2d, fake_2d = random_axial_slices(x, recon, generator=generator)
-            logits_2d, fake_feats_2d = self.disc_2d(fake_2d)
-            logits_3d, fake_feats_3d = self.disc_3d(recon)
+            logits_2d, fake_feats_2d = d2(fake_2d)
+            logits_3d, fake_feats_3d = d3(recon)
             with torch.no_grad():
-                real_feats_2d = self.disc_2d(real_2d)[1]
-                real_feats_3d = self.disc_3d(x)[1]
+                real_feats_2d = d2(real_2d)[1]
+                real_feats_3d = d3(x)[1]
             terms["g_2d"] = hinge_g_loss(logits_2d)
             terms["g_3d"] = hinge_g_loss(logits_3d)
             terms["feature_matching"] = feature_matching_loss(
@@ -314,15 +330,23 @@ class VQGANLoss(nn.Module):
         return terms
 
     def discriminator_loss(
-        self, x: torch.Tensor, recon: torch.Tensor, step: int, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        recon: torch.Tensor,
+        step: int,
+        *,
+        disc_2d: nn.Module | None = None,
+        disc_3d: nn.Module | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Hinge loss of both discriminators on x (real) and recon (fake, detached); 0 before GAN start."""
         zero = x.new_zeros((), dtype=torch.float32)
         terms = {"d_2d": zero, "d_3d": zero}
         if self.gan_active(step):
+            d2, d3 = self._discs(disc_2d, disc_3d)
             recon = recon.detach()
             real_2d, fake_2d = random_axial_slices(x, recon, generator=generator)
-            terms["d_2d"] = hinge_d_loss(self.disc_2d(real_2d)[0], self.disc_2d(fake_2d)[0])
-            terms["d_3d"] = hinge_d_loss(self.disc_3d(x)[0], self.disc_3d(recon)[0])
+            terms["d_2d"] = hinge_d_loss(d2(real_2d)[0], d2(fake_2d)[0])
+            terms["d_3d"] = hinge_d_loss(d3(x)[0], d3(recon)[0])
         terms["total"] = self.cfg.gan_2d * terms["d_2d"] + self.cfg.gan_3d * terms["d_3d"]
         return terms

@@ -19,9 +19,11 @@ from lad_fast.losses import (
     hinge_g_loss,
     l1_loss,
     locality_loss,
+    make_discriminators,
     organ_groups,
     random_axial_slices,
 )
+from lad_fast.models.discriminators import PatchDiscriminator
 
 PANCREAS, LESION, LIVER = CANONICAL_ID["pancreas"], CANONICAL_ID["pancreatic_lesion"], CANONICAL_ID["liver"]
 
@@ -196,27 +198,52 @@ def _tiny_loss_cfg(**kw) -> VQGANLossConfig:
 def test_vqgan_loss_weights_and_gan_start() -> None:
     torch.manual_seed(0)
     cfg = _tiny_loss_cfg(locality_organs=("pancreas", "pancreatic_lesion"), locality_weights=(1.0, 1.0))
-    crit = VQGANLoss(cfg, disc_layers=2)  # the 6x9x8 test volume is too small for 3 stride-2 layers
+    crit = VQGANLoss(cfg)
+    d2, d3 = make_discriminators(cfg, layers=2)  # the 6x9x8 test volume is too small for 3 stride-2 layers
+    discs = {"disc_2d": d2, "disc_3d": d3}
     x, recon, mask = _case()
     x, recon = x[:, :1], recon[:, :1].clone().requires_grad_(True)
     vq = torch.tensor(0.3)
-    before = crit.generator_loss(x, recon, vq, mask, step=9)
+    before = crit.generator_loss(x, recon, vq, mask, step=9)  # no discriminator needed before gan start
     assert before["g_2d"] == 0 and before["g_3d"] == 0 and before["feature_matching"] == 0
     loc = locality_loss(x, recon, mask, ((PANCREAS,), (LESION,)), (1.0, 1.0))
     torch.testing.assert_close(before["locality"], loc)
     torch.testing.assert_close(before["total"], 4.0 * l1_loss(x, recon) + 0.3 + loc)
     assert crit.discriminator_loss(x, recon, step=9)["total"] == 0
-    after = crit.generator_loss(x, recon, vq, mask, step=10, generator=torch.Generator().manual_seed(0))
+    after = crit.generator_loss(
+        x, recon, vq, mask, step=10, generator=torch.Generator().manual_seed(0), **discs
+    )
     assert after["feature_matching"] > 0 and after["g_3d"] != 0
     want = before["total"] + 0.25 * after["g_2d"] + 0.25 * after["g_3d"] + 4.0 * after["feature_matching"]
     torch.testing.assert_close(after["total"], want)
+    # The generator terms are the discriminators' own outputs on the fake volume.
+    torch.testing.assert_close(after["g_3d"], -d3(recon)[0].float().mean())
     after["total"].backward()
     assert recon.grad.abs().sum() > 0
-    d = crit.discriminator_loss(x, recon, step=10)
+    d = crit.discriminator_loss(x, recon, step=10, **discs)
     torch.testing.assert_close(d["total"], 0.25 * d["d_2d"] + 0.25 * d["d_3d"])
+    torch.testing.assert_close(d["d_3d"], hinge_d_loss(d3(x)[0], d3(recon.detach())[0]))
     d["total"].backward()
-    assert all(p.grad is not None for p in crit.discriminator_parameters())
+    assert all(p.grad is not None for m in (d2, d3) for p in m.parameters())
     assert crit.generator_loss(x, recon, vq, None, step=0)["locality"] == 0
+    with pytest.raises(
+        ConfigError, match=r"from gan_start_step=10 on, the GAN terms need disc_2d and disc_3d"
+    ):
+        crit.generator_loss(x, recon, vq, mask, step=10, disc_2d=d2)
+    with pytest.raises(ConfigError, match=r"the GAN terms need disc_2d and disc_3d"):
+        crit.discriminator_loss(x, recon, step=10)
+
+
+def test_make_discriminators_builds_2d_then_3d() -> None:
+    cfg = _tiny_loss_cfg()
+    torch.manual_seed(0)
+    d2, d3 = make_discriminators(cfg, in_channels=1)
+    torch.manual_seed(0)
+    ref2 = PatchDiscriminator(2, 1, cfg.disc_channels, 3)
+    ref3 = PatchDiscriminator(3, 1, cfg.disc_channels, 3)
+    for got, ref in ((d2, ref2), (d3, ref3)):
+        want = ref.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
 
 
 def test_vqgan_loss_union_box_like_lad() -> None:
@@ -229,14 +256,21 @@ def test_vqgan_loss_union_box_like_lad() -> None:
 
 
 def test_vqgan_loss_config_errors() -> None:
-    with pytest.raises(ConfigError, match="never downloads LPIPS weights"):
-        VQGANLoss(VQGANLossConfig(perceptual=4.0))
+    x, recon, mask = _case()
     with pytest.raises(ConfigError, match="1 locality_organs but 2"):
         VQGANLoss(_tiny_loss_cfg(locality_weights=(1.0, 1.0)))
     with pytest.raises(ConfigError, match="locality_mode must be 'box' or 'mask'"):
         VQGANLoss(_tiny_loss_cfg(locality_mode="boxes"))
-    net = _Feats(torch.nn.Conv2d)
-    crit = VQGANLoss(_tiny_loss_cfg(perceptual=4.0), perceptual_net=net)
-    x, recon, mask = _case()
-    terms = crit.generator_loss(x[:, :1], recon[:, :1], torch.tensor(0.0), mask, step=0)
+    crit = VQGANLoss(_tiny_loss_cfg(perceptual=4.0))
+    with pytest.raises(
+        ConfigError, match="perceptual is 4.0 but no perceptual network was given.*never downloads"
+    ):
+        crit.generator_loss(x[:, :1], recon[:, :1], torch.tensor(0.0), mask, step=0)
+    perceptual = SlicePerceptualLoss(_Feats(torch.nn.Conv2d))
+    terms = crit.generator_loss(
+        x[:, :1], recon[:, :1], torch.tensor(0.0), mask, step=0, perceptual=perceptual
+    )
     assert terms["perceptual"] > 0
+    torch.testing.assert_close(
+        terms["total"], 4.0 * terms["l1"] + terms["locality"] + 4.0 * terms["perceptual"]
+    )

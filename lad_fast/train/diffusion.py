@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lad_fast.config import LadConfig, config_to_dict
-from lad_fast.errors import CheckpointError, InputError, OutputExistsError
+from lad_fast.errors import CheckpointError, InputError
 from lad_fast.models.unet import build_unet
 from lad_fast.train.loop import TrainResult
 from lad_fast.trained import (
@@ -158,100 +158,73 @@ def train_diffusion(
     data: a prepared dataset with masks (default: the built-in phantoms of ``cfg.preset``).
     vqgan_run: the run holding the trained VQ-GAN (default: ``run``); it must match ``cfg``'s preset,
         geometry and VQ-GAN config (CheckpointError otherwise). It stays frozen.
-    steps: overrides ``cfg.diffusion_train.steps``. resume / force / stop_at: see ``lad_fast.train.loop``.
+    steps: overrides ``cfg.diffusion_train.steps``. resume / force / device / stop_at: see
+    ``lad_fast.train.loop``.
     """
-    from lad_fast.checkpoints import latest_step_dir
     from lad_fast.conditions import structure_dim as structure_len
     from lad_fast.data.cache import phantom_dataset
-    from lad_fast.devices import resolve_device
     from lad_fast.diffusion import diffusion_loss, make_schedule
-    from lad_fast.distributed import init_distributed
-    from lad_fast.runs import RunDir
-    from lad_fast.train.loop import Phase, train
+    from lad_fast.train.loop import Job, Phase, Setup, train
 
     run = Path(run)
     vqgan_run = Path(vqgan_run) if vqgan_run is not None else run
     tcfg = replace(cfg.diffusion_train, steps=steps) if steps is not None else cfg.diffusion_train
-    dev = resolve_device(device)
-    info = init_distributed(dev)
-    if dev.type == "cuda" and info.enabled:
-        dev = torch.device("cuda", info.local_rank)
-
     check_vqgan_run(vqgan_run, cfg)  # before anything is written or encoded
-    rundir = RunDir.create(run, cfg)
-    model_dir = rundir.model_dir(MODEL)
-    if not resume and latest_step_dir(model_dir) is not None:
-        if not force:
-            raise OutputExistsError(
-                f"{model_dir} already holds a {MODEL} checkpoint; pass --resume to continue it or --force "
-                "to start over (deleting it)"
-            )
-        if info.is_main:
-            rundir.clear_model(MODEL)
-    if info.enabled:
-        torch.distributed.barrier()
 
-    data = Path(data) if data is not None else phantom_dataset(cfg.preset)
-    vq, _ = load_frozen_vqgan(vqgan_run, cfg, dev)
-    vq_hash = checkpoint_hash(vqgan_run / "vqgan")
-    cache = model_dir / LATENTS_NAME
-    if info.is_main:
-        latents = encode_dataset(vq, data, cfg, cache, vq_hash, dev)
-    if info.enabled:  # rank 0 writes the cache; the others read it after the barrier
-        torch.distributed.barrier()
-        if not info.is_main:
-            latents = encode_dataset(vq, data, cfg, cache, vq_hash, dev)
-    norm = latent_norm(latents["latent"], cfg.diffusion.latent_norm)
-    latents = {**latents, "latent": normalize_latents(latents["latent"], norm)}
-    latent_channels, struct_dim = latents["latent"].shape[1], latents["structure"].shape[1]
-    if struct_dim != structure_len(cfg.geometry.shape[0], cfg.condition):  # defensive: a foreign cache
-        raise CheckpointError(f"{cache}: structure vectors of {struct_dim} values do not fit the config")
+    def build(setup: Setup) -> Job:
+        dev = setup.device
+        data_path = Path(data) if data is not None else phantom_dataset(cfg.preset)
+        vq, _ = load_frozen_vqgan(vqgan_run, cfg, dev)
+        vq_hash = checkpoint_hash(vqgan_run / "vqgan")
+        cache = setup.run.model_dir(MODEL) / LATENTS_NAME
+        # Rank 0 encodes and writes the cache; the other ranks then read it.
+        latents = setup.main_first(lambda: encode_dataset(vq, data_path, cfg, cache, vq_hash, dev))
+        norm = latent_norm(latents["latent"], cfg.diffusion.latent_norm)
+        latents = {**latents, "latent": normalize_latents(latents["latent"], norm)}
+        latent_channels, struct_dim = latents["latent"].shape[1], latents["structure"].shape[1]
+        if struct_dim != structure_len(cfg.geometry.shape[0], cfg.condition):  # defensive: a foreign cache
+            raise CheckpointError(f"{cache}: structure vectors of {struct_dim} values do not fit the config")
 
-    with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not of history
-        torch.manual_seed(tcfg.seed)
-        net = build_unet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
-    sched = make_schedule(cfg.diffusion).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
-
-    def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
-        b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        # The embedding runs on the bare module (it is not part of forward); DDP still reduces its
-        # gradients, as every parameter gets one each step (the null embedding through keep).
-        emb = net.embed_condition(b["content"], b["structure"], b["keep"])
-        model = mods["model"]
-        value = diffusion_loss(
-            lambda x, t: model(x, t, emb),
-            b["x0"],
-            sched,
-            cfg.diffusion,
-            generator=torch.Generator().manual_seed(batch["seed"]),
+        with setup.initial_weights():
+            net = build_unet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
+        sched = make_schedule(cfg.diffusion).to(dev)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
         )
-        return value, {"kept": b["keep"].mean()}
 
-    batches = LatentBatches(latents, tcfg.batch_size, tcfg.seed, cfg.condition.drop_prob)
-    meta = {
-        "preset": cfg.preset,
-        "data_hash": _data_hash(data),
-        "data": str(data.resolve()),
-        "vqgan_run": str(vqgan_run.resolve()),
-        "vqgan_hash": vq_hash,
-        "latent_scale": list(vq.latent_scale()),
-        "latent_shape": list(latents["latent"].shape[1:]),
-        "latent_norm": norm,
-        "structure_dim": struct_dim,
-        "cases": int(latents["latent"].shape[0]),
-    }
-    return train(
-        rundir,
-        MODEL,
-        tcfg,
-        {"model": net},
-        [Phase("model", opt, loss)],
-        batches,
-        model_config=_model_config(cfg, latent_channels, struct_dim),
-        meta=meta,
-        resume=resume,
-        force=force,
-        device=dev,
-        stop_at=stop_at,
-    )
+        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
+            b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            # The embedding runs on the bare module (it is not part of forward); DDP still reduces its
+            # gradients, as every parameter gets one each step (the null embedding through keep).
+            emb = net.embed_condition(b["content"], b["structure"], b["keep"])
+            model = mods["model"]
+            value = diffusion_loss(
+                lambda x, t: model(x, t, emb),
+                b["x0"],
+                sched,
+                cfg.diffusion,
+                generator=torch.Generator().manual_seed(batch["seed"]),
+            )
+            return value, {"kept": b["keep"].mean()}
+
+        meta = {
+            "preset": cfg.preset,
+            "data_hash": _data_hash(data_path),
+            "data": str(data_path.resolve()),
+            "vqgan_run": str(vqgan_run.resolve()),
+            "vqgan_hash": vq_hash,
+            "latent_scale": list(vq.latent_scale()),
+            "latent_shape": list(latents["latent"].shape[1:]),
+            "latent_norm": norm,
+            "structure_dim": struct_dim,
+            "cases": int(latents["latent"].shape[0]),
+        }
+        return Job(
+            {"model": net},
+            [Phase("model", opt, loss)],
+            LatentBatches(latents, tcfg.batch_size, tcfg.seed, cfg.condition.drop_prob),
+            model_config=_model_config(cfg, latent_channels, struct_dim),
+            meta=meta,
+        )
+
+    return train(run, cfg, MODEL, tcfg, build, resume=resume, force=force, device=device, stop_at=stop_at)

@@ -1,13 +1,29 @@
 """The training loop shared by every trained model (VQ-GAN, latent diffusion, organ segmenter).
 
-A model's training module builds its networks, optimisers and loss functions, then calls :func:`train`
-with them. The loop owns everything else: resume, autocast and grad scaling, gradient clipping, the
-NaN/Inf guard, EMA weights, DDP and ``torch.compile`` wrapping, the progress bar, ``log.jsonl``,
-previews and checkpoints. Example (one optimiser)::
+The loop owns setup and everything around the optimiser steps; a model's training module only says what
+to train. :func:`train` does, in order (steps 1 to 3 in :func:`lad_fast.train.setup.open_run`):
 
-    phase = Phase("model", torch.optim.AdamW(net.parameters(), lr=cfg.lr),
-                  loss=lambda mods, batch, step: (F.l1_loss(mods["model"](batch), batch), {}))
-    train(run, "segmenter", cfg, {"model": net}, [phase], batches, model_config=config_to_dict(seg_cfg))
+1. choose this process's device (``lad_fast.devices.choose_device``: ``cuda:LOCAL_RANK`` under torchrun)
+   and join the process group (gloo on CPU, nccl on CUDA);
+2. refuse a run that already holds a checkpoint of this model unless ``resume`` or ``force``, and verify
+   the checkpoint to resume, all before anything is written;
+3. create or reopen the run folder, delete the old checkpoints on ``force`` (rank 0; the other ranks wait);
+4. call the trainer's ``build(setup)``, which builds its modules, phases, batches and metadata on
+   ``setup.device`` and returns them as a :class:`Job`; modules built inside ``setup.initial_weights()``
+   get initial weights that are a function of the training seed alone;
+5. resume (weights, optimisers, RNG streams) or seed the in-step noise from (seed, rank), wrap modules
+   in DDP (``device_ids`` for CUDA only) and ``torch.compile``, then run the steps: autocast and grad
+   scaling, gradient clipping, the NaN/Inf guard, EMA weights, the progress bar, ``log.jsonl``,
+   previews, checkpoints and a final report. Example (one optimiser)::
+
+    def build(setup: Setup) -> Job:
+        with setup.initial_weights():
+            net = Net(cfg.net).to(setup.device)
+        opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr)
+        loss = lambda mods, batch, step: (F.l1_loss(mods["model"](batch.to(setup.device)), ...), {})
+        return Job({"model": net}, [Phase("model", opt, loss)], batches, model_config={...})
+
+    train(run_path, cfg, "segmenter", cfg.segmenter_train, build, resume=resume, force=force, device="auto")
 
 Determinism: ``batches(step, rank, world)`` must be a pure function of its arguments (use
 :func:`lad_fast.distributed.shard_indices` / ``step_generator``); with RNG states restored from
@@ -18,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,18 +48,19 @@ from lad_fast.checkpoints import (
     Checkpoint,
     capture_rng,
     config_hash,
-    latest_step_dir,
-    load_checkpoint,
     restore_rng,
     save_checkpoint,
     seed_all,
     versions,
 )
-from lad_fast.config import TrainConfig
-from lad_fast.distributed import DistInfo, all_true, init_distributed, step_seed
-from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError, TrainingDivergedError
+from lad_fast.config import LadConfig, TrainConfig
+from lad_fast.distributed import DistInfo, all_true, step_seed
+from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lad_fast.runs import RunDir, config_diff
 from lad_fast.train.ema import EMA
+from lad_fast.train.setup import Setup, open_run
+
+__all__ = ["Job", "Phase", "Setup", "TrainResult", "train"]
 
 # loss(modules, batch, step) -> (scalar loss, {name: value} to log). ``modules`` are the wrapped
 # (DDP / compiled) modules: call them, not the originals, so gradients synchronise across ranks.
@@ -73,6 +91,36 @@ class TrainResult:
     bad_steps: int  # steps skipped by the NaN/Inf guard, in total
     losses: dict[str, float] = field(default_factory=dict)  # means over the last log window
     checkpoint: Path | None = None  # the newest checkpoint folder (rank 0), None if none was written
+    started_at: int = 0  # the step this call started from: 0, or the resumed checkpoint's step
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a trainer's ``build(setup)`` returns: everything the loop needs to train one model.
+
+    modules: the trained networks by name, saved as ``<name>.safetensors``; ``"model"`` is the one
+        whose EMA is kept when ``ema_decay > 0``. Frozen helpers (a VQ-GAN under the diffusion model, the
+        perceptual network) belong in the loss functions, not here. Modules must be on ``setup.device``.
+    phases: optimiser steps run in order each step (see :class:`Phase`).
+    batches: ``batches(step, rank, world) -> batch``, a pure function of its arguments; an object with
+        ``state_dict``/``load_state_dict`` also has its state saved in ``state.pt``.
+    model_config: JSON-ready dict (``config_to_dict(cfg.vqgan)``...) stored in ``meta.json``; resuming
+        with a different one raises CheckpointError naming the fields.
+    meta: extra ``meta.json`` entries (``preset``, ``data_hash``, ``latent_scale`` ...), or
+        ``meta(step)`` returning them, called on rank 0 at each checkpoint (after the RNG states are
+        captured, so it may evaluate the model).
+    preview: ``preview(step, run_path)`` on rank 0 every ``preview_every`` steps; it cannot disturb the
+        training RNG streams (they are saved and restored around it).
+    finish: ``finish(result)`` on rank 0 after the last step (a final report).
+    """
+
+    modules: Mapping[str, nn.Module]
+    phases: Sequence[Phase]
+    batches: Callable[[int, int, int], Any]
+    model_config: Mapping[str, Any]
+    meta: Mapping[str, Any] | Callable[[int], Mapping[str, Any]] | None = None
+    preview: Callable[[int, Path], None] | None = None
+    finish: Callable[[TrainResult], None] | None = None
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
@@ -160,13 +208,9 @@ def _run_phase(
     return "ok", logs
 
 
-def _build_meta(
-    model: str,
-    run: RunDir,
-    model_config: Mapping[str, Any],
-    meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None,
-) -> dict[str, Any]:
-    extra = dict(meta() if callable(meta) else (meta or {}))
+def _build_meta(model: str, run: RunDir, job: Job, step: int) -> dict[str, Any]:
+    meta = job.meta
+    extra = dict(meta(step) if callable(meta) else (meta or {}))
     preset = extra.pop("preset", None)
     if preset is None and run.config_path.is_file():
         preset = run.config_dict().get("preset")
@@ -175,8 +219,8 @@ def _build_meta(
         **versions(),
         "preset": preset,
         "data_hash": extra.pop("data_hash", None),
-        "model_config": dict(model_config),
-        "model_config_hash": config_hash(model_config),
+        "model_config": dict(job.model_config),
+        "model_config_hash": config_hash(job.model_config),
         "extra": extra,
     }
 
@@ -192,67 +236,60 @@ def _check_resume(ckpt: Checkpoint, model: str, model_config: Mapping[str, Any])
 
 
 def train(
-    run: RunDir,
+    run: str | os.PathLike[str],
+    config: LadConfig,
     model: str,
     cfg: TrainConfig,
-    modules: Mapping[str, nn.Module],
-    phases: Sequence[Phase],
-    batches: Callable[[int, int, int], Any],
+    build: Callable[[Setup], Job],
     *,
-    model_config: Mapping[str, Any],
-    meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     resume: bool = False,
     force: bool = False,
     fallback: bool = False,
-    preview: Callable[[int, Path], None] | None = None,
-    device: torch.device | str = "cpu",
+    device: str | torch.device = "cpu",
     stop_at: int | None = None,
     keep: int = 2,
+    data_hash: str | None = None,
 ) -> TrainResult:
-    """Train ``modules`` for ``cfg.steps`` steps, checkpointing into ``run/<model>/``.
+    """Set up, build with ``build(setup)`` and train ``model`` for ``cfg.steps`` steps into ``run/<model>/``.
 
-    modules: the trained networks by name, saved as ``<name>.safetensors``; ``"model"`` is the one
-        whose EMA is kept when ``cfg.ema_decay > 0``. Frozen helpers (a VQ-GAN under the diffusion
-        model) belong in the loss closures, not here. Modules must already be on ``device``.
-    phases: optimiser steps run in order each step (see :class:`Phase`).
-    batches: ``batches(step, rank, world) -> batch``, a pure function of its arguments; an object with
-        ``state_dict``/``load_state_dict`` also has its state saved in ``state.pt``.
-    model_config: JSON-ready dict (``config_to_dict(cfg.vqgan)``...) stored in ``meta.json``; resuming
-        with a different one raises CheckpointError naming the fields.
-    meta: extra ``meta.json`` entries (``preset``, ``data_hash``, ``latent_scale`` ...), or a callable
-        evaluated at each checkpoint.
+    run, config: the run folder and the resolved config recorded in its ``config.json``
+        (:meth:`RunDir.create`: a new run, or a reopened one with a compatible config).
+    model: one of ``lad_fast.runs.MODELS``; cfg: its training config (``config.<model>_train``, possibly
+        with ``steps`` overridden).
+    build: ``build(setup) -> Job`` (see :class:`Setup`, :class:`Job`), called once on every rank after the
+        refusals below, with the process group joined and the run folder created.
     resume: continue from the latest complete checkpoint (starts fresh when there is none); without it
-        an existing checkpoint raises OutputExistsError unless ``force`` (which deletes it).
+        an existing checkpoint raises OutputExistsError unless ``force`` (which deletes it, on rank 0,
+        before ``build`` runs).
     fallback: on resume, skip a corrupt latest checkpoint for the previous complete one (warns).
-    preview: ``preview(step, run.path)`` on rank 0 every ``cfg.preview_every`` steps; it cannot disturb
-        the training RNG streams (they are saved and restored around it).
+    device: "auto", "cpu", "cuda" or "cuda:N"; under torchrun a CUDA device is ``cuda:LOCAL_RANK``.
     stop_at: stop after this many completed steps with a checkpoint, as if interrupted (a time budget).
+    data_hash: when given, resuming a checkpoint whose ``meta.json`` records another ``data_hash``
+        raises CheckpointError (the training data changed).
     """
     if cfg.amp not in AMP_DTYPES:
         raise ConfigError(f"{model}_train.amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
+    setup, ckpt = open_run(
+        run,
+        config,
+        model,
+        cfg.seed,
+        resume=resume,
+        force=force,
+        fallback=fallback,
+        device=device,
+        data_hash=data_hash,
+    )
+    rundir, device, info = setup.run, setup.device, setup.dist
+    model_dir = rundir.model_dir(model)
+    job = build(setup)
+    modules, phases, batches = job.modules, job.phases, job.batches
     if cfg.ema_decay > 0 and "model" not in modules:
         raise ConfigError(f"ema_decay > 0 needs a module named 'model' (got {', '.join(modules)})")
     if not phases:
         raise ConfigError("train() needs at least one Phase")
-    device = torch.device(device)
-    info = init_distributed(device)
-    model_dir = run.model_dir(model)
-
-    ckpt: Checkpoint | None = None
-    if resume:
-        ckpt = load_checkpoint(model_dir, model, fallback=fallback)
-        if ckpt is not None:
-            _check_resume(ckpt, model, model_config)
-    elif latest_step_dir(model_dir) is not None:
-        if not force:
-            raise OutputExistsError(
-                f"{model_dir} already holds a {model} checkpoint; pass --resume to continue it or --force "
-                "to start over (deleting it)"
-            )
-        if info.is_main:
-            run.clear_model(model)
-    if info.enabled:
-        torch.distributed.barrier()
+    if ckpt is not None:
+        _check_resume(ckpt, model, job.model_config)
 
     scalers = {ph.name: torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for ph in phases}
     ema = EMA(modules["model"], cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -289,8 +326,8 @@ def train(
             if info.rank > 0:
                 seed_all(step_seed(cfg.seed, step, info.rank))
         if info.is_main:
-            run.truncate_log(model, after_step=step)  # the lost steps are trained again and re-logged
-            run.log({"model": model, "event": "resume", "step": step, "checkpoint": ckpt.path.name})
+            rundir.truncate_log(model, after_step=step)  # the lost steps are trained again and re-logged
+            rundir.log({"model": model, "event": "resume", "step": step, "checkpoint": ckpt.path.name})
 
     wrapped = _wrap(modules, cfg, device, info)
     for m in modules.values():
@@ -315,19 +352,15 @@ def train(
             "scalers": {name: s.state_dict() for name, s in scalers.items()},
             "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
         }
+        ema_tensors = {"ema": ema.state_dict()} if ema is not None else None
+        meta = _build_meta(model, rundir, job, at)
         path = save_checkpoint(
-            model_dir,
-            at,
-            modules=modules,
-            tensors={"ema": ema.state_dict()} if ema is not None else None,
-            state=state,
-            meta=_build_meta(model, run, model_config, meta),
-            keep=keep,
+            model_dir, at, modules=modules, tensors=ema_tensors, state=state, meta=meta, keep=keep
         )
-        run.log({"model": model, "event": "checkpoint", "step": at, "checkpoint": path.name})
+        rundir.log({"model": model, "event": "checkpoint", "step": at, "checkpoint": path.name})
         return path
 
-    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    started_at, end = step, (cfg.steps if stop_at is None else min(cfg.steps, stop_at))
     saved_at, last_path = step, (ckpt.path if ckpt is not None else None)
     window: dict[str, list[float]] = {}
     last_means: dict[str, float] = {}
@@ -355,7 +388,7 @@ def train(
                     ph.scheduler.step()
                 if outcome in ("loss", "gradient"):
                     if info.is_main:
-                        run.log(
+                        rundir.log(
                             {
                                 "model": model,
                                 "event": "bad_step",
@@ -367,7 +400,7 @@ def train(
                         )
                     guard.record(step + 1, ph.name, outcome)
                 elif outcome == "overflow" and info.is_main:
-                    run.log({"model": model, "event": "fp16_overflow", "step": step + 1, "phase": ph.name})
+                    rundir.log({"model": model, "event": "fp16_overflow", "step": step + 1, "phase": ph.name})
                 stepped |= outcome == "ok"
                 for k, v in logs.items():
                     window.setdefault(k, []).append(v)
@@ -381,7 +414,7 @@ def train(
                 last_means = {k: sum(v) / len(v) for k, v in window.items() if v}
                 vol_s = window_steps * vols_per_step / max(now - t_window, 1e-9)
                 if info.is_main:
-                    run.log(
+                    rundir.log(
                         {
                             "model": model,
                             "step": step,
@@ -400,13 +433,18 @@ def train(
             if info.is_main:
                 if progress is not None:
                     progress.update(task, completed=step)
-                if preview is not None and cfg.preview_every > 0 and step % cfg.preview_every == 0:
+                if job.preview is not None and cfg.preview_every > 0 and step % cfg.preview_every == 0:
                     rng = capture_rng()  # previews draw noise; training streams must not notice
-                    preview(step, run.path)
+                    job.preview(step, rundir.path)
                     restore_rng(rng)
             if step % max(cfg.checkpoint_every, 1) == 0 or step == end:
                 last_path = save(step) or last_path
                 saved_at = step
     if saved_at != step:  # defensive: the loop above always saves at ``end``
         last_path = save(step) or last_path
-    return TrainResult(step=step, bad_steps=guard.bad, losses=last_means, checkpoint=last_path)
+    result = TrainResult(
+        step=step, bad_steps=guard.bad, losses=last_means, checkpoint=last_path, started_at=started_at
+    )
+    if info.is_main and job.finish is not None:
+        job.finish(result)
+    return result

@@ -167,78 +167,73 @@ def train_segmenter(
 
     data: a prepared dataset at ``cfg.preset`` (default: the built-in phantoms); only cases with a mask
         are used, the train split for training and the held-out split for the Dice logged at the end.
-    steps: overrides ``cfg.segmenter_train.steps``. resume / force / stop_at: see ``lad_fast.train.loop``.
+    steps: overrides ``cfg.segmenter_train.steps``. resume / force / device / stop_at: see
+    ``lad_fast.train.loop``.
     """
     from lad_fast.data.cache import phantom_dataset
-    from lad_fast.devices import resolve_device
-    from lad_fast.distributed import init_distributed
-    from lad_fast.runs import RunDir
-    from lad_fast.train.loop import Phase, train
+    from lad_fast.train.loop import Job, Phase, Setup, train
 
     run = Path(run)
     tcfg = replace(cfg.segmenter_train, steps=steps) if steps is not None else cfg.segmenter_train
-    dev = resolve_device(device)
-    info = init_distributed(dev)
-    if dev.type == "cuda" and info.enabled:
-        dev = torch.device("cuda", info.local_rank)
-
     data = Path(data) if data is not None else phantom_dataset(cfg.preset)
     dataset = PreparedDataset(data, expect_preset=cfg.preset)
     train_idx, val_idx = labelled_split(dataset)
-    rundir = RunDir.create(run, cfg)
 
-    with torch.random.fork_rng(devices=[]):  # initial weights: a function of the seed, not of history
-        torch.manual_seed(tcfg.seed)
-        net = Segmenter(cfg.segmenter, NUM_CLASSES).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
-    sched = make_scheduler(opt, tcfg)
+    def build(setup: Setup) -> Job:
+        dev = setup.device
+        with setup.initial_weights():
+            net = Segmenter(cfg.segmenter, NUM_CLASSES).to(dev)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
+        )
+        sched = make_scheduler(opt, tcfg)
 
-    def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
-        logits = mods["model"](batch["image"].to(dev))
-        return dice_loss(logits, batch["mask"].to(dev)), {}
+        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
+            logits = mods["model"](batch["image"].to(dev))
+            return dice_loss(logits, batch["mask"].to(dev)), {}
 
-    source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, train_idx, require_mask=True)
-    batches = SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window)
+        source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, train_idx, require_mask=True)
+        batches = SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window)
 
-    def preview(step: int, run_path: Path) -> None:
-        from lad_fast.atomic import atomic_path
+        def preview(step: int, run_path: Path) -> None:
+            from lad_fast.atomic import atomic_path
 
-        case = val_idx[0]
-        item = dataset[case]
-        pred = predict_volumes(net, np.asarray(item["image"])[None], dev)[0]
-        img = render_prediction(item["image"], pred, item["mask"], dataset.geometry, f"step {step}")
-        with atomic_path(run_path / "previews" / f"segmenter-{step:08d}.png", suffix=".png") as tmp:
-            img.save(tmp, format="PNG")
+            case = val_idx[0]
+            item = dataset[case]
+            pred = predict_volumes(net, np.asarray(item["image"])[None], dev)[0]
+            img = render_prediction(item["image"], pred, item["mask"], dataset.geometry, f"step {step}")
+            with atomic_path(run_path / "previews" / f"segmenter-{step:08d}.png", suffix=".png") as tmp:
+                img.save(tmp, format="PNG")
 
-    meta = {
-        "preset": cfg.preset,
-        "data_hash": dataset.content_hash(),
-        "data": str(data.resolve()),
-        "organs": list(CANONICAL_ORGANS),
-        "train_cases": len(train_idx),
-        "held_out_cases": [dataset.case_ids[i] for i in val_idx],
-    }
-    result = train(
-        rundir,
-        MODEL,
-        tcfg,
-        {"model": net},
-        [Phase("model", opt, loss, scheduler=sched)],
-        batches,
-        model_config=_model_config(cfg.segmenter),
-        meta=meta,
-        resume=resume,
-        force=force,
-        preview=preview,
-        device=dev,
-        stop_at=stop_at,
-    )
-    if info.is_main and result.step >= tcfg.steps:
-        eval_net, _ = load_segmenter(run, device=dev)  # the EMA weights when there are any
-        scores = evaluate_segmenter(eval_net, dataset, val_idx, dev)
-        held_out = not set(val_idx) & set(train_idx)
-        rundir.log({"model": MODEL, "event": "eval", "step": result.step, "held_out": held_out, **scores})
-    return result
+        def finish(result: TrainResult) -> None:
+            if result.step < tcfg.steps:  # stopped early (stop_at): no final report yet
+                return
+            eval_net, _ = load_segmenter(run, device=dev)  # the EMA weights when there are any
+            scores = evaluate_segmenter(eval_net, dataset, val_idx, dev)
+            held_out = not set(val_idx) & set(train_idx)
+            setup.run.log(
+                {"model": MODEL, "event": "eval", "step": result.step, "held_out": held_out, **scores}
+            )
+
+        meta = {
+            "preset": cfg.preset,
+            "data_hash": dataset.content_hash(),
+            "data": str(data.resolve()),
+            "organs": list(CANONICAL_ORGANS),
+            "train_cases": len(train_idx),
+            "held_out_cases": [dataset.case_ids[i] for i in val_idx],
+        }
+        return Job(
+            {"model": net},
+            [Phase("model", opt, loss, scheduler=sched)],
+            batches,
+            model_config=_model_config(cfg.segmenter),
+            meta=meta,
+            preview=preview,
+            finish=finish,
+        )
+
+    return train(run, cfg, MODEL, tcfg, build, resume=resume, force=force, device=device, stop_at=stop_at)
 
 
 # ------------------------------------------------------------------------------------------- predict

@@ -22,15 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from lad_fast.checkpoints import latest_step_dir, load_checkpoint
 from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.data.prepared import PreparedDataset
-from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError
-from lad_fast.losses import VQGANLoss, locality_loss, organ_groups
+from lad_fast.errors import ConfigError
+from lad_fast.losses import SlicePerceptualLoss, VQGANLoss, locality_loss, make_discriminators, organ_groups
 from lad_fast.models.vqgan import VQGAN
-from lad_fast.runs import RunDir
 from lad_fast.train.data import PreparedBatches, split_indices
-from lad_fast.train.loop import Phase, TrainResult, train
+from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
 from lad_fast.train.schedule import make_scheduler
 
 MODEL = "vqgan"
@@ -207,54 +205,20 @@ def _write_png(image: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ training
 
 
-def _precheck(model_dir: Path, digest: str, resume: bool, force: bool) -> None:
-    """Refuse what the loop would refuse, before RunDir.create records the new config: an existing
-    checkpoint without --resume or --force, and on --resume a damaged checkpoint, one of another model,
-    or one trained on other data."""
-    latest = latest_step_dir(model_dir) if model_dir.is_dir() else None
-    if latest is None:
-        return
-    if not resume:
-        if not force:
-            raise OutputExistsError(
-                f"{model_dir} already holds a {MODEL} checkpoint; pass --resume to continue it or --force "
-                "to start over (deleting it)"
-            )
-        return
-    ckpt = load_checkpoint(model_dir, MODEL)  # verifies sizes and hashes
-    stored = ckpt.meta.get("data_hash") if ckpt is not None else None
-    if stored is not None and stored != digest:
-        raise CheckpointError(
-            f"cannot resume {ckpt.path}: it was trained on another dataset (data hash {stored[:12]}, this "
-            f"data {digest[:12]}); resume with the original --data, or start a new --run"
-        )
+class _Features(nn.Module):
+    """A segmenter seen as a feature network: its encoder's feature maps."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.net.encoder_features(x)
 
 
-class _Discriminators:
-    """Point the loss's discriminators at the modules the loop passes (DDP / compiled wrappers) for one
-    call, so gradients synchronise across ranks; a no-op on one CPU process, where they are the same."""
-
-    def __init__(self, loss: VQGANLoss, mods: Mapping[str, nn.Module]) -> None:
-        self.loss = loss
-        self.swap = {
-            attr: mods[name]
-            for attr, name in (("disc_2d", "disc2d"), ("disc_3d", "disc3d"))
-            if name in mods and mods[name] is not getattr(loss, attr)
-        }
-        self.saved: dict[str, nn.Module] = {}
-
-    def __enter__(self) -> None:
-        for attr, m in self.swap.items():
-            self.saved[attr] = self.loss._modules[attr]  # type: ignore[assignment]
-            self.loss._modules[attr] = m
-
-    def __exit__(self, *exc: Any) -> None:
-        for attr, m in self.saved.items():
-            self.loss._modules[attr] = m
-
-
-def _perceptual_net(cfg: LadConfig, device: torch.device) -> nn.Module | None:
-    """The frozen feature network of the perceptual term: a lad-fast segmenter run's encoder."""
+def _perceptual_loss(cfg: LadConfig, device: torch.device) -> SlicePerceptualLoss | None:
+    """The perceptual term's frozen network: a lad-fast segmenter run's encoder, on whole volumes (it is
+    a 3D network). None when the term's weight is 0."""
     lc = cfg.vqgan_loss
     if lc.perceptual <= 0:
         return None
@@ -266,16 +230,51 @@ def _perceptual_net(cfg: LadConfig, device: torch.device) -> nn.Module | None:
     from lad_fast.trained import load_segmenter
 
     seg, _ = load_segmenter(Path(lc.perceptual_weights), device)
+    return SlicePerceptualLoss(_Features(seg), spatial_dims=3).to(device)
 
-    class _Features(nn.Module):
-        def __init__(self, net: nn.Module) -> None:
-            super().__init__()
-            self.net = net
 
-        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-            return self.net.encoder_features(x)
+class _GANSteps:
+    """The VQ-GAN's two phase losses. Within one step the generator phase runs first and hands its input
+    and detached reconstruction to the discriminator phase (``_fake``), which trains on them; both call
+    the discriminators the loop passes in ``mods`` (DDP / compiled wrappers, so gradients synchronise),
+    and the bare ones for a discriminator whose weight is 0 (it is evaluated, as Lad's loss does, but
+    not trained)."""
 
-    return _Features(seg)
+    def __init__(
+        self,
+        loss: VQGANLoss,
+        discs: tuple[nn.Module, nn.Module],
+        perceptual: SlicePerceptualLoss | None,
+        device: torch.device,
+        locality: bool,
+        handoff: bool,
+    ) -> None:
+        self.loss, self.discs, self.perceptual, self.device = loss, discs, perceptual, device
+        self.locality, self.handoff = locality, handoff
+        self._fake: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _disc_args(self, mods: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+        return {"disc_2d": mods.get("disc2d", self.discs[0]), "disc_3d": mods.get("disc3d", self.discs[1])}
+
+    def generator(self, mods: Mapping[str, nn.Module], batch: dict[str, Any], step: int):
+        x = _on(batch["image"], self.device)
+        mask = batch["mask"].to(self.device) if self.locality and batch["mask"] is not None else None
+        out = mods["model"](x)
+        terms = self.loss.generator_loss(
+            x, out.recon, out.vq_loss, mask, step, perceptual=self.perceptual, **self._disc_args(mods)
+        )
+        if self.handoff and self.loss.gan_active(step):
+            self._fake = (x, out.recon.detach())
+        logs = {k: v.detach() for k, v in terms.items() if k != "total" and (k in ("l1", "vq") or v.ne(0))}
+        logs.update(perplexity=out.perplexity.detach(), restarted=out.restarted.detach())
+        return terms["total"], logs
+
+    def discriminator(self, mods: Mapping[str, nn.Module], batch: dict[str, Any], step: int):
+        if self._fake is None:
+            raise RuntimeError("the discriminator phase ran before the generator phase of its step")
+        (x, recon), self._fake = self._fake, None
+        terms = self.loss.discriminator_loss(x, recon, step, **self._disc_args(mods))
+        return terms["total"], {k: v.detach() for k, v in terms.items() if k != "total"}
 
 
 def train_vqgan(
@@ -292,16 +291,13 @@ def train_vqgan(
 
     data: a prepared dataset at ``cfg.preset`` (default: the cached phantoms of that preset).
     steps: overrides ``cfg.vqgan_train.steps`` (recorded in the run's config.json).
-    resume / force / stop_at: as :func:`lad_fast.train.loop.train`.
+    resume / force / device / stop_at: as :func:`lad_fast.train.loop.train`.
     Volumes are (B, 1, D, H, W) = (B, 1, *cfg.geometry.shape) in [-1, 1]; latents
     (B, code_dim, D/f, H/f, W/f) with f = 2 ** (len(cfg.vqgan.channels) - 1).
     Raises InputError for a dataset of another preset, CheckpointError for a run of another config or a
-    damaged checkpoint on resume, OutputExistsError for a run folder that is not a lad-fast run, all
-    before anything is written.
+    damaged checkpoint or other data on resume, OutputExistsError for a run folder that is not a
+    lad-fast run, all before anything is written.
     """
-    from lad_fast.devices import resolve_device
-
-    dev = resolve_device(device)
     if steps is not None:
         cfg = replace(cfg, vqgan_train=replace(cfg.vqgan_train, steps=steps))
     if data is None:
@@ -317,103 +313,88 @@ def train_vqgan(
     digest = dataset.content_hash(masks=False)  # the pipeline predicts masks after this phase
     tc, lc = cfg.vqgan_train, cfg.vqgan_loss
     train_idx, val_idx = split_indices(len(dataset))
-    _precheck(Path(run) / MODEL, digest, resume, force)
-    rundir = RunDir.create(run, cfg)
 
-    torch.manual_seed(tc.seed)  # initial weights: a function of the seed alone
-    model = VQGAN(cfg.vqgan).to(dev)
-    loss_fn = VQGANLoss(lc, cfg.vqgan.in_channels, perceptual_net=_perceptual_net(cfg, dev)).to(dev)
-    if loss_fn.perceptual is not None:  # the segmenter encoder is 3D: compare whole volumes
-        from lad_fast.losses import SlicePerceptualLoss
+    def build(setup: Setup) -> Job:
+        dev = setup.device
+        # Construction order fixes the initial weights: VQ-GAN, perceptual network (a segmenter is
+        # built, then loaded), 2D and 3D discriminators (both, whatever their weights).
+        with setup.initial_weights():
+            model = VQGAN(cfg.vqgan).to(dev)
+            perceptual = _perceptual_loss(cfg, dev)
+            discs = tuple(d.to(dev) for d in make_discriminators(lc, cfg.vqgan.in_channels))
+        if dev.type == "cpu":
+            model = model.to(memory_format=torch.channels_last_3d)
+        modules: dict[str, nn.Module] = {"model": model}
+        if lc.gan_2d > 0:
+            modules["disc2d"] = discs[0]
+        if lc.gan_3d > 0:
+            modules["disc3d"] = discs[1]
+        locality = bool(lc.locality_organs) and any(w != 0 for w in lc.locality_weights)
+        gan = _GANSteps(VQGANLoss(lc), discs, perceptual, dev, locality, handoff=len(modules) > 1)
 
-        loss_fn.perceptual = SlicePerceptualLoss(loss_fn.perceptual.net, spatial_dims=3).to(dev)
-    if dev.type == "cpu":
-        model = model.to(memory_format=torch.channels_last_3d)
-    modules: dict[str, nn.Module] = {"model": model}
-    if lc.gan_2d > 0:
-        modules["disc2d"] = loss_fn.disc_2d
-    if lc.gan_3d > 0:
-        modules["disc3d"] = loss_fn.disc_3d
-    locality = bool(lc.locality_organs) and any(w != 0 for w in lc.locality_weights)
+        def adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+            return torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
 
-    batches = VQBatches(PreparedBatches(dataset, tc.batch_size, tc.seed, indices=train_idx))
-    held_out = VQBatches(PreparedBatches(dataset, tc.batch_size, tc.seed, indices=val_idx))
-    cache: dict[str, torch.Tensor] = {}
+        opt_g = adam(model.parameters())
+        phases = [Phase("generator", opt_g, gan.generator, scheduler=make_scheduler(opt_g, tc))]
+        disc_params = [
+            p for name in ("disc2d", "disc3d") if name in modules for p in modules[name].parameters()
+        ]
+        if disc_params:
+            phases.append(Phase("discriminator", adam(disc_params), gan.discriminator, lc.gan_start_step))
 
-    def generator_loss(mods: Mapping[str, nn.Module], batch: dict[str, Any], step: int):
-        x = _on(batch["image"], dev)
-        mask = batch["mask"].to(dev) if locality and batch["mask"] is not None else None
-        out = mods["model"](x)
-        with _Discriminators(loss_fn, mods):
-            terms = loss_fn.generator_loss(x, out.recon, out.vq_loss, mask, step)
-        if len(modules) > 1 and step >= lc.gan_start_step:
-            cache["x"], cache["recon"] = x, out.recon.detach()
-        logs = {k: v.detach() for k, v in terms.items() if k != "total" and (k in ("l1", "vq") or v.ne(0))}
-        logs.update(perplexity=out.perplexity.detach(), restarted=out.restarted.detach())
-        return terms["total"], logs
+        batches = VQBatches(PreparedBatches(dataset, tc.batch_size, tc.seed, indices=train_idx))
+        held_out = VQBatches(PreparedBatches(dataset, tc.batch_size, tc.seed, indices=val_idx))
+        organs = lc.locality_organs or ("pancreas+pancreatic_lesion",)
 
-    def discriminator_loss(mods: Mapping[str, nn.Module], batch: dict[str, Any], step: int):
-        x, recon = cache.pop("x"), cache.pop("recon")
-        with _Discriminators(loss_fn, mods):
-            terms = loss_fn.discriminator_loss(x, recon, step)
-        return terms["total"], {k: v.detach() for k, v in terms.items() if k != "total"}
-
-    def adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-
-    opt_g = adam(model.parameters())
-    phases = [Phase("generator", opt_g, generator_loss, scheduler=make_scheduler(opt_g, tc))]
-    disc_params = [p for name in ("disc2d", "disc3d") if name in modules for p in modules[name].parameters()]
-    if disc_params:
-        phases.append(Phase("discriminator", adam(disc_params), discriminator_loss, lc.gan_start_step))
-
-    organs = lc.locality_organs or ("pancreas+pancreatic_lesion",)
-    state: dict[str, Any] = {"step": 0, "eval": None}
-
-    def evaluate(step: int) -> dict[str, Any]:
-        if state["eval"] is None or state["eval"]["step"] != step:
+        def evaluate(step: int) -> dict[str, Any]:
             result = evaluate_reconstruction(model, held_out, organs, batch_size=tc.batch_size)
-            state["eval"] = {"step": step, **result}
-            rundir.log({"model": MODEL, "event": "eval", "step": step, "heldout": result})
-        return state["eval"]
+            setup.run.log({"model": MODEL, "event": "eval", "step": step, "heldout": result})
+            return {"step": step, **result}
 
-    def meta() -> dict[str, Any]:
-        return {
-            "preset": cfg.preset,
-            "data_hash": digest,
-            "data": str(Path(data).resolve()),
-            "latent_scale": list(model.latent_scale()),
-            "latent_shape": [cfg.vqgan.code_dim, *(s // model.downsample_factor for s in cfg.geometry.shape)],
-            "train_cases": len(train_idx),
-            "heldout_cases": len(val_idx),
-            "heldout": evaluate(state["step"]),
-        }
+        def meta(step: int) -> dict[str, Any]:  # at each checkpoint (rank 0)
+            return {
+                "preset": cfg.preset,
+                "data_hash": digest,
+                "data": str(Path(data).resolve()),
+                "latent_scale": list(model.latent_scale()),
+                "latent_shape": [
+                    cfg.vqgan.code_dim,
+                    *(s // model.downsample_factor for s in cfg.geometry.shape),
+                ],
+                "train_cases": len(train_idx),
+                "heldout_cases": len(val_idx),
+                "heldout": evaluate(step),
+            }
 
-    def preview(step: int, run_path: Path) -> None:
-        batch = next(iter(held_out.chunks(PREVIEW_CASES)))
-        image = render_reconstruction(model, batch, cfg, title_step=step)
-        _write_png(image, rundir.model_dir(MODEL) / PREVIEWS / f"step-{step:08d}.png")
+        def finish(result: TrainResult) -> None:
+            if result.step == result.started_at:  # nothing trained (a finished run resumed): still report
+                evaluate(result.step)
 
-    def tracked(step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
-        state["step"] = step + 1  # the step count once this batch is trained (read by meta at save)
-        return batches(step, rank, world)
+        def preview(step: int, run_path: Path) -> None:
+            batch = next(iter(held_out.chunks(PREVIEW_CASES)))
+            image = render_reconstruction(model, batch, cfg, title_step=step)
+            _write_png(image, setup.run.model_dir(MODEL) / PREVIEWS / f"step-{step:08d}.png")
 
-    result = train(
-        rundir,
+        return Job(
+            modules,
+            phases,
+            batches,
+            model_config=config_to_dict(cfg.vqgan),
+            meta=meta,
+            preview=preview,
+            finish=finish,
+        )
+
+    return train(
+        run,
+        cfg,
         MODEL,
         tc,
-        modules,
-        phases,
-        tracked,
-        model_config=config_to_dict(cfg.vqgan),
-        meta=meta,
+        build,
         resume=resume,
         force=force,
-        preview=preview,
-        device=dev,
+        device=device,
         stop_at=stop_at,
+        data_hash=digest,
     )
-    state["step"] = result.step
-    if state["eval"] is None or state["eval"]["step"] != result.step:
-        evaluate(result.step)  # e.g. resuming a run that was already complete
-    return result

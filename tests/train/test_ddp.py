@@ -1,7 +1,9 @@
-"""Two CPU processes under torchrun with gloo: identical weights on both ranks, one log, exact resume."""
+"""Two CPU processes under torchrun with gloo: each rank's setup, identical weights on both ranks, one log,
+exact resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -44,6 +46,12 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_two_process_gloo_run_and_resume(tmp_path):
     run, out = tmp_path / "r", tmp_path / "w"
     _torchrun(run, out)
+    # The loop set each rank up from torchrun's variables: its own rank and local rank, the CPU it asked
+    # for, and, had it asked for CUDA, its own GPU (cuda:LOCAL_RANK).
+    setups = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert setups == [
+        {"rank": r, "local_rank": r, "world": 2, "device": "cpu", "cuda_choice": f"cuda:{r}"} for r in (0, 1)
+    ]
     w0, w1 = _rank_weights(out)
     assert _equal(w0, w1)
     ckpt = load_checkpoint(run / "segmenter", "segmenter")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _shared import small_config
 
-from lad_fast.errors import CheckpointError, InputError, OutputExistsError
+from lad_fast.errors import CheckpointError, InputError
 from lad_fast.train.diffusion import LATENTS_NAME, LatentBatches, train_diffusion
 from lad_fast.trained import check_vqgan_run, load_diffusion, mask_as_image
 
@@ -118,11 +118,6 @@ def test_second_run_reuses_the_latent_cache_and_resume_matches_an_uninterrupted_
     for stem in ("model", "ema"):
         ta, tb = a.tensors(stem), b.tensors(stem)
         assert all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
-def test_existing_checkpoint_needs_resume_or_force(trained, vqgan_run, tiny_phantoms):
-    with pytest.raises(OutputExistsError, match="already holds a diffusion checkpoint; pass --resume"):
-        train_diffusion(trained, small_config(), data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu")
 
 
 def test_load_diffusion_without_a_trained_model_says_how_to_train(vqgan_run):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from lad_fast.checkpoints import load_checkpoint
-from lad_fast.distributed import shard_indices, step_seed
+from lad_fast.distributed import DistInfo, shard_indices, step_seed
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError, TrainingDivergedError
 from lad_fast.runs import RunDir
 from lad_fast.train.ema import EMA
-from lad_fast.train.loop import Phase, train
+from lad_fast.train.loop import Job, Phase, Setup, train
 
 
 def _load_toy():
@@ -27,6 +27,7 @@ def _load_toy():
 
 
 toy = _load_toy()
+TINY = toy.get_preset("tiny")
 
 
 @pytest.fixture(autouse=True)
@@ -89,15 +90,96 @@ def test_resume_of_finished_run_is_a_no_op(tmp_path):
     assert result.step == 10 and _same_weights(first, again)
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_existing_checkpoint_needs_resume_or_force(tmp_path):
+    """The one place that refuses to overwrite a trained model (every trainer goes through it)."""
     cfg = toy.toy_cfg(steps=10)
     toy.run_toy(tmp_path / "r", cfg)
+    before = _snapshot(tmp_path / "r")
+    built = []
+    build = _job({"model": toy.ToyNet()}, [])
     with pytest.raises(
-        OutputExistsError, match=r"segmenter already holds a segmenter checkpoint; pass --resume"
+        OutputExistsError,
+        match=r"r/segmenter already holds a segmenter checkpoint; pass --resume to continue it or --force "
+        r"to start over \(deleting it\)",
     ):
-        toy.run_toy(tmp_path / "r", cfg)
+        train(tmp_path / "r", TINY, "segmenter", cfg, lambda setup: built.append(1) or build(setup))
+    assert built == [] and _snapshot(tmp_path / "r") == before  # refused before anything was built or written
+    # --force deletes the old checkpoints and their log lines, then trains from scratch.
     _, result = toy.run_toy(tmp_path / "r", toy.toy_cfg(steps=5, checkpoint_every=5), force=True)
     assert load_checkpoint(tmp_path / "r" / "segmenter", "segmenter").step == 5 == result.step
+    assert sorted(p.name for p in (tmp_path / "r" / "segmenter").glob("step-*")) == ["step-00000005"]
+    log = RunDir(tmp_path / "r").read_log("segmenter")
+    assert [r["step"] for r in log if r.get("event") == "checkpoint"] == [5]
+    fresh, _ = toy.run_toy(tmp_path / "fresh", toy.toy_cfg(steps=5, checkpoint_every=5))
+    forced = load_checkpoint(tmp_path / "r" / "segmenter", "segmenter").tensors("model")
+    assert all(torch.equal(v, forced[k]) for k, v in fresh.state_dict().items())
+
+
+def test_force_clears_before_build(tmp_path):
+    """--force deletes the old checkpoints before ``build`` runs, so build may write caches there."""
+    toy.run_toy(tmp_path / "r", toy.toy_cfg(steps=5, checkpoint_every=5))
+    seen = []
+
+    def build(setup):
+        seen.append(sorted(p.name for p in setup.run.model_dir("segmenter").glob("*")))
+        net = toy.ToyNet()
+        return Job({"model": net}, [Phase("m", torch.optim.SGD(net.parameters(), 0.1), None)], None, {})
+
+    train(tmp_path / "r", TINY, "segmenter", toy.toy_cfg(steps=0), build, force=True)
+    assert seen == [[]]
+
+
+def test_resume_on_other_data_is_refused_before_anything_is_written(tmp_path):
+    cfg = toy.toy_cfg(steps=5, checkpoint_every=5)
+    toy.run_toy(tmp_path / "r", cfg)  # meta.json records data_hash "toy"
+    before = _snapshot(tmp_path / "r")
+    build = _job({"model": toy.ToyNet()}, [])
+    with pytest.raises(
+        CheckpointError, match=r"trained on another dataset \(data hash toy, this data other\); resume with"
+    ):
+        train(tmp_path / "r", TINY, "segmenter", cfg, build, resume=True, data_hash="other")
+    assert _snapshot(tmp_path / "r") == before
+
+
+def test_initial_weights_depend_on_the_seed_only():
+    setup = Setup(run=RunDir("unused"), device=torch.device("cpu"), dist=DistInfo(), seed=3)
+    draws = []
+    for prior in (0, 1):
+        torch.manual_seed(prior)
+        torch.rand(5)  # some history before the build
+        state = torch.get_rng_state()
+        with setup.initial_weights():
+            draws.append(torch.rand(4))
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left as it was
+    torch.manual_seed(3)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], torch.rand(4))
+    assert setup.main_first(lambda: 7) == 7 and setup.is_main
+
+
+def test_meta_at_each_checkpoint_and_finish_at_the_end(tmp_path):
+    """meta(step) on each checkpoint (its entries land in meta.json's extras); finish(result) once at
+    the end, with the step this call started from."""
+    metas, finished = [], []
+    net = toy.ToyNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = lambda mods, x, step: (torch.nn.functional.mse_loss(mods["model"](x), toy.target(x)), {})  # noqa: E731
+    build = _job(
+        {"model": net},
+        [Phase("model", opt, loss)],
+        meta=lambda step: metas.append(step) or {"data_hash": "d", "at": step},
+        finish=lambda result: finished.append((result.started_at, result.step)),
+    )
+    cfg = toy.toy_cfg(steps=4, checkpoint_every=2)
+    train(tmp_path / "r", TINY, "segmenter", cfg, build, stop_at=2)
+    train(tmp_path / "r", TINY, "segmenter", cfg, build, resume=True)
+    train(tmp_path / "r", TINY, "segmenter", cfg, build, resume=True)  # already finished
+    assert metas == [2, 4] and finished == [(0, 2), (2, 4), (4, 4)]
+    meta = load_checkpoint(tmp_path / "r" / "segmenter", "segmenter").meta
+    assert meta["extra"] == {"at": 4} and meta["data_hash"] == "d"
 
 
 def test_changed_model_config_on_resume(tmp_path):
@@ -159,22 +241,27 @@ def test_autocast_trains_and_saves_scaler(tmp_path, amp):
     assert ("scale" in state["scalers"]["model"]) == (amp == "fp16")
 
 
+def _job(modules, phases, batches=None, **kw):
+    """A build function returning fixed modules (built by the test)."""
+    return lambda setup: Job(modules, phases, batches or toy.ToyBatches(0, 2), **{"model_config": {}, **kw})
+
+
 def test_bad_amp_and_missing_ema_module(tmp_path):
     with pytest.raises(ConfigError, match=r"amp must be one of none, bf16, fp16, got 'fp8'"):
         toy.run_toy(tmp_path / "r", toy.toy_cfg(amp="fp8"))
-    run = RunDir(tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # refused before the run folder was created
     net = toy.ToyNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(ConfigError, match=r"ema_decay > 0 needs a module named 'model' \(got net\)"):
         train(
-            run,
+            tmp_path / "r",
+            TINY,
             "segmenter",
             toy.toy_cfg(ema_decay=0.9),
-            {"net": net},
-            [Phase("p", opt, None)],
-            toy.ToyBatches(0, 2),
-            model_config={},
+            _job({"net": net}, [Phase("p", opt, None)]),
         )
+    with pytest.raises(ConfigError, match=r"train\(\) needs at least one Phase"):
+        train(tmp_path / "r", TINY, "segmenter", toy.toy_cfg(), _job({"model": net}, []))
 
 
 def test_second_phase_waits_for_its_start_step(tmp_path):
@@ -193,31 +280,16 @@ def test_second_phase_waits_for_its_start_step(tmp_path):
         return mods["disc"](mods["model"](x).detach()).abs().mean(), {"d": 0.0}
 
     disc0 = {k: v.clone() for k, v in disc.state_dict().items()}
-    run = RunDir.create(tmp_path / "r", toy.get_preset("tiny"))
     cfg = toy.toy_cfg(steps=6, checkpoint_every=3)
-    train(
-        run,
-        "vqgan",
-        cfg,
+    build = _job(
         {"model": gen, "disc": disc},
         [Phase("generator", opt_g, g_loss), Phase("discriminator", opt_d, d_loss, start_step=4)],
-        toy.ToyBatches(0, 2),
-        model_config={},
-        stop_at=4,
     )
+    train(tmp_path / "r", TINY, "vqgan", cfg, build, stop_at=4)
     assert seen == [] and all(torch.equal(disc0[k], v) for k, v in disc.state_dict().items())
     ckpt = load_checkpoint(tmp_path / "r" / "vqgan", "vqgan")
     assert ckpt.has("disc") and set(ckpt.state["optimizers"]) == {"generator", "discriminator"}
-    train(
-        run,
-        "vqgan",
-        cfg,
-        {"model": gen, "disc": disc},
-        [Phase("generator", opt_g, g_loss), Phase("discriminator", opt_d, d_loss, start_step=4)],
-        toy.ToyBatches(0, 2),
-        model_config={},
-        resume=True,
-    )
+    train(tmp_path / "r", TINY, "vqgan", cfg, build, resume=True)
     assert seen == [4, 5]
     assert not all(torch.equal(disc0[k], v) for k, v in disc.state_dict().items())
 
@@ -263,13 +335,22 @@ def test_resume_with_other_phases(tmp_path):
         CheckpointError,
         match=r"state.pt does not match this training setup \(phases \['gen'\], saved \['model'\]",
     ):
-        train(
-            RunDir(tmp_path / "r"),
-            "segmenter",
-            cfg,
-            {"model": net},
-            [Phase("gen", opt, None)],
-            toy.ToyBatches(0, 2),
-            model_config={"width": 4, "kind": "toy"},
-            resume=True,
-        )
+        build = _job({"model": net}, [Phase("gen", opt, None)], model_config={"width": 4, "kind": "toy"})
+        train(tmp_path / "r", TINY, "segmenter", cfg, build, resume=True)
+
+
+@pytest.mark.parametrize("module", ["vqgan", "diffusion", "segmenter"])
+def test_trainers_leave_setup_to_the_loop(module):
+    """Device, rank, DDP, seeding and refusal code lives in the loop (lad_fast.train.setup) only."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"lad_fast.train.{module}")
+    source = inspect.getsource(getattr(mod, f"train_{module}"))
+    tokens = (
+        "resolve_device", "init_distributed", "LOCAL_RANK", "local_rank", "barrier", "is_main",
+        "torch.distributed", "DistributedDataParallel", "torch.manual_seed", "fork_rng", "already holds",
+        "clear_model", "RunDir.create",
+    )  # fmt: skip
+    for token in tokens:
+        assert token not in source, f"train_{module} holds setup code: {token}"

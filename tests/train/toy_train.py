@@ -4,12 +4,14 @@ As a script (the SIGKILL and DDP tests)::
 
     python tests/train/toy_train.py RUN --steps 40 [--resume] [--stop-at N] [--sleep 0.02] [--out weights.pt]
 
-``--out`` writes the final weights of this rank to ``<out>.rank<r>.pt``.
+``--out`` writes the final weights of this rank to ``<out>.rank<r>.pt`` and what the loop set up for it
+(rank, local rank, world, device) to ``<out>.rank<r>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import replace
@@ -21,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lad_fast.config import TrainConfig, get_preset
+from lad_fast.devices import choose_device
 from lad_fast.distributed import step_generator
-from lad_fast.runs import RunDir
-from lad_fast.train.loop import Phase, TrainResult, train
+from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
 
 SHAPE = (1, 4, 6, 6)  # (C, D, H, W) of one toy volume
 
@@ -87,41 +89,62 @@ def run_toy(
     bad_steps: dict[int, str] | None = None,
     preview: Any = None,
     fallback: bool = False,
+    report: str | Path | None = None,
 ) -> tuple[ToyNet, TrainResult]:
     """Build, optionally resume, and train the toy. ``bad_steps`` maps a 0-based step to "loss" or "grad"
-    to inject a non-finite loss or gradient there."""
-    torch.manual_seed(cfg.seed)
-    net = ToyNet(width)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
+    to inject a non-finite loss or gradient there. ``report``: write what the loop set up for this rank
+    (rank, local rank, world, device, the device ``--device cuda`` would give) to
+    ``<report>.rank<r>.json``."""
     bad = bad_steps or {}
+    nets: list[ToyNet] = []  # the net built by ``build``, returned to the caller
 
-    def loss_fn(mods, x, step):
-        loss = F.mse_loss(mods["model"](x), target(x))
-        if bad.get(step) == "loss":
-            loss = loss * math.nan
-        elif bad.get(step) == "grad":  # finite value, infinite gradient: d sqrt(z)/dz at z = 0
-            w = net.b.weight
-            loss = loss + torch.sqrt((w - w.detach()).sum())
-        return loss, {"mse": loss.detach()}
+    def build(setup: Setup) -> Job:
+        with setup.initial_weights():
+            net = ToyNet(width).to(setup.device)
+        nets.append(net)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.01 * s))
 
-    run = RunDir.create(run_path, get_preset("tiny"))
+        def loss_fn(mods, x, step):
+            loss = F.mse_loss(mods["model"](x), target(x))
+            if bad.get(step) == "loss":
+                loss = loss * math.nan
+            elif bad.get(step) == "grad":  # finite value, infinite gradient: d sqrt(z)/dz at z = 0
+                w = net.b.weight
+                loss = loss + torch.sqrt((w - w.detach()).sum())
+            return loss, {"mse": loss.detach()}
+
+        if report is not None:
+            info = {
+                "rank": setup.dist.rank,
+                "local_rank": setup.dist.local_rank,
+                "world": setup.dist.world,
+                "device": str(setup.device),
+                # What this process would take for --device cuda (torchrun's LOCAL_RANK, no GPU needed).
+                "cuda_choice": choose_device("cuda"),
+            }
+            Path(f"{report}.rank{setup.dist.rank}.json").write_text(json.dumps(info))
+        return Job(
+            {"model": net},
+            [Phase("model", opt, loss_fn, scheduler=sched)],
+            ToyBatches(cfg.seed, cfg.batch_size, sleep),
+            model_config={"width": width, "kind": "toy"},
+            meta={"data_hash": "toy", "latent_scale": 1.0},
+            preview=preview,
+        )
+
     result = train(
-        run,
+        run_path,
+        get_preset("tiny"),
         "segmenter",
         cfg,
-        {"model": net},
-        [Phase("model", opt, loss_fn, scheduler=sched)],
-        ToyBatches(cfg.seed, cfg.batch_size, sleep),
-        model_config={"width": width, "kind": "toy"},
-        meta={"data_hash": "toy", "latent_scale": 1.0},
+        build,
         resume=resume,
         force=force,
         stop_at=stop_at,
-        preview=preview,
         fallback=fallback,
     )
-    return net, result
+    return nets[0], result
 
 
 def main() -> None:
@@ -136,7 +159,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = toy_cfg(steps=a.steps, checkpoint_every=a.checkpoint_every, ema_decay=0.9)
-    net, _ = run_toy(a.run, cfg, resume=a.resume, sleep=a.sleep, stop_at=a.stop_at)
+    net, _ = run_toy(a.run, cfg, resume=a.resume, sleep=a.sleep, stop_at=a.stop_at, report=a.out)
     if a.out:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         torch.save(net.state_dict(), f"{a.out}.rank{rank}.pt")
