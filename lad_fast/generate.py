@@ -287,7 +287,7 @@ def generate(
     "trt" (see ``lad_fast.export.backends``).
     """
     from lad_fast.data.geometry import unit_to_hu
-    from lad_fast.devices import resolve_device
+    from lad_fast.devices import choose_device, resolve_device
     from lad_fast.distributed import init_distributed
     from lad_fast.export.backends import make_denoiser
     from lad_fast.progress import make_progress
@@ -295,10 +295,8 @@ def generate(
 
     run, out = Path(run), Path(out)
     _check_args(n, sampler, guidance, augment, batch, backend, eta)
-    dev = resolve_device(device)
+    dev = resolve_device(choose_device(device))  # cuda:LOCAL_RANK under torchrun, as training
     info = init_distributed(dev)
-    if dev.type == "cuda" and info.enabled:
-        dev = torch.device("cuda", info.local_rank)
 
     gen = load_generator(run, dev)
     check_sampler(sampler, gen.sched.objective)  # before anything is written
