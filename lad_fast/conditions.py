@@ -9,6 +9,10 @@ Two parts, concatenated in this order by ``LatentUNet.embed_condition``:
 * structure: the per-slice Betti numbers of :func:`structure_condition` (Lad: 32 x 3 x 2 = 192), plus
   per-organ 3D Betti numbers when ``ConditionConfig.betti_3d``, scaled by :func:`normalize_structure`.
 
+Optionally (``ConditionConfig.spatial == "concat"``) a third, spatial condition: the mask one-hot over the
+canonical organs and average-pooled to the latent grid (:func:`spatial_condition`), concatenated to the
+U-Net input at every step rather than embedded.
+
 Model code: imports no training, I/O or CLI code.
 """
 
@@ -92,6 +96,69 @@ def normalize_structure(vec: Any) -> torch.Tensor:
     if t.numel() and float(t.min()) < 0:
         raise InputError("structure vector holds negative counts; Betti numbers are never negative")
     return torch.log1p(t.float())
+
+
+# ------------------------------------------------------------------------------ spatial condition
+
+
+def spatial_channels(cfg: ConditionConfig) -> int:
+    """Channels the spatial condition adds to the U-Net input: NUM_CLASSES for "concat", 0 for "none"."""
+    return NUM_CLASSES if cfg.spatial == "concat" else 0
+
+
+def spatial_condition(mask: Any, grid: tuple[int, ...]) -> torch.Tensor:
+    """Canonical (D, H, W) mask -> (NUM_CLASSES, d, h, w) float32 occupancy fractions on the latent grid.
+
+    Channel k of latent voxel v is the fraction of v's (D/d) x (H/h) x (W/w) image voxels that hold
+    canonical id k: the one-hot mask average-pooled with kernel = stride = the VQ-GAN's downsampling
+    factor. Computed as exact integer counts (one ``bincount``) divided by the cell size, without
+    materialising the one-hot volume (12 x 32 x 256 x 256 floats at ``lad``); the channels of every
+    latent voxel sum to 1. Soft fractions keep thin organs (pancreas, lesions) that a nearest-neighbour
+    downsampling would drop, and place boundaries at sub-latent-voxel precision.
+    """
+    arr = np.asarray(mask)
+    if arr.ndim != 3 or arr.dtype.kind not in "iub":
+        raise InputError(f"spatial_condition needs a (D, H, W) integer mask, got {arr.dtype} {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= NUM_CLASSES):
+        raise InputError(
+            f"canonical mask holds ids outside 0..{NUM_CLASSES - 1} (min {arr.min()}, max {arr.max()}); "
+            "map it with lad_fast.data.labels first"
+        )
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or any(g < 1 or s % g for s, g in zip(arr.shape, grid, strict=True)):
+        raise ConfigError(
+            f"the mask grid {arr.shape} is not a whole multiple of the latent grid {grid}; the geometry "
+            "shape must be divisible by the VQ-GAN's downsampling factor"
+        )
+    (d, h, w), (kd, kh, kw) = grid, tuple(s // g for s, g in zip(arr.shape, grid, strict=True))
+    # (d, kd, h, kh, w, kw) -> (d h w cells, kd kh kw voxels per cell)
+    cells = arr.astype(np.int64).reshape(d, kd, h, kh, w, kw).transpose(0, 2, 4, 1, 3, 5)
+    cells = cells.reshape(d * h * w, kd * kh * kw)
+    index = np.arange(d * h * w, dtype=np.int64)[:, None] * NUM_CLASSES + cells
+    counts = np.bincount(index.ravel(), minlength=d * h * w * NUM_CLASSES).reshape(d, h, w, NUM_CLASSES)
+    frac = torch.from_numpy(counts).float() / float(kd * kh * kw)
+    return frac.permute(3, 0, 1, 2).contiguous()
+
+
+def drop_spatial(spatial: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Classifier-free guidance dropout of the spatial condition (B, K, d, h, w): zeros where ``keep``
+    (B,) is 0, the condition itself where it is 1; ``keep`` None keeps every sample.
+
+    Why zeros and no learned null: a real condition's channels sum to 1 at every latent voxel, so the
+    all-zero tensor is never a real mask and needs no indicator channel to be told apart; it costs no
+    parameters; the stem convolution's mask weights then drop out of the unconditional branch exactly
+    (that branch is the network without a mask input); and the exported graph needs no null-selection
+    logic: the sampler feeds zeros (:func:`null_spatial`). The global condition's learned null is dropped
+    by the same ``keep``, so the network always knows which branch it is in.
+    """
+    if keep is None:
+        return spatial
+    return spatial * keep.to(spatial.dtype).view(-1, *([1] * (spatial.ndim - 1)))
+
+
+def null_spatial(like: torch.Tensor) -> torch.Tensor:
+    """The null spatial condition for a batch shaped like ``like`` (B, K, d, h, w): zeros."""
+    return torch.zeros_like(like)
 
 
 class ContentHead(nn.Module):

@@ -99,6 +99,9 @@ class UNetConfig:
     arch: str = "lad_fast"
 
 
+SPATIAL_MODES = ("none", "concat")
+
+
 @dataclass(frozen=True)
 class ConditionConfig:
     # Structure condition: per-slice Betti numbers of these canonical organs (Lad: bg, pancreas, lesion).
@@ -107,6 +110,18 @@ class ConditionConfig:
     content_dim: int = 512  # content head output (Lad: 1x2x16x16 = 512)
     embed_dim: int = 256
     drop_prob: float = 0.25  # classifier-free guidance: replaced by a learned null condition
+    # Spatial mask conditioning (issue 11), beside the global content + structure vector above.
+    # "none": Lad's global conditions only (the official method). "concat": the conditioning mask, one-hot
+    # over the canonical organs and average-pooled to the latent grid (lad_fast.conditions.spatial_condition),
+    # is concatenated to the U-Net input at every step; classifier-free guidance drops it together with the
+    # global condition (same ``keep``), its null being zeros (lad_fast.conditions.drop_spatial says why).
+    spatial: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.spatial not in SPATIAL_MODES:
+            raise ConfigError(
+                f"condition.spatial must be one of {', '.join(SPATIAL_MODES)}, got {self.spatial!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -199,6 +214,13 @@ class LadConfig:
         default_factory=lambda: TrainConfig(lr=1e-3, betas=(0.9, 0.999), steps=5000, batch_size=2)
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.unet.arch == "official" and self.condition.spatial != "none":
+            raise ConfigError(
+                f"condition.spatial={self.condition.spatial!r} needs unet.arch='lad_fast': the official "
+                "U-Net has no spatial input; use spatial='none' or the lad / tiny preset"
+            )
 
 
 def _lad() -> LadConfig:

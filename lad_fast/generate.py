@@ -76,7 +76,8 @@ class Generator:
     net: the denoising U-Net (EMA weights, eval mode); vq: the frozen VQ-GAN; sched, prediction: the
     diffusion model's schedule and parameterisation; latent_shape: one latent's (C, d, h, w); clip: the
     sampler's x0 bounds in its (normalised) latent space; encode: mask (D, H, W) -> ``content``
-    (C, d, h, w) and ``structure`` (L,) conditions; denormalize: sampler space -> the VQ-GAN's unit
+    (C, d, h, w) and ``structure`` (L,) conditions (and ``spatial`` (K, d, h, w) for a model with
+    spatial conditioning); denormalize: sampler space -> the VQ-GAN's unit
     latents; meta: the diffusion checkpoint's meta; vqgan_hash: the VQ-GAN checkpoint's hash.
     """
 
@@ -180,6 +181,7 @@ def sample_latents(
     seeds: Sequence[int],
     settings: SamplerSettings,
     *,
+    spatial: torch.Tensor | None = None,
     sched: Schedule,
     prediction: str,
     shape: Sequence[int],
@@ -190,11 +192,21 @@ def sample_latents(
 
     net: the U-Net whose ``embed_condition`` and ``null_condition`` build the guidance conditions;
     denoise: ``net``'s forward ``(x, t, cond)`` on some backend; content (B, C, d, h, w), structure (B, L):
-    per-volume conditions; seeds: B noise seeds (one ``torch.Generator`` each); shape: one latent's
-    (C, d, h, w). Returns x0 (B, *shape) in the sampler's latent space. Conditions are embedded one
-    sample at a time and noise is per sample, so a volume does not depend on its batch.
+    per-volume conditions; spatial (B, K, d, h, w): the spatial conditions, required when ``net`` has
+    ``spatial_channels`` (the conditional branch gets them, the null branch zeros) and refused otherwise;
+    seeds: B noise seeds (one ``torch.Generator`` each); shape: one latent's (C, d, h, w). Returns x0
+    (B, *shape) in the sampler's latent space. Conditions are embedded one sample at a time and noise is
+    per sample, so a volume does not depend on its batch.
     """
+    from lad_fast.conditions import null_spatial
     from lad_fast.samplers import guided_denoiser, sample
+
+    if bool(getattr(net, "spatial_channels", 0)) != (spatial is not None):
+        raise ConfigError(
+            "sample_latents: this model takes a spatial condition; pass spatial=(B, K, d, h, w)"
+            if spatial is None
+            else "sample_latents: this model has no spatial input (condition.spatial='none'); drop spatial"
+        )
 
     options = sampler_options(settings.sampler)
     kwargs: dict[str, Any] = {
@@ -207,7 +219,11 @@ def sample_latents(
             [net.embed_condition(content[k : k + 1], structure[k : k + 1]) for k in range(len(seeds))]
         )
         null = net.null_condition(len(seeds)).to(emb.dtype)
-        den = guided_denoiser(denoise, [emb], [null], settings.guidance)
+        cond, nulls = [emb], [null]
+        if spatial is not None:
+            spatial = spatial.to(device=device, dtype=emb.dtype)
+            cond, nulls = [emb, spatial], [null, null_spatial(spatial)]
+        den = guided_denoiser(denoise, cond, nulls, settings.guidance)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         return sample(
             settings.sampler,
@@ -335,9 +351,14 @@ def generate(
 
     shape = gen.latent_shape
     t_dtype = torch.float32 if gen.sched.objective == "flow" else torch.long  # flow time is continuous
-    example = (torch.zeros(1, *shape, device=dev), torch.zeros(1, dtype=t_dtype, device=dev),
-               torch.zeros(1, gen.net.cond_cfg.embed_dim, device=dev))  # fmt: skip
-    denoise = make_denoiser(backend, gen.net, example, ("x", "t", "cond"), run / "diffusion" / "export")
+    example = [torch.zeros(1, *shape, device=dev), torch.zeros(1, dtype=t_dtype, device=dev),
+               torch.zeros(1, gen.net.cond_cfg.embed_dim, device=dev)]  # fmt: skip
+    names = ["x", "t", "cond"]
+    spatial_ch = getattr(gen.net, "spatial_channels", 0)
+    if spatial_ch:  # spatial conditioning: the per-step graph has a fourth input
+        example.append(torch.zeros(1, spatial_ch, *shape[1:], device=dev))
+        names.append("spatial")
+    denoise = make_denoiser(backend, gen.net, example, names, run / "diffusion" / "export")
     window = gen.cfg.geometry.hu_window
     fields = {**settings, "backend": backend, "vqgan_checkpoint": gen.vqgan_hash, "run": str(run.resolve())}
     t0 = time.perf_counter()
@@ -356,6 +377,7 @@ def generate(
                 torch.stack([j.structure for j in jobs]),
                 seeds,
                 sampling,
+                spatial=torch.stack([j.spatial for j in jobs]) if spatial_ch else None,
                 sched=gen.sched,
                 prediction=gen.prediction,
                 shape=shape,

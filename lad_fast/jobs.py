@@ -119,7 +119,8 @@ def augmented_mask(
 class Job:
     """Volume ``index``: its source mask, the augmented mask (D, H, W) that conditions it (and is written
     beside it), the augmentation record (None: no augmentation), and the conditions ``content``
-    (C, d, h, w) and ``structure`` (L,) computed from that mask."""
+    (C, d, h, w), ``structure`` (L,) and ``spatial`` (NUM_CLASSES, d, h, w; None unless the model uses
+    spatial conditioning) computed from that mask."""
 
     index: int
     source: SourceMask
@@ -127,6 +128,7 @@ class Job:
     augmentation: dict[str, Any] | None
     content: torch.Tensor
     structure: torch.Tensor
+    spatial: torch.Tensor | None = None
 
 
 def draw_job(
@@ -144,4 +146,4 @@ def draw_job(
     variant = (i // len(sources)) % augment if augment else None
     mask, record = augmented_mask(sources[s], s, variant, seed, cfg)
     cond = encode(mask)
-    return Job(i, sources[s], mask, record, cond["content"], cond["structure"])
+    return Job(i, sources[s], mask, record, cond["content"], cond["structure"], cond.get("spatial"))

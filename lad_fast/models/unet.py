@@ -9,6 +9,12 @@ condition of classifier-free guidance is a learned embedding.
 The condition embedding does not depend on x or t, so it is computed once per sample
 (:meth:`LatentUNet.embed_condition`) and the per-step network is ``forward(x, t, cond_emb)``: cheaper
 at every sampling step, and a three-tensor graph for ONNX / TensorRT export.
+
+With ``ConditionConfig.spatial == "concat"`` the network also takes the spatial condition
+(:func:`lad_fast.conditions.spatial_condition`: the mask's organ fractions on the latent grid, zeros for
+the null branch of guidance), concatenated to x before the stem convolution at every step; the per-step
+network is then ``forward(x, t, cond_emb, spatial)`` and its exported graph has a fourth input. With
+"none" (every preset's default) nothing changes: same parameters, same graph.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lad_fast.conditions import ContentHead
+from lad_fast.conditions import ContentHead, spatial_channels
 from lad_fast.config import ConditionConfig, UNetConfig
 from lad_fast.errors import ConfigError
 from lad_fast.models.blocks import (
@@ -32,9 +38,11 @@ from lad_fast.models.blocks import (
 
 
 class LatentUNet(nn.Module):
-    """x (B, C, d, h, w), t (B,) int64, cond_emb (B, cond.embed_dim) -> prediction (B, C, d, h, w).
+    """x (B, C, d, h, w), t (B,) int64, cond_emb (B, cond.embed_dim) [, spatial (B, K, d, h, w)]
+    -> prediction (B, C, d, h, w).
 
-    d, h and w must be divisible by 2 ** (len(cfg.multipliers) - 1).
+    d, h and w must be divisible by 2 ** (len(cfg.multipliers) - 1). ``spatial`` is required when
+    ``cond.spatial == "concat"`` (K = :attr:`spatial_channels` = NUM_CLASSES) and refused otherwise.
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class LatentUNet(nn.Module):
         self.impl = check_impl(impl)
         self.cfg, self.cond_cfg = cfg, cond
         self.latent_channels, self.structure_dim = latent_channels, structure_dim
+        self.spatial_channels = spatial_channels(cond)  # 0 without spatial conditioning
         film = cfg.time_dim + cond.embed_dim
 
         # conditions: content head (trained jointly), structure MLP, learned null embedding
@@ -69,7 +78,7 @@ class LatentUNet(nn.Module):
         )
 
         chans = [cfg.channels * m for m in cfg.multipliers]
-        self.stem = nn.Conv3d(latent_channels, chans[0], 3, padding=1)
+        self.stem = nn.Conv3d(latent_channels + self.spatial_channels, chans[0], 3, padding=1)
         self.down = nn.ModuleList()
         skip_ch = []
         prev = chans[0]
@@ -137,14 +146,16 @@ class LatentUNet(nn.Module):
         """The learned null embedding repeated (batch, embed_dim)."""
         return self.null_emb[None].expand(batch, -1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor, spatial: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):
             raise ConfigError(
                 f"LatentUNet: expected (B, C, d, h, w) with d, h, w divisible by {self.divisor}, "
                 f"got {tuple(x.shape)}"
             )
         emb = torch.cat([self.time_mlp(timestep_embedding(t, self.cfg.time_dim)), cond_emb.to(x.dtype)], -1)
-        h = self.stem(x)
+        h = self.stem(self._with_spatial(x, spatial))
         skips = []
         for blocks in self.down:
             for block in blocks:
@@ -161,6 +172,24 @@ class LatentUNet(nn.Module):
                 h = block(h, emb) if isinstance(block, ResBlock3d) else block(h)
         return self.out(F.silu(self.norm_out(h)))
 
+    def _with_spatial(self, x: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
+        """x, or x and the spatial condition concatenated on the channel axis (spatial models)."""
+        if not self.spatial_channels:
+            if spatial is not None:
+                raise ConfigError(
+                    "LatentUNet: got a spatial condition, but this model was built with "
+                    "condition.spatial='none'; call it as net(x, t, cond_emb)"
+                )
+            return x
+        want = (x.shape[0], self.spatial_channels, *x.shape[2:])
+        if spatial is None or tuple(spatial.shape) != want:
+            got = "none" if spatial is None else tuple(spatial.shape)
+            raise ConfigError(
+                f"LatentUNet (condition.spatial='concat') needs a spatial condition of shape {want}, got "
+                f"{got}; build it with lad_fast.conditions.spatial_condition (zeros for the null branch)"
+            )
+        return torch.cat([x, spatial.to(x.dtype)], dim=1)
+
 
 UNET_ARCHS = ("lad_fast", "official")
 
@@ -170,7 +199,9 @@ def build_unet(
 ) -> nn.Module:
     """The denoiser for ``cfg.arch``: :class:`LatentUNet` ("lad_fast") or
     :class:`~lad_fast.models.unet_official.OfficialLatentUNet` ("official"). Both take
-    ``forward(x, t, cond_emb)`` and provide ``embed_condition`` and ``null_condition``."""
+    ``forward(x, t, cond_emb)`` and provide ``embed_condition``, ``null_condition`` and
+    ``spatial_channels``; a LatentUNet with ``cond.spatial == "concat"`` takes
+    ``forward(x, t, cond_emb, spatial)`` (the official U-Net has no spatial input and refuses it)."""
     if cfg.arch == "lad_fast":
         return LatentUNet(cfg, cond, latent_channels, structure_dim, impl)
     if cfg.arch == "official":

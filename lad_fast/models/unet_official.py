@@ -248,8 +248,14 @@ class OfficialLatentUNet(nn.Module):
             )
         if cfg.dropout:
             raise ConfigError(f"the official U-Net has no dropout; set unet.dropout to 0 (got {cfg.dropout})")
+        if cond.spatial != "none":
+            raise ConfigError(
+                f"condition.spatial={cond.spatial!r} needs unet.arch='lad_fast': the official U-Net has no "
+                "spatial input; use spatial='none' or the lad / tiny preset"
+            )
         self.cfg, self.cond_cfg = cfg, cond
         self.latent_channels, self.structure_dim = latent_channels, structure_dim
+        self.spatial_channels = 0  # no spatial input (see build_unet)
         film = cfg.time_dim + width
         heads, hd, g = cfg.heads, cfg.head_dim, cfg.groups
 

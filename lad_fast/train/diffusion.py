@@ -4,11 +4,12 @@ Pipeline of :func:`train_diffusion`:
 
 1. the frozen VQ-GAN of a trained run encodes every case of a prepared dataset once; the result is
    cached in ``<run>/diffusion/latents.safetensors`` keyed by the VQ-GAN checkpoint hash, the dataset's
-   content hash (``PreparedDataset.content_hash``) and the condition config, so a second call (or
-   ``--resume``) skips the encoder:
+   content hash (``PreparedDataset.content_hash``), the condition config and its ``spatial`` mode, so a
+   second call (or ``--resume``) skips the encoder:
    image latents ``to_unit`` -> [-1, 1] (Lad scales by the codebook's min and max), the content encoding
    of each mask (``encode_pre_quant`` of :func:`lad_fast.trained.mask_as_image`, as Lad passes the label
-   map through the encoder) and the normalised structure vector;
+   map through the encoder), the normalised structure vector and, with ``condition.spatial == "concat"``,
+   the spatial condition (the mask's organ fractions on the latent grid);
 2. :class:`LatentBatches` draws batches and the classifier-free-guidance dropout as a pure function of
    (seed, step, rank), so a resumed run reaches the same weights;
 3. :func:`lad_fast.train.loop.train` runs the steps with ``{"model": LatentUNet}`` (the content head is
@@ -57,7 +58,8 @@ def encode_dataset(
 ) -> dict[str, torch.Tensor]:
     """Encode every masked case of the prepared dataset ``data`` (cached in ``cache``).
 
-    Returns ``latent`` (N, C, d, h, w), ``content`` (N, C, d, h, w), ``structure`` (N, L) float32 tensors.
+    Returns ``latent`` (N, C, d, h, w), ``content`` (N, C, d, h, w), ``structure`` (N, L) float32 tensors,
+    and ``spatial`` (N, NUM_CLASSES, d, h, w) when ``cfg.condition.spatial == "concat"``.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -81,18 +83,20 @@ def encode_dataset(
         "data_hash": ds.content_hash(),
         "condition": config_hash(config_to_dict(cfg.condition)),
         "ids": json.dumps([ds.case_ids[i] for i in cases]),
+        "spatial": cfg.condition.spatial,
     }
+    names = ("latent", "content", "structure") + (("spatial",) if cfg.condition.spatial == "concat" else ())
     if cache.is_file():
         try:
             with safe_open(str(cache), framework="pt") as f:
                 if f.metadata() == key:
-                    return {k: f.get_tensor(k) for k in ("latent", "content", "structure")}
+                    return {k: f.get_tensor(k) for k in names}
         except Exception:  # a damaged cache is recomputed, never trusted
             pass
     rows = [
         encode_case(vq, ds[i]["image"], ds[i]["mask"], cfg, device) for i in track(cases, "encode latents")
     ]
-    tensors = {k: torch.stack([r[k] for r in rows]).contiguous() for k in ("latent", "content", "structure")}
+    tensors = {k: torch.stack([r[k] for r in rows]).contiguous() for k in names}
     with atomic_path(cache, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=key)
     return tensors
@@ -104,7 +108,9 @@ class LatentBatches:
 
     Returns CPU tensors ``x0`` (B, C, d, h, w), ``content`` (B, C, d, h, w), ``structure`` (B, L), ``keep``
     (B,) 1.0 where the condition is kept and 0.0 where classifier-free guidance drops it (probability
-    ``drop_prob``), and ``seed``, the seed of the step's timestep and noise draw.
+    ``drop_prob``), and ``seed``, the seed of the step's timestep and noise draw. When the latents hold
+    ``spatial`` (spatial conditioning), also ``spatial`` (B, K, d, h, w) with the same dropout already
+    applied: the null (zeros, :func:`lad_fast.conditions.drop_spatial`) where ``keep`` is 0.
     """
 
     latents: Mapping[str, torch.Tensor]
@@ -120,13 +126,18 @@ class LatentBatches:
         g = step_generator(self.seed, step, rank)
         keep = (torch.rand(self.batch_size, generator=g) >= self.drop_prob).float()
         seed = int(torch.randint(0, 2**62, (1,), generator=g))
-        return {
+        out = {
             "x0": self.latents["latent"][idx],
             "content": self.latents["content"][idx],
             "structure": self.latents["structure"][idx],
             "keep": keep,
             "seed": seed,
         }
+        if "spatial" in self.latents:  # dropped with the global condition: one keep flag per sample
+            from lad_fast.conditions import drop_spatial
+
+            out["spatial"] = drop_spatial(self.latents["spatial"][idx], keep)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -198,8 +209,9 @@ def train_diffusion(
             # gradients, as every parameter gets one each step (the null embedding through keep).
             emb = net.embed_condition(b["content"], b["structure"], b["keep"])
             model = mods["model"]
+            spatial = (b["spatial"],) if "spatial" in b else ()  # already null where keep is 0
             value = diffusion_loss(
-                lambda x, t: model(x, t, emb),
+                lambda x, t: model(x, t, emb, *spatial),
                 b["x0"],
                 sched,
                 cfg.diffusion,
