@@ -8,7 +8,9 @@ Numbers for the ``lad`` preset come from ../shared/LAD_REFERENCE.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -394,6 +396,24 @@ def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+
+
+# The section names of a LadConfig ("geometry", "vqgan", "unet" ...).
+LAD_SECTIONS: frozenset[str] = frozenset(f.name for f in fields(LadConfig) if f.name != "preset")
+
+
+def with_defaults(data: Mapping[str, Any], section: str | None = None) -> dict[str, Any]:
+    """``data`` as JSON (lists for tuples) with the fields it lacks filled by their defaults.
+
+    ``data`` holds :class:`LadConfig` sections by name (other keys pass through unchanged), or is the
+    dict of the one ``section`` named. Used to compare a config recorded by an older lad-fast, which
+    lacks fields added since (they take their defaults when it is loaded), with a current one.
+    """
+    wrapped = {section: dict(data)} if section is not None else dict(data)
+    sections = {k: v for k, v in wrapped.items() if k in LAD_SECTIONS and isinstance(v, dict)}
+    filled = config_to_dict(config_from_dict(sections))
+    out = json.loads(json.dumps({**wrapped, **{k: filled[k] for k in sections}}))
+    return out[section] if section is not None else out
 
 
 def config_from_dict(data: dict[str, Any]) -> LadConfig:

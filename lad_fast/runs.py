@@ -87,8 +87,8 @@ class RunDir:
         # Dot-files are temporaries (another rank may be writing config.json right now).
         if run.path.is_dir() and any(not q.name.startswith(".") for q in run.path.iterdir()):
             run.check_layout()
-            old = run.config_dict()
-            new = config_to_dict(cfg)
+            old = json.loads(json.dumps(run.config_dict()))  # tuples as JSON lists, like new
+            new = json.loads(json.dumps(config_to_dict(cfg)))
             strict_old = {k: v for k, v in old.items() if k not in _MUTABLE_SECTIONS}
             strict_new = {k: v for k, v in new.items() if k not in _MUTABLE_SECTIONS}
             diff = config_diff(strict_old, strict_new)
@@ -130,7 +130,7 @@ class RunDir:
                 "move them out or choose another --run"
             )
 
-    def config_dict(self) -> dict[str, Any]:
+    def _raw_config(self) -> dict[str, Any]:
         try:
             return json.loads(self.config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -138,10 +138,16 @@ class RunDir:
                 f"{self.config_path} is unreadable ({err}); the run folder is damaged"
             ) from err
 
+    def config_dict(self) -> dict[str, Any]:
+        """The run's config as a JSON-ready dict, with every field: fields added to lad-fast after the
+        run was written take their defaults (what the run was trained with), so comparing it with a
+        current config names real differences only."""
+        return config_to_dict(self.config())
+
     def config(self) -> LadConfig:
         """The resolved config this run was (last) trained with."""
         try:
-            return config_from_dict(self.config_dict())
+            return config_from_dict(self._raw_config())
         except (ConfigError, TypeError) as err:
             raise CheckpointError(f"{self.config_path} does not hold a lad-fast config: {err}") from err
 

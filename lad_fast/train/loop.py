@@ -53,7 +53,7 @@ from lad_fast.checkpoints import (
     seed_all,
     versions,
 )
-from lad_fast.config import LadConfig, TrainConfig
+from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
 from lad_fast.distributed import DistInfo, all_true, step_seed
 from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
 from lad_fast.runs import RunDir, config_diff
@@ -227,8 +227,17 @@ def _build_meta(model: str, run: RunDir, job: Job, step: int) -> dict[str, Any]:
 
 def _check_resume(ckpt: Checkpoint, model: str, model_config: Mapping[str, Any]) -> None:
     stored = ckpt.meta.get("model_config", {})
-    if ckpt.meta.get("model_config_hash") != config_hash(model_config):
-        diff = config_diff(stored, dict(model_config)) or ["(hash differs)"]
+    if ckpt.meta.get("model_config_hash") == config_hash(model_config):
+        return
+    # A checkpoint of an older lad-fast lacks the config fields added since; they took their defaults.
+    # The VQ-GAN records its bare config section; the others record sections by name.
+    section = None if any(k in LAD_SECTIONS for k in stored) or model not in LAD_SECTIONS else model
+    try:
+        old, new = with_defaults(stored, section), with_defaults(model_config, section)
+    except (ConfigError, TypeError, ValueError):
+        old, new = stored, dict(model_config)
+    if old != new:
+        diff = config_diff(old, new) or ["(hash differs)"]
         raise CheckpointError(
             f"cannot resume {model} from {ckpt.path}: the model config changed ({'; '.join(diff)}); "
             "resume with the original config, or start a new --run"
