@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lad_fast.checkpoints import META_NAME, latest_step_dir, load_checkpoint
-from lad_fast.config import LadConfig, config_from_dict, config_to_dict
+from lad_fast.config import LadConfig, config_from_dict, config_to_dict, with_defaults
 from lad_fast.errors import CheckpointError, ConfigError, InputError
 from lad_fast.models.segmenter import Segmenter
 from lad_fast.models.unet import LatentUNet, build_unet
@@ -100,7 +100,10 @@ def _load(
 
 
 def _build_vqgan(mc: Mapping[str, Any], meta: Mapping[str, Any], rundir: RunDir) -> nn.Module:
-    diff = config_diff(dict(mc), config_to_dict(rundir.config().vqgan))
+    # with_defaults: a checkpoint of an older lad-fast lacks the fields added since (their defaults)
+    diff = config_diff(
+        with_defaults(mc, "vqgan"), with_defaults(config_to_dict(rundir.config().vqgan), "vqgan")
+    )
     if diff:
         raise CheckpointError(
             f"the VQ-GAN checkpoint {meta['checkpoint']} was trained with another model config than "
