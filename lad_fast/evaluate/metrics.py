@@ -44,7 +44,9 @@ def _features(x: np.ndarray | torch.Tensor, side: str) -> np.ndarray:
     return a
 
 
-def _pair(real, fake, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def _pair(
+    real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     x, y = _features(real, "real"), _features(fake, "synthetic")
     if x.shape[1] != y.shape[1]:
         raise InputError(

@@ -159,7 +159,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"MedicalNet weights file not found: {path}. {WEIGHTS_HELP}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+    except Exception as e:  # any unpickling failure means the same thing to the user
         raise InputError(
             f"MedicalNet weights {path} could not be read as a PyTorch state dict ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). {WEIGHTS_HELP}"

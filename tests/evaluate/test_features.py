@@ -64,6 +64,17 @@ def test_medicalnet_features_and_name(medicalnet_weights):
     assert not torch.allclose(ext(x.flip(-1)), feats)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extractors_on_cuda_match_the_cpu(medicalnet_weights):
+    x = volumes(3)
+    for kw in ({"segmenter": segmenter()}, {"weights": medicalnet_weights}):
+        name = "segmenter" if "segmenter" in kw else "medicalnet"
+        cpu = make_extractor(name, **kw)(x)
+        gpu = make_extractor(name, device="cuda", **kw)(x)
+        assert gpu.device.type == "cpu"  # features come back to the caller's side
+        torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
+
+
 def test_medicalnet_without_weights_says_where_to_get_them():
     with pytest.raises(ConfigError, match=r"needs a weights file.*Tencent MedicalNet.*--weights"):
         make_extractor("medicalnet")

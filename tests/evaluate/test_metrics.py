@@ -42,6 +42,23 @@ def test_fid_of_a_sample_with_itself_is_zero_and_it_grows_with_a_shift():
     assert 0 < fid(x, x + 0.1) < fid(x, x + 0.5)
 
 
+def test_fid_adds_epsilon_to_the_diagonals_when_the_square_root_fails(monkeypatch):
+    import lad_fast.evaluate.metrics as metrics
+
+    x, y = features(6, 6, 3)
+    real = metrics._trace_sqrt_product
+    seen = []
+
+    def flaky(s1, s2):
+        seen.append(s1.copy())
+        return float("nan") if len(seen) == 1 else real(s1, s2)
+
+    monkeypatch.setattr(metrics, "_trace_sqrt_product", flaky)
+    got = fid(x, y, eps=1e-3)
+    np.testing.assert_allclose(seen[1] - seen[0], 1e-3 * np.eye(3), atol=1e-12)
+    assert np.isfinite(got) and got == pytest.approx(metrics.fid(x, y), rel=1e-2)
+
+
 def test_fid_is_undefined_below_two_samples():
     x, y = features(5, 1, 4)
     with pytest.raises(
@@ -225,6 +242,12 @@ def test_diversity_samples_a_fixed_set_of_pairs_when_there_are_many():
     assert a == diversity(vols, max_pairs=10, seed=0)
     assert a != diversity(vols, max_pairs=10, seed=1)
     assert a == pytest.approx(diversity(vols), abs=0.05)  # a sample of the 66 pairs estimates their mean
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ms_ssim_on_cuda_matches_the_cpu():
+    a, b = noisy_pair((2, 1, 16, 64, 64))
+    torch.testing.assert_close(ms_ssim(a.cuda(), b.cuda()).cpu(), ms_ssim(a, b), rtol=1e-4, atol=1e-5)
 
 
 def test_pair_unranking_enumerates_all_pairs_in_order():
