@@ -143,17 +143,17 @@ def hu_statistics(hu: np.ndarray, masks: np.ndarray, organs: Sequence[str]) -> d
 
 
 def hu_histograms(
-    hu: np.ndarray, masks: np.ndarray, organs: Sequence[str], window: tuple[float, float], bins: int = 56
+    hu: np.ndarray, masks: np.ndarray, organs: Sequence[str], span: tuple[float, float], bins: int = 60
 ) -> dict[str, Any]:
-    """Per-organ HU densities over ``bins`` equal bins of ``window``: ``{"edges": [...], organ: [...]}``
-    (each histogram sums to 1; None without voxels)."""
-    edges = np.linspace(window[0], window[1], bins + 1)
+    """Per-organ HU densities over ``bins`` equal bins of ``span`` = (lo, hi) HU, values outside counted in
+    the end bins: ``{"edges": [...], organ: [...]}`` (each histogram sums to 1; None without voxels)."""
+    edges = np.linspace(span[0], span[1], bins + 1)
     out: dict[str, Any] = {"edges": [round(float(e), 2) for e in edges]}
     for organ in organs:
         values = np.asarray(hu)[np.asarray(masks) == CANONICAL_ORGANS.index(organ)]
         if values.size == 0:
             out[organ] = None
             continue
-        h, _ = np.histogram(np.clip(values, window[0], window[1]), bins=edges)
+        h, _ = np.histogram(np.clip(values, span[0], span[1]), bins=edges)
         out[organ] = [round(float(v), 5) for v in h / h.sum()]
     return out
