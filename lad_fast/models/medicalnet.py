@@ -148,9 +148,11 @@ def infer_depth(keys: list[str]) -> int:
     for depth, (kind, arch_counts, _) in ARCHS.items():
         if kind == "basic" and counts == arch_counts:
             return depth
+    first = f"'{keys[0]}'" if keys else "none"
     raise InputError(
-        f"MedicalNet weights: cannot tell the ResNet depth from the state dict (blocks per layer {counts}); "
-        "expected the official key layout of resnet_10/18/34/50.pth, or pass depth explicitly"
+        f"MedicalNet weights: cannot tell the ResNet depth from the state dict (blocks per layer {counts}, "
+        f"first key {first}); expected the official key layout of resnet_10/18/34/50.pth "
+        "('module.conv1.weight', 'module.layer1.0.conv1.weight', ...), or pass the depth explicitly"
     )
 
 

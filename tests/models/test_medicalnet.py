@@ -118,7 +118,15 @@ def test_unreadable_or_non_state_dict_files_are_refused(tmp_path):
 
 def test_depth_inference_and_bad_depths():
     assert infer_depth(list(MedicalNet(34).state_dict())) == 34
-    with pytest.raises(InputError, match=r"cannot tell the ResNet depth .*\(1, 1, 1, 0\)"):
+    with pytest.raises(InputError, match=r"cannot tell the ResNet depth .*\(1, 1, 1, 0\), first key 'layer1"):
         infer_depth(["layer1.0.conv1.weight", "layer2.0.conv1.weight", "layer3.0.conv1.weight"])
     with pytest.raises(ConfigError, match=r"depth must be one of \[10, 18, 34, 50\], got 101"):
         MedicalNet(101)
+
+
+def test_a_foreign_state_dict_is_refused_by_its_first_key(tmp_path):
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "w.pth")
+    with pytest.raises(
+        InputError, match=r"cannot tell the ResNet depth .*first key 'encoder.weight'.*module.conv1"
+    ):
+        load_medicalnet(tmp_path / "w.pth")
