@@ -22,6 +22,8 @@ Sample sizes matter: FID is biased upwards at small N, so compare numbers measur
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,89 @@ def _diversity(images: np.ndarray) -> float:
     return round(float(diversity(torch.from_numpy(np.ascontiguousarray(images))[:, None])), 4)
 
 
+@dataclass
+class Segmenting:
+    """The segmenter that labels volumes, and the settings the evaluation takes from the runs.
+
+    window: the HU window the segmenter was trained on (both sides go through it); cond: the condition
+    config of the run that generated the volumes (else the segmenter run's), for structure vectors.
+    """
+
+    run: Path
+    net: torch.nn.Module
+    device: torch.device
+    window: tuple[float, float]
+    cond: Any
+    generator_run: Path | None
+
+
+def load_segmenting(
+    segmenter: Path | None, records: dict[str, dict[str, Any]], synthetic: Path, device: str
+) -> Segmenting:
+    from lad_fast.config import config_from_dict
+    from lad_fast.devices import resolve_device
+    from lad_fast.evaluate import _seam
+
+    seg_run = resolve_segmenter(segmenter, records, synthetic)
+    dev = resolve_device(device)
+    net, meta = _seam.load_segmenter(seg_run, dev)
+    seg_cfg = config_from_dict(meta["config"])
+    gen_run = _run_of(records)
+    cond = seg_cfg.condition
+    if gen_run is not None and (gen_run / "config.json").is_file():
+        from lad_fast.runs import RunDir
+
+        cond = RunDir.open(gen_run).config().condition  # the conditions the generator was given
+    window = (float(seg_cfg.geometry.hu_window[0]), float(seg_cfg.geometry.hu_window[1]))
+    return Segmenting(seg_run, net, dev, window, cond, gen_run)
+
+
+def _conditioning_fidelity(pred: np.ndarray, syn: Any, cond: Any, organs: list[str]) -> dict[str, Any]:
+    """Segmentations ``pred`` against their conditioning masks, and against a deranged set of them."""
+    from lad_fast.evaluate.fidelity import derangement, mask_fidelity
+
+    perm = derangement(syn.groups)
+    return {
+        "synthetic": mask_fidelity(pred, syn.masks, cond, organs),
+        "shuffled": mask_fidelity(pred, syn.masks[perm], cond, organs),
+        "derangement": [int(p) for p in perm],
+    }
+
+
+def synthetic_fidelity(
+    synthetic: Path,
+    *,
+    segmenter: Path | None = None,
+    device: str = "auto",
+    organs: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Mask and topology fidelity of a generated folder alone (no real volumes, no features).
+
+    organs: the organs scored and averaged (default: those present in the conditioning masks).
+    Returns ``{"organs", "synthetic", "shuffled", "derangement", "volumes", "segmenter"}`` with the
+    :func:`lad_fast.evaluate.fidelity.mask_fidelity` blocks that :func:`evaluate` reports.
+    """
+    from lad_fast.evaluate import _seam
+    from lad_fast.evaluate.datasets import check_masks, read_synthetic, synthetic_ids
+    from lad_fast.evaluate.fidelity import present_organs
+
+    synthetic = Path(synthetic)
+    ids, records = synthetic_ids(synthetic)
+    if len(ids) < 2:
+        raise InputError(f"{synthetic}: {len(ids)} volume(s); the shuffled baseline needs at least 2")
+    check_masks(synthetic, ids)
+    seg = load_segmenting(segmenter, records, synthetic, device)
+    syn, _ = read_synthetic(synthetic, ids, seg.window, with_masks=True)
+    pred = _seam.predict_volumes(seg.net, syn.images, seg.device)
+    organs = list(organs) if organs is not None else present_organs(syn.masks)
+    return {
+        "organs": organs,
+        **_conditioning_fidelity(pred, syn, seg.cond, organs),
+        "volumes": len(syn),
+        "segmenter": {"run": str(seg.run), "checkpoint_hash": _seam.segmenter_hash(seg.run)},
+    }
+
+
 def evaluate(
     real: Path,
     synthetic: Path,
@@ -133,18 +218,10 @@ def evaluate(
     the run holding the segmenter (default: the run that generated ``synthetic``); fidelity: score masks
     (needs ``masks/``). Raises InputError / CheckpointError / ConfigError before any output is made.
     """
-    from lad_fast.config import config_from_dict
-    from lad_fast.devices import resolve_device
     from lad_fast.evaluate import _seam
     from lad_fast.evaluate.datasets import check_masks, read_real, read_synthetic, real_ids, synthetic_ids
     from lad_fast.evaluate.features import make_extractor
-    from lad_fast.evaluate.fidelity import (
-        derangement,
-        hu_histograms,
-        hu_statistics,
-        mask_fidelity,
-        present_organs,
-    )
+    from lad_fast.evaluate.fidelity import hu_histograms, hu_statistics, mask_fidelity, present_organs
     from lad_fast.evaluate.metrics import ms_ssim_settings
 
     t0 = time.perf_counter()
@@ -161,17 +238,9 @@ def evaluate(
     check_counts(len(real_ids(real)), len(syn_ids), real, synthetic)
     if fidelity:
         check_masks(synthetic, syn_ids)
-    seg_run = resolve_segmenter(segmenter, records, synthetic)
-    dev = resolve_device(device)
-    net, seg_meta = _seam.load_segmenter(seg_run, dev)
-    seg_cfg = config_from_dict(seg_meta["config"])
-    gen_run = _run_of(records)
-    cond_cfg = seg_cfg.condition
-    if gen_run is not None and (gen_run / "config.json").is_file():
-        from lad_fast.runs import RunDir
-
-        cond_cfg = RunDir.open(gen_run).config().condition  # the conditions the generator was given
-    window = tuple(seg_cfg.geometry.hu_window)  # the window the segmenter was trained on
+    seg = load_segmenting(segmenter, records, synthetic, device)
+    net, dev, window = seg.net, seg.device, seg.window
+    cond_cfg, gen_run, seg_run = seg.cond, seg.generator_run, seg.run
     extractor = make_extractor(
         features, weights=weights, segmenter=net if features == "segmenter" else None, device=dev,
         batch_size=batch_size,
@@ -218,10 +287,7 @@ def evaluate(
     organs = present_organs(syn.masks, real_masks) if fidelity else present_organs(pred_syn, real_masks)
     fid_block: dict[str, Any] = {"organs": organs}
     if fidelity:
-        perm = derangement(syn.groups)
-        fid_block["synthetic"] = mask_fidelity(pred_syn, syn.masks, cond_cfg, organs)
-        fid_block["shuffled"] = mask_fidelity(pred_syn, syn.masks[perm], cond_cfg, organs)
-        fid_block["derangement"] = [int(p) for p in perm]
+        fid_block.update(_conditioning_fidelity(pred_syn, syn, cond_cfg, organs))
     fid_block["real"] = (
         mask_fidelity(pred_real[rea.masked], real_masks, cond_cfg, organs)
         if real_masks is not None

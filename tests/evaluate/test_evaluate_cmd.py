@@ -147,6 +147,12 @@ def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_
     from PIL import Image
 
     assert Image.open(png).size == (1280, 520)
+    # the fidelity-only entry point (bench/condition_fidelity.py) reports the same numbers
+    from lad_fast.evaluate.report import synthetic_fidelity
+
+    alone = synthetic_fidelity(synthetic, device="cpu")
+    assert alone["synthetic"] == fid["synthetic"] and alone["shuffled"] == fid["shuffled"]
+    assert alone["segmenter"] == rep["segmenter"] and alone["volumes"] == 3
 
 
 def test_the_synthetic_scores_follow_their_masks_better_than_shuffled(real, synthetic):
