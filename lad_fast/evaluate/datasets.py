@@ -7,10 +7,10 @@ headers), as float32 in [-1, 1] through the same HU window (:func:`lad_fast.data
 * synthetic: ``images/<id>.nii.gz`` (HU), ``masks/<id>.nii.gz`` (canonical ids) and ``manifest.jsonl``
   (``lad-fast generate``); without a manifest every image of ``images/`` is read.
 * real: a prepared dataset (``index.json``), or a NIfTI folder: ``images/<id>.nii.gz`` with optional
-  ``masks/<id>.nii.gz`` in canonical ids (the layout ``generate`` writes), or NIfTI images directly in the
-  folder. Other layouts and label vocabularies: run ``lad-fast prepare`` first and pass its output.
-  Real volumes on another grid are resampled and cropped like ``prepare`` does
-  (:func:`lad_fast.data.geometry.prepare_case`).
+  ``masks/<id>.nii.gz`` in canonical ids with a ``dataset.json`` listing them (the layout ``generate``
+  writes), or NIfTI images directly in the folder. Other layouts and label vocabularies: run
+  ``lad-fast prepare`` first and pass its output. Real volumes on another grid are resampled and cropped
+  like ``prepare`` does (:func:`lad_fast.data.geometry.prepare_case`).
 """
 
 from __future__ import annotations
@@ -160,6 +160,26 @@ def real_ids(path: Path) -> list[str]:
     return _nifti_ids(folder)
 
 
+def _check_canonical_labels(path: Path) -> None:
+    """Masks of a NIfTI folder are read as canonical ids only when its ``dataset.json`` says so (as
+    ``lad-fast generate`` writes it): ids of another vocabulary would silently name other organs."""
+    import json
+
+    from lad_fast.data.labels import CANONICAL_ORGANS
+    from lad_fast.generate import DATASET_JSON
+
+    try:
+        labels = json.loads((path / DATASET_JSON).read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        labels = None
+    if labels != {name: i for i, name in enumerate(CANONICAL_ORGANS)}:
+        raise InputError(
+            f"{path}: masks/ without a {DATASET_JSON} listing lad-fast's canonical labels, so their ids "
+            f"cannot be trusted to name organs; prepare the folder (`lad-fast prepare {path} OUT`) and "
+            "pass OUT"
+        )
+
+
 def _onto_grid(
     hu: np.ndarray,
     affine: np.ndarray,
@@ -211,7 +231,9 @@ def read_real(path: Path, grid: Grid, window: tuple[float, float]) -> VolumeSet:
     else:
         ids = real_ids(path)
         folder = path / "images" if (path / "images").is_dir() else path
-        mask_dir = path / "masks" if folder != path else None
+        mask_dir = path / "masks" if folder != path and (path / "masks").is_dir() else None
+        if mask_dir is not None:
+            _check_canonical_labels(path)
         for vid in track(ids, "read real"):
             hu, affine = _read_canonical(_nifti(folder, vid), labels=False)
             mask = None
