@@ -85,7 +85,10 @@ def mask_fidelity(
     """
     if len(preds) != len(refs):
         raise InputError(f"{len(preds)} segmentations but {len(refs)} references")
-    per = [case_fidelity(p, r, cond) for p, r in zip(preds, refs, strict=True)]
+    from lad_fast.progress import track
+
+    pairs = zip(preds, refs, strict=True)
+    per = [case_fidelity(p, r, cond) for p, r in track(pairs, "mask fidelity", total=len(preds))]
     organs = list(organs) if organs is not None else present_organs(refs)
     dice = {o: _mean([c["dice"][o] for c in per if o in c["dice"]]) for o in organs}
     vol = {o: _mean([c["volume_error"][o] for c in per if o in c["volume_error"]]) for o in organs}
