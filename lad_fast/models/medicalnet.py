@@ -156,24 +156,57 @@ def infer_depth(keys: list[str]) -> int:
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, label: str, help_text: str) -> dict[str, torch.Tensor]:
+    """The tensors of a local ``.pth`` (a bare state dict or ``{"state_dict": ...}``), loaded with
+    ``weights_only=True``. ``label`` names the weights in messages; ``help_text`` says where to get them."""
     if not path.is_file():
-        raise InputError(f"MedicalNet weights file not found: {path}. {WEIGHTS_HELP}")
+        raise InputError(f"{label} weights file not found: {path}. {help_text}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means the same thing to the user
         raise InputError(
-            f"MedicalNet weights {path} could not be read as a PyTorch state dict ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). {WEIGHTS_HELP}"
+            f"{label} weights {path} could not be read as a PyTorch state dict ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). {help_text}"
         ) from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # the official files: {"state_dict": ..., ...}
+        obj = obj["state_dict"]  # MedicalNet's files: {"state_dict": ..., ...}
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(
-            f"MedicalNet weights {path} hold no state dict (a mapping of parameter names to tensors). "
-            f"{WEIGHTS_HELP}"
+            f"{label} weights {path} hold no state dict (a mapping of parameter names to tensors). "
+            + help_text
         )
     return dict(obj)
+
+
+def load_matching(
+    net: nn.Module,
+    state: dict[str, torch.Tensor],
+    names: Mapping[str, str],
+    path: Path,
+    what: str,
+    hint: str,
+    prefix: str = "",
+) -> None:
+    """Load ``state`` into ``net`` only if its keys and shapes match exactly; else InputError naming the
+    first missing key (as ``prefix`` + name: the official layout) and the first unexpected key (as
+    ``names`` maps it back to the file). BatchNorm ``num_batches_tracked`` counters may be absent
+    (PyTorch < 0.4.1 checkpoints; unused in eval)."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise InputError(
+            f"weights {path} do not match {what}: first missing key {_quote(prefix, missing)}, first "
+            f"unexpected key {_quote('', [names[k] for k in unexpected])} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected). {hint}"
+        )
+    bad = [k for k, v in state.items() if v.shape != expected[k].shape]
+    if bad:
+        raise InputError(
+            f"weights {path}: {names[bad[0]]} has shape {tuple(state[bad[0]].shape)}, {what} expects "
+            f"{tuple(expected[bad[0]].shape)}"
+        )
+    net.load_state_dict(state, strict=False)
 
 
 def load_medicalnet(path: str | Path, depth: int | None = None) -> MedicalNet:
@@ -186,29 +219,13 @@ def load_medicalnet(path: str | Path, depth: int | None = None) -> MedicalNet:
     missing and the first unexpected key.
     """
     path = Path(path)
-    raw = _read_state_dict(path)
-    original = {(k[len("module.") :] if k.startswith("module.") else k): k for k in raw}
-    state = {k: raw[o] for k, o in original.items() if not k.startswith("conv_seg.")}
+    raw = read_state_dict(path, "MedicalNet", WEIGHTS_HELP)
+    names = {(k[len("module.") :] if k.startswith("module.") else k): k for k in raw}
+    state = {k: raw[o] for k, o in names.items() if not k.startswith("conv_seg.")}
     net = MedicalNet(depth if depth is not None else infer_depth(list(state)))
-    expected = net.state_dict()
-    # PyTorch < 0.4.1 checkpoints (MedicalNet's era) may lack the BN step counters; they are unused in eval.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise InputError(
-            f"MedicalNet weights {path} do not match MedicalNet ResNet-{net.depth} "
-            f"(shortcut {net.shortcut}): first missing key {_quote('module.', missing)}, first unexpected "
-            f"key {_quote('', [original[k] for k in unexpected])} ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected). "
-            "Pass the official resnet_<depth>.pth state dict, or the matching depth"
-        )
-    bad = [k for k, v in state.items() if v.shape != expected[k].shape]
-    if bad:
-        raise InputError(
-            f"MedicalNet weights {path}: {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
-            f"ResNet-{net.depth} expects {tuple(expected[bad[0]].shape)}"
-        )
-    net.load_state_dict(state, strict=False)
+    what = f"MedicalNet ResNet-{net.depth} (shortcut {net.shortcut})"
+    hint = f"Pass the official resnet_{net.depth}.pth state dict, or the matching depth"
+    load_matching(net, state, names, path, what, hint, prefix="module.")
     return net.eval()
 
 

@@ -96,7 +96,11 @@ def test_wrong_shape_is_named(tmp_path):
     state = official_state_dict(10)
     state["module.conv1.weight"] = torch.randn(64, 3, 7, 7, 7)
     torch.save(state, tmp_path / "w.pth")
-    with pytest.raises(InputError, match=r"conv1.weight has shape \(64, 3, 7, 7, 7\), ResNet-10 expects"):
+    with pytest.raises(
+        InputError,
+        match=r"module.conv1.weight has shape \(64, 3, 7, 7, 7\), MedicalNet ResNet-10 \(shortcut B\) "
+        r"expects \(64, 1,",
+    ):
         load_medicalnet(tmp_path / "w.pth")
 
 
