@@ -383,3 +383,20 @@ def test_real_masks_without_canonical_labels_are_refused(real, synthetic, tmp_pa
     _assert_refused(
         code, err, r"masks/ without a dataset.json listing lad-fast's canonical labels.*lad-fast prepare"
     )
+
+
+def test_a_manifest_without_its_run_needs_segmenter(real, tmp_path, capsys):
+    gen = write_synthetic(tmp_path / "gen", real, None)
+    code, _, err = run_cli(["--real", str(real), "--synthetic", str(gen)], capsys)
+    _assert_refused(code, err, r"manifest names no single run that made it; pass --segmenter RUN")
+
+
+def test_segmenter_option_overrides_the_manifest(real, seg_run, tmp_path, capsys):
+    gen = write_synthetic(tmp_path / "gen", real, None)
+    out = tmp_path / "e.json"
+    code, _, err = run_cli(
+        ["--real", str(real), "--synthetic", str(gen), "--segmenter", str(seg_run), "--out", str(out),
+         "--device", "cpu"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out.read_text())["segmenter"]["run"] == str(seg_run)
