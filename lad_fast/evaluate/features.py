@@ -13,7 +13,13 @@ Selected by name with :func:`make_extractor`:
   features see both fine texture and coarse layout: F = sum of the segmenter's channels (112 for the
   default (16, 32, 64)). ``weights_hash`` is a SHA-256 over the state dict (names, dtypes, shapes,
   values; first 16 hex digits).
-- ``"radimagenet-2.5d"`` (MAISI's 2.5D protocol): not yet supported.
+- ``"radimagenet-2.5d"``: MAISI's 2.5D protocol (NV-Generate-CTMR ``scripts/compute_fid_2-5d_ct.py``)
+  with a RadImageNet 2D ResNet-50 (:mod:`lad_fast.models.radimagenet`, weights from a local file): every
+  axial, coronal and sagittal slice, the volume min-max scaled to [0, 1], repeated to 3 channels minus
+  (0.406, 0.456, 0.485), globally pooled; F = 2048. MAISI reports one FID per plane with slices as
+  samples; here each volume gets ONE vector (mean over the slices of a plane, then over the three
+  planes) so the per-volume FID/MMD apply, and volumes arrive in the preset's HU window rather than
+  MAISI's [-1000, 1000]: the numbers are not comparable with MAISI's tables.
 
 Features of different extractors (or weights) are not comparable: reports name both ``name`` and
 ``weights_hash``.
@@ -106,6 +112,30 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std.clamp_min(1e-6)
 
 
+# subtracted from channels 0, 1, 2 (the Keras weights' BGR order), as MAISI's subtract_mean does
+RADIMAGENET_MEAN = (0.406, 0.456, 0.485)
+
+
+def _radimagenet_2p5d(net: nn.Module, slice_batch: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:
+    def features(x: torch.Tensor) -> torch.Tensor:  # (b, 1, D, H, W) -> (b, 2048)
+        mean = torch.tensor(RADIMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        out = []
+        for vol in x[:, 0]:  # (D, H, W)
+            lo, hi = vol.min(), vol.max()
+            vol = (vol - lo) / (hi - lo + 1e-10)  # MAISI: min-max over all slices of the volume
+            planes = []
+            for stack in (vol, vol.permute(1, 0, 2), vol.permute(2, 0, 1)):  # axial, coronal, sagittal
+                feats = [
+                    net(stack[i : i + slice_batch, None].expand(-1, 3, -1, -1) - mean)
+                    for i in range(0, stack.shape[0], slice_batch)
+                ]
+                planes.append(torch.cat(feats).mean(0))  # (2048,): mean over the plane's slices
+            out.append(torch.stack(planes).mean(0))
+        return torch.stack(out)
+
+    return features
+
+
 def _segmenter_features(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     def features(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([f.mean(dim=(2, 3, 4)) for f in net.encoder_features(x)], dim=1)
@@ -127,9 +157,9 @@ def make_extractor(
     - "medicalnet" needs ``weights`` (a local MedicalNet ``.pth``); ``depth`` is inferred from it when
       omitted.
     - "segmenter" needs ``segmenter``, an already-loaded lad-fast Segmenter (it is put in eval mode and
-      moved to ``device``).
-    Raises ConfigError for an unknown name or a missing argument, InputError for unusable weights,
-    LadFastError ("not yet supported") for "radimagenet-2.5d".
+      moved to ``device``, in place).
+    - "radimagenet-2.5d" needs ``weights`` (RadImageNet-ResNet50_notop.pth).
+    Raises ConfigError for an unknown name or a missing argument, InputError for unusable weights.
     """
     if name == "medicalnet":
         from lad_fast.models.medicalnet import WEIGHTS_HELP, load_medicalnet
@@ -155,8 +185,10 @@ def make_extractor(
             "segmenter", state_dict_hash(net), _segmenter_features(net), device, batch_size
         )
     if name == "radimagenet-2.5d":
-        raise ConfigError(
-            "the radimagenet-2.5d feature extractor (MAISI's 2.5D protocol) is not yet supported; "
-            "use --features segmenter or --features medicalnet"
-        )
+        from lad_fast.models.radimagenet import WEIGHTS_HELP, load_radimagenet
+
+        if weights is None:
+            raise ConfigError(f"the radimagenet-2.5d feature extractor needs a weights file. {WEIGHTS_HELP}")
+        net = load_radimagenet(weights).to(device)
+        return BatchedExtractor(name, file_hash(Path(weights)), _radimagenet_2p5d(net), device, batch_size)
     raise ConfigError(f"unknown feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")

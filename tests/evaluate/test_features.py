@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from lad_fast.config import SegmenterConfig
-from lad_fast.errors import ConfigError, InputError, LadFastError
+from lad_fast.errors import ConfigError, InputError
 from lad_fast.evaluate.features import FeatureExtractor, make_extractor, state_dict_hash
 from lad_fast.models.medicalnet import MedicalNet
+from lad_fast.models.radimagenet import RadImageNetResNet50
 from lad_fast.models.segmenter import Segmenter
 
 
@@ -65,10 +66,14 @@ def test_medicalnet_features_and_name(medicalnet_weights):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_extractors_on_cuda_match_the_cpu(medicalnet_weights):
+def test_extractors_on_cuda_match_the_cpu(medicalnet_weights, radimagenet):
     x = volumes(3)
-    for kw in ({"segmenter": segmenter()}, {"weights": medicalnet_weights}):
-        name = "segmenter" if "segmenter" in kw else "medicalnet"
+    cases = [
+        ("segmenter", {"segmenter": segmenter()}),
+        ("medicalnet", {"weights": medicalnet_weights}),
+        ("radimagenet-2.5d", {"weights": radimagenet[0]}),
+    ]
+    for name, kw in cases:
         cpu = make_extractor(name, **kw)(x)
         gpu = make_extractor(name, device="cuda", **kw)(x)
         assert gpu.device.type == "cpu"  # features come back to the caller's side
@@ -81,7 +86,9 @@ def test_medicalnet_without_weights_says_where_to_get_them():
 
 
 def test_other_names_and_arguments_are_refused():
-    with pytest.raises(LadFastError, match="radimagenet-2.5d feature extractor .* is not yet supported"):
+    with pytest.raises(
+        ConfigError, match=r"radimagenet-2.5d feature extractor needs a weights file.*Warvito"
+    ):
         make_extractor("radimagenet-2.5d")
     with pytest.raises(ConfigError, match="unknown feature extractor 'inception'; choose one of segmenter"):
         make_extractor("inception")
@@ -89,6 +96,45 @@ def test_other_names_and_arguments_are_refused():
         make_extractor("segmenter")
     with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
         make_extractor("segmenter", segmenter=segmenter(), batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def radimagenet(tmp_path_factory):
+    torch.manual_seed(0)
+    net = RadImageNetResNet50()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("radimagenet") / "RadImageNet-ResNet50_notop.pth"
+    torch.save(net.state_dict(), path)
+    return path, net.eval()
+
+
+def test_radimagenet_2p5d_averages_every_slice_of_the_three_planes(radimagenet):
+    path, net = radimagenet
+    ext = make_extractor("radimagenet-2.5d", weights=path, batch_size=2)
+    assert ext.name == "radimagenet-2.5d" and len(ext.weights_hash) == 16
+    x = volumes(3, shape=(4, 8, 6))
+    feats = ext(x)
+    assert feats.shape == (3, 2048) and torch.isfinite(feats).all()
+    # the protocol written out for volume 1: min-max to [0, 1], 3 channels minus the BGR means,
+    # mean over each plane's slices, then over the planes
+    v = x[1, 0]
+    v = (v - v.min()) / (v.max() - v.min())
+    mean = torch.tensor([0.406, 0.456, 0.485]).view(1, 3, 1, 1)
+
+    def one(img: torch.Tensor) -> torch.Tensor:  # one slice (h, w) -> (2048,)
+        with torch.no_grad():
+            return net(img.expand(1, 3, -1, -1) - mean)[0]
+
+    planes = [
+        [one(v[i]) for i in range(4)],
+        [one(v[:, j]) for j in range(8)],
+        [one(v[:, :, k]) for k in range(6)],
+    ]
+    want = torch.stack([torch.stack(p).mean(0) for p in planes]).mean(0)
+    torch.testing.assert_close(feats[1], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ext(2 * x + 0.3), feats, rtol=1e-4, atol=1e-5)  # min-max: scale-free
 
 
 def test_extractors_take_single_channel_volumes_only():
