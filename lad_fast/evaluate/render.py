@@ -137,7 +137,7 @@ def _dice_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], repor
                 continue
             bx = gx + k * bar
             draw.rectangle((bx, bottom - (bottom - top) * v, bx + bar - 1, bottom), fill=colour)
-        label = organ.replace("kidney_", "kid. ").replace("_", " ")
+        label = organ.replace("kidney_", "kid. ").replace("inferior_vena_cava", "IVC").replace("_", " ")
         draw.text((gx, bottom + 6 + 14 * (i % 2)), label, fill=INK, font=small)
     draw.line((left, bottom, x1, bottom), fill=INK)
 
