@@ -15,6 +15,7 @@ from lad_fast.cli.options import ForceOpt
 class Features(str, Enum):
     segmenter = "segmenter"
     medicalnet = "medicalnet"
+    radimagenet_2p5d = "radimagenet-2.5d"
 
 
 def _check_output(path: Path | None, force: bool) -> None:
@@ -34,11 +35,18 @@ def evaluate(
         Path, typer.Option("--synthetic", help="Generated folder (images/, masks/, manifest.jsonl).")
     ],
     features: Annotated[
-        Features, typer.Option(help="FID/MMD features: the segmenter's encoder, or MedicalNet (--weights).")
+        Features,
+        typer.Option(
+            help="FID/MMD features: the segmenter's encoder, MedicalNet or RadImageNet 2.5D (with --weights)."
+        ),
     ] = Features.segmenter,
     weights: Annotated[
         Path | None,
-        typer.Option("--weights", help="MedicalNet weights file (resnet_10.pth ...).", dir_okay=False),
+        typer.Option(
+            "--weights",
+            help="Weights file: MedicalNet resnet_<depth>.pth or RadImageNet ResNet-50.",
+            dir_okay=False,
+        ),
     ] = None,
     segmenter: Annotated[
         str | None,

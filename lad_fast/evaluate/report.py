@@ -32,7 +32,6 @@ import torch
 
 from lad_fast.errors import CheckpointError, InputError
 
-FEATURES = ("segmenter", "medicalnet")
 TRIVIAL_SEED = 0
 # HU histograms span soft tissue (organs lie between fat, about -100, and contrast-filled vessels, about
 # 300); voxels outside are counted in the end bins. Intersected with the window the volumes went through.
@@ -214,13 +213,14 @@ def evaluate(
     """Evaluate the generated folder ``synthetic`` against the real volumes ``real``; see the module doc.
 
     real: a prepared dataset or NIfTI folder; synthetic: the output folder of ``lad-fast generate``;
-    features: "segmenter" (encoder of the segmenter run) or "medicalnet" (needs ``weights``); segmenter:
+    features: "segmenter" (encoder of the segmenter run), "medicalnet" or "radimagenet-2.5d" (both need
+    ``weights``); see :mod:`lad_fast.evaluate.features`. segmenter:
     the run holding the segmenter (default: the run that generated ``synthetic``); fidelity: score masks
     (needs ``masks/``). Raises InputError / CheckpointError / ConfigError before any output is made.
     """
     from lad_fast.evaluate import _seam
     from lad_fast.evaluate.datasets import check_masks, read_real, read_synthetic, real_ids, synthetic_ids
-    from lad_fast.evaluate.features import make_extractor
+    from lad_fast.evaluate.features import EXTRACTORS, make_extractor
     from lad_fast.evaluate.fidelity import hu_histograms, hu_statistics, mask_fidelity, present_organs
     from lad_fast.evaluate.metrics import ms_ssim_settings
 
@@ -230,8 +230,8 @@ def evaluate(
     def lap(name: str) -> None:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
 
-    if features not in FEATURES:
-        raise InputError(f"unknown features {features!r}; choose one of: {', '.join(FEATURES)}")
+    if features not in EXTRACTORS:
+        raise InputError(f"unknown features {features!r}; choose one of: {', '.join(EXTRACTORS)}")
     real, synthetic = Path(real), Path(synthetic)
     # Cheap checks first: counts and files, before any model or volume is loaded.
     syn_ids, records = synthetic_ids(synthetic)

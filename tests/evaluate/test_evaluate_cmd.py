@@ -400,3 +400,13 @@ def test_segmenter_option_overrides_the_manifest(real, seg_run, tmp_path, capsys
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(out.read_text())["segmenter"]["run"] == str(seg_run)
+
+
+@pytest.mark.parametrize("features", ["medicalnet", "radimagenet-2.5d"])
+def test_pretrained_features_without_weights_say_where_to_get_them(
+    real, synthetic, tmp_path, capsys, features
+):
+    out = tmp_path / "e.json"
+    code, _, err = run_cli(["--real", str(real), "--synthetic", str(synthetic), "--features", features,
+                            "--out", str(out)], capsys)  # fmt: skip
+    _assert_refused(code, err, rf"the {features} feature extractor needs a weights file.*--weights", out)
