@@ -7,8 +7,11 @@ segmenter, and compares the segmentation with the (augmented) mask that conditio
 - structure error: mean absolute difference between the Lad structure vectors (per-slice Betti numbers
   of cfg.condition.structure_organs) of the segmentation and of the condition mask;
 - organ volume error: |V_seg - V_cond| / V_cond per organ, averaged over volumes;
-- Dice between the segmentation and the condition mask per organ.
+- Dice between the segmentation and the condition mask per organ;
 
+and, beside each, the same scores against a *shuffled* condition mask (another volume's), the floor a
+generator that ignores its condition reaches. The scores come from ``lad_fast.evaluate`` (the library
+``lad-fast evaluate`` reports with: :func:`lad_fast.evaluate.report.synthetic_fidelity`), over ORGANS.
 Conditional generation should beat unconditional on all three. Results go to
 bench/results/condition_fidelity.json with the command, device and versions.
 
@@ -44,24 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "condition_fidelity.json")
     args = parser.parse_args(argv)
 
-    import nibabel as nib
-    import numpy as np
     import torch
 
-    from lad_fast.conditions import structure_condition
-    from lad_fast.data.geometry import hu_to_unit, nifti_to_dhw
-    from lad_fast.data.labels import CANONICAL_ID
+    from lad_fast.evaluate.report import synthetic_fidelity
     from lad_fast.generate import generate
     from lad_fast.runs import RunDir
-    from lad_fast.trained import load_segmenter, predict_volumes
 
     cfg = RunDir.open(args.run).config()
-    seg, _ = load_segmenter(args.segmenter_run or args.run)
-
-    def read(path: Path) -> np.ndarray:
-        img = nib.load(str(path))
-        return nifti_to_dhw(np.asarray(img.dataobj), img.affine)[0]
-
     results = []
     for g in args.guidance:
         t0 = time.perf_counter()
@@ -78,47 +70,25 @@ def main(argv: list[str] | None = None) -> int:
             force=True,
         )
         gen_s = time.perf_counter() - t0
-        ids = sorted(p.name[: -len(".nii.gz")] for p in (out / "images").glob("*.nii.gz"))
-        images = np.stack(
-            [
-                hu_to_unit(read(out / "images" / f"{i}.nii.gz").astype(np.float32), cfg.geometry.hu_window)
-                for i in ids
-            ]
-        )
-        conds = np.stack([read(out / "masks" / f"{i}.nii.gz").astype(np.uint8) for i in ids])
-        preds = predict_volumes(seg, images, "cpu")
-        s_err = [
-            float(
-                np.abs(structure_condition(p, cfg.condition) - structure_condition(c, cfg.condition)).mean()
-            )
-            for p, c in zip(preds, conds, strict=True)
-        ]
-        vol_err, dice = {}, {}
-        for organ in ORGANS:
-            k = CANONICAL_ID[organ]
-            ve, dc = [], []
-            for p, c in zip(preds, conds, strict=True):
-                vc, vp = int((c == k).sum()), int((p == k).sum())
-                if vc == 0:
-                    continue
-                ve.append(abs(vp - vc) / vc)
-                dc.append(2 * int(((p == k) & (c == k)).sum()) / (vp + vc))
-            vol_err[organ] = round(float(np.mean(ve)), 4) if ve else None
-            dice[organ] = round(float(np.mean(dc)), 4) if dc else None
+        # segmentation, Dice, volume and structure errors: the same library `lad-fast evaluate` reports
+        fid = synthetic_fidelity(out, segmenter=args.segmenter_run or args.run, device="cpu", organs=ORGANS)
+        syn, shuffled = fid["synthetic"], fid["shuffled"]
         row = {
             "guidance": g,
-            "volumes": len(ids),
+            "volumes": fid["volumes"],
             "generate_s": round(gen_s, 1),
-            "structure_l1": round(float(np.mean(s_err)), 4),
-            "organ_volume_error": vol_err,
-            "dice": dice,
-            "mean_volume_error": round(float(np.mean([v for v in vol_err.values() if v is not None])), 4),
-            "mean_dice": round(float(np.mean([v for v in dice.values() if v is not None])), 4),
+            "structure_l1": syn["structure_l1"],
+            "organ_volume_error": syn["volume_error"],
+            "dice": syn["dice"],
+            "mean_volume_error": syn["mean_volume_error"],
+            "mean_dice": syn["mean_dice"],
+            "shuffled": {k: shuffled[k] for k in ("structure_l1", "mean_volume_error", "mean_dice")},
         }
         results.append(row)
         print(
             f"guidance {g:>4g}: structure L1 {row['structure_l1']:.3f}  volume error "
-            f"{row['mean_volume_error']:.3f}  Dice {row['mean_dice']:.3f}  ({gen_s:.0f} s)",
+            f"{row['mean_volume_error']:.3f}  Dice {row['mean_dice']:.3f}  (shuffled masks: Dice "
+            f"{shuffled['mean_dice']:.3f}, structure L1 {shuffled['structure_l1']:.3f})  ({gen_s:.0f} s)",
             flush=True,
         )
 

@@ -1,0 +1,354 @@
+"""``lad-fast evaluate``: realism, diversity and mask fidelity of a generated dataset, in one report.
+
+:func:`evaluate` reads both sides onto the synthetic grid (:mod:`lad_fast.evaluate.datasets`), extracts
+features (:func:`lad_fast.evaluate.features.make_extractor`), and returns a JSON-ready dict with:
+
+* ``realism``: FID and MMD (linear and Gaussian kernels) of synthetic against real features;
+* ``references``: the same metrics for two reference generators, so a number can be read without a
+  paper: ``real_vs_real`` (the real set split in two halves, even and odd positions: the floor a
+  generator as good as the data reaches at this sample size) and ``trivial`` (the ceiling: the voxel-wise
+  mean of the real volumes plus Gaussian noise with the real voxel-wise standard deviation, clipped to
+  [-1, 1], as many volumes as synthetic ones, seed 0: right intensities everywhere, no anatomy);
+* ``diversity``: mean pairwise MS-SSIM among synthetic volumes (and among real ones, for reference);
+* ``fidelity``: per-organ Dice, organ volume error and structure error of the segmented synthetic
+  volumes against their conditioning masks, with the shuffled baseline and the real ceiling
+  (:mod:`lad_fast.evaluate.fidelity`);
+* ``intensity``: per-organ HU median and IQR and HU histograms, real (labels) vs synthetic (conditioning
+  masks);
+plus sample counts, the extractor's name and weights hash, the segmenter's checkpoint hash and versions.
+Sample sizes matter: FID is biased upwards at small N, so compare numbers measured at equal counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lad_fast.errors import CheckpointError, InputError
+
+TRIVIAL_SEED = 0
+# HU histograms span soft tissue (organs lie between fat, about -100, and contrast-filled vessels, about
+# 300); voxels outside are counted in the end bins. Intersected with the window the volumes went through.
+HISTOGRAM_HU = (-250.0, 350.0)
+
+
+def _run_of(records: dict[str, dict[str, Any]]) -> Path | None:
+    runs = {r.get("run") for r in records.values() if r.get("run")}
+    return Path(sorted(runs)[0]) if len(runs) == 1 else None
+
+
+def resolve_segmenter(segmenter: Path | None, records: dict[str, dict[str, Any]], synthetic: Path) -> Path:
+    """The run whose segmenter labels the volumes: ``segmenter``, else the run that generated them."""
+    from lad_fast.checkpoints import latest_step_dir
+
+    if segmenter is not None:
+        return Path(segmenter)
+    run = _run_of(records)
+    if run is None:
+        raise InputError(
+            f"{synthetic}: its manifest names no single run that made it; pass --segmenter RUN "
+            "(a run trained with `lad-fast train segmenter --run RUN`)"
+        )
+    if latest_step_dir(run / "segmenter") is None:
+        raise CheckpointError(
+            f"the run that generated {synthetic} ({run}) holds no segmenter; train one with "
+            f"`lad-fast train segmenter --run {run}` or pass --segmenter RUN"
+        )
+    return run
+
+
+def check_counts(n_real: int, n_synthetic: int, real: Path, synthetic: Path) -> None:
+    """FID needs a covariance on each side: at least 2 volumes each."""
+    for name, n, path in (("real", n_real, real), ("synthetic", n_synthetic, synthetic)):
+        if n < 2:
+            raise InputError(
+                f"{path}: {n} {name} volume(s); FID and MMD are undefined with fewer than 2 volumes on a "
+                "side (a covariance needs 2): pass at least 2 real and 2 synthetic volumes"
+            )
+
+
+def _features(extractor: Any, images: np.ndarray, ids: list[str], side: str, batch: int) -> torch.Tensor:
+    """(N, D, H, W) in [-1, 1] -> (N, F) float32 features; InputError naming a volume with NaN features."""
+    from lad_fast.progress import track
+
+    out = []
+    for start in track(range(0, len(images), batch), f"features {side}"):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch], dtype=np.float32))[:, None]
+        out.append(torch.as_tensor(extractor(x)).detach().float().cpu())
+    feats = torch.cat(out)
+    bad = (~torch.isfinite(feats)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise InputError(
+            f"{extractor.name} features of {len(bad)} {side} volume(s) are not finite (first: "
+            f"{ids[bad[0]]}); check the volumes and the feature weights (--weights) for NaN or Inf values"
+        )
+    return feats
+
+
+def _distances(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    from lad_fast.evaluate.metrics import fid, mmd
+
+    return {
+        "fid": round(float(fid(real, fake)), 4),
+        "mmd_linear": round(float(mmd(real, fake, kernel="linear")), 6),
+        "mmd_gaussian": round(float(mmd(real, fake, kernel="gaussian")), 6),
+        "volumes": [len(real), len(fake)],
+    }
+
+
+def trivial_volumes(real: np.ndarray, n: int, seed: int = TRIVIAL_SEED) -> np.ndarray:
+    """The trivial generator: voxel-wise mean of ``real`` (N, D, H, W) plus Gaussian noise with the real
+    voxel-wise std, clipped to [-1, 1]; (n, D, H, W) float32."""
+    mean, std = real.mean(axis=0), real.std(axis=0)
+    noise = np.random.default_rng(seed).standard_normal((n, *real.shape[1:]), dtype=np.float32)
+    return np.clip(mean + std * noise, -1.0, 1.0).astype(np.float32)
+
+
+def _diversity(images: np.ndarray) -> float:
+    from lad_fast.evaluate.metrics import diversity
+
+    return round(float(diversity(torch.from_numpy(np.ascontiguousarray(images))[:, None])), 4)
+
+
+@dataclass
+class Segmenting:
+    """The segmenter that labels volumes, and the settings the evaluation takes from the runs.
+
+    window: the HU window the segmenter was trained on (both sides go through it); cond: the condition
+    config of the run that generated the volumes (else the segmenter run's), for structure vectors.
+    """
+
+    run: Path
+    net: torch.nn.Module
+    device: torch.device
+    window: tuple[float, float]
+    cond: Any
+    generator_run: Path | None
+
+
+def load_segmenting(
+    segmenter: Path | None, records: dict[str, dict[str, Any]], synthetic: Path, device: str
+) -> Segmenting:
+    from lad_fast import trained
+    from lad_fast.config import config_from_dict
+    from lad_fast.devices import resolve_device
+
+    seg_run = resolve_segmenter(segmenter, records, synthetic)
+    dev = resolve_device(device)
+    net, meta = trained.load_segmenter(seg_run, dev)
+    seg_cfg = config_from_dict(meta["config"])
+    gen_run = _run_of(records)
+    cond = seg_cfg.condition
+    if gen_run is not None and (gen_run / "config.json").is_file():
+        from lad_fast.runs import RunDir
+
+        cond = RunDir.open(gen_run).config().condition  # the conditions the generator was given
+    window = (float(seg_cfg.geometry.hu_window[0]), float(seg_cfg.geometry.hu_window[1]))
+    return Segmenting(seg_run, net, dev, window, cond, gen_run)
+
+
+def _conditioning_fidelity(pred: np.ndarray, syn: Any, cond: Any, organs: list[str]) -> dict[str, Any]:
+    """Segmentations ``pred`` against their conditioning masks, and against a deranged set of them."""
+    from lad_fast.evaluate.fidelity import derangement, mask_fidelity
+
+    perm = derangement(syn.groups)
+    return {
+        "synthetic": mask_fidelity(pred, syn.masks, cond, organs),
+        "shuffled": mask_fidelity(pred, syn.masks[perm], cond, organs),
+        "derangement": [int(p) for p in perm],
+    }
+
+
+def synthetic_fidelity(
+    synthetic: Path,
+    *,
+    segmenter: Path | None = None,
+    device: str = "auto",
+    organs: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Mask and topology fidelity of a generated folder alone (no real volumes, no features).
+
+    organs: the organs scored and averaged (default: those present in the conditioning masks).
+    Returns ``{"organs", "synthetic", "shuffled", "derangement", "volumes", "segmenter"}`` with the
+    :func:`lad_fast.evaluate.fidelity.mask_fidelity` blocks that :func:`evaluate` reports.
+    """
+    from lad_fast import trained
+    from lad_fast.evaluate.datasets import check_masks, read_synthetic, synthetic_ids
+    from lad_fast.evaluate.fidelity import present_organs
+
+    synthetic = Path(synthetic)
+    ids, records = synthetic_ids(synthetic)
+    if len(ids) < 2:
+        raise InputError(f"{synthetic}: {len(ids)} volume(s); the shuffled baseline needs at least 2")
+    check_masks(synthetic, ids)
+    seg = load_segmenting(segmenter, records, synthetic, device)
+    syn, _ = read_synthetic(synthetic, ids, seg.window, with_masks=True)
+    pred = trained.predict_volumes(seg.net, syn.images, seg.device)
+    organs = list(organs) if organs is not None else present_organs(syn.masks)
+    return {
+        "organs": organs,
+        **_conditioning_fidelity(pred, syn, seg.cond, organs),
+        "volumes": len(syn),
+        "segmenter": {"run": str(seg.run), "checkpoint_hash": trained.checkpoint_hash(seg.run / "segmenter")},
+    }
+
+
+def evaluate(
+    real: Path,
+    synthetic: Path,
+    *,
+    features: str = "segmenter",
+    weights: Path | None = None,
+    segmenter: Path | None = None,
+    fidelity: bool = True,
+    device: str = "auto",
+    batch_size: int = 4,
+) -> dict[str, Any]:
+    """Evaluate the generated folder ``synthetic`` against the real volumes ``real``; see the module doc.
+
+    real: a prepared dataset or NIfTI folder; synthetic: the output folder of ``lad-fast generate``;
+    features: "segmenter" (encoder of the segmenter run), "medicalnet" or "radimagenet-2.5d" (both need
+    ``weights``); see :mod:`lad_fast.evaluate.features`. segmenter:
+    the run holding the segmenter (default: the run that generated ``synthetic``); fidelity: score masks
+    (needs ``masks/``). Raises InputError / CheckpointError / ConfigError before any output is made.
+    """
+    from lad_fast import trained
+    from lad_fast.checkpoints import versions
+    from lad_fast.evaluate.datasets import check_masks, read_real, read_synthetic, real_ids, synthetic_ids
+    from lad_fast.evaluate.features import EXTRACTORS, make_extractor
+    from lad_fast.evaluate.fidelity import hu_histograms, hu_statistics, mask_fidelity, present_organs
+    from lad_fast.evaluate.metrics import ms_ssim_settings
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
+
+    if features not in EXTRACTORS:
+        raise InputError(f"unknown features {features!r}; choose one of: {', '.join(EXTRACTORS)}")
+    real, synthetic = Path(real), Path(synthetic)
+    # Cheap checks first: counts and files, before any model or volume is loaded.
+    syn_ids, records = synthetic_ids(synthetic)
+    check_counts(len(real_ids(real)), len(syn_ids), real, synthetic)
+    if fidelity:
+        check_masks(synthetic, syn_ids)
+    seg = load_segmenting(segmenter, records, synthetic, device)
+    net, dev, window = seg.net, seg.device, seg.window
+    cond_cfg, gen_run, seg_run = seg.cond, seg.generator_run, seg.run
+    extractor = make_extractor(
+        features, weights=weights, segmenter=net if features == "segmenter" else None, device=dev,
+        batch_size=batch_size,
+    )  # fmt: skip
+    lap("load")
+
+    syn, grid = read_synthetic(synthetic, syn_ids, window, with_masks=fidelity)
+    rea = read_real(real, grid, window)
+    lap("read")
+
+    f_real = _features(extractor, rea.images, rea.ids, "real", batch_size)
+    f_syn = _features(extractor, syn.images, syn.ids, "synthetic", batch_size)
+    trivial = trivial_volumes(rea.images, len(syn))
+    f_triv = _features(extractor, trivial, [f"trivial_{i}" for i in range(len(syn))], "trivial", batch_size)
+    lap("features")
+
+    realism = _distances(f_real, f_syn)
+    halves = (f_real[0::2], f_real[1::2])
+    floor: dict[str, Any] = (
+        _distances(*halves)
+        if min(len(h) for h in halves) >= 2
+        else {"skipped": f"needs at least 4 real volumes, got {len(rea)}"}
+    )
+    references = {
+        "real_vs_real": {"definition": "real volumes at even positions vs odd positions", **floor},
+        "trivial": {
+            "definition": "voxel-wise real mean + Gaussian noise of the real voxel-wise std, clipped, "
+            f"seed {TRIVIAL_SEED}",
+            **_distances(f_real, f_triv),
+        },
+    }
+    lap("distances")
+    diversity = {
+        "synthetic": _diversity(syn.images),
+        "real": _diversity(rea.images),
+        "definition": "mean pairwise MS-SSIM (higher: less diverse)",
+        "ms_ssim": dict(zip(("kernel_size", "weights"), _jsonable(ms_ssim_settings(grid[0])), strict=True)),
+    }
+    lap("diversity")
+
+    pred_syn = trained.predict_volumes(net, syn.images, dev)
+    pred_real = trained.predict_volumes(net, rea.images, dev) if len(rea) else None
+    real_masks = rea.masks[rea.masked] if rea.masks is not None else None
+    organs = present_organs(syn.masks, real_masks) if fidelity else present_organs(pred_syn, real_masks)
+    fid_block: dict[str, Any] = {"organs": organs}
+    if fidelity:
+        fid_block.update(_conditioning_fidelity(pred_syn, syn, cond_cfg, organs))
+    fid_block["real"] = (
+        mask_fidelity(pred_real[rea.masked], real_masks, cond_cfg, organs)
+        if real_masks is not None
+        else {"skipped": "the real volumes have no labels"}
+    )
+    lap("fidelity")
+
+    from lad_fast.data.geometry import unit_to_hu
+
+    hu_real, hu_syn = unit_to_hu(rea.images, window), unit_to_hu(syn.images, window)
+    span = (max(HISTOGRAM_HU[0], window[0]), min(HISTOGRAM_HU[1], window[1]))
+    real_ref = rea.masks if rea.masks is not None and len(rea.masked) == len(rea) else pred_real
+    syn_ref = syn.masks if syn.masks is not None else pred_syn
+    intensity = {
+        "real_masks": "labels" if real_ref is rea.masks else "segmenter",
+        "synthetic_masks": "conditioning" if syn.masks is not None else "segmenter",
+        "real": hu_statistics(hu_real, real_ref, organs),
+        "synthetic": hu_statistics(hu_syn, syn_ref, organs),
+        "histograms": {
+            "real": hu_histograms(hu_real, real_ref, organs, span),
+            "synthetic": hu_histograms(hu_syn, syn_ref, organs, span),
+        },
+    }
+    lap("intensity")
+
+    return {
+        "real": {"source": str(real), "volumes": len(rea), "labelled": len(rea.masked)},
+        "synthetic": {
+            "source": str(synthetic),
+            "volumes": len(syn),
+            "run": str(gen_run) if gen_run else None,
+        },
+        "grid": {"shape": list(grid[0]), "spacing": list(grid[1]), "hu_window": list(window)},
+        "features": {
+            "extractor": extractor.name,
+            "weights_hash": extractor.weights_hash,
+            "dim": f_real.shape[1],
+        },
+        "segmenter": {"run": str(seg_run), "checkpoint_hash": trained.checkpoint_hash(seg_run / "segmenter")},
+        "device": str(dev),
+        "realism": realism,
+        "references": references,
+        "diversity": diversity,
+        "fidelity": fid_block,
+        "intensity": intensity,
+        "versions": versions(),
+        "timings_s": timings,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    """Settings objects (dataclasses, tuples) as plain JSON values."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
