@@ -51,6 +51,8 @@ NO_TRAIN = (
 TRAINING_BENCHES = {
     "bench.ablation_locality": "trains two VQ-GANs that differ only in vqgan_loss.locality_weights, a "
     "config field no `lad-fast train` option sets",
+    "bench.quality": "trains diffusion arms that differ in diffusion.objective and condition.spatial, "
+    "config fields no `lad-fast train` option sets",
     "bench.bench_segmenter": "trains the segmenter in wall-clock-budgeted chunks (train_segmenter's "
     "stop_at + resume), which `lad-fast train segmenter` does not offer",
 }
