@@ -34,17 +34,23 @@ def generate(
     ] = None,
     n: Annotated[int, typer.Option("--n", "-n", help="Number of volumes.")] = 8,
     sampler: Annotated[
-        Sampler,
+        Sampler | None,
         typer.Option(
-            help="ddpm walks all T steps; ddim and dpmpp2m take --steps. Flow models: euler or heun."
+            help="DDPM models: ddpm (all T steps), ddim or dpmpp2m (--steps). Flow models: euler or heun. "
+            "Default: the run's preset (tiny and lad: euler; lad-official: ddpm)."
         ),
-    ] = Sampler.ddpm,
-    steps: Annotated[int, typer.Option(help="Sampling steps (at most the model's T).")] = 50,
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Sampling steps (at most the model's T). Default: the run's preset.")
+    ] = None,
     eta: Annotated[
         float | None,
         typer.Option(help="DDIM only: noise, 0 deterministic (default), 1 stochastic (= DDPM)."),
     ] = None,
-    guidance: Annotated[float, typer.Option(help="Guidance scale: 0 unconditional, 1 conditional.")] = 2.0,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="Guidance scale: 0 unconditional, 1 conditional. Default: the run's preset."),
+    ] = None,
     masks: Annotated[
         Path | None,
         typer.Option(
@@ -67,7 +73,7 @@ def generate(
         resolve_run(run) if run else latest_run(),
         out,
         n=n,
-        sampler=sampler.value,
+        sampler=sampler.value if sampler is not None else None,
         steps=steps,
         eta=eta,
         guidance=guidance,
@@ -79,4 +85,4 @@ def generate(
         force=force,
         device=device,
     )
-    typer.echo(f"generated {n} volumes in {path}")
+    typer.echo(f"generated {n} volume{'' if n == 1 else 's'} in {path}")

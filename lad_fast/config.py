@@ -196,6 +196,19 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """What ``lad-fast generate`` does with a run when its options are not given (they override these).
+
+    The defaults are the sampler, steps and guidance ``generate`` used before runs recorded them, so a
+    run written then generates as it did; presets set the measured best for their model.
+    """
+
+    sampler: str = "ddpm"  # ddpm | ddim | dpmpp2m (DDPM objective) | euler | heun (flow objective)
+    steps: int = 50  # ignored by ddpm, which walks all T steps
+    guidance: float = 2.0  # classifier-free guidance scale: 0 unconditional, 1 conditional
+
+
+@dataclass(frozen=True)
 class LadConfig:
     """The whole tree. Components take their own part of it."""
 
@@ -216,6 +229,7 @@ class LadConfig:
         default_factory=lambda: TrainConfig(lr=1e-3, betas=(0.9, 0.999), steps=5000, batch_size=2)
     )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         if self.unet.arch == "official" and self.condition.spatial != "none":

@@ -10,6 +10,7 @@ from lad_fast.config import (
     ConditionConfig,
     DiffusionConfig,
     LadConfig,
+    SamplingConfig,
     TrainConfig,
     UNetConfig,
     VQGANConfig,
@@ -28,6 +29,7 @@ def small_config(diffusion_steps: int = 3) -> LadConfig:
                         time_dim=16),
         condition=ConditionConfig(content_dim=8, embed_dim=16),
         diffusion=DiffusionConfig(timesteps=20),
+        sampling=SamplingConfig(),  # Lad's DDPM family: ddpm / 50 / guidance 2 unless a test says
         diffusion_train=TrainConfig(steps=diffusion_steps, batch_size=2, lr=1e-3, betas=(0.9, 0.999),
                                     ema_decay=0.9, compile=False, log_every=1, checkpoint_every=2,
                                     preview_every=0),
