@@ -324,6 +324,10 @@ def evaluate(
 
     syn, grid = read_synthetic(synthetic, syn_ids, window, with_masks=fidelity)
     rea = read_real(real, grid, window, ext_real)
+    if ext is not None:
+        from lad_fast.evaluate.external import read_synthetic_segmentations
+
+        ext_syn = read_synthetic_segmentations(ext, syn.ids, syn.affines, grid[0])
     lap("read")
 
     f_real = _features(extractor, rea.images, rea.ids, "real", batch_size)
@@ -361,10 +365,7 @@ def evaluate(
         pred_syn = trained.predict_volumes(seg.net, syn.images, dev)
         pred_real = trained.predict_volumes(seg.net, rea.images, dev) if len(rea) else None
     else:
-        from lad_fast.evaluate.external import read_synthetic_segmentations
-
-        pred_syn = read_synthetic_segmentations(ext, syn.ids, syn.affines, grid[0])
-        pred_real = rea.segmentations
+        pred_syn, pred_real = ext_syn, rea.segmentations
     real_masks = rea.masks[rea.masked] if rea.masks is not None else None
     organs = present_organs(syn.masks, real_masks) if fidelity else present_organs(pred_syn, real_masks)
     fid_block: dict[str, Any] = {"organs": organs}
