@@ -75,8 +75,9 @@ def evaluate(
         Path | None,
         typer.Option(
             "--real-segmentations",
-            help="The same external segmenter's masks of the real volumes, one per real case id on its "
-            "source image's grid: the real ceiling. Without it the ceiling is reported as skipped.",
+            help="The same external segmenter's masks of the real volumes, one per real case id, on the grid "
+            "of the image it ran on (a prepared case's source image, or images/<id> of a NIfTI folder): "
+            "the real ceiling. Without it the ceiling is reported as skipped.",
             file_okay=False,
         ),
     ] = None,

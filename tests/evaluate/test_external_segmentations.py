@@ -1,7 +1,5 @@
 """``lad-fast evaluate --segmentations``: mask fidelity from an external segmenter's files."""
 
-# ruff: noqa: F811 (the imported fixture ``real`` is requested by name)
-
 from __future__ import annotations
 
 import json
@@ -13,7 +11,10 @@ import pytest
 import torch
 
 # The small real set and the CLI helpers of the evaluate command tests (tests/ is on sys.path).
-from evaluate.test_evaluate_cmd import N_REAL, _assert_refused, real, run_cli, write_synthetic  # noqa: F401
+from evaluate import test_evaluate_cmd as cmd_tests
+from evaluate.test_evaluate_cmd import N_REAL, _assert_refused, run_cli, write_synthetic
+
+real, seg_run = cmd_tests.real, cmd_tests.seg_run  # fixtures, requested by name below
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +296,19 @@ def test_real_segmentations_of_a_prepared_dataset_follow_it_onto_another_grid(re
 
     known = back.masks != CANONICAL_ID["pancreatic_lesion"]
     assert np.array_equal(back.segmentations[known], back.masks[known])
+
+
+def test_segmenter_features_with_segmentations_load_the_segmenter_for_features_only(real, seg_run, tmp_path):
+    """--features segmenter still needs a lad-fast segmenter, but the masks scored are the external ones
+    (a segmenter trained for 2 steps would not reach Dice 1)."""
+    from lad_fast.errors import InputError
+    from lad_fast.evaluate.report import evaluate
+
+    gen = write_synthetic(tmp_path / "gen", real, seg_run)
+    segs = copy_masks(gen, tmp_path / "segs")
+    rep = evaluate(real, gen, segmentations=segs, device="cpu")
+    assert rep["features"]["extractor"] == "segmenter" and rep["segmenter"]["run"] == str(seg_run.resolve())
+    assert rep["fidelity"]["synthetic"]["mean_dice"] == 1.0 and rep["segmentations"]["source"] == str(segs)
+    orphan = write_synthetic(tmp_path / "orphan", real, None)
+    with pytest.raises(InputError, match="manifest names no single run that made it; pass --segmenter RUN"):
+        evaluate(real, orphan, segmentations=copy_masks(orphan, tmp_path / "segs2"), device="cpu")
