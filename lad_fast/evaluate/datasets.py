@@ -10,7 +10,8 @@ headers), as float32 in [-1, 1] through the same HU window (:func:`lad_fast.data
   ``masks/<id>.nii.gz`` in canonical ids with a ``dataset.json`` listing them (the layout ``generate``
   writes), or NIfTI images directly in the folder. Other layouts and label vocabularies: run
   ``lad-fast prepare`` first and pass its output. Real volumes on another grid are resampled and cropped
-  like ``prepare`` does (:func:`lad_fast.data.geometry.prepare_case`).
+  like ``prepare`` does (:func:`lad_fast.data.geometry.prepare_case`); an external segmenter's masks of
+  them (:mod:`lad_fast.evaluate.external`) follow the same resampling and crop.
 """
 
 from __future__ import annotations

@@ -312,3 +312,26 @@ def test_segmenter_features_with_segmentations_load_the_segmenter_for_features_o
     orphan = write_synthetic(tmp_path / "orphan", real, None)
     with pytest.raises(InputError, match="manifest names no single run that made it; pass --segmenter RUN"):
         evaluate(real, orphan, segmentations=copy_masks(orphan, tmp_path / "segs2"), device="cpu")
+
+
+def test_a_json_label_map_names_the_segmentation_ids(generated, tmp_path):
+    """Label files in a user's ids: a JSON map that knows liver and spleen only."""
+    import nibabel as nib
+
+    from lad_fast.data.labels import CANONICAL_ID, UnknownLabelWarning
+    from lad_fast.evaluate.report import synthetic_fidelity
+
+    segs = copy_masks(generated, tmp_path / "segs")
+    for f in segs.iterdir():  # liver -> 40, spleen -> 41, every other organ keeps its canonical id
+        img = nib.load(str(f))
+        data = np.asarray(img.dataobj).copy()
+        data[data == CANONICAL_ID["liver"]] = 40
+        data[data == CANONICAL_ID["spleen"]] = 41
+        nib.save(nib.Nifti1Image(data, img.affine), str(f))
+    table = tmp_path / "ids.json"
+    table.write_text(json.dumps({"40": "liver", "41": "spleen"}))
+    with pytest.warns(UnknownLabelWarning, match="outside the user map vocabulary"):
+        rep = synthetic_fidelity(generated, segmentations=segs, segmentation_vocabulary=table, device="cpu")
+    assert rep["segmentations"]["vocabulary"] == str(table)
+    dice = rep["synthetic"]["dice"]
+    assert dice["liver"] == 1.0 and dice["spleen"] == 1.0 and dice["pancreas"] == 0.0
