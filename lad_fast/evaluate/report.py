@@ -392,13 +392,10 @@ def evaluate(
     if real_ref is None:
         real_ref = rea.masks if rea.masks is not None else np.zeros(rea.images.shape, dtype=np.uint8)
     predicted_by = "segmenter" if ext is None else "external segmentations"
+    real_by = "labels" if real_ref is rea.masks else predicted_by if real_ref is pred_real else "none"
     syn_ref = syn.masks if syn.masks is not None else pred_syn
     intensity = {
-        "real_masks": "labels"
-        if real_ref is rea.masks
-        else predicted_by
-        if real_ref is pred_real
-        else "none",
+        "real_masks": real_by,
         "synthetic_masks": "conditioning" if syn.masks is not None else predicted_by,
         "real": hu_statistics(hu_real, real_ref, organs),
         "synthetic": hu_statistics(hu_syn, syn_ref, organs),
