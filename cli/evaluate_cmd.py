@@ -52,6 +52,38 @@ def evaluate(
         str | None,
         typer.Option(help="Run holding the segmenter (name or folder). Default: the run that generated it."),
     ] = None,
+    segmentations: Annotated[
+        Path | None,
+        typer.Option(
+            "--segmentations",
+            help="An external segmenter's masks of the synthetic volumes (e.g. TotalSegmentator), one per "
+            "volume id: <id>.nii.gz or an organ folder <id>/, on the volume's grid (no resampling). Used "
+            "for Dice, shuffled baseline, structure and volume error instead of the lad-fast segmenter, "
+            "which then runs only for --features segmenter.",
+            file_okay=False,
+        ),
+    ] = None,
+    segmentation_vocabulary: Annotated[
+        str,
+        typer.Option(
+            "--segmentation-vocabulary",
+            help="Label ids of --segmentations files: totalseg, canonical, abdomenct1k, lad, or a JSON map "
+            "file. auto: organ folders as totalseg, label files as canonical.",
+        ),
+    ] = "auto",
+    real_segmentations: Annotated[
+        Path | None,
+        typer.Option(
+            "--real-segmentations",
+            help="The same external segmenter's masks of the real volumes, one per real case id, on the grid "
+            "of the image it ran on (a prepared case's source image, or images/<id> of a NIfTI folder): "
+            "the real ceiling. Without it the ceiling is reported as skipped.",
+            file_okay=False,
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Segmentation ids outside the vocabulary are an error (else a warning).")
+    ] = False,
     fidelity: Annotated[
         bool, typer.Option("--fidelity/--no-fidelity", help="Score masks (needs the synthetic masks/).")
     ] = True,
@@ -81,6 +113,10 @@ def evaluate(
         features=features.value,
         weights=weights,
         segmenter=resolve_run(segmenter) if segmenter else None,
+        segmentations=segmentations,
+        segmentation_vocabulary=segmentation_vocabulary,
+        real_segmentations=real_segmentations,
+        strict=strict,
         fidelity=fidelity,
         device=device,
         batch_size=batch,

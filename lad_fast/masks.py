@@ -43,7 +43,7 @@ def mask_source_kind(entry: dict[str, Any]) -> str | None:
     return "dataset"
 
 
-def _find_external(masks_dir: Path, case_id: str) -> Path | None:
+def find_external(masks_dir: Path, case_id: str) -> Path | None:
     """A case's external mask: ``<id>.nii.gz``, ``<id>.nii`` or an organ folder ``<id>/``; None if none."""
     folder = masks_dir / case_id
     for name in (f"{case_id}.nii.gz", f"{case_id}.nii"):
@@ -128,7 +128,7 @@ def import_masks(
     if not masks_dir.is_dir():
         raise InputError(f"{masks_dir}: no such folder; pass the folder holding one mask per case id")
     cfg = cfg if cfg is not None else get_preset(dataset.preset)
-    found = {case_id: _find_external(masks_dir, case_id) for case_id in dataset.case_ids}
+    found = {case_id: find_external(masks_dir, case_id) for case_id in dataset.case_ids}
     if not any(found.values()):
         shown = ", ".join(dataset.case_ids[:3])
         raise InputError(
@@ -158,6 +158,7 @@ def import_masks(
 
 __all__ = [
     "CANONICAL_ORGANS",
+    "find_external",
     "import_masks",
     "mask_onto_case",
     "mask_source_kind",

@@ -10,18 +10,22 @@ headers), as float32 in [-1, 1] through the same HU window (:func:`lad_fast.data
   ``masks/<id>.nii.gz`` in canonical ids with a ``dataset.json`` listing them (the layout ``generate``
   writes), or NIfTI images directly in the folder. Other layouts and label vocabularies: run
   ``lad-fast prepare`` first and pass its output. Real volumes on another grid are resampled and cropped
-  like ``prepare`` does (:func:`lad_fast.data.geometry.prepare_case`).
+  like ``prepare`` does (:func:`lad_fast.data.geometry.prepare_case`); an external segmenter's masks of
+  them (:mod:`lad_fast.evaluate.external`) follow the same resampling and crop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lad_fast.errors import InputError
+
+if TYPE_CHECKING:
+    from lad_fast.evaluate.external import ExternalSegmentations
 
 Grid = tuple[tuple[int, int, int], tuple[float, float, float]]  # (shape (D, H, W), spacing mm)
 
@@ -32,7 +36,8 @@ class VolumeSet:
 
     images (N, D, H, W) float32 in [-1, 1]; masks (N, D, H, W) uint8 canonical ids or None (a real set
     may hold masks for some cases only: ``masked`` lists their positions); groups: the source case of each
-    volume (synthetic) or its id (real).
+    volume (synthetic) or its id (real); affines: each volume's canonical (D, H, W) affine (synthetic);
+    segmentations (N, D, H, W) uint8: an external segmenter's masks on this grid, when read.
     """
 
     source: str
@@ -41,6 +46,8 @@ class VolumeSet:
     masks: np.ndarray | None
     masked: list[int] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
+    affines: list[np.ndarray] = field(default_factory=list)
+    segmentations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,7 +120,7 @@ def read_synthetic(
 
     folder = Path(folder)
     sources = {r.get("id"): str(r.get("source_case", r.get("id"))) for r in read_manifest(folder).values()}
-    images, masks, grid = [], [], None
+    images, masks, affines, grid = [], [], [], None
     for vid in track(ids, "read synthetic"):
         hu, affine = _read_canonical(_nifti(folder / IMAGES, vid), labels=False)
         this = (tuple(int(n) for n in hu.shape), _spacing(affine))
@@ -125,6 +132,7 @@ def read_synthetic(
                 f"{grid[1]} mm; evaluate volumes generated on one grid (one run, one preset)"
             )
         images.append(hu_to_unit(hu, window))
+        affines.append(affine)
         if with_masks:
             mask, _ = _read_canonical(_nifti(folder / MASKS, vid), labels=True)
             if mask.shape != hu.shape:
@@ -138,6 +146,7 @@ def read_synthetic(
         masks=np.stack(masks) if with_masks else None,
         masked=list(range(len(ids))) if with_masks else [],
         groups=[sources.get(i, i) for i in ids],
+        affines=affines,
     )
     return out, grid
 
@@ -187,8 +196,10 @@ def _onto_grid(
     grid: Grid,
     window: tuple[float, float],
     name: str,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """A canonical (D, H, W) HU volume (and mask) resampled and cropped onto ``grid`` like ``prepare``."""
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """A canonical (D, H, W) HU volume (and mask) resampled and cropped onto ``grid`` like ``prepare``,
+    and the placement (an ``index.json``-like entry: crop and final affine) that
+    :func:`lad_fast.masks.mask_onto_case` needs to move another mask of the source grid the same way."""
     from lad_fast.config import GeometryConfig
     from lad_fast.data.geometry import dhw_to_nifti, prepare_case
     from lad_fast.data.volume import Volume
@@ -202,17 +213,32 @@ def _onto_grid(
         raise InputError(
             f"real volume {name} cannot be resampled onto the synthetic grid {grid[0]} at {grid[1]} mm: {err}"
         ) from None
-    return case.image, case.mask
+    placement = {
+        "id": name,
+        "crop": {"resampled_shape": list(case.resampled_shape), "start": list(case.crop_start)},
+        "affine": case.affine,
+    }
+    return case.image, case.mask, placement
 
 
-def read_real(path: Path, grid: Grid, window: tuple[float, float]) -> VolumeSet:
-    """Real volumes at ``path`` on the synthetic ``grid``, through ``window``; masks where there are any."""
-    from lad_fast.data.geometry import hu_to_unit, unit_to_hu
+def read_real(
+    path: Path, grid: Grid, window: tuple[float, float], segmentations: ExternalSegmentations | None = None
+) -> VolumeSet:
+    """Real volumes at ``path`` on the synthetic ``grid``, through ``window``; masks where there are any.
+
+    segmentations: an external segmenter's masks of the real volumes, on each real volume's source grid
+    (:mod:`lad_fast.evaluate.external`); they follow the image onto ``grid`` into ``.segmentations``.
+    """
+    from lad_fast.config import GeometryConfig
+    from lad_fast.data.geometry import dhw_to_nifti, hu_to_unit, unit_to_hu
     from lad_fast.data.prepared import INDEX, PreparedDataset
+    from lad_fast.masks import mask_onto_case
     from lad_fast.progress import track
 
     path = Path(path)
-    images, masks = [], []
+    images, masks, segs = [], [], []
+    eval_geom = GeometryConfig(shape=grid[0], spacing=grid[1], hu_window=window)
+    seg_paths = segmentations.paths(real_ids(path), "real") if segmentations is not None else []
     if (path / INDEX).is_file():
         ds = PreparedDataset(path)
         same = tuple(ds.geometry.shape) == grid[0] and np.allclose(ds.geometry.spacing, grid[1], atol=1e-3)
@@ -225,29 +251,46 @@ def read_real(path: Path, grid: Grid, window: tuple[float, float]) -> VolumeSet:
                 images.append(hu_to_unit(hu, window))
                 masks.append(mask)
             else:
-                img, m = _onto_grid(hu, item["affine"], mask, grid, window, f"{path}:{item['id']}")
+                img, m, placed = _onto_grid(hu, item["affine"], mask, grid, window, f"{path}:{item['id']}")
                 images.append(img)
                 masks.append(m)
+            if segmentations is not None:  # source image grid -> prepared grid (as import-masks does)
+                canonical, seg_affine = segmentations.read(seg_paths[i])
+                seg = mask_onto_case(canonical, seg_affine, ds.entry(ids[i]), ds.geometry, str(seg_paths[i]))
+                if not same:  # -> the evaluation grid, as the image went
+                    seg = mask_onto_case(
+                        *dhw_to_nifti(seg, item["affine"]), placed, eval_geom, str(seg_paths[i])
+                    )
+                segs.append(seg)
     else:
         ids = real_ids(path)
         folder = path / "images" if (path / "images").is_dir() else path
         mask_dir = path / "masks" if folder != path and (path / "masks").is_dir() else None
         if mask_dir is not None:
             _check_canonical_labels(path)
-        for vid in track(ids, "read real"):
+        for n, vid in enumerate(track(ids, "read real")):
             hu, affine = _read_canonical(_nifti(folder, vid), labels=False)
             mask = None
             if mask_dir is not None and _nifti(mask_dir, vid).is_file():
                 mask, m_affine = _read_canonical(_nifti(mask_dir, vid), labels=True)
                 if mask.shape != hu.shape or not np.allclose(m_affine, affine, atol=1e-3):
                     raise InputError(f"{mask_dir / vid}: mask is not on the grid of its image {folder / vid}")
-            img, m = _onto_grid(hu, affine, mask, grid, window, str(folder / vid))
+            img, m, placed = _onto_grid(hu, affine, mask, grid, window, str(folder / vid))
             images.append(img)
             masks.append(m)
+            if segmentations is not None:
+                from lad_fast.evaluate.external import on_grid
+
+                canonical, seg_affine = segmentations.read(seg_paths[n])
+                source = str(seg_paths[n])
+                seg = on_grid(canonical, seg_affine, hu.shape, affine, source, str(folder / vid))
+                segs.append(mask_onto_case(*dhw_to_nifti(seg, affine), placed, eval_geom, source))
     masked = [i for i, m in enumerate(masks) if m is not None]
     stacked = None
     if masked:
         stacked = np.zeros((len(ids), *grid[0]), dtype=np.uint8)
         for i in masked:
             stacked[i] = masks[i]
-    return VolumeSet(str(path), list(ids), np.stack(images).astype(np.float32), stacked, masked, list(ids))
+    out = VolumeSet(str(path), list(ids), np.stack(images).astype(np.float32), stacked, masked, list(ids))
+    out.segmentations = np.stack(segs).astype(np.uint8) if segs else None
+    return out

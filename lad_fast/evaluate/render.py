@@ -92,11 +92,18 @@ def tables(report: dict[str, Any]) -> list[Any]:
         _f(shuf.get("structure_l1")),
         _f(real.get("structure_l1")),
     )
+    ceiling = f" (not available: {real['skipped']})" if "skipped" in real else ""
+    masks = report.get("segmentations") or {}
+    by = (
+        f"external segmentations ({masks['source']})"
+        if masks.get("source") not in (None, "segmenter")
+        else ""
+    )
     organs.caption = (
-        "Dice and volume error of the segmented synthetic volumes against their conditioning masks; "
-        "shuffled: against another volume's mask; real ceiling: the segmenter on real volumes vs their "
-        f"labels. HU: median [IQR] inside the {hu['real_masks']} (real) and {hu['synthetic_masks']} "
-        "(synthetic) masks."
+        f"Dice and volume error of the segmented synthetic volumes{' by ' + by if by else ''} against their "
+        "conditioning masks; shuffled: against another volume's mask; real ceiling: the segmenter on real "
+        f"volumes vs their labels{ceiling}. HU: median [IQR] inside the {hu['real_masks']} (real) and "
+        f"{hu['synthetic_masks']} (synthetic) masks."
     )
     organs.caption_justify = "left"
     return [realism, organs]
@@ -112,7 +119,11 @@ def _dice_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], repor
     series = [
         ("synthetic vs condition", SYN, fid.get("synthetic", {}).get("dice", {})),
         ("shuffled baseline", SHUF, fid.get("shuffled", {}).get("dice", {})),
-        ("real ceiling", REAL, fid.get("real", {}).get("dice", {})),
+        (
+            "real ceiling" + (" (n/a)" if "skipped" in fid.get("real", {}) else ""),
+            REAL,
+            fid.get("real", {}).get("dice", {}),
+        ),
     ]
     font, small = _font(14), _font(11)
     draw.text((x0, y0), "Dice per organ", fill=INK, font=font)

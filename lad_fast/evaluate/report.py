@@ -12,7 +12,10 @@ features (:func:`lad_fast.evaluate.features.make_extractor`), and returns a JSON
 * ``diversity``: mean pairwise MS-SSIM among synthetic volumes (and among real ones, for reference);
 * ``fidelity``: per-organ Dice, organ volume error and structure error of the segmented synthetic
   volumes against their conditioning masks, with the shuffled baseline and the real ceiling
-  (:mod:`lad_fast.evaluate.fidelity`);
+  (:mod:`lad_fast.evaluate.fidelity`); the segmentations come from lad-fast's segmenter, or from an
+  external segmenter's files (``segmentations``, :mod:`lad_fast.evaluate.external`): then the real
+  ceiling needs that segmenter's files for the real volumes too (``real_segmentations``), else it is
+  reported as skipped, and no lad-fast segmenter is loaded unless the features need it;
 * ``intensity``: per-organ HU median and IQR and HU histograms, real (labels) vs synthetic (conditioning
   masks);
 plus sample counts, the extractor's name and weights hash, the segmenter's checkpoint hash and versions.
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lad_fast.errors import CheckpointError, InputError
+from lad_fast.errors import CheckpointError, ConfigError, InputError
 
 TRIVIAL_SEED = 0
 # HU histograms span soft tissue (organs lie between fat, about -100, and contrast-filled vessels, about
@@ -153,6 +156,31 @@ def load_segmenting(
     return Segmenting(seg_run, net, dev, window, cond, gen_run)
 
 
+def run_settings(records: dict[str, dict[str, Any]]) -> tuple[tuple[float, float], Any, Path | None]:
+    """(HU window, condition config, generator run) without a segmenter: the run that generated the
+    volumes when its config is at hand, else the defaults every preset shares (window -1000..400 HU,
+    Lad's structure organs)."""
+    from lad_fast.config import ConditionConfig, GeometryConfig
+
+    gen_run = _run_of(records)
+    if gen_run is not None and (gen_run / "config.json").is_file():
+        from lad_fast.runs import RunDir
+
+        cfg = RunDir.open(gen_run).config()
+        window = (float(cfg.geometry.hu_window[0]), float(cfg.geometry.hu_window[1]))
+        return window, cfg.condition, gen_run
+    window = GeometryConfig().hu_window
+    return (float(window[0]), float(window[1])), ConditionConfig(), gen_run
+
+
+def _segmenter_record(seg: Segmenting | None) -> dict[str, Any] | None:
+    from lad_fast import trained
+
+    if seg is None:
+        return None
+    return {"run": str(seg.run), "checkpoint_hash": trained.checkpoint_hash(seg.run / "segmenter")}
+
+
 def _conditioning_fidelity(pred: np.ndarray, syn: Any, cond: Any, organs: list[str]) -> dict[str, Any]:
     """Segmentations ``pred`` against their conditioning masks, and against a deranged set of them."""
     from lad_fast.evaluate.fidelity import derangement, mask_fidelity
@@ -169,17 +197,25 @@ def synthetic_fidelity(
     synthetic: Path,
     *,
     segmenter: Path | None = None,
+    segmentations: Path | None = None,
+    segmentation_vocabulary: str | Path | None = None,
+    strict: bool = False,
     device: str = "auto",
     organs: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Mask and topology fidelity of a generated folder alone (no real volumes, no features).
 
+    segmentations: a folder of an external segmenter's masks, one per volume id, scored instead of the
+    lad-fast segmenter's (no segmenter is loaded); segmentation_vocabulary, strict: how their labels are
+    read (:class:`lad_fast.evaluate.external.ExternalSegmentations`).
     organs: the organs scored and averaged (default: those present in the conditioning masks).
-    Returns ``{"organs", "synthetic", "shuffled", "derangement", "volumes", "segmenter"}`` with the
-    :func:`lad_fast.evaluate.fidelity.mask_fidelity` blocks that :func:`evaluate` reports.
+    Returns ``{"organs", "synthetic", "shuffled", "derangement", "volumes", "segmenter", "segmentations"}``
+    with the :func:`lad_fast.evaluate.fidelity.mask_fidelity` blocks that :func:`evaluate` reports
+    (``segmenter`` None with external segmentations, ``segmentations`` None without).
     """
     from lad_fast import trained
     from lad_fast.evaluate.datasets import check_masks, read_synthetic, synthetic_ids
+    from lad_fast.evaluate.external import ExternalSegmentations
     from lad_fast.evaluate.fidelity import present_organs
 
     synthetic = Path(synthetic)
@@ -187,15 +223,26 @@ def synthetic_fidelity(
     if len(ids) < 2:
         raise InputError(f"{synthetic}: {len(ids)} volume(s); the shuffled baseline needs at least 2")
     check_masks(synthetic, ids)
-    seg = load_segmenting(segmenter, records, synthetic, device)
-    syn, _ = read_synthetic(synthetic, ids, seg.window, with_masks=True)
-    pred = trained.predict_volumes(seg.net, syn.images, seg.device)
+    ext = ExternalSegmentations.open_optional(segmentations, segmentation_vocabulary, strict)
+    if ext is None:
+        seg = load_segmenting(segmenter, records, synthetic, device)
+        syn, _ = read_synthetic(synthetic, ids, seg.window, with_masks=True)
+        pred, cond = trained.predict_volumes(seg.net, syn.images, seg.device), seg.cond
+    else:
+        from lad_fast.evaluate.external import read_synthetic_segmentations
+
+        ext.paths(ids, "synthetic")  # a missing file is named before any volume is read
+        seg = None
+        window, cond, _ = run_settings(records)
+        syn, grid = read_synthetic(synthetic, ids, window, with_masks=True)
+        pred = read_synthetic_segmentations(ext, syn.ids, syn.affines, grid[0])
     organs = list(organs) if organs is not None else present_organs(syn.masks)
     return {
         "organs": organs,
-        **_conditioning_fidelity(pred, syn, seg.cond, organs),
+        **_conditioning_fidelity(pred, syn, cond, organs),
         "volumes": len(syn),
-        "segmenter": {"run": str(seg.run), "checkpoint_hash": trained.checkpoint_hash(seg.run / "segmenter")},
+        "segmenter": _segmenter_record(seg),
+        "segmentations": ext.describe() if ext is not None else None,
     }
 
 
@@ -206,6 +253,10 @@ def evaluate(
     features: str = "segmenter",
     weights: Path | None = None,
     segmenter: Path | None = None,
+    segmentations: Path | None = None,
+    segmentation_vocabulary: str | Path | None = None,
+    real_segmentations: Path | None = None,
+    strict: bool = False,
     fidelity: bool = True,
     device: str = "auto",
     batch_size: int = 4,
@@ -216,11 +267,17 @@ def evaluate(
     features: "segmenter" (encoder of the segmenter run), "medicalnet" or "radimagenet-2.5d" (both need
     ``weights``); see :mod:`lad_fast.evaluate.features`. segmenter:
     the run holding the segmenter (default: the run that generated ``synthetic``); fidelity: score masks
-    (needs ``masks/``). Raises InputError / CheckpointError / ConfigError before any output is made.
+    (needs ``masks/``). segmentations: an external segmenter's masks of the synthetic volumes (one per
+    volume id), used instead of the segmenter's predictions; real_segmentations: the same segmenter's
+    masks of the real volumes (per real case id), for the real ceiling; segmentation_vocabulary, strict:
+    how their labels are read (:mod:`lad_fast.evaluate.external`). With segmentations, the lad-fast
+    segmenter is loaded only for ``features="segmenter"``.
+    Raises InputError / CheckpointError / ConfigError before any output is made.
     """
     from lad_fast import trained
     from lad_fast.checkpoints import versions
     from lad_fast.evaluate.datasets import check_masks, read_real, read_synthetic, real_ids, synthetic_ids
+    from lad_fast.evaluate.external import ExternalSegmentations
     from lad_fast.evaluate.features import EXTRACTORS, make_extractor
     from lad_fast.evaluate.fidelity import hu_histograms, hu_statistics, mask_fidelity, present_organs
     from lad_fast.evaluate.metrics import ms_ssim_settings
@@ -239,17 +296,38 @@ def evaluate(
     check_counts(len(real_ids(real)), len(syn_ids), real, synthetic)
     if fidelity:
         check_masks(synthetic, syn_ids)
-    seg = load_segmenting(segmenter, records, synthetic, device)
-    net, dev, window = seg.net, seg.device, seg.window
-    cond_cfg, gen_run, seg_run = seg.cond, seg.generator_run, seg.run
+    if real_segmentations is not None and segmentations is None:
+        raise ConfigError(
+            "--real-segmentations scores an external segmenter's real ceiling; pass its masks of the "
+            "synthetic volumes too (--segmentations DIR)"
+        )
+    ext = ExternalSegmentations.open_optional(segmentations, segmentation_vocabulary, strict)
+    ext_real = ExternalSegmentations.open_optional(real_segmentations, segmentation_vocabulary, strict)
+    if ext is not None:  # missing files are named before any model or volume is loaded
+        ext.paths(syn_ids, "synthetic")
+    if ext_real is not None:
+        ext_real.paths(real_ids(real), "real")
+    seg: Segmenting | None = None
+    if ext is None or features == "segmenter":
+        seg = load_segmenting(segmenter, records, synthetic, device)
+        dev, window, cond_cfg, gen_run = seg.device, seg.window, seg.cond, seg.generator_run
+    else:
+        from lad_fast.devices import resolve_device
+
+        dev = resolve_device(device)
+        window, cond_cfg, gen_run = run_settings(records)
     extractor = make_extractor(
-        features, weights=weights, segmenter=net if features == "segmenter" else None, device=dev,
-        batch_size=batch_size,
+        features, weights=weights, segmenter=seg.net if seg is not None and features == "segmenter" else None,
+        device=dev, batch_size=batch_size,
     )  # fmt: skip
     lap("load")
 
     syn, grid = read_synthetic(synthetic, syn_ids, window, with_masks=fidelity)
-    rea = read_real(real, grid, window)
+    rea = read_real(real, grid, window, ext_real)
+    if ext is not None:
+        from lad_fast.evaluate.external import read_synthetic_segmentations
+
+        ext_syn = read_synthetic_segmentations(ext, syn.ids, syn.affines, grid[0])
     lap("read")
 
     f_real = _features(extractor, rea.images, rea.ids, "real", batch_size)
@@ -282,29 +360,43 @@ def evaluate(
     }
     lap("diversity")
 
-    pred_syn = trained.predict_volumes(net, syn.images, dev)
-    pred_real = trained.predict_volumes(net, rea.images, dev) if len(rea) else None
+    if ext is None:
+        assert seg is not None
+        pred_syn = trained.predict_volumes(seg.net, syn.images, dev)
+        pred_real = trained.predict_volumes(seg.net, rea.images, dev) if len(rea) else None
+    else:
+        pred_syn, pred_real = ext_syn, rea.segmentations
     real_masks = rea.masks[rea.masked] if rea.masks is not None else None
     organs = present_organs(syn.masks, real_masks) if fidelity else present_organs(pred_syn, real_masks)
     fid_block: dict[str, Any] = {"organs": organs}
     if fidelity:
         fid_block.update(_conditioning_fidelity(pred_syn, syn, cond_cfg, organs))
-    fid_block["real"] = (
-        mask_fidelity(pred_real[rea.masked], real_masks, cond_cfg, organs)
-        if real_masks is not None
-        else {"skipped": "the real volumes have no labels"}
-    )
+    if real_masks is None:
+        fid_block["real"] = {"skipped": "the real volumes have no labels"}
+    elif pred_real is None:
+        fid_block["real"] = {
+            "skipped": "the synthetic segmentations come from an external segmenter; its real ceiling needs "
+            "its segmentations of the real volumes (--real-segmentations DIR)"
+        }
+    else:
+        fid_block["real"] = mask_fidelity(pred_real[rea.masked], real_masks, cond_cfg, organs)
     lap("fidelity")
 
     from lad_fast.data.geometry import unit_to_hu
 
     hu_real, hu_syn = unit_to_hu(rea.images, window), unit_to_hu(syn.images, window)
     span = (max(HISTOGRAM_HU[0], window[0]), min(HISTOGRAM_HU[1], window[1]))
+    # Real HU inside the labels when every case has them, else inside the segmentations (external ones
+    # when given), else inside the labels there are (unlabelled cases add no voxels).
     real_ref = rea.masks if rea.masks is not None and len(rea.masked) == len(rea) else pred_real
+    if real_ref is None:
+        real_ref = rea.masks if rea.masks is not None else np.zeros(rea.images.shape, dtype=np.uint8)
+    predicted_by = "segmenter" if ext is None else "external segmentations"
+    real_by = "labels" if real_ref is rea.masks else predicted_by if real_ref is pred_real else "none"
     syn_ref = syn.masks if syn.masks is not None else pred_syn
     intensity = {
-        "real_masks": "labels" if real_ref is rea.masks else "segmenter",
-        "synthetic_masks": "conditioning" if syn.masks is not None else "segmenter",
+        "real_masks": real_by,
+        "synthetic_masks": "conditioning" if syn.masks is not None else predicted_by,
         "real": hu_statistics(hu_real, real_ref, organs),
         "synthetic": hu_statistics(hu_syn, syn_ref, organs),
         "histograms": {
@@ -327,7 +419,13 @@ def evaluate(
             "weights_hash": extractor.weights_hash,
             "dim": f_real.shape[1],
         },
-        "segmenter": {"run": str(seg_run), "checkpoint_hash": trained.checkpoint_hash(seg_run / "segmenter")},
+        "segmenter": _segmenter_record(seg),
+        "segmentations": {
+            **ext.describe(),
+            "real_source": str(ext_real.folder) if ext_real is not None else None,
+        }
+        if ext is not None
+        else {"source": "segmenter", **(_segmenter_record(seg) or {})},
         "device": str(dev),
         "realism": realism,
         "references": references,
