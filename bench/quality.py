@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -55,18 +56,24 @@ SAMPLING = (
     ("flow + spatial: Euler-30, g 1", "flow_spatial", "euler", 30, 1.0),
     ("flow + spatial: Heun-15, g 1", "flow_spatial", "heun", 15, 1.0),
     ("flow + spatial: Euler-30, g 2", "flow_spatial", "euler", 30, 2.0),
+    ("flow + spatial: Euler-30, g 3 (default)", "flow_spatial", "euler", 30, 3.0),
+    ("flow + spatial: Euler-10, g 3", "flow_spatial", "euler", 10, 3.0),
 )
 
 
 def model_config(name: str, steps: int | None):
-    """The tiny preset with the arm's diffusion objective and conditioning."""
+    """The tiny preset with the arm's diffusion objective and conditioning (everything else, the U-Net,
+    latent normalisation and training budget included, as the preset has it)."""
     from lad_fast.config import get_preset
 
     cfg = get_preset("tiny")
-    if name.startswith("flow"):
-        cfg = replace(cfg, diffusion=replace(cfg.diffusion, objective="flow"))
-    if name.endswith("spatial"):
-        cfg = replace(cfg, condition=replace(cfg.condition, spatial="concat"))
+    objective = "flow" if name.startswith("flow") else "ddpm"
+    spatial = "concat" if name.endswith("spatial") else "none"
+    cfg = replace(
+        cfg,
+        diffusion=replace(cfg.diffusion, objective=objective),
+        condition=replace(cfg.condition, spatial=spatial),
+    )
     if steps is not None:
         cfg = replace(cfg, diffusion_train=replace(cfg.diffusion_train, steps=steps))
     return cfg
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the preset's)")
     ap.add_argument("--n", type=int, default=16, help="volumes per sampling arm")
     ap.add_argument("--sweep", default="flow_spatial", help="model of the guidance sweep ('' for none)")
-    ap.add_argument("--sweep-guidance", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0])
+    ap.add_argument("--sweep-guidance", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0, 6.0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     args = ap.parse_args(argv)
 
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(label: str, model: str, sampler: str, steps: int, guidance: float) -> dict[str, Any]:
         out = args.work / "generated" / label.replace(" ", "_").replace(":", "").replace(",", "")
+        if out.exists():  # this script's own output of an earlier run: generate afresh, to time it
+            shutil.rmtree(out)
         t0 = time.perf_counter()
         generate(
             args.work / model, out, args.n, sampler=sampler, steps=steps, guidance=guidance,

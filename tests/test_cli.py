@@ -65,3 +65,26 @@ def test_debug_env_shows_traceback(tmp_path):
         timeout=120,
     )
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_the_cli_lets_idle_openmp_threads_sleep_unless_the_user_chose():
+    from lad_fast.cli.app import cpu_wait_policy
+
+    env: dict[str, str] = {}
+    cpu_wait_policy(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    cpu_wait_policy(env)
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    # the console entry point sets it before torch (which reads it when libgomp loads) is imported
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); import lad_fast.cli.app as a; "
+        "assert 'torch' not in sys.modules; sys.argv = ['lad-fast', '--help']\n"
+        "try:\n    a.main()\nexcept SystemExit:\n    pass\n"
+        "print(os.environ['OMP_WAIT_POLICY'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "PASSIVE"

@@ -67,10 +67,12 @@ def test_drop_spatial_is_zeros_where_keep_is_zero():
 # ------------------------------------------------------------------------------------- config
 
 
-def test_every_preset_keeps_lads_global_conditioning():
-    for name in PRESETS:
-        assert get_preset(name).condition.spatial == "none"
-    assert spatial_channels(get_preset("tiny").condition) == 0
+def test_presets_add_the_spatial_mask_except_the_official_one():
+    assert set(PRESETS) == {"tiny", "lad", "lad-official"}
+    assert get_preset("tiny").condition.spatial == get_preset("lad").condition.spatial == "concat"
+    assert get_preset("lad-official").condition.spatial == "none"
+    assert ConditionConfig().spatial == "none"  # runs written before the field: Lad's global conditions
+    assert spatial_channels(get_preset("tiny").condition) == NUM_CLASSES
     assert spatial_channels(replace(ConditionConfig(), spatial="concat")) == NUM_CLASSES
 
 

@@ -6,6 +6,8 @@ checked. Every new block option gets one tiny forward/backward on the CPU.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,13 +76,28 @@ def test_lad_official_docstring_states_the_tested_numbers() -> None:
 
 
 def test_tiny_and_lad_models_are_unchanged() -> None:
+    """The sizes of lad-fast's own models; the presets' spatial mask adds only its input channels to the
+    U-Net stem (12 organ fractions x stem channels x 3^3), so with global conditions only they are the
+    sizes they always had."""
+    from lad_fast.organs import NUM_CLASSES
+
     vq, net = _full_size("tiny")
-    assert (count_parameters(vq), count_parameters(net)) == (154_121, 3_107_209)
+    assert (count_parameters(vq), count_parameters(net)) == (154_121, 3_114_985)
+    assert 3_114_985 - 3_107_209 == NUM_CLASSES * 24 * 27
     assert isinstance(net, LatentUNet)
     vq, net = _full_size("lad")
     assert (count_parameters(vq), count_parameters(vq.decoder)) == (736_073, 374_689)
-    assert count_parameters(net) == 84_126_041
+    assert count_parameters(net) == 84_146_777
+    assert 84_146_777 - 84_126_041 == NUM_CLASSES * 64 * 27
     assert isinstance(net, LatentUNet)
+    for name, size in (("tiny", 3_107_209), ("lad", 84_126_041)):
+        cfg = get_preset(name)
+        cond = replace(cfg.condition, spatial="none")
+        with torch.device("meta"):
+            plain = build_unet(
+                cfg.unet, cond, cfg.vqgan.latent_channels, structure_dim(cfg.geometry.shape[0], cond)
+            )
+        assert count_parameters(plain) == size
 
 
 def test_every_cli_preset_resolves_and_round_trips() -> None:

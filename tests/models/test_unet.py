@@ -79,4 +79,5 @@ def test_tiny_preset_builds_for_its_latent():
     net = LatentUNet(cfg.unet, cfg.condition, cfg.vqgan.latent_channels, structure_dim=96)
     x = torch.randn(1, 8, 4, 16, 16)
     emb = net.embed_condition(torch.randn(1, 8, 4, 16, 16), torch.rand(1, 96))
-    assert net(x, torch.tensor([5]), emb).shape == x.shape
+    spatial = torch.rand(1, net.spatial_channels, 4, 16, 16)  # the preset's organ-fraction input
+    assert net(x, torch.tensor([5]), emb, spatial).shape == x.shape

@@ -146,3 +146,25 @@ def test_flow_objective_trains_reloads_and_generates_with_euler(tmp_path, vqgan_
     ):
         generate(run, tmp_path / "gen2", n=1, sampler="ddim", steps=3, device="cpu")
     assert not (tmp_path / "gen2").exists()
+
+
+def test_generate_takes_the_runs_sampling_defaults_and_options_override_them(
+    tmp_path, vqgan_run, tiny_phantoms
+):
+    """The run's config records what ``generate`` does without options (its preset's measured best)."""
+    from lad_fast.config import DiffusionConfig, SamplingConfig
+    from lad_fast.generate import MANIFEST, generate
+
+    cfg = replace(
+        small_config(diffusion_steps=2),
+        diffusion=DiffusionConfig(timesteps=20, objective="flow"),
+        sampling=SamplingConfig(sampler="heun", steps=2, guidance=1.5),
+    )
+    run = tmp_path / "flow"
+    train_diffusion(run, cfg, data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu")
+    generate(run, tmp_path / "a", n=1, augment=0, batch=1, device="cpu")
+    rec = json.loads((tmp_path / "a" / MANIFEST).read_text().splitlines()[0])
+    assert (rec["sampler"], rec["steps"], rec["guidance"]) == ("heun", 2, 1.5)
+    generate(run, tmp_path / "b", n=1, sampler="euler", guidance=0.0, augment=0, batch=1, device="cpu")
+    rec = json.loads((tmp_path / "b" / MANIFEST).read_text().splitlines()[0])
+    assert (rec["sampler"], rec["steps"], rec["guidance"]) == ("euler", 2, 0.0)
