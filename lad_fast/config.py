@@ -3,6 +3,10 @@
 A component takes its own config (``VQGANConfig``, ``UNetConfig`` ...), never the whole tree. Every run
 writes its resolved :class:`LadConfig` as ``config.json``; :func:`config_from_dict` reads it back.
 Numbers for the ``lad`` preset come from ../shared/LAD_REFERENCE.md.
+
+Why one file of ~470 lines: every config dataclass and the named presets live together so that a
+preset reads beside the fields it sets; most of the length is the documented arithmetic of the
+``lad-official`` sizes.
 """
 
 from __future__ import annotations

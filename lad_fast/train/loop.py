@@ -28,6 +28,10 @@ to train. :func:`train` does, in order (steps 1 to 3 in :func:`lad_fast.train.se
 Determinism: ``batches(step, rank, world)`` must be a pure function of its arguments (use
 :func:`lad_fast.distributed.shard_indices` / ``step_generator``); with RNG states restored from
 ``state.pt``, a resumed run reaches the same weights as an uninterrupted one (bit for bit on CPU).
+
+Why one file of ~460 lines: the step loop (resume, autocast, the NaN guard, EMA, DDP/compile wrapping,
+checkpoints, logging, previews) is one sequence that reads best unbroken; setup lives in
+:mod:`lad_fast.train.setup`.
 """
 
 from __future__ import annotations
