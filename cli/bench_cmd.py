@@ -109,11 +109,13 @@ def kernels(
     import torch
 
     if not torch.cuda.is_available():
-        typer.echo(
+        from lad_fast.errors import BackendUnavailableError
+
+        # exit 2 through the CLI's error path: nothing was measured, so this is not a success
+        raise BackendUnavailableError(
             "lad-fast bench kernels needs a CUDA GPU (the Triton kernels run there): nothing measured, "
-            "no result written."
+            "no result written"
         )
-        raise typer.Exit(0)
     argv = (["--dtype", dtype.value] if dtype else []) + (["--no-write"] if no_write else [])
     failed = [name for name in ops if run_script(paths[name], argv) != 0]
     if failed:

@@ -69,8 +69,13 @@ def generate(
     from lad_fast.generate import generate as run_generate
     from lad_fast.runs import latest_run
 
+    if run:
+        run_path = resolve_run(run)
+    else:
+        run_path = latest_run()
+        typer.echo(f"lad-fast: using run {run_path} (the latest complete run)", err=True)
     path = run_generate(
-        resolve_run(run) if run else latest_run(),
+        run_path,
         out,
         n=n,
         sampler=sampler.value if sampler is not None else None,

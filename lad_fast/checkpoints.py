@@ -241,6 +241,38 @@ class Checkpoint:
             ) from err
 
 
+def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
+    """Refuse a ``meta.json`` that is valid JSON but not what :func:`save_checkpoint` writes (an edited
+    one), so that it fails here in one line instead of as a KeyError or SafetensorError further on."""
+    files = meta.get("files")
+    if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool) or meta["step"] < 0:
+        what = f"step {meta.get('step')!r} is not a step number"
+    elif not isinstance(files, dict) or not all(
+        isinstance(info, dict)
+        and isinstance(info.get("bytes"), int)
+        and isinstance(info.get("sha256"), str)
+        and Path(name).name == name not in ("", ".", "..")
+        for name, info in files.items()
+    ):
+        what = "its file list is not {name: {bytes, sha256}} of files in the folder"
+    elif not isinstance(meta.get("extra") or {}, dict):
+        what = "extra is not a mapping"
+    else:
+        # every weight file must be covered by the hashes: an entry removed would skip the integrity check
+        unlisted = sorted(
+            p.name
+            for p in meta_path.parent.iterdir()
+            if (p.suffix == ".safetensors" or p.name == STATE_NAME) and p.name not in files
+        )
+        if not unlisted:
+            return
+        what = f"it does not list {', '.join(unlisted)}"
+    raise CheckpointError(
+        f"{meta_path} was edited or damaged ({what}); the checkpoint cannot be trusted: "
+        "restore it or train again"
+    )
+
+
 def _verify(step_dir: Path, model: str) -> Checkpoint:
     meta_path = step_dir / META_NAME
     try:
@@ -251,6 +283,7 @@ def _verify(step_dir: Path, model: str) -> Checkpoint:
         raise CheckpointError(f"{meta_path} is unreadable ({err}); the checkpoint is corrupt") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} is not a lad-fast checkpoint description")
+    _check_meta(meta, meta_path)
     if meta.get("model") != model:
         raise CheckpointError(
             f"{step_dir} holds a {meta.get('model')!r} checkpoint, not {model!r}; "

@@ -434,25 +434,32 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _coerce(tp: Any, value: Any) -> Any:
+def _coerce(tp: Any, value: Any, where: str = "") -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value)
     if origin is tuple:
         args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v) for v in value)
-        return tuple(_coerce(a, v) for a, v in zip(args, value, strict=True))
+        many = len(args) == 2 and args[1] is Ellipsis
+        # a hand-edited config: a bare number or a tuple of the wrong length is named, not a zip() traceback
+        if not isinstance(value, (list, tuple)) or (not many and len(value) != len(args)):
+            want = "a list" if many else f"a list of {len(args)} values"
+            raise ConfigError(f"{where}: expected {want}, got {value!r}")
+        if many:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
     return value
 
 
 def _from_dict(cls: Any, data: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping of its fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+    return cls(**{k: _coerce(hints[k], v, f"{cls.__name__}.{k}") for k, v in data.items()})
 
 
 # The section names of a LadConfig ("geometry", "vqgan", "unet" ...).

@@ -16,6 +16,7 @@ r makes the ids ``i % world == r``.
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -249,11 +250,16 @@ def _check_args(
     batch: int,
     backend: str,
     eta: float | None,
+    steps: int | None = None,
 ) -> None:
-    """Refuse bad options; ``None`` (not given: the run's default) passes."""
+    """Refuse bad options; ``None`` (not given: the run's default) passes. ``steps`` and ``eta`` are the
+    user's own: refused with a sampler that does not read them."""
     from lad_fast.export.backends import BACKENDS
     from lad_fast.samplers import SAMPLERS
 
+    for flag, value in (("--guidance", guidance), ("--eta", eta)):
+        if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     if guidance is not None and guidance < 0:
@@ -268,6 +274,12 @@ def _check_args(
         takes = [s for s in SAMPLERS if "eta" in sampler_options(s)]
         raise ConfigError(
             f"--eta has no effect on the {sampler} sampler; drop --eta, or use --sampler {' or '.join(takes)}"
+        )
+    if steps is not None and sampler is not None and "steps" not in sampler_options(sampler):
+        takes = [s for s in SAMPLERS if "steps" in sampler_options(s)]
+        raise ConfigError(
+            f"--steps has no effect on the {sampler} sampler (it walks all T timesteps); drop --steps, "
+            f"or use --sampler {', '.join(takes)} (whichever fits the model's objective)"
         )
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -301,7 +313,7 @@ def generate(
 
     sampler, steps, guidance: ``None`` takes the run's ``sampling`` config (its preset's measured best:
     ``tiny`` Euler, 30 steps, guidance 3 on its flow-matching model). sampler: "ddpm" (all T steps,
-    ``steps`` ignored; the official Lad sampler), "ddim"
+    a given ``steps`` refused; the official Lad sampler), "ddim"
     (``eta`` 0 deterministic, the default, 1 stochastic) or "dpmpp2m" with ``steps`` <= T; ``eta`` with a
     sampler that does not read it is refused. The deterministic samplers need a well-trained denoiser: at
     the tiny preset's short budget they drift (see README). A model trained with objective "flow" takes
@@ -320,8 +332,10 @@ def generate(
     from lad_fast.samplers import check_sampler
 
     run, out = Path(run), Path(out)
-    _check_args(n, sampler, guidance, augment, batch, backend, eta)
+    _check_args(n, sampler, guidance, augment, batch, backend, eta, steps)
     defaults = RunDir.open(run).config().sampling  # what the run's preset measured best
+    # the run's own default sampler may not read the user's --steps or --eta: check again once resolved
+    _check_args(n, sampler or defaults.sampler, guidance, augment, batch, backend, eta, steps)
     sampler = sampler if sampler is not None else defaults.sampler
     steps = steps if steps is not None else defaults.steps
     guidance = guidance if guidance is not None else defaults.guidance
@@ -399,7 +413,14 @@ def generate(
                 clip=gen.clip,
                 device=dev,
             )
-            for job, vseed, image in zip(jobs, seeds, gen.decode(x0), strict=True):
+            finite = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one cheap reduction per batch
+            for job, vseed, ok, image in zip(jobs, seeds, finite, gen.decode(x0), strict=True):
+                if not (ok and np.isfinite(image).all()):  # NaN/Inf must never become a volume
+                    raise CheckpointError(
+                        f"volume {volume_id(job.index)}: the sampled latents are not finite (NaN/Inf) with "
+                        f"sampler {sampler}, {steps} steps, guidance {guidance}, eta {settings['eta']}; "
+                        "nothing written for it; check the run's diffusion checkpoint or lower --guidance"
+                    )
                 line = {
                     "seed": vseed,
                     "source_case": job.source.case,

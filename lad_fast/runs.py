@@ -109,7 +109,17 @@ class RunDir:
         """An existing run; CheckpointError when ``path`` is not one."""
         run = cls(path)
         if not run.path.is_dir():
-            raise CheckpointError(f"run folder {run.path} does not exist; train a model with --run first")
+            parent = run.path.parent
+            names = (
+                sorted(p.name for p in parent.iterdir() if (p / CONFIG_NAME).is_file())
+                if parent.is_dir()
+                else []
+            )
+            if names:  # the user most likely mistyped one of these
+                hint = f"runs in {parent}: {', '.join(names[:10])}; pass one of them with --run"
+            else:
+                hint = f"no runs in {parent}; train a model first or pass another --run"
+            raise CheckpointError(f"run folder {run.path} does not exist ({hint})")
         run.check_layout()
         return run
 

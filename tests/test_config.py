@@ -32,3 +32,34 @@ def test_unknown_field_is_rejected():
     data["geometry"]["shaep"] = [1, 2, 3]
     with pytest.raises(ConfigError, match=r"GeometryConfig: unknown fields \['shaep'\]"):
         config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"geometry": {"shape": [32, 256]}},
+            r"^GeometryConfig\.shape: expected a list of 3 values, got \[32, 256\]$",
+        ),
+        ({"geometry": {"shape": 5}}, r"^GeometryConfig\.shape: expected a list of 3 values, got 5$"),
+        ({"vqgan": {"channels": 16}}, r"^VQGANConfig\.channels: expected a list, got 16$"),
+        ({"geometry": [1, 2]}, r"^GeometryConfig: expected a mapping of its fields, got \[1, 2\]$"),
+    ],
+)
+def test_hand_edited_shapes_and_sections_are_named_in_one_line(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_a_run_config_with_a_shape_of_length_2_is_one_line(tmp_path):
+    from lad_fast.errors import CheckpointError
+    from lad_fast.runs import RunDir
+
+    run = RunDir.create(tmp_path / "r", get_preset("tiny"))
+    raw = json.loads(run.config_path.read_text())
+    raw["geometry"]["shape"] = [32, 256]
+    run.config_path.write_text(json.dumps(raw))
+    with pytest.raises(
+        CheckpointError, match=r"config\.json does not hold a lad-fast config: .*shape: expected"
+    ):
+        RunDir.open(run.path).config()

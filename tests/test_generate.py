@@ -342,3 +342,103 @@ def test_compile_backend_gives_the_eager_volumes(run, tmp_path):
     assert a.keys() == b.keys() and len(a) == 2
     assert max(int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in a) <= 1
     assert {r["backend"] for r in read_manifest(tmp_path / "compiled").values()} == {"compile"}
+
+
+def test_steps_with_a_sampler_that_walks_all_t_steps_is_refused(tmp_path):
+    # refused before the run is opened: there is no run here
+    with pytest.raises(
+        ConfigError,
+        match=r"^--steps has no effect on the ddpm sampler \(it walks all T timesteps\); drop --steps, "
+        r"or use --sampler ddim, dpmpp2m, euler, heun",
+    ):
+        generate(tmp_path / "nowhere", tmp_path / "o", n=1, sampler="ddpm", steps=50, device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_steps_with_the_runs_default_ddpm_sampler_is_refused(run, tmp_path, monkeypatch):
+    from lad_fast.runs import RunDir
+
+    real = RunDir.config
+
+    def ddpm_default(self):  # a run whose preset samples with DDPM (lad-official)
+        import dataclasses
+
+        cfg = real(self)
+        return dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, sampler="ddpm"))
+
+    monkeypatch.setattr(RunDir, "config", ddpm_default)
+    with pytest.raises(ConfigError, match="^--steps has no effect on the ddpm sampler"):
+        generate(run, tmp_path / "o", n=1, steps=5, device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("guidance", float("nan")), ("guidance", float("inf")), ("eta", float("nan")), ("eta", float("-inf"))],
+)
+def test_non_finite_options_are_refused(tmp_path, option, value):
+    kwargs = {"sampler": "ddim", option: value}
+    with pytest.raises(ConfigError, match=f"^--{option} must be a finite number, got {value}$"):
+        generate(tmp_path / "nowhere", tmp_path / "o", n=1, device="cpu", **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_nan_guidance_in_one_line(tmp_path, capsys):
+    from lad_fast.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--out", str(tmp_path / "o"), "--run", str(tmp_path / "r"), "--guidance", "nan"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "lad-fast: error: --guidance must be a finite number, got nan\n"
+
+
+def test_non_finite_latents_never_become_a_volume(run, tmp_path, monkeypatch):
+    import torch
+
+    import lad_fast.generate as g
+
+    real = g.sample_latents
+
+    def nan_second(*args, **kwargs):  # the second volume of the batch diverged
+        x0 = real(*args, **kwargs)
+        x0[1] = float("nan")
+        return x0
+
+    monkeypatch.setattr(g, "sample_latents", nan_second)
+    out = tmp_path / "o"
+    with pytest.raises(
+        CheckpointError,
+        match=r"^volume lad_000001: the sampled latents are not finite \(NaN/Inf\) with sampler ddim, "
+        r"3 steps, guidance 2\.0, eta 0\.0; nothing written for it",
+    ):
+        generate(run, out, n=2, augment=0, batch=2, **FAST)
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["lad_000000.nii.gz"]
+    assert list(read_manifest(out)) == [0]  # the finite one is kept, nothing of the other
+    assert torch.isfinite(torch.from_numpy(_images(out)["lad_000000.nii.gz"])).all()
+
+
+def test_a_missing_run_lists_the_runs_that_exist(run, tmp_path):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"folder .*nowhere does not exist \(runs in .*: {run.name}; pass one of them with --run\)$",
+    ):
+        generate(run.parent / "nowhere", tmp_path / "o", n=1, device="cpu")
+    with pytest.raises(
+        CheckpointError, match=r"does not exist \(no runs in .*; train a model first or pass another --run\)$"
+    ):
+        generate(tmp_path / "nowhere", tmp_path / "o", n=1, device="cpu")
+
+
+def test_cli_without_run_says_which_run_it_took(run, tmp_path, monkeypatch, capsys):
+    from lad_fast.cli.app import main
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mine").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--out", "o", "--n", "1", "--augment", "0", "--sampler", "ddim", "--steps", "2",
+              "--device", "cpu"])  # fmt: skip
+    assert exc.value.code == 0
+    captured = capsys.readouterr()
+    assert "lad-fast: using run runs/mine (the latest complete run)\n" in captured.err
+    assert "generated 1 volume in o" in captured.out

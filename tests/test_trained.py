@@ -9,6 +9,7 @@ contract is checked in milliseconds and for all three models alike.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -178,3 +179,28 @@ def test_checkpoints_of_an_older_lad_fast_without_newer_config_fields_load(tmp_p
     (run / "config.json").write_text(json.dumps(raw))
     net, _ = LOADERS[model](run)
     assert net is not None and default is not None
+
+
+@pytest.mark.parametrize(
+    ("edit", "what"),
+    [
+        (lambda m: m.update(step="7"), r"step '7' is not a step number"),
+        (lambda m: m.update(files=["model.safetensors"]), r"its file list is not"),
+        (lambda m: [v.pop("bytes") for v in m["files"].values()], r"its file list is not"),
+        (lambda m: m["files"].update({"../x": {"bytes": 1, "sha256": "0"}}), r"its file list is not"),
+        (lambda m: m.update(files={}), r"it does not list ema\.safetensors, model\.safetensors, state\.pt"),
+        (lambda m: m.update(extra=[1]), r"extra is not a mapping"),
+    ],
+)
+def test_an_edited_meta_json_is_one_line(tmp_path, edit, what):
+    run = tmp_path / "run"
+    write(run, "vqgan")
+    (meta_path,) = (run / "vqgan").glob("step-*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))  # still valid JSON
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{re.escape(str(meta_path))} was edited or damaged \({what}.*\); the checkpoint cannot be",
+    ):
+        load_vqgan(run)

@@ -1,4 +1,4 @@
-"""``lad-fast bench kernels``: CPU message and exit 0, missing scripts, and the arguments it passes on."""
+"""``lad-fast bench kernels``: CPU message and exit 2, missing scripts, and the arguments it passes on."""
 
 from __future__ import annotations
 
@@ -30,12 +30,20 @@ def _results_snapshot() -> dict[str, int]:
 
 
 @no_cuda
-def test_cpu_says_cuda_is_needed_and_exits_0(monkeypatch):
+def test_cpu_says_cuda_is_needed_in_one_line_and_exits_2(monkeypatch, capsys):
+    from lad_fast.cli.app import main
+
     monkeypatch.delenv("LAD_FAST_BENCH_DIR", raising=False)
     before = _results_snapshot()
-    result = CliRunner().invoke(_app(), ["bench", "kernels", "--op", "all", "--dtype", "float16"])
-    assert result.exit_code == 0, result.output
-    assert "needs a CUDA GPU" in result.output and "no result written" in result.output
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "kernels", "--op", "all", "--dtype", "float16"])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2  # it measured nothing: not a success
+    assert captured.err == (
+        "lad-fast: error: lad-fast bench kernels needs a CUDA GPU (the Triton kernels run there): "
+        "nothing measured, no result written\n"
+    )
+    assert captured.out == ""
     assert _results_snapshot() == before
 
 
