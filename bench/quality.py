@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lad_fast.data.cache import phantom_dataset
     from lad_fast.evaluate.report import evaluate
-    from lad_fast.generate import generate
+    from lad_fast.generate import generate, sampler_options
     from lad_fast.train.diffusion import train_diffusion
 
     real = held_out(args.real, args.n_real)
@@ -167,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists():  # this script's own output of an earlier run: generate afresh, to time it
             shutil.rmtree(out)
         t0 = time.perf_counter()
+        walks_all = "steps" not in sampler_options(sampler)  # ancestral DDPM: all T steps, no --steps
         generate(
-            args.work / model, out, args.n, sampler=sampler, steps=steps, guidance=guidance,
-            batch=4, seed=0, force=True, device="cpu",
+            args.work / model, out, args.n, sampler=sampler, steps=None if walks_all else steps,
+            guidance=guidance, batch=4, seed=0, force=True, device="cpu",
         )  # fmt: skip
         seconds = (time.perf_counter() - t0) / args.n
         rep = evaluate(real, out, segmenter=args.segmenter, device="cpu")
