@@ -26,13 +26,20 @@ def _free_port() -> int:
 
 def _torchrun(run: Path, out: Path, *extra: str) -> None:
     env = {**os.environ, "LAD_FAST_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    logs = Path(f"{out}.logs")
+    # Each rank's output goes to its own files (--log-dir, --tee): a failure says which rank failed where.
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--log-dir", str(logs), "--tee", "3",
         str(WORKER), str(run), "--steps", "6", "--checkpoint-every", "3", "--out", str(out), *extra,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=180
+    )
+    if proc.returncode != 0:
+        ranks = "".join(f"\n--- {f}\n{f.read_text()[-2000:]}" for f in sorted(logs.rglob("*")) if f.is_file())
+        raise AssertionError(f"torchrun exited {proc.returncode}: {proc.stderr[-2000:]}{ranks}")
 
 
 def _rank_weights(out: Path) -> list[dict[str, torch.Tensor]]:

@@ -164,6 +164,7 @@ def main() -> None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         torch.save(net.state_dict(), f"{a.out}.rank{rank}.pt")
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears the group down while another still talks on it
         torch.distributed.destroy_process_group()
 
 
