@@ -287,3 +287,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
+
+
+def keep_or_null(emb: torch.Tensor, keep: torch.Tensor | None, null: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance dropout: row b of ``emb`` (B, E) where ``keep[b]`` is 1, the learned null
+    embedding ``null`` (E,) where it is 0 (``keep`` None keeps every row)."""
+    if keep is None:
+        return emb
+    k = keep.to(emb.dtype)[:, None]
+    return k * emb + (1 - k) * null.to(emb.dtype)

@@ -33,6 +33,7 @@ from lad_fast.models.blocks import (
     Upsample3d,
     check_impl,
     group_norm,
+    keep_or_null,
     timestep_embedding,
 )
 
@@ -137,10 +138,7 @@ class LatentUNet(nn.Module):
             )
         c = torch.cat([self.content_head(content), structure.to(content.dtype)], dim=-1)
         emb = self.cond_mlp(c)
-        if keep is None:
-            return emb
-        k = keep.to(emb.dtype)[:, None]
-        return k * emb + (1 - k) * self.null_emb.to(emb.dtype)
+        return keep_or_null(emb, keep, self.null_emb)
 
     def null_condition(self, batch: int) -> torch.Tensor:
         """The learned null embedding repeated (batch, embed_dim)."""

@@ -40,6 +40,7 @@ from lad_fast.models.blocks import (
     TransposedUpsample3d,
     check_impl,
     group_norm,
+    keep_or_null,
     timestep_embedding,
 )
 
@@ -330,10 +331,7 @@ class OfficialLatentUNet(nn.Module):
                 "set content_dim to ceil(d/4) * ceil(h/4) * ceil(w/4)"
             )
         emb = torch.cat([c, structure.to(c.dtype)], dim=-1)
-        if keep is None:
-            return emb
-        k = keep.to(emb.dtype)[:, None]
-        return k * emb + (1 - k) * self.null_emb.to(emb.dtype)
+        return keep_or_null(emb, keep, self.null_emb)
 
     def null_condition(self, batch: int) -> torch.Tensor:
         """The learned null vector repeated (batch, content_dim + structure_dim)."""
