@@ -30,6 +30,15 @@ class DistInfo:
         return self.world > 1
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun sets it (``RANK``; 0 outside torchrun), readable before the
+    process group is joined (the folder lock of ``lad_fast.lock`` is taken by rank 0 only)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def init_distributed(device: torch.device | str = "cpu") -> DistInfo:
     """Join the torchrun process group when ``WORLD_SIZE > 1`` (idempotent); single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -33,3 +33,23 @@ class BackendUnavailableError(LadFastError):
 
 class TrainingDivergedError(LadFastError):
     """Training produced too many non-finite losses or gradients."""
+
+
+class FolderInUseError(LadFastError):
+    """Another lad-fast process holds the lock of an output or run folder."""
+
+
+class DiskFullError(LadFastError, OSError):
+    """No space left on the device while writing (an ``OSError`` too, so ``except OSError`` still sees it).
+
+    ``str(err)`` is the one-line message alone (not ``[Errno 28] ...``).
+    """
+
+    def __init__(self, message: str) -> None:
+        import errno
+
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -38,6 +38,7 @@ from lad_fast.jobs import (
     load_source_masks,
     volume_seed,
 )
+from lad_fast.lock import locks_folder
 
 if TYPE_CHECKING:
     from lad_fast.config import LadConfig
@@ -293,6 +294,7 @@ def _check_args(
             raise BackendUnavailableError(f"--backend trt: {_INSTALL_HINT}") from None
 
 
+@locks_folder("out", "generate")  # one writer per --out (rank 0 holds it for the whole torchrun job)
 def generate(
     run: Path,
     out: Path,

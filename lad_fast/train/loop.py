@@ -61,6 +61,7 @@ from lad_fast.checkpoints import (
 from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
 from lad_fast.distributed import DistInfo, all_true, step_seed
 from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
+from lad_fast.lock import locks_folder
 from lad_fast.runs import RunDir, config_diff
 from lad_fast.train.ema import EMA
 from lad_fast.train.setup import Setup, open_run
@@ -249,6 +250,7 @@ def _check_resume(ckpt: Checkpoint, model: str, model_config: Mapping[str, Any])
         )
 
 
+@locks_folder("run", "train")  # one trainer per run folder (rank 0 holds it for the torchrun job)
 def train(
     run: str | os.PathLike[str],
     config: LadConfig,
