@@ -8,20 +8,93 @@ place as a whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from lad_fast.errors import DiskFullError
+
+# What atomic_path and atomic_dir name their temporaries: "." + target name + "." + mkstemp/mkdtemp's
+# 8 random characters + ".tmp" (or ".old") + the kept suffix, e.g. ".lad_000001.nii.gz.k2j4_x9a.tmp.nii.gz".
+_TEMPORARY_RE = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.(?:tmp|old)(?:\.[A-Za-z0-9.]+)?$")
+
+
+def temporary_target(name: str) -> str | None:
+    """The target name of an atomic writer's temporary file or folder ``name``; None when ``name`` is not
+    one (so a caller removes leftovers of its own writes only, never a user's dot-file)."""
+    m = _TEMPORARY_RE.match(name)
+    return m.group("target") if m else None
+
+
+def remove_temporaries(folder: str | os.PathLike[str], owned: Callable[[str], bool]) -> list[Path]:
+    """Remove the temporaries a killed writer left in ``folder`` whose target name ``owned`` accepts;
+    returns what was removed. Call it only while holding the folder (its lock, or rank 0 alone)."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        target = temporary_target(p.name)
+        if target is not None and owned(target):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; set back at once
+    os.umask(mask)
+    return mask
 
 
 def _default_mode() -> int:
     """0o666 minus the process umask: what ``open(..., "w")`` would have given (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def _dir_mode() -> int:
+    """0o777 minus the process umask: what ``os.mkdir`` would have given (mkdtemp gives 0o700, which a
+    lab's shared group cannot read)."""
+    return 0o777 & ~_umask()
+
+
+def _free(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            free = shutil.disk_usage(p).free
+        except OSError:
+            continue
+        for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+            if free < 1024 or unit == "TiB":
+                return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
+            free /= 1024
+    return "unknown"
+
+
+def write_failure(target: str | os.PathLike[str], err: BaseException) -> DiskFullError | None:
+    """A one-line :class:`DiskFullError` naming ``target`` and the free space when ``err`` is a full disk
+    (``OSError`` ENOSPC, or the messages torch's and safetensors' writers turn it into); None otherwise."""
+    if isinstance(err, DiskFullError):
+        return err
+    text = str(err)
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(
+        s in text for s in ("No space left", "os error 28", "unexpected pos", "file write failed")
+    )
+    if not full:
+        return None
+    return DiskFullError(
+        f"{target}: no space left on the device while writing it ({_free(Path(target))} free there); "
+        "free some space and rerun the same command (what was complete is kept, nothing half-written)"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,6 +125,11 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         os.chmod(tmp, _default_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as err:
+        full = write_failure(target, err)
+        if full is None or full is err:
+            raise
+        raise full from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -88,6 +166,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_dir(tmp)
+        os.chmod(tmp, _dir_mode())
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old)  # an empty folder is replaced by a rename
@@ -107,7 +186,13 @@ def append_line(target: str | os.PathLike[str], line: str) -> None:
     """Append one line and fsync it (used for ``log.jsonl`` and ``manifest.jsonl``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        full = write_failure(target, err)
+        if full is None or full is err:
+            raise
+        raise full from err

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lad_fast.atomic import atomic_dir, write_text
+from lad_fast.atomic import atomic_dir, write_failure, write_text
 from lad_fast.errors import CheckpointError
 
 FORMAT = "lad-fast-checkpoint"
@@ -46,6 +46,11 @@ _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def is_step_dir_name(name: str) -> bool:
+    """Whether ``name`` is a step folder's name (:func:`step_dir_name`)."""
+    return bool(_STEP_RE.match(name))
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -164,16 +169,50 @@ def save_checkpoint(
     state: optimisers, scalers, RNG, step ... saved with ``torch.save`` as ``state.pt``.
     meta: JSON-ready dict written as ``meta.json`` with the file list (sizes and SHA-256) added.
     keep: complete step folders kept (at least 2, so a previous one survives a corrupted newest).
+    A full disk is a one-line :class:`DiskFullError` naming the folder and the free space; the previous
+    checkpoint stays the latest.
     """
-    from safetensors.torch import save_file, save_model
-
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    for p in model_dir.iterdir():  # leftovers of an interrupted write (only rank 0 writes here)
-        if p.name.startswith(".step-") and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    clean_leftovers(model_dir)  # only rank 0 writes here
     name = step_dir_name(step)
-    with atomic_dir(model_dir / name) as tmp:
+    try:
+        _write_step(model_dir / name, step, modules, tensors, state, meta)
+        write_text(model_dir / POINTER, name + "\n")
+    except Exception as err:  # torch and safetensors turn a full disk into RuntimeError / SafetensorError
+        full = write_failure(model_dir / name, err)
+        if full is None or full is err:
+            raise
+        raise full from err
+    # Prune only after the pointer moved: older folders beyond ``keep``, and newer ones left by a run
+    # that was killed and resumed from an earlier step (they belong to an abandoned timeline).
+    older = [p for s, p in _step_dirs(model_dir) if s < step]
+    stale = [p for s, p in _step_dirs(model_dir) if s > step]
+    for p in older[max(keep, 2) - 1 :] + stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return model_dir / name
+
+
+def clean_leftovers(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove what a killed checkpoint write left in ``model_dir``: hidden ``.step-*`` folders and
+    ``.latest.*.tmp`` pointer temporaries (lad-fast's own temporary names only); returns them."""
+    from lad_fast.atomic import remove_temporaries
+
+    return remove_temporaries(model_dir, lambda t: t == POINTER or bool(_STEP_RE.match(t)))
+
+
+def _write_step(
+    target: Path,
+    step: int,
+    modules: Mapping[str, nn.Module],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]] | None,
+    state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> None:
+    """One complete step folder at ``target`` (see :func:`save_checkpoint`)."""
+    from safetensors.torch import save_file, save_model
+
+    with atomic_dir(target) as tmp:
         for stem, module in modules.items():
             save_model(module, str(tmp / f"{stem}.safetensors"))
         for stem, sd in (tensors or {}).items():
@@ -192,14 +231,6 @@ def save_checkpoint(
         }
         (tmp / META_NAME).write_text(json.dumps(full_meta, indent=2, default=str) + "\n", encoding="utf-8")
         _fsync(tmp / META_NAME)
-    write_text(model_dir / POINTER, name + "\n")
-    # Prune only after the pointer moved: older folders beyond ``keep``, and newer ones left by a run
-    # that was killed and resumed from an earlier step (they belong to an abandoned timeline).
-    older = [p for s, p in _step_dirs(model_dir) if s < step]
-    stale = [p for s, p in _step_dirs(model_dir) if s > step]
-    for p in older[max(keep, 2) - 1 :] + stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return model_dir / name
 
 
 @dataclass

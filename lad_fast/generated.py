@@ -48,10 +48,58 @@ def volume_paths(out: Path, vid: str) -> tuple[Path, Path]:
     return Path(out) / IMAGES / f"{vid}.nii.gz", Path(out) / MASKS / f"{vid}.nii.gz"
 
 
-def _is_ours(name: str) -> bool:
-    return (
-        name in (IMAGES, MASKS, MANIFEST, DATASET_JSON) or bool(_SHARD_RE.match(name)) or name.startswith(".")
-    )
+def _volume_file(name: str) -> bool:
+    return name.endswith(".nii.gz") and bool(_ID_RE.fullmatch(name[: -len(".nii.gz")]))
+
+
+def _ownership(out: Path) -> tuple[list[str], list[str]]:
+    """(entries of ``out`` generate did not write, by relative name; of those, the ones it must write
+    over: a ``dataset.json`` or manifest that is not its own). Dot-files are never counted (a temporary
+    of ours is cleaned, anything else left alone); a ``lad_NNNNNN.nii.gz`` under ``images/`` or
+    ``masks/`` is ours (a volume whose manifest line a kill prevented)."""
+    foreign, blocking = [], []
+    for p in sorted(out.iterdir()):
+        name = p.name
+        if name.startswith("."):
+            continue
+        if name in (IMAGES, MASKS) and p.is_dir():
+            foreign += [f"{name}/{q.name}" for q in sorted(p.iterdir()) if not q.name.startswith(".")
+                        and not (_volume_file(q.name) and q.is_file())]  # fmt: skip
+        elif name == DATASET_JSON and p.is_file():
+            try:
+                ours = json.loads(p.read_text(encoding="utf-8")).get("name") == "lad-fast-generated"
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                ours = False
+            if not ours:
+                foreign.append(name)
+                blocking.append(name)
+        elif (name == MANIFEST or _SHARD_RE.match(name)) and p.is_file():
+            if not all(_checked(r, p) is not None for r in _read_lines(p)):
+                foreign.append(name)
+                blocking.append(name)
+        else:
+            foreign.append(name)
+    return foreign, blocking
+
+
+def _remove_volumes(out: Path) -> None:
+    """``--force`` with other settings: delete the volumes the manifest lists, the manifest (and shards)
+    and generate's own ``dataset.json``; nothing else."""
+    for rec in read_manifest(out).values():
+        for path in volume_paths(out, rec["id"]):
+            path.unlink(missing_ok=True)
+    for p in out.iterdir():
+        if (p.name in (MANIFEST, DATASET_JSON) or _SHARD_RE.match(p.name)) and p.is_file():
+            p.unlink()  # _ownership has refused a dataset.json or manifest that is not ours
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove the hidden temporaries a killed ``generate`` left (its own names only)."""
+    from lad_fast.atomic import remove_temporaries
+
+    remove_temporaries(out, lambda t: t in (MANIFEST, DATASET_JSON) or bool(_SHARD_RE.match(t)))
+    for sub in (IMAGES, MASKS):
+        remove_temporaries(out / sub, _volume_file)
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
@@ -65,13 +113,31 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _checked(record: Any, path: Path) -> dict[str, Any] | None:
+    """A manifest line whose ``index`` is a volume index and whose ``id`` is that index's volume id, so
+    the id can become a path (InputError otherwise); None for a line that is not a record at all."""
+    if not isinstance(record, dict) or "index" not in record:
+        return None
+    i = record["index"]
+    if isinstance(i, bool) or not isinstance(i, int) or i < 0 or record.get("id") != volume_id(i):
+        raise InputError(
+            f"{path}: the line of volume {record.get('id')!r} (index {i!r}) was edited or damaged (its id "
+            "must be lad_ and the index's six digits); restore it, delete that line (the volume is then "
+            "generated again), or choose a new --out"
+        )
+    return record
+
+
 def read_manifest(out: Path) -> dict[int, dict[str, Any]]:
-    """Manifest lines by volume index (merged manifest and rank shards; the last line of an id wins)."""
+    """Manifest lines by volume index (merged manifest and rank shards; the last line of an id wins).
+
+    Every line is checked (:func:`_checked`) before its id can become a path: InputError for an edited one.
+    """
     out = Path(out)
-    lines = _read_lines(out / MANIFEST)
-    for shard in sorted(p for p in out.glob("manifest.rank*.jsonl") if _SHARD_RE.match(p.name)):
-        lines += _read_lines(shard)
-    return {int(r["index"]): r for r in lines if isinstance(r, dict) and "index" in r}
+    files = [out / MANIFEST]
+    files += sorted(p for p in out.glob("manifest.rank*.jsonl") if _SHARD_RE.match(p.name))
+    records = [(r, f) for f in files for r in _read_lines(f)]
+    return {r["index"]: r for r, f in records if _checked(r, f) is not None}
 
 
 def is_complete(out: Path, rec: dict[str, Any]) -> bool:
@@ -145,20 +211,24 @@ class VolumeWriter:
         self.manifest = self.out / (f"manifest.rank{rank}.jsonl" if sharded else MANIFEST)
 
     def prepare(self, force: bool) -> None:
-        """Refuse foreign files and volumes made with other settings (unless ``force``: then ours are
-        deleted, foreign files are kept), then create the folders."""
-        import shutil
-
+        """Refuse foreign files and volumes made with other settings (unless ``force``: then the volumes
+        the manifest lists are deleted, nothing else), clean a killed run's temporaries, then create the
+        folders. A ``dataset.json`` or manifest generate did not write is refused even with ``force``."""
         out = self.out
         if out.exists() and not out.is_dir():
             raise OutputExistsError(f"{out}: exists and is not a folder; choose another --out")
         if out.is_dir():
-            foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p.name))
+            foreign, blocking = _ownership(out)
+            if blocking:
+                raise OutputExistsError(
+                    f"{out}: {' and '.join(blocking)} was not written by generate, which writes its own "
+                    "there; move it out of the folder or choose another --out (--force never overwrites it)"
+                )
             if foreign and not force:
                 shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
                 raise OutputExistsError(
                     f"{out}: folder holds files generate did not write ({shown}); choose an empty or new "
-                    "--out, or pass --force to write into it anyway"
+                    "--out, or pass --force to write into it anyway (they are kept)"
                 )
             s = self.settings
             other = next(
@@ -171,11 +241,8 @@ class VolumeWriter:
                     "same settings to complete them, choose a new --out, or pass --force to replace them"
                 )
             if other is not None:
-                for name in (IMAGES, MASKS):
-                    shutil.rmtree(out / name, ignore_errors=True)
-                for p in out.iterdir():
-                    if p.name in (MANIFEST, DATASET_JSON) or _SHARD_RE.match(p.name):
-                        p.unlink()
+                _remove_volumes(out)
+            _clean_leftovers(out)
         (out / IMAGES).mkdir(parents=True, exist_ok=True)
         (out / MASKS).mkdir(parents=True, exist_ok=True)
 

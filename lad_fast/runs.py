@@ -17,8 +17,10 @@ may change between invocations; the newest resolved config is recorded).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,9 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 # Everything lad-fast itself puts in a run folder; dot-files are temporaries of atomic writes.
 _KNOWN = {CONFIG_NAME, LOG_NAME, "previews", *MODELS}
+# Files a trainer writes in its model folder besides checkpoints (--force removes them too).
+_MODEL_CACHES = ("latents.safetensors",)
+_PREVIEW_RE = re.compile(r"step-\d{8,}\.png")
 # Config sections that may change when a run is reopened: they steer training, not what is trained.
 _MUTABLE_SECTIONS = ("vqgan_train", "diffusion_train", "segmenter_train", "sampling")
 
@@ -170,10 +175,29 @@ class RunDir:
         return self.path / model
 
     def clear_model(self, model: str) -> None:
-        """Remove one model's checkpoints (``--force``) and its lines in ``log.jsonl``."""
+        """Remove one model's checkpoints (``--force``) and its lines in ``log.jsonl``.
+
+        Only what lad-fast writes in ``<run>/<model>/`` goes: the step folders, the ``latest`` pointer,
+        temporaries of killed writes, the diffusion latent cache and the VQ-GAN's ``previews/step-*.png``.
+        Anything else there (a user's notes, say) stays, and so does the folder then.
+        """
+        from lad_fast.checkpoints import POINTER, clean_leftovers, is_step_dir_name
+
         d = self.model_dir(model)
-        if d.exists():
-            shutil.rmtree(d)
+        if d.is_dir():
+            clean_leftovers(d)
+            for p in d.iterdir():
+                if p.is_dir() and not p.is_symlink() and is_step_dir_name(p.name):
+                    shutil.rmtree(p)
+                elif p.name in (POINTER, *_MODEL_CACHES) and p.is_file():
+                    p.unlink()
+                elif p.name == "previews" and p.is_dir():
+                    for q in p.iterdir():
+                        if _PREVIEW_RE.fullmatch(q.name) and q.is_file():
+                            q.unlink()
+            for folder in (d / "previews", d):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when nothing else is left in it
         self.truncate_log(model, after_step=-1)
 
     def log(self, record: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from lad_fast.config import GeometryConfig
+from lad_fast.data.checks import check_grid_size
 from lad_fast.data.labels import CANONICAL_ID
 from lad_fast.data.volume import Volume
 from lad_fast.errors import InputError
@@ -116,6 +117,8 @@ def check_coverage(shape: tuple[int, ...], affine: np.ndarray, geom: GeometryCon
     """Raise :class:`InputError` when the volume covers less than ``geom.min_coverage`` of the preset's
     field of view along any axis. ``shape`` and ``affine`` are the file's (header only, no voxels)."""
     shape_dhw, spacing_dhw = canonical_extent(shape, affine)
+    # the grid prepare resamples onto, before any memory is asked for it
+    check_grid_size(np.ceil(shape_dhw * spacing_dhw / np.asarray(geom.spacing)), source, "volume resampled")
     for axis in range(3):
         covered = float(shape_dhw[axis] * spacing_dhw[axis])
         fov = geom.shape[axis] * geom.spacing[axis]
@@ -157,6 +160,8 @@ def resample(
     """Resample a ``(D, H, W)`` array to ``spacing`` mm (``order`` 1: linear, for images; 0: nearest, for
     label maps). Returns ``(array (D', H', W'), affine (4, 4))``; see :func:`resampled_grid`."""
     shape, new_affine, (zoom, offset) = resampled_grid(array.shape, affine, spacing)
+    old = tuple(round(float(v), 3) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
+    check_grid_size(shape, f"a {array.shape} volume of {old} mm voxels", "resampled volume")
     if shape == array.shape and np.allclose(zoom, 1) and np.allclose(offset, 0):
         return array, new_affine
     # Edge voxels of the new grid may sit up to half a voxel beyond the old one: repeat the edge there.

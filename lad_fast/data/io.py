@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from lad_fast.atomic import atomic_path
-from lad_fast.data.labels import TOTALSEG_V2_NAMES
+from lad_fast.data.labels import TOTALSEG_V2_NAMES, integer_labels
 from lad_fast.data.volume import Volume
 from lad_fast.errors import BackendUnavailableError, InputError
 
@@ -74,8 +74,11 @@ def _load_nifti(path: Path, as_float32: bool) -> tuple[Any, np.ndarray]:
     ``as_float32`` decodes straight to float32 (images); otherwise the stored type is kept when the
     header holds no scaling (label maps).
     """
+    from lad_fast.data.checks import check_nifti_size
+
     try:
         img = nib.load(str(path))
+        check_nifti_size(path, img)  # before any voxel is allocated: a hostile header claims terabytes
         dtype = img.get_data_dtype()
         if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
             raise InputError(f"{path}: voxel type {dtype} is not a real number; need int or float voxels")
@@ -117,31 +120,11 @@ def _read_nifti_image(path: Path) -> Volume:
     return Volume(np.ascontiguousarray(array), _check_affine(path, img.affine), str(path))
 
 
-def _integer_labels(path: Path | str, data: np.ndarray) -> np.ndarray:
-    """Labels as the smallest unsigned int type holding them; floats must hold whole numbers."""
-    if data.dtype == np.bool_:
-        return data.astype(np.uint8)
-    if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)):
-            raise InputError(f"{path}: label map holds NaN or Inf; labels must be integer organ ids")
-        if np.any(data != np.round(data)):
-            raise InputError(f"{path}: label map holds non-integer values; labels must be integer organ ids")
-    elif not np.issubdtype(data.dtype, np.integer):
-        raise InputError(f"{path}: label voxel type {data.dtype} is not numeric; labels must be integer ids")
-    if data.size == 0:
-        return data.astype(np.uint8)
-    lo, hi = data.min(), data.max()
-    if lo < 0:
-        raise InputError(f"{path}: label map holds negative values (min {lo:g}); labels are ids 0 or more")
-    dtype = np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32
-    return data.astype(dtype, copy=False)
-
-
 def _read_nifti_labels(path: Path) -> Volume:
     img, data = _load_nifti(path, as_float32=False)
     data = _as_3d(path, data)
     return Volume(
-        np.ascontiguousarray(_integer_labels(path, data)), _check_affine(path, img.affine), str(path)
+        np.ascontiguousarray(integer_labels(data, path)), _check_affine(path, img.affine), str(path)
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +251,60 @@ def to_canonical(
     return out, unknown
 
 
+@dataclass(frozen=True)
+class LabelWording:
+    """How :func:`integer_labels` words its errors (after ``"<source>: "``); ``{dtype}`` and ``{min}``
+    are filled in."""
+
+    nan: str
+    fraction: str
+    dtype: str
+    negative: str
+
+
+MASK_WORDING = LabelWording(
+    nan="mask holds NaN or Inf; masks hold integer organ ids",
+    fraction="float mask holds non-integer values; masks hold integer organ ids",
+    dtype="mask dtype {dtype} is not numeric; masks hold integer organ ids",
+    negative="mask holds negative labels (min {min:g}); organ ids are 0 or more",
+)
+FILE_WORDING = LabelWording(
+    nan="label map holds NaN or Inf; labels must be integer organ ids",
+    fraction="label map holds non-integer values; labels must be integer organ ids",
+    dtype="label voxel type {dtype} is not numeric; labels must be integer ids",
+    negative="label map holds negative values (min {min:g}); labels are ids 0 or more",
+)
+
+
+def integer_labels(data: Any, source: str | Path, wording: LabelWording = FILE_WORDING) -> np.ndarray:
+    """``data`` as the smallest unsigned int type holding its labels (bool -> uint8); floats must hold
+    whole numbers. InputError ``"<source>: <wording>"`` for NaN/Inf, fractions, a non-numeric dtype or
+    negative values. The one integer-label check of label files (:mod:`lad_fast.data.io`) and of masks
+    (:func:`validate_mask`)."""
+    arr = np.asarray(data)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{source}: {wording.nan}")
+        if np.any(arr != np.round(arr)):
+            raise InputError(f"{source}: {wording.fraction}")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{source}: {wording.dtype.format(dtype=arr.dtype)}")
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    lo, hi = arr.min(), arr.max()
+    if lo < 0:
+        raise InputError(f"{source}: {wording.negative.format(min=lo)}")
+    dtype = np.uint8 if hi <= 255 else np.uint16 if hi <= 65535 else np.uint32
+    return arr.astype(dtype, copy=False)
+
+
 def validate_mask(mask: Any, shape: tuple[int, ...], source: str) -> np.ndarray:
     """Check a canonical mask against its image's ``shape`` (D, H, W); return it as uint8.
 
     InputError, naming ``source``, for: another shape than the image, non-finite or non-integer values,
-    negative labels, ids outside the canonical organs (0..NUM_CLASSES-1).
+    negative labels (:func:`integer_labels`), ids outside the canonical organs (0..NUM_CLASSES-1).
     """
     arr = np.asarray(mask)
     if tuple(arr.shape) != tuple(shape):
@@ -262,17 +312,7 @@ def validate_mask(mask: Any, shape: tuple[int, ...], source: str) -> np.ndarray:
             f"{source}: mask shape {tuple(arr.shape)} differs from its image's {tuple(shape)}; "
             "a mask must lie voxel for voxel on its image"
         )
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise InputError(f"{source}: mask holds NaN or Inf; masks hold integer organ ids")
-        if np.any(arr != np.round(arr)):
-            raise InputError(f"{source}: float mask holds non-integer values; masks hold integer organ ids")
-    elif not np.issubdtype(arr.dtype, np.integer):
-        raise InputError(f"{source}: mask dtype {arr.dtype} is not numeric; masks hold integer organ ids")
-    if arr.size and arr.min() < 0:
-        raise InputError(f"{source}: mask holds negative labels (min {arr.min():g}); organ ids are 0 or more")
+    arr = integer_labels(arr, source, MASK_WORDING)
     if arr.size and arr.max() >= NUM_CLASSES:
         raise InputError(
             f"{source}: mask holds id {arr.max():g}, but canonical ids run 0..{NUM_CLASSES - 1}; "

@@ -58,6 +58,16 @@ def _niftis(folder: Path) -> list[Path]:
 
 
 def _finish(src: Path, cases: list[CaseSource]) -> list[CaseSource]:
+    from lad_fast.safepaths import plain_name
+
+    for c in cases:  # the id names cases/<id>/: an empty id or ".." would put files onto cases/ itself
+        plain_name(
+            c.case_id,
+            "case id",
+            c.image,
+            "rename it so that it has a name of its own (pass a folder by its "
+            "own name, not one ending in '..')",
+        )
     ids = [c.case_id for c in cases]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

@@ -85,44 +85,19 @@ def _resolve_vocabulary(case: Any, vocabulary: str, user_map: dict[int, str] | N
     )
 
 
-def _nifti_header(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:
-    """(shape, affine) from a NIfTI header without reading voxels; None for folders (DICOM, organs)."""
-    import nibabel as nib
-
-    from lad_fast.data.io import is_nifti
-
-    if not path.is_file() or not is_nifti(path):
-        return None
-    try:
-        img = nib.load(str(path))
-        shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises many types for foreign or broken headers; name the file
-        raise InputError(f"{path}: cannot read this NIfTI header, the file is corrupt ({exc})") from None
-    if len(shape) > 3 and all(n == 1 for n in shape[3:]):
-        shape = shape[:3]  # the readers squeeze trailing unit dimensions too
-    if len(shape) != 3 or min(shape) < 2:
-        raise InputError(
-            f"{path}: volume has shape {shape}; lad-fast needs one 3D volume with several slices"
-        )
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(
-            f"{path}: the voxel-to-world affine is singular or not finite; fix the file's header"
-        )
-    return shape, affine
-
-
 def _validate_headers(plan: _Plan, geom: GeometryConfig) -> None:
     """Everything checkable without reading a NIfTI's voxels (a DICOM series is read: see the module)."""
+    from lad_fast.data.checks import nifti_header
     from lad_fast.data.geometry import check_coverage
     from lad_fast.data.io import check_pair, read_image
     from lad_fast.data.volume import Volume
 
-    header = _nifti_header(plan.image)
+    header = nifti_header(plan.image)
     if header is None:
         vol = read_image(plan.image)  # DICOM series: mixed series, spacing and orientation show only here
         header = (vol.shape, vol.affine)
     check_coverage(header[0], header[1], geom, str(plan.image))
-    mask_header = _nifti_header(plan.mask) if plan.mask is not None else None
+    mask_header = nifti_header(plan.mask) if plan.mask is not None else None
     if mask_header is not None:
         # check_pair reads shapes and affines only: zero-stride placeholders stand in for the voxels.
         def placeholder(h, src):
@@ -175,6 +150,9 @@ def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
     return cases
 
 
+CASE_FILES = ("image.npy", "mask.npy", "structure.npy")  # all prepare writes in cases/<id>/
+
+
 # ------------------------------------------------------------------------------------------ one case
 
 
@@ -189,11 +167,13 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
     """Read, check and prepare one case into ``folder`` (a temporary one); return its index entry."""
     from lad_fast.atomic import atomic_path
     from lad_fast.conditions import structure_condition
+    from lad_fast.data.checks import refuse_label_map
     from lad_fast.data.geometry import prepare_case
     from lad_fast.data.io import check_pair, read_image, read_labels
     from lad_fast.data.labels import to_canonical
 
     image = read_image(plan.image)
+    refuse_label_map(image.array, str(plan.image))
     labels = canonical = None
     unknown: list[int] = []
     if plan.mask is not None:
@@ -251,9 +231,11 @@ def prepare_dataset(
     ``force``: prepare into a folder that holds other files, or one prepared at another geometry.
     """
     from lad_fast.atomic import atomic_dir
+    from lad_fast.data.checks import check_case_folder
     from lad_fast.data.labels import load_user_map
     from lad_fast.data.layouts import discover
     from lad_fast.progress import track
+    from lad_fast.safepaths import inside
 
     src, out = Path(src), Path(out)
     user_map = load_user_map(Path(label_map)) if label_map is not None else None
@@ -270,6 +252,7 @@ def prepare_dataset(
         )
     previous = _check_out(out, cfg, force)
     for plan in plans:
+        check_case_folder(inside(out, CASES, plan.case_id), CASE_FILES)
         _validate_headers(plan, cfg.geometry)
 
     index: dict[str, Any] = {
@@ -344,8 +327,24 @@ class PreparedDataset:
         self._adopt(index)
 
     def _adopt(self, index: dict) -> None:
+        from lad_fast.safepaths import plain_name
+
+        cases = index.get("cases")
+        if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
+            raise InputError(f"{self.path / INDEX}: its case list is damaged; re-prepare the dataset")
+        for c in cases:  # an id becomes a folder name: cases/../../victim must never be reached
+            plain_name(
+                c.get("id"), "case id", self.path / INDEX, "the index was edited; re-prepare the dataset"
+            )
         self.index = index
-        self._cases: list[dict] = list(index["cases"])
+        self._cases: list[dict] = list(cases)
+
+    def case_dir(self, case_id: str) -> Path:
+        """``<dataset>/cases/<case_id>``, checked to lie inside the dataset (symbolic links followed)."""
+        from lad_fast.safepaths import inside, plain_name
+
+        plain_name(case_id, "case id", self.path / INDEX, "pass the id of one of its cases")
+        return inside(self.path, CASES, case_id)
 
     @property
     def case_ids(self) -> list[str]:
@@ -375,7 +374,7 @@ class PreparedDataset:
         for entry in self._cases:
             digest = None
             if masks and entry["has_mask"]:  # indexes written before mask_hash existed: hash the arrays
-                digest = entry.get("mask_hash") or mask_hash_of_folder(self.path / CASES / entry["id"])
+                digest = entry.get("mask_hash") or mask_hash_of_folder(self.case_dir(entry["id"]))
             cases.append((entry["id"], entry.get("content_hash"), digest))
         geometry = json.loads(json.dumps(config_to_dict(self.geometry)))
         dtype = self.index.get("image_dtype", "float16")
@@ -403,6 +402,7 @@ class PreparedDataset:
         arrays = {}
         for case_id, (mask, source) in masks.items():
             self.entry(case_id)  # an unknown id raises, naming the cases
+            self.case_dir(case_id)  # and one outside the dataset (a linked folder) before anything is written
             m = validate_mask(mask, tuple(self.geometry.shape), f"case {case_id} ({source})")
             arrays[case_id] = (m, np.asarray(structure_condition(m, condition), dtype=np.int64), str(source))
         if not arrays:
@@ -427,7 +427,7 @@ class PreparedDataset:
             self._adopt(json.loads(json.dumps(index)))
         for case_id, (mask, structure, _) in arrays.items():
             for name, array in (("mask.npy", mask), ("structure.npy", structure)):
-                with atomic_path(self.path / CASES / case_id / name, suffix=".npy") as tmp:
+                with atomic_path(self.case_dir(case_id) / name, suffix=".npy") as tmp:
                     np.save(tmp, array)
         for case_id, (mask, structure, source) in arrays.items():
             entries[case_id].update(has_mask=True, mask_source=source, mask_hash=mask_hash(mask, structure))
@@ -437,7 +437,7 @@ class PreparedDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self._cases[i]
-        folder = self.path / CASES / entry["id"]
+        folder = self.case_dir(entry["id"])
 
         def load(name: str, mmap: bool = True) -> np.ndarray:
             try:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from lad_fast.checkpoints import Checkpoint, latest_step_dir, load_checkpoint
+from lad_fast.checkpoints import Checkpoint, clean_leftovers, latest_step_dir, load_checkpoint
 from lad_fast.config import LadConfig
 from lad_fast.devices import choose_device, resolve_device
 from lad_fast.distributed import DistInfo, init_distributed
@@ -112,6 +112,8 @@ def open_run(
     rundir = RunDir.create(run, config)
     if existing and not resume and info.is_main:
         rundir.clear_model(model)  # --force
+    elif info.is_main:
+        clean_leftovers(model_dir)  # a killed checkpoint write's temporaries (the folder lock is held)
     if info.enabled:
         torch.distributed.barrier()
     return Setup(run=rundir, device=dev, dist=info, seed=seed), ckpt
