@@ -48,10 +48,7 @@ def check_nifti_size(path: Path, img: Any) -> None:
     shape = tuple(int(n) for n in img.shape)
     check_grid_size(shape, str(path))
     claimed = math.prod(shape) * np.dtype(img.get_data_dtype()).itemsize
-    try:
-        offset = int(img.header["vox_offset"])
-    except (KeyError, ValueError, TypeError):
-        offset = 0
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)  # where the voxels start (the header's vox_offset)
     size = path.stat().st_size
     with open(path, "rb") as f:
         compressed = f.read(2) == b"\x1f\x8b"
