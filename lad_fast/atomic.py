@@ -67,6 +67,12 @@ def _dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
+def follow_umask(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have (writers such as safetensors create
+    files 0o600, which a lab's shared group cannot read)."""
+    os.chmod(path, _dir_mode() if Path(path).is_dir() else _default_mode())
+
+
 def _free(path: Path) -> str:
     for p in (path, *path.parents):
         try:

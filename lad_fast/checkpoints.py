@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lad_fast.atomic import atomic_dir, write_failure, write_text
+from lad_fast.atomic import atomic_dir, follow_umask, write_failure, write_text
 from lad_fast.errors import CheckpointError
 
 FORMAT = "lad-fast-checkpoint"
@@ -220,6 +220,7 @@ def _write_step(
         torch.save(dict(state), tmp / STATE_NAME)
         files = {}
         for p in sorted(tmp.iterdir()):
+            follow_umask(p)  # safetensors writes 0o600
             _fsync(p)
             files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         full_meta = {
