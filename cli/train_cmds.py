@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -28,9 +29,15 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 
 
 def resolve_run(run: str) -> Path:
-    """A bare name means ./runs/<name>; anything with a path separator is a folder."""
+    """A bare name means ./runs/<name>, unless only ./<name> is a run (a folder in the current one);
+    anything with a path separator (``./mine``, ``runs/a``, an absolute path) is that folder."""
     p = Path(run)
-    return p if (len(p.parts) > 1 or p.is_absolute()) else Path("runs") / run
+    if p.is_absolute() or any(sep in run for sep in ("/", os.sep)) or run in (".", ".."):
+        return p
+    under = Path("runs") / run
+    if not under.exists() and (p / "config.json").is_file():
+        return p
+    return under
 
 
 @train_app.callback()

@@ -122,18 +122,20 @@ def load_generator(run: Path, device: torch.device) -> Generator:
         encode_case,
         load_diffusion,
         load_frozen_vqgan,
+        vqgan_run_of,
     )
 
     run = Path(run)
     net, meta = load_diffusion(run, device)
     cfg = RunDir.open(run).config()
-    vqgan_run = Path(meta.get("vqgan_run") or run)
+    vqgan_run = vqgan_run_of(run, meta)  # relative to the run (absolute in older runs)
     vq, _ = load_frozen_vqgan(vqgan_run, cfg, device)
     vq_hash = checkpoint_hash(vqgan_run / "vqgan")
     if meta.get("vqgan_hash") not in (None, vq_hash):
         raise CheckpointError(
             f"the VQ-GAN in {vqgan_run} changed after the diffusion model of {run} was trained on its "
-            "latents; retrain the diffusion model (lad-fast train diffusion --force) or restore that VQ-GAN"
+            f"latents; retrain the diffusion model (`lad-fast train diffusion --run {run} --force`) or "
+            "restore that VQ-GAN"
         )
     shape = tuple(int(s) for s in meta["latent_shape"])
     norm = meta.get("latent_norm")
@@ -242,6 +244,8 @@ def sample_latents(
 
 # ------------------------------------------------------------------------------------- generation
 
+MAX_VOLUMES = 1_000_000  # --n cap: a rank's to-do list stays tens of MB, the manifest some hundred MB
+
 
 def _check_args(
     n: int,
@@ -263,6 +267,11 @@ def _check_args(
             raise ConfigError(f"{flag} must be a finite number, got {value}")
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
+    if n > MAX_VOLUMES:
+        raise ConfigError(
+            f"--n {n} is more than one generate call makes ({MAX_VOLUMES:,} volumes, terabytes at the lad "
+            "preset); generate in parts with different --seed into different --out folders"
+        )
     if guidance is not None and guidance < 0:
         raise ConfigError(f"--guidance must be >= 0 (0: unconditional, 1: conditional), got {guidance}")
     if augment < 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,35 @@ def predict_volumes(
 
 
 # ------------------------------------------------------------------------------------------ VQ-GAN
+
+
+def vqgan_reference(run: Path, vqgan_run: Path) -> str:
+    """How a diffusion checkpoint of ``run`` records the run holding its VQ-GAN: relative to ``run``
+    ("." for the run itself), so a run folder (or two runs moved together) can be copied or moved."""
+    return os.path.relpath(Path(vqgan_run).resolve(), Path(run).resolve())
+
+
+def vqgan_run_of(run: Path, meta: Mapping[str, Any]) -> Path:
+    """The run holding the VQ-GAN the diffusion model of ``run`` (``meta``: its checkpoint's) was trained
+    on: ``meta["vqgan_run"]`` relative to ``run``, or absolute as lad-fast recorded it before. An absolute
+    path that no longer exists falls back to ``run`` itself when its VQ-GAN has the recorded hash (a run
+    moved or copied after training on its own VQ-GAN). CheckpointError naming options that exist when the
+    VQ-GAN run is gone."""
+    run = Path(run)
+    ref = meta.get("vqgan_run")
+    if not ref:
+        return run
+    path = Path(ref) if Path(ref).is_absolute() else run / ref
+    if (path / "config.json").is_file():
+        return path
+    if Path(ref).is_absolute() and (run / "config.json").is_file() and latest_step_dir(run / "vqgan"):
+        if meta.get("vqgan_hash") == checkpoint_hash(run / "vqgan"):
+            return run
+    raise CheckpointError(
+        f"the diffusion model of {run} was trained on the VQ-GAN of run {path}, which is not there (moved or "
+        f"deleted?); put that run back (recorded as {ref!r}), or retrain the diffusion model on a VQ-GAN "
+        f"that exists: `lad-fast train diffusion --run {run} --vqgan VQGAN_RUN --force`"
+    )
 
 
 def check_vqgan_run(vqgan_run: Path, cfg: LadConfig) -> None:

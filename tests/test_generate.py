@@ -442,3 +442,61 @@ def test_cli_without_run_says_which_run_it_took(run, tmp_path, monkeypatch, caps
     captured = capsys.readouterr()
     assert "lad-fast: using run runs/mine (the latest complete run)\n" in captured.err
     assert "generated 1 volume in o" in captured.out
+
+
+# -------------------------------------------------------------- issue 15: self-contained runs, run refs, --n
+
+
+def test_a_run_folder_is_self_contained_and_old_absolute_references_still_load(run, tmp_path, capsys):
+    import shutil
+
+    from lad_fast.cli.app import main
+    from lad_fast.trained import checkpoint_hash, load_diffusion, vqgan_run_of
+
+    meta = load_diffusion(run)[1]
+    assert meta["vqgan_run"] == "."  # relative to the run: a copy uses its own VQ-GAN
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert vqgan_run_of(copy, load_diffusion(copy)[1]) == copy
+    real = checkpoint_hash(copy / "vqgan")
+    # runs written before: an absolute path; gone (the run moved), its own VQ-GAN with that hash is taken
+    assert vqgan_run_of(copy, {"vqgan_run": str(tmp_path / "moved-away"), "vqgan_hash": real}) == copy
+    assert vqgan_run_of(copy, {"vqgan_run": str(run), "vqgan_hash": real}) == run  # still there: as before
+    for ref, vq_hash in ((str(tmp_path / "moved-away"), "another"), ("../gone", real)):
+        with pytest.raises(CheckpointError) as info:
+            vqgan_run_of(copy, {"vqgan_run": ref, "vqgan_hash": vq_hash})
+        message = str(info.value)
+        assert "which is not there (moved or deleted?)" in message
+        assert f"`lad-fast train diffusion --run {copy} --vqgan VQGAN_RUN --force`" in message
+    with pytest.raises(SystemExit):
+        main(["train", "diffusion", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--vqgan" in help_text and "--force" in help_text and "--run" in help_text  # the hint's options
+
+
+def test_runs_are_found_relative_to_the_current_folder_or_absolute(run, tmp_path, monkeypatch, capsys):
+    from lad_fast.cli.app import main
+    from lad_fast.cli.train_cmds import resolve_run
+
+    monkeypatch.chdir(run.parent)
+    assert resolve_run(run.name) == Path(run.name)  # ./<name> is a run and runs/<name> is not there
+    assert resolve_run(f"./{run.name}") == Path(run.name) and resolve_run(str(run)) == run
+    assert resolve_run("other") == Path("runs") / "other"  # a new run goes under runs/
+    for ref, out in ((run.name, tmp_path / "a"), (str(run), tmp_path / "b")):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--run", ref, "--out", str(out), "--n", "1", "--augment", "0",
+                  "--sampler", "ddim", "--steps", "2", "--device", "cpu"])  # fmt: skip
+        assert exc.value.code == 0 and len(read_manifest(out)) == 1
+    capsys.readouterr()
+
+
+def test_a_huge_n_is_refused_before_anything_is_written(tmp_path, capsys):
+    from lad_fast.cli.app import main
+
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--run", str(tmp_path / "nowhere"), "--out", str(out), "--n", "1000000000"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    assert "--n 1000000000 is more than one generate call makes (1,000,000 volumes" in err
+    assert not out.exists()

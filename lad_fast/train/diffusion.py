@@ -38,6 +38,7 @@ from lad_fast.trained import (
     latent_norm,
     load_frozen_vqgan,
     normalize_latents,
+    vqgan_reference,
 )
 
 MODEL = "diffusion"
@@ -223,7 +224,7 @@ def train_diffusion(
             "preset": cfg.preset,
             "data_hash": _data_hash(data_path),
             "data": str(data_path.resolve()),
-            "vqgan_run": str(vqgan_run.resolve()),
+            "vqgan_run": vqgan_reference(run, vqgan_run),  # relative: the run folder can move
             "vqgan_hash": vq_hash,
             "latent_scale": list(vq.latent_scale()),
             "latent_shape": list(latents["latent"].shape[1:]),
