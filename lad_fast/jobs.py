@@ -76,6 +76,7 @@ def load_source_masks(path: Path, preset: str, shape: tuple[int, int, int]) -> l
         raise InputError(f"{path}: no such folder; pass a prepared dataset or a folder of NIfTI masks")
     import nibabel as nib
 
+    from lad_fast.data.checks import check_nifti_size
     from lad_fast.data.geometry import nifti_to_dhw
     from lad_fast.data.io import is_nifti, nifti_stem
 
@@ -85,6 +86,7 @@ def load_source_masks(path: Path, preset: str, shape: tuple[int, int, int]) -> l
     out = []
     for f in files:
         img = nib.load(str(f))
+        check_nifti_size(f, img)  # a header claiming more voxels than the file holds: refused unread
         mask, affine = nifti_to_dhw(np.asarray(img.dataobj), img.affine)
         if mask.shape != tuple(shape) or mask.dtype.kind not in "iu":
             raise InputError(

@@ -61,18 +61,14 @@ def check_nifti_size(path: Path, img: Any) -> None:
         )
 
 
-def nifti_header(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:
-    """(shape, affine) from a NIfTI header without reading voxels; None for folders (DICOM, organs).
+def nifti_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) from the header of the NIfTI file ``path`` without reading voxels.
 
     InputError for an unreadable header, a shape that is not one 3D volume, a singular affine, or a
     claimed size the file cannot hold (:func:`check_nifti_size`).
     """
     import nibabel as nib
 
-    from lad_fast.data.io import is_nifti
-
-    if not path.is_file() or not is_nifti(path):
-        return None
     try:
         img = nib.load(str(path))
         shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)

@@ -89,15 +89,18 @@ def _validate_headers(plan: _Plan, geom: GeometryConfig) -> None:
     """Everything checkable without reading a NIfTI's voxels (a DICOM series is read: see the module)."""
     from lad_fast.data.checks import nifti_header
     from lad_fast.data.geometry import check_coverage
-    from lad_fast.data.io import check_pair, read_image
+    from lad_fast.data.io import check_pair, is_nifti, read_image
     from lad_fast.data.volume import Volume
 
-    header = nifti_header(plan.image)
+    def header_of(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:  # None: DICOM, organ folder
+        return nifti_header(path) if path.is_file() and is_nifti(path) else None
+
+    header = header_of(plan.image)
     if header is None:
         vol = read_image(plan.image)  # DICOM series: mixed series, spacing and orientation show only here
         header = (vol.shape, vol.affine)
     check_coverage(header[0], header[1], geom, str(plan.image))
-    mask_header = nifti_header(plan.mask) if plan.mask is not None else None
+    mask_header = header_of(plan.mask) if plan.mask is not None else None
     if mask_header is not None:
         # check_pair reads shapes and affines only: zero-stride placeholders stand in for the voxels.
         def placeholder(h, src):
