@@ -219,12 +219,14 @@ def check_vqgan_run(vqgan_run: Path, cfg: LadConfig) -> None:
     if not (vqgan_run / "config.json").is_file():
         raise CheckpointError(
             f"{vqgan_run} is not a lad-fast run (no config.json); train a VQ-GAN first with "
-            f"`lad-fast train vqgan --run {vqgan_run}` or pass --vqgan RUN"
+            f"`lad-fast train vqgan --run {vqgan_run}`, or point `lad-fast train diffusion --vqgan RUN` "
+            "at another"
         )
     if latest_step_dir(vqgan_run / "vqgan") is None:
         raise CheckpointError(
             f"run {vqgan_run} has no trained VQ-GAN (no complete checkpoint in {vqgan_run / 'vqgan'}); "
-            f"train one with `lad-fast train vqgan --run {vqgan_run}` or pass --vqgan RUN"
+            f"train one with `lad-fast train vqgan --run {vqgan_run}`, or point "
+            "`lad-fast train diffusion --vqgan RUN` at another"
         )
     theirs = RunDir.open(vqgan_run).config_dict()
     ours = config_to_dict(cfg)

@@ -12,7 +12,7 @@ from _shared import small_config
 
 from lad_fast.errors import CheckpointError, InputError
 from lad_fast.train.diffusion import LATENTS_NAME, LatentBatches, train_diffusion
-from lad_fast.trained import check_vqgan_run, load_diffusion, mask_as_image
+from lad_fast.trained import check_vqgan_run, load_diffusion, mask_as_image, vqgan_run_of
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +87,9 @@ def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, tiny_
         c["id"] for c in json.loads((tiny_phantoms / "index.json").read_text())["cases"]
     ]
     net, m = load_diffusion(trained)
-    assert m["vqgan_run"] == str(vqgan_run.resolve()) and len(m["vqgan_hash"]) == 16
+    # recorded relative to the run, so the two runs can move together (issue 15)
+    assert not Path(m["vqgan_run"]).is_absolute() and len(m["vqgan_hash"]) == 16
+    assert (trained / m["vqgan_run"]).resolve() == vqgan_run.resolve() == vqgan_run_of(trained, m).resolve()
     assert m["structure_dim"] == 96 and m["latent_shape"] == [4, 4, 16, 16] and m["step"] == 3
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     # the EMA weights are what load_diffusion returns (not the last raw weights)
