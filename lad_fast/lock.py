@@ -162,18 +162,21 @@ class FolderLock:
         if self.created is not None:
             _remove_empty(self.created, self.folder)
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """Remove the lock (if still ours); after a failure, also the folders this call created and left
+        empty."""
         holder = _read(self.path)
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
-        self._give_up()
+        if failed:
+            self._give_up()
 
     def __enter__(self) -> FolderLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.release(failed=exc_type is not None)
 
 
 def locks_folder(argument: str, command: str) -> Callable[[F], F]:
