@@ -88,9 +88,8 @@ def _free(path: Path) -> str:
 
 def write_failure(target: str | os.PathLike[str], err: BaseException) -> DiskFullError | None:
     """A one-line :class:`DiskFullError` naming ``target`` and the free space when ``err`` is a full disk
-    (``OSError`` ENOSPC, or the messages torch's and safetensors' writers turn it into); None otherwise."""
-    if isinstance(err, DiskFullError):
-        return err
+    (``OSError`` ENOSPC, a DiskFullError about a file inside ``target``, or the messages torch's and
+    safetensors' writers turn it into); None otherwise."""
     text = str(err)
     full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(
         s in text for s in ("No space left", "os error 28", "unexpected pos", "file write failed")
@@ -133,7 +132,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         _fsync_dir(target.parent)
     except OSError as err:
         full = write_failure(target, err)
-        if full is None or full is err:
+        if full is None:
             raise
         raise full from err
     finally:
@@ -178,6 +177,11 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(target, old)  # an empty folder is replaced by a rename
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as err:  # a full disk names the folder, not a file in its hidden temporary
+        full = write_failure(target, err)
+        if full is None:
+            raise
+        raise full from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,6 +203,6 @@ def append_line(target: str | os.PathLike[str], line: str) -> None:
             os.fsync(f.fileno())
     except OSError as err:
         full = write_failure(target, err)
-        if full is None or full is err:
+        if full is None:
             raise
         raise full from err

@@ -178,12 +178,12 @@ def save_checkpoint(
     name = step_dir_name(step)
     try:
         _write_step(model_dir / name, step, modules, tensors, state, meta)
-        write_text(model_dir / POINTER, name + "\n")
     except Exception as err:  # torch and safetensors turn a full disk into RuntimeError / SafetensorError
         full = write_failure(model_dir / name, err)
-        if full is None or full is err:
+        if full is None:
             raise
         raise full from err
+    write_text(model_dir / POINTER, name + "\n")  # a full disk here names the pointer (atomic_path)
     # Prune only after the pointer moved: older folders beyond ``keep``, and newer ones left by a run
     # that was killed and resumed from an earlier step (they belong to an abandoned timeline).
     older = [p for s, p in _step_dirs(model_dir) if s < step]

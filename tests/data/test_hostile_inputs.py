@@ -238,3 +238,19 @@ def test_case_folders_follow_the_umask(prepared):
     os.umask(umask)
     assert mode == 0o777 & ~umask
     assert os.stat(prepared / "cases" / "c1" / "image.npy").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_full_disk_while_preparing_names_the_case_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    _case(tmp_path / "src")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    err = _cli(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
+    case = tmp_path / "out" / "cases" / "c1"
+    assert err.startswith(f"lad-fast: error: {case}: no space left on the device")
+    assert "free there); free some space and rerun the same command" in err
+    assert not (tmp_path / "out").exists()
