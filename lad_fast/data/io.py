@@ -230,6 +230,9 @@ def _read_dicom_series(folder: Path) -> Volume:
     ts = headers[0][1].file_meta.get("TransferSyntaxUID") if hasattr(headers[0][1], "file_meta") else None
     compressed = bool(ts is not None and ts.is_compressed)
     rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
+    from lad_fast.data.checks import check_grid_size
+
+    check_grid_size((cols, rows, len(headers)), str(folder), "DICOM series")  # before allocating it
     array = np.empty((cols, rows, len(headers)), dtype=np.float32)
     for k, (path, _) in enumerate(headers):
         try:

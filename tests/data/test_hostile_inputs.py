@@ -254,3 +254,13 @@ def test_a_full_disk_while_preparing_names_the_case_folder(tmp_path, capsys, mon
     assert err.startswith(f"lad-fast: error: {case}: no space left on the device")
     assert "free there); free some space and rerun the same command" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dicom_series_beyond_the_voxel_cap_is_refused_before_allocating(shared, monkeypatch):
+    pytest.importorskip("pydicom")
+    import lad_fast.data.checks as checks
+    from lad_fast.data.io import read_image
+
+    monkeypatch.setattr(checks, "MAX_VOXELS", 1000)
+    with pytest.raises(InputError, match=r"dicom: the DICOM series would be \(\d+, \d+, \d+\) = .* more"):
+        read_image(shared / "totalseg_example" / "dicom")
