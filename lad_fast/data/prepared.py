@@ -142,9 +142,14 @@ def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
         cases = {c["id"]: c for c in old.get("cases", [])}
     except (ValueError, TypeError, KeyError, AttributeError):
         same, cases = False, {}
+    if not (isinstance(old, dict) and "schema_version" in old and "cases" in old):  # not ours: kept
+        raise OutputExistsError(
+            f"{index_path}: not an index prepare wrote; move it out of the folder or choose another one "
+            "(--force never overwrites files lad-fast did not write)"
+        )
     if not same:
         if not force:
-            was = repr(old.get("preset")) if isinstance(old, dict) else "an unreadable index"
+            was = repr(old.get("preset"))
             raise OutputExistsError(
                 f"{index_path}: folder holds a dataset prepared at preset {was} (or by another lad-fast "
                 f"version), not {cfg.preset!r}; choose a new folder, or pass --force to re-prepare it"

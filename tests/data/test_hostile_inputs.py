@@ -264,3 +264,15 @@ def test_a_dicom_series_beyond_the_voxel_cap_is_refused_before_allocating(shared
     monkeypatch.setattr(checks, "MAX_VOXELS", 1000)
     with pytest.raises(InputError, match=r"dicom: the DICOM series would be \(\d+, \d+, \d+\) = .* more"):
         read_image(shared / "totalseg_example" / "dicom")
+
+
+def test_prepare_never_writes_over_an_index_json_it_did_not_write(tmp_path, capsys):
+    _case(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.json").write_text('{"my": "catalogue"}')
+    for force in ((), ("--force",)):
+        err = _cli(capsys, "prepare", str(tmp_path / "src"), str(out), "--preset", "tiny", *force)
+        assert f"{out / 'index.json'}: not an index prepare wrote; move it out of the folder" in err
+    assert (out / "index.json").read_text() == '{"my": "catalogue"}'
+    assert sorted(os.listdir(out)) == ["index.json"]
