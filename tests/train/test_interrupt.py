@@ -189,3 +189,41 @@ def test_cli_train_sigint_then_sigterm_on_resume(tmp_path, tiny_phantoms):
     assert steps == sorted(set(steps)), steps
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("event") == "resume"] == [first.step]
+
+
+def _workers(parent: int) -> list[int]:
+    """The worker processes torchrun started (its children running the toy script)."""
+    kids = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(k) for k in kids if WORKER.name in Path(f"/proc/{k}/cmdline").read_text(errors="replace")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_torchrun_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
+    """SIGTERM reaches one rank only: the ranks still agree on the step, save one checkpoint, both stop."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(port), "--log-dir", str(logs), "--tee", "3",
+        str(WORKER), str(run), "--steps", str(STEPS), "--checkpoint-every", "10", "--sleep", "0.05",
+    ]  # fmt: skip
+    proc = _popen(cmd, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not any(s >= 5 for s in _logged_steps(run, "segmenter")):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the run logged nothing in 120 s"
+        time.sleep(0.02)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGTERM)
+    proc.communicate(timeout=120)
+    ckpt = load_checkpoint(run / "segmenter", "segmenter")
+    assert 5 <= ckpt.step < STEPS and ckpt.state["world"] == 2
+    outputs = [f.read_text() for f in sorted(logs.rglob("stdout.log"))]
+    assert len(outputs) == 2
+    for out in outputs:  # each rank stopped after the same step, the one checkpointed
+        assert f"interrupted (SIGTERM): segmenter stopped after step {ckpt.step} of {STEPS}" in out, out
