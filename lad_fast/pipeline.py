@@ -36,6 +36,7 @@ def train_pipeline(
 ) -> Path:
     """Train every model of a Lad run; returns the run folder. ``steps`` overrides every stage's budget."""
     from lad_fast.data.prepared import PreparedDataset
+    from lad_fast.train.data import how_to_add_masks
     from lad_fast.train.diffusion import train_diffusion
     from lad_fast.train.vqgan import train_vqgan
 
@@ -52,8 +53,8 @@ def train_pipeline(
     unlabelled = [cid for i, cid in enumerate(dataset.case_ids) if i not in labelled]
     if len(unlabelled) == len(dataset):  # refused before phase 1, so nothing is trained in vain
         raise InputError(
-            f"{data}: no case has a mask, so the organ segmenter has nothing to learn from; prepare "
-            "some labelled cases, or import masks from an external segmenter (lad_fast.masks)"
+            f"{data}: no case has a mask, so the organ segmenter has nothing to learn from (checked "
+            "before the VQ-GAN phase, nothing trained); " + how_to_add_masks(data)
         )
     common = dict(data=data, steps=steps, resume=resume, force=force, device=device)
 

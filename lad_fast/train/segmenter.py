@@ -30,7 +30,7 @@ from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
 from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
-from lad_fast.train.data import PreparedBatches, split_indices
+from lad_fast.train.data import PreparedBatches, how_to_add_masks, split_indices
 from lad_fast.train.loop import TrainResult
 from lad_fast.train.schedule import make_scheduler
 from lad_fast.trained import load_segmenter, predict_volumes
@@ -107,8 +107,8 @@ def labelled_split(dataset: PreparedDataset) -> tuple[list[int], list[int]]:
     labelled = dataset.labelled_indices()
     if not labelled:
         raise InputError(
-            f"{dataset.path}: no case has a mask, so the segmenter has nothing to learn from; prepare "
-            "labelled cases or import masks from an external segmenter (lad_fast.masks.import_masks)"
+            f"{dataset.path}: no case has a mask, so the segmenter has nothing to learn from; "
+            + how_to_add_masks(dataset.path)
         )
     train_pos, val_pos = split_indices(len(labelled))
     return [labelled[i] for i in train_pos], [labelled[i] for i in val_pos]
