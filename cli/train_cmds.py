@@ -25,6 +25,14 @@ StepsOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+HoldoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--holdout",
+        help="VQ-GAN: fraction of cases held out for its reconstruction report (0: none). Default 0.2, "
+        "or the resumed run's.",
+    ),
+]
 
 
 def resolve_run(run: str) -> Path:
@@ -43,6 +51,7 @@ def pipeline(
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
+    holdout: HoldoutOpt = None,
 ) -> None:
     """Phantoms (when no --data), prepare, VQ-GAN, segmenter (when masks are missing), diffusion."""
     if ctx.invoked_subcommand is not None:
@@ -58,6 +67,7 @@ def pipeline(
         resume=resume,
         force=force,
         device=device,
+        holdout=holdout,
     )
     typer.echo(f"trained run {path}")
 
@@ -71,6 +81,7 @@ def vqgan(
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
+    holdout: HoldoutOpt = None,
 ) -> None:
     """Phase 1: the 3D VQ-GAN with the locality loss."""
     from lad_fast.config import get_preset
@@ -84,6 +95,7 @@ def vqgan(
         resume=resume,
         force=force,
         device=device,
+        holdout=holdout,
     )
     typer.echo(f"vqgan: {result.step} steps, checkpoint {result.checkpoint}")
 
