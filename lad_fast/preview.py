@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lad_fast.organs import CANONICAL_ORGANS
+from lad_fast.preview_inputs import CANONICAL_NAMES, TOTALSEG_NAMES  # noqa: F401 (re-exported)
 
 # One colour per canonical organ, whatever vocabulary a mask uses (a TotalSegmentator, AbdomenCT-1K,
 # Lad or canonical id is coloured by the organ it names). Saturated, far apart (RGB distance >= 90) and
@@ -32,18 +32,6 @@ ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
     "inferior_vena_cava": (160, 255, 120),
     "vertebrae": (150, 90, 40),
 }
-# TotalSegmentator v2 vertebra ids 27..50 run from L5 up to C1.
-_LEVELS = (
-    [f"L{i}" for i in range(5, 0, -1)]
-    + [f"T{i}" for i in range(12, 0, -1)]
-    + [f"C{i}" for i in range(7, 0, -1)]
-)
-TOTALSEG_NAMES: dict[int, str] = {
-    1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
-    7: "pancreas", 52: "aorta", 63: "inferior_vena_cava", 25: "sacrum", 26: "vertebrae_S1",
-    **{27 + i: f"vertebrae_{lv}" for i, lv in enumerate(_LEVELS)},
-}  # fmt: skip
-CANONICAL_NAMES: dict[int, str] = dict(enumerate(CANONICAL_ORGANS))
 PANEL_PX = 384  # the longest side of the axial panel, in pixels
 BG = (0, 0, 0)
 TEXT = (235, 235, 235)

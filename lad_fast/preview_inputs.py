@@ -23,8 +23,23 @@ from pathlib import Path
 import numpy as np
 
 from lad_fast.errors import ConfigError, InputError
+from lad_fast.organs import CANONICAL_ORGANS
 
 DEFAULT_N = 4  # volumes taken from a folder without --n
+
+# TotalSegmentator v2 vertebra ids 27..50 run from L5 up to C1.
+_LEVELS = (
+    [f"L{i}" for i in range(5, 0, -1)]
+    + [f"T{i}" for i in range(12, 0, -1)]
+    + [f"C{i}" for i in range(7, 0, -1)]
+)
+TOTALSEG_NAMES: dict[int, str] = {
+    1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
+    7: "pancreas", 52: "aorta", 63: "inferior_vena_cava", 25: "sacrum", 26: "vertebrae_S1",
+    **{27 + i: f"vertebrae_{lv}" for i, lv in enumerate(_LEVELS)},
+}  # fmt: skip
+# Every mask lad-fast writes (prepared, generated) holds canonical ids.
+CANONICAL_NAMES: dict[int, str] = dict(enumerate(CANONICAL_ORGANS))
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,6 @@ def _generated_root(path: Path) -> Path | None:
 def _generated_names(root: Path) -> dict[int, str]:
     """{id: organ} from ``dataset.json`` labels ({name: id}); the canonical organs before it exists."""
     from lad_fast.generated import DATASET_JSON
-    from lad_fast.preview import CANONICAL_NAMES
 
     try:
         labels = json.loads((root / DATASET_JSON).read_text(encoding="utf-8"))["labels"]
@@ -65,7 +79,6 @@ def _generated_names(root: Path) -> dict[int, str]:
 def _labels_json_names(mask: Path) -> dict[int, str] | None:
     """Legend names when a ``labels.json`` beside the mask (or its folder) names its vocabulary."""
     from lad_fast.data.labels import VOCABULARIES
-    from lad_fast.preview import TOTALSEG_NAMES
 
     for folder in (mask.parent, mask.parent.parent):
         meta = folder / "labels.json"
@@ -116,7 +129,6 @@ def _generated_items(root: Path, n: int) -> list[PreviewItem]:
 def _prepared_items(root: Path, cases: Sequence[str], n: int) -> list[PreviewItem]:
     from lad_fast.data.geometry import unit_to_hu
     from lad_fast.data.prepared import PreparedDataset
-    from lad_fast.preview import CANONICAL_NAMES
 
     ds = PreparedDataset(root)
     ids = list(cases) or ds.case_ids[:n]
