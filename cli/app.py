@@ -90,7 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as err:
         if _debug():
             raise
-        command = continue_command(args, err.resume_flag) if err.resume_flag is not None else None
+        # Stopped outside a loop that says how to continue (setup, encoding, a second Ctrl-C): these
+        # commands keep what they completed, so the same command continues.
+        flag = err.resume_flag
+        if flag is None and args:
+            flag = {"train": "--resume", "generate": "", "prepare": "", "predict-masks": ""}.get(args[0])
+        command = continue_command(args, flag) if flag is not None else None
         print(f"lad-fast: {err.line(command)}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C raised by Python itself, outside our handlers

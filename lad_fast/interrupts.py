@@ -57,10 +57,10 @@ class Interrupted(BaseException):
         """One line: what stopped, what was kept, and how to continue (``command``, when the caller knows
         the full command line; otherwise the flag to add)."""
         out = f"interrupted ({signal_name(self.signum)})" + (f": {self.message}" if self.message else "")
-        if self.resume_flag is None:
-            return out
         if command:
             return f"{out}; to continue: {command}"
+        if self.resume_flag is None:
+            return out
         return f"{out}; to continue, rerun " + (f"with {self.resume_flag}" if self.resume_flag else "it")
 
 

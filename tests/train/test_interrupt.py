@@ -227,3 +227,22 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
     assert len(outputs) == 2
     for out in outputs:  # each rank stopped after the same step, the one checkpointed
         assert f"interrupted (SIGTERM): segmenter stopped after step {ckpt.step} of {STEPS}" in out, out
+
+
+def test_cli_interrupt_outside_the_step_loop_still_says_how_to_continue(monkeypatch, capsys, tmp_path):
+    import lad_fast.pipeline
+    from lad_fast.cli.app import main
+
+    def stopped(*args, **kwargs):
+        raise Interrupted(signal.SIGINT)  # as raise_on_signals raises it, e.g. while latents are encoded
+
+    monkeypatch.setattr(lad_fast.pipeline, "train_pipeline", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--run", "r", "--force"])
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert err == "lad-fast: interrupted (SIGINT); to continue: lad-fast train --run r --resume\n"
+    monkeypatch.setattr("lad_fast.cli.info_cmd.backend_report", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        main(["info"])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "lad-fast: interrupted (SIGINT)\n"
