@@ -440,7 +440,9 @@ def generate(
             if task is not None:
                 rate = made / max(time.perf_counter() - t0, 1e-9) * 60
                 progress.update(task, completed=made, status=f"{rate:.1f} vol/min")
-    if stop:  # under torchrun, torchrun forwards the signal to every rank; each stops after its volume
+    # Under torchrun, torchrun forwards the signal to every rank; each stops after its volume. A signal that
+    # came after the last volume stops nothing: the set is complete and is finalised.
+    if stop and made < len(todo):
         done = n - len(todo) + made
         what = (
             f"rank {info.rank} made {made} of its {len(todo)} volumes"

@@ -482,6 +482,8 @@ def train(
             stopped_by = _stop_signal(stop, info, device)
             if stopped_by:
                 break
+        if not stopped_by:  # a signal after the last check (or with no step to run) must not be lost
+            stopped_by = _stop_signal(stop, info, device)
     if stopped_by:
         if saved_at != step:
             last_path = save(step) or last_path
