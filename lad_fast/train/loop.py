@@ -59,9 +59,9 @@ from lad_fast.checkpoints import (
     versions,
 )
 from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
-from lad_fast.distributed import DistInfo, all_true, step_seed
+from lad_fast.distributed import DistInfo, all_true, max_over_ranks, step_seed
 from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
-from lad_fast.interrupts import Interrupted, StopFlag, deferred
+from lad_fast.interrupts import Interrupted, deferred
 from lad_fast.progress import say
 from lad_fast.runs import RunDir, config_diff
 from lad_fast.train.ema import EMA
@@ -213,17 +213,6 @@ def _run_phase(
     logs = {ph.name: loss_value, f"{ph.name}_grad_norm": float(norm)}
     logs.update({k: _as_float(v) for k, v in extra.items()})
     return "ok", logs
-
-
-def _stop_signal(stop: StopFlag, info: DistInfo, device: torch.device) -> int:
-    """The signal that asked to stop (0: none), agreed by every rank: torchrun forwards a signal to each
-    worker, but they may see it at different steps, and all must save and stop at the same one."""
-    signum = stop.signum or 0
-    if not info.enabled:
-        return signum
-    t = torch.tensor([signum], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 def _build_meta(model: str, run: RunDir, job: Job, step: int) -> dict[str, Any]:
@@ -479,11 +468,12 @@ def train(
             if step % max(cfg.checkpoint_every, 1) == 0 or step == end:
                 last_path = save(step) or last_path
                 saved_at = step
-            stopped_by = _stop_signal(stop, info, device)
+            # torchrun forwards a signal to every worker, but they may see it at different steps
+            stopped_by = max_over_ranks(stop.signum or 0, info, device)
             if stopped_by:
                 break
         if not stopped_by:  # a signal after the last check (or with no step to run) must not be lost
-            stopped_by = _stop_signal(stop, info, device)
+            stopped_by = max_over_ranks(stop.signum or 0, info, device)
     if stopped_by:
         if saved_at != step:
             last_path = save(step) or last_path
