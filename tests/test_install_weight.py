@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from lad_fast.errors import BackendUnavailableError
@@ -29,6 +28,7 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_triton_is_an_extra_that_dev_and_gpu_include():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not any(d.startswith("triton") for d in project["dependencies"])
     for extra in ("triton", "gpu", "dev"):
