@@ -52,25 +52,53 @@ def cpu_wait_policy(env: dict[str, str] | os._Environ[str] = os.environ) -> None
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def continue_command(args: list[str], resume_flag: str) -> str:
+    """The command line that continues interrupted work: the same arguments without ``--force`` (it would
+    start over), plus ``resume_flag`` when given (``--resume`` for training)."""
+    import shlex
+
+    kept = [a for a in args if a != "--force"]
+    if resume_flag and resume_flag not in kept:
+        kept.append(resume_flag)
+    return shlex.join(["lad-fast", *kept])
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning library errors into one line and exit code 2."""
+    """Console entry point: run the app, turning library errors into one line and exit code 2, and
+    SIGINT / SIGTERM into one line saying what was kept and how to continue, exit code 130 / 143."""
     import warnings
 
     cpu_wait_policy()
 
     from lad_fast.errors import LadFastError
+    from lad_fast.interrupts import Interrupted, raise_on_signals
 
     if not _debug():
         warnings.formatwarning = _one_line_warning
 
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv)  # standalone mode: usage errors and --help exit by themselves
+        # Signals raise Interrupted, which Typer passes on (it would turn a KeyboardInterrupt into a silent
+        # exit 130); long loops inside defer them to a safe point (lad_fast.interrupts.deferred).
+        with raise_on_signals():
+            app(args=argv)  # standalone mode: usage errors and --help exit by themselves
     except LadFastError as err:
         if _debug():
             raise
         print(f"lad-fast: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except Interrupted as err:
+        if _debug():
+            raise
+        # Stopped outside a loop that says how to continue (setup, encoding, a second Ctrl-C): these
+        # commands keep what they completed, so the same command continues.
+        flag = err.resume_flag
+        if flag is None and args:
+            flag = {"train": "--resume", "generate": "", "prepare": "", "predict-masks": ""}.get(args[0])
+        command = continue_command(args, flag) if flag is not None else None
+        print(f"lad-fast: {err.line(command)}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C raised by Python itself, outside our handlers
         print("lad-fast: interrupted", file=sys.stderr)
         sys.exit(130)
 

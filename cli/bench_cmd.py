@@ -116,6 +116,12 @@ def kernels(
             "lad-fast bench kernels needs a CUDA GPU (the Triton kernels run there): nothing measured, "
             "no result written"
         )
+    from lad_fast.kernels._dispatch import TRITON_INSTALL, triton_available
+
+    if not triton_available():
+        from lad_fast.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(f"lad-fast bench kernels needs the triton package: {TRITON_INSTALL}")
     argv = (["--dtype", dtype.value] if dtype else []) + (["--no-write"] if no_write else [])
     failed = [name for name in ops if run_script(paths[name], argv) != 0]
     if failed:

@@ -78,14 +78,30 @@ def prepare(
 
 
 def preview(
-    image: Annotated[Path, typer.Argument(help="NIfTI image, DICOM folder, or prepared case id path.")],
-    mask: Annotated[Path | None, typer.Option("--mask", "-m", help="Label map to outline.")] = None,
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            help="NIfTI images or DICOM folders, a generated dataset folder, a prepared dataset, or a "
+            "prepared case (PREPARED/cases/ID); several go into one grid."
+        ),
+    ],
+    mask: Annotated[
+        Path | None, typer.Option("--mask", "-m", help="Label map to outline (one image only).")
+    ] = None,
+    case: Annotated[
+        list[str] | None, typer.Option("--case", help="Case id of a prepared dataset (repeatable).")
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", "-n", help="Volumes taken from a folder (default 4).")
+    ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="PNG path (default: beside the image).")
+        Path | None,
+        typer.Option("--out", "-o", help="PNG path (default: <name>.png or preview.png in this folder)."),
     ] = None,
 ) -> None:
-    """Write a PNG of three orthogonal slices, with mask outlines."""
+    """Write one PNG comparing volumes: three orthogonal slices each, organ outlines named and coloured
+    by organ."""
     from lad_fast.preview import write_preview
 
-    path = write_preview(image, out=out, mask=mask)
+    path = write_preview(sources, out=out, mask=mask, cases=case or (), n=n)
     typer.echo(f"wrote {path}")

@@ -28,7 +28,11 @@ def backend_report() -> dict[str, str]:
         "torch": torch.__version__,
         "cuda": (f"yes ({torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda})" if cuda else "no"),
         "triton": (
-            f"{triton} (GPU kernels)" if triton and cuda else f"{triton} (no GPU)" if triton else "no"
+            f"{triton} (GPU kernels)"
+            if triton and cuda
+            else f"{triton} (no GPU)"
+            if triton
+            else "no (optional: pip install 'lad-fast[triton]')"
         ),
         "triton interpreter": (
             "on (TRITON_INTERPRET=1)"
@@ -51,9 +55,10 @@ def backend_report() -> dict[str, str]:
 def info() -> None:
     """Print versions and which backends (CUDA, Triton, cupy, ONNX Runtime, TensorRT) are usable."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="lad-fast", show_header=False)
     for key, value in backend_report().items():
-        table.add_row(key, value)
+        table.add_row(key, escape(value))  # "lad-fast[dicom]" is not rich markup
     Console().print(table)

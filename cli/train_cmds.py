@@ -26,6 +26,14 @@ StepsOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+HoldoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--holdout",
+        help="VQ-GAN: fraction of cases held out for its reconstruction report (0: none). Default 0.2, "
+        "or the resumed run's.",
+    ),
+]
 
 
 def resolve_run(run: str) -> Path:
@@ -50,6 +58,7 @@ def pipeline(
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
+    holdout: HoldoutOpt = None,
 ) -> None:
     """Phantoms (when no --data), prepare, VQ-GAN, segmenter (when masks are missing), diffusion."""
     if ctx.invoked_subcommand is not None:
@@ -65,6 +74,7 @@ def pipeline(
         resume=resume,
         force=force,
         device=device,
+        holdout=holdout,
     )
     typer.echo(f"trained run {path}")
 
@@ -78,6 +88,7 @@ def vqgan(
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
+    holdout: HoldoutOpt = None,
 ) -> None:
     """Phase 1: the 3D VQ-GAN with the locality loss."""
     from lad_fast.config import get_preset
@@ -91,6 +102,7 @@ def vqgan(
         resume=resume,
         force=force,
         device=device,
+        holdout=holdout,
     )
     typer.echo(f"vqgan: {result.step} steps, checkpoint {result.checkpoint}")
 

@@ -18,6 +18,8 @@ import torch
 from lad_fast.errors import BackendUnavailableError, ConfigError
 
 IMPLS = ("auto", "torch", "triton")
+# Triton is an extra (CUDA builds of torch bring it anyway; the CPU build does not need its 1 GB wheel).
+TRITON_INSTALL = 'pip install "lad-fast[triton]"'
 
 
 # Whether triton is installed, decided once at import by looking for the package without importing it
@@ -50,7 +52,10 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
         return "triton" if on_cuda and triton_available() else "torch"
     if impl == "triton":
         if not triton_available():
-            raise BackendUnavailableError("impl='triton' needs the triton package (pip install triton)")
+            raise BackendUnavailableError(
+                "impl='triton' (or LAD_FAST_KERNELS=triton) needs the triton package, an optional extra: "
+                f"{TRITON_INSTALL}; or use impl='torch'"
+            )
         if not on_cuda and not interpreter_on():
             raise BackendUnavailableError(
                 "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "

@@ -61,6 +61,15 @@ def all_true(flag: bool, info: DistInfo, device: torch.device | str = "cpu") -> 
     return bool(t.item())
 
 
+def max_over_ranks(value: int, info: DistInfo, device: torch.device | str = "cpu") -> int:
+    """The largest ``value`` over ranks (a stop signal one rank received: all stop at the same step)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A 63-bit seed that depends only on (seed, step, rank): batches never depend on process history."""
     digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()

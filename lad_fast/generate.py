@@ -28,6 +28,7 @@ import torch
 
 from lad_fast.errors import CheckpointError, ConfigError, InputError
 from lad_fast.generated import MANIFEST, VolumeWriter, read_manifest, volume_id
+from lad_fast.interrupts import Interrupted, deferred
 from lad_fast.jobs import (
     Job,
     SourceMask,
@@ -403,9 +404,14 @@ def generate(
     fields = {**settings, "backend": backend, "vqgan_checkpoint": gen.vqgan_hash, "run": str(run.resolve())}
     t0 = time.perf_counter()
     made = 0
-    with make_progress() as progress:
+    # SIGINT / SIGTERM: the volume being written is finished, the rest of its batch dropped (nothing
+    # partial is ever written); the rerun makes what is missing.
+    stopping = "after the volume being written"
+    with deferred(stopping) as stop, make_progress() as progress:
         task = progress.add_task("generate", total=len(todo), status="") if info.is_main else None
         for start in range(0, len(todo), batch):
+            if stop:
+                break
             jobs = [
                 draw_job(i, sources, seed, augment, gen.cfg, gen.encode) for i in todo[start : start + batch]
             ]
@@ -426,6 +432,8 @@ def generate(
             )
             finite = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one cheap reduction per batch
             for job, vseed, ok, image in zip(jobs, seeds, finite, gen.decode(x0), strict=True):
+                if stop:
+                    break
                 if not (ok and np.isfinite(image).all()):  # NaN/Inf must never become a volume
                     raise CheckpointError(
                         f"volume {volume_id(job.index)}: the sampled latents are not finite (NaN/Inf) with "
@@ -443,6 +451,16 @@ def generate(
             if task is not None:
                 rate = made / max(time.perf_counter() - t0, 1e-9) * 60
                 progress.update(task, completed=made, status=f"{rate:.1f} vol/min")
+    # Under torchrun, torchrun forwards the signal to every rank; each stops after its volume. A signal that
+    # came after the last volume stops nothing: the set is complete and is finalised.
+    if stop and made < len(todo):
+        done = n - len(todo) + made
+        what = (
+            f"rank {info.rank} made {made} of its {len(todo)} volumes"
+            if info.enabled
+            else f"{done} of {n} volumes done in {out}, the rerun makes the other {n - done}"
+        )
+        raise Interrupted(stop.signum or 2, f"{what}; no partial file", resume_flag="")
     if info.enabled:
         torch.distributed.barrier()  # every shard is written before rank 0 merges them
     if info.is_main:

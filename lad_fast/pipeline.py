@@ -20,9 +20,9 @@ from lad_fast.errors import InputError
 
 
 def _say(msg: str) -> None:
-    from rich.console import Console
+    from lad_fast.progress import say
 
-    Console(stderr=True).print(f"[bold cyan]lad-fast[/] {msg}")
+    say(msg)
 
 
 def train_pipeline(
@@ -33,12 +33,16 @@ def train_pipeline(
     resume: bool = False,
     force: bool = False,
     device: str = "auto",
+    holdout: float | None = None,
 ) -> Path:
-    """Train every model of a Lad run; returns the run folder. ``steps`` overrides every stage's budget."""
+    """Train every model of a Lad run; returns the run folder. ``steps`` overrides every stage's budget;
+    ``holdout``: the VQ-GAN's held-out fraction (:func:`lad_fast.train.vqgan.train_vqgan`)."""
     from lad_fast.data.prepared import PreparedDataset
+    from lad_fast.train.data import how_to_add_masks
     from lad_fast.train.diffusion import train_diffusion
-    from lad_fast.train.vqgan import train_vqgan
+    from lad_fast.train.vqgan import check_holdout, train_vqgan
 
+    check_holdout(holdout)
     t0 = time.perf_counter()
     if data is None:
         from lad_fast.data.cache import phantom_dataset
@@ -52,13 +56,13 @@ def train_pipeline(
     unlabelled = [cid for i, cid in enumerate(dataset.case_ids) if i not in labelled]
     if len(unlabelled) == len(dataset):  # refused before phase 1, so nothing is trained in vain
         raise InputError(
-            f"{data}: no case has a mask, so the organ segmenter has nothing to learn from; prepare "
-            "some labelled cases, or import masks from an external segmenter (lad_fast.masks)"
+            f"{data}: no case has a mask, so the organ segmenter has nothing to learn from (checked "
+            "before the VQ-GAN phase, nothing trained); " + how_to_add_masks(data)
         )
     common = dict(data=data, steps=steps, resume=resume, force=force, device=device)
 
     _say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
-    train_vqgan(run, cfg, **common)
+    train_vqgan(run, cfg, holdout=holdout, **common)
 
     if unlabelled:
         from lad_fast.train.segmenter import predict_masks, train_segmenter

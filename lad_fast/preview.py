@@ -14,37 +14,46 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-# Fixed colours for the organs lad-fast cares about (TotalSegmentator v2 ids); others get a hashed hue.
-ORGAN_COLOURS: dict[int, tuple[int, int, int]] = {
-    1: (80, 160, 255),  # spleen
-    2: (255, 200, 0),  # kidney_right
-    3: (255, 140, 0),  # kidney_left
-    4: (0, 230, 120),  # gallbladder
-    5: (230, 60, 60),  # liver
-    6: (200, 110, 255),  # stomach
-    7: (0, 255, 255),  # pancreas
-    52: (255, 80, 200),  # aorta
-    63: (120, 120, 255),  # inferior_vena_cava
+from lad_fast.preview_inputs import CANONICAL_NAMES, TOTALSEG_NAMES  # noqa: F401 (re-exported)
+
+# One colour per canonical organ, whatever vocabulary a mask uses (a TotalSegmentator, AbdomenCT-1K,
+# Lad or canonical id is coloured by the organ it names). Saturated, far apart (RGB distance >= 90) and
+# none grey, so that outlines stand out on CT and from each other; bone is bright, vertebrae brown.
+ORGAN_COLOURS: dict[str, tuple[int, int, int]] = {
+    "liver": (230, 40, 40),
+    "spleen": (40, 110, 255),
+    "kidney_right": (255, 225, 0),
+    "kidney_left": (255, 135, 0),
+    "pancreas": (0, 235, 235),
+    "pancreatic_lesion": (255, 0, 255),
+    "stomach": (150, 80, 255),
+    "gallbladder": (0, 190, 60),
+    "aorta": (255, 150, 200),
+    "inferior_vena_cava": (160, 255, 120),
+    "vertebrae": (150, 90, 40),
 }
-# TotalSegmentator v2 vertebra ids 27..50 run from L5 up to C1.
-_LEVELS = (
-    [f"L{i}" for i in range(5, 0, -1)]
-    + [f"T{i}" for i in range(12, 0, -1)]
-    + [f"C{i}" for i in range(7, 0, -1)]
-)
-TOTALSEG_NAMES: dict[int, str] = {
-    1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
-    7: "pancreas", 52: "aorta", 63: "inferior_vena_cava", 25: "sacrum", 26: "vertebrae_S1",
-    **{27 + i: f"vertebrae_{lv}" for i, lv in enumerate(_LEVELS)},
-}  # fmt: skip
 PANEL_PX = 384  # the longest side of the axial panel, in pixels
 BG = (0, 0, 0)
 TEXT = (235, 235, 235)
 
 
-def label_colour(label: int) -> tuple[int, int, int]:
-    if label in ORGAN_COLOURS:
-        return ORGAN_COLOURS[label]
+def organ_of(name: str) -> str | None:
+    """The canonical organ a vocabulary's label name stands for (``vertebrae_L1`` -> ``vertebrae``)."""
+    if name in ORGAN_COLOURS:
+        return name
+    if name == "sacrum" or name.startswith("vertebrae"):
+        return "vertebrae"
+    if name in ("kidney", "kidneys"):  # AbdomenCT-1K's one label for both sides
+        return "kidney_right"
+    return None
+
+
+def label_colour(label: int, name: str | None = None) -> tuple[int, int, int]:
+    """The outline colour of ``label``: its organ's (``name`` given; without it the id is taken as a
+    canonical id, what every mask lad-fast writes holds), else a hue hashed from the id."""
+    organ = organ_of(name) if name is not None else CANONICAL_NAMES.get(label)
+    if organ in ORGAN_COLOURS:
+        return ORGAN_COLOURS[organ]  # type: ignore[index]
     hue = (label * 0.61803398875) % 1.0  # golden-ratio hues spread neighbouring ids apart
     r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 1.0)
     return int(r * 255), int(g * 255), int(b * 255)
@@ -65,7 +74,12 @@ def _to_grey(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 
 def _panel(
-    img2d: np.ndarray, lab2d: np.ndarray | None, row_mm: float, col_mm: float, mm_per_px: float
+    img2d: np.ndarray,
+    lab2d: np.ndarray | None,
+    row_mm: float,
+    col_mm: float,
+    mm_per_px: float,
+    names: dict[int, str] | None = None,
 ) -> Image.Image:
     """Greyscale slice (already display-oriented, uint8) resized to square pixels, outlines drawn on top."""
     rows = max(1, round(img2d.shape[0] * row_mm / mm_per_px))
@@ -83,7 +97,7 @@ def _panel(
     edge &= big > 0
     rgb = np.asarray(grey).copy()
     for label in np.unique(big[edge]):
-        rgb[edge & (big == label)] = label_colour(int(label))
+        rgb[edge & (big == label)] = label_colour(int(label), (names or {}).get(int(label)))
     return Image.fromarray(rgb)
 
 
@@ -106,7 +120,8 @@ def render_slices(
 
     ``hu`` and ``mask`` are ``(D, H, W)`` canonical; ``spacing`` is mm along (D, H, W). The slices pass
     through the centroid of the mask's foreground (the volume centre without a mask). ``names`` maps
-    label ids to legend text (default: ``label <id>``).
+    label ids to legend text (default: ``label <id>``) and picks each outline's organ colour (default:
+    ids are canonical).
     """
     if hu.ndim != 3:
         raise ValueError(f"render_slices needs a 3D (D, H, W) volume, got shape {hu.shape}")
@@ -121,10 +136,11 @@ def render_slices(
         return None if mask is None else mask[sl]
 
     # Display orientation: flip H (anterior up / left) and W (patient's right on the left), D (superior up).
+    nm = names
     panels = [
-        ("axial", _panel(grey[d, ::-1, ::-1], _flip(lab((d,)), (0, 1)), sh, sw, mm_per_px)),
-        ("coronal", _panel(grey[::-1, h, ::-1], _flip(lab((slice(None), h)), (0, 1)), sd, sw, mm_per_px)),
-        ("sagittal", _panel(grey[::-1, ::-1, w], _flip(lab((Ellipsis, w)), (0, 1)), sd, sh, mm_per_px)),
+        ("axial", _panel(grey[d, ::-1, ::-1], _flip(lab((d,)), (0, 1)), sh, sw, mm_per_px, nm)),
+        ("coronal", _panel(grey[::-1, h, ::-1], _flip(lab((slice(None), h)), (0, 1)), sd, sw, mm_per_px, nm)),
+        ("sagittal", _panel(grey[::-1, ::-1, w], _flip(lab((Ellipsis, w)), (0, 1)), sd, sh, mm_per_px, nm)),
     ]
     present = [] if mask is None else [int(v) for v in np.unique(mask) if v != 0]
     font = _font(12)
@@ -161,7 +177,7 @@ def render_slices(
         counts[names.get(label, "")] = counts.get(names.get(label, ""), 0) + 1
     for i, label in enumerate(present):
         lx, ly = pad + (i % cols) * col_w, y_leg + (i // cols) * 16
-        draw.rectangle((lx, ly + 3, lx + 10, ly + 13), fill=label_colour(label))
+        draw.rectangle((lx, ly + 3, lx + 10, ly + 13), fill=label_colour(label, names.get(label)))
         text = names.get(label, "")
         # Several ids sharing one name (vertebral levels) keep their id so the legend stays readable.
         text = f"label {label}" if not text else (f"{text} {label}" if counts[text] > 1 else text)
@@ -211,60 +227,48 @@ def render_grid(
     return canvas
 
 
-def _names_for(mask_path: Path | None) -> dict[int, str] | None:
-    """Legend names when the mask's dataset says its vocabulary (``labels.json`` beside ``masks/``)."""
-    import json
-
-    from lad_fast.data.labels import VOCABULARIES
-
-    if mask_path is None:
-        return None
-    for folder in (mask_path.parent, mask_path.parent.parent):
-        meta = folder / "labels.json"
-        if meta.is_file():
-            try:
-                vocab = json.loads(meta.read_text()).get("vocabulary")
-            except (OSError, ValueError, AttributeError):
-                return None
-            if vocab == "totalseg":
-                return dict(TOTALSEG_NAMES)
-            return dict(VOCABULARIES.get(vocab, {})) or None
-    return None
+def tile_grid(tiles: list[Image.Image], columns: int = 2) -> Image.Image:
+    """Tiles (one per volume, from :func:`render_slices`) in rows of ``columns``, top-left aligned."""
+    if not tiles:
+        raise ValueError("tile_grid needs at least one tile")
+    cols = max(1, min(columns, len(tiles)))
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    canvas = Image.new("RGB", (cols * w, ((len(tiles) + cols - 1) // cols) * h), BG)
+    for k, tile in enumerate(tiles):
+        canvas.paste(tile, ((k % cols) * w, (k // cols) * h))
+    return canvas
 
 
 def write_preview(
-    image: Path, out: Path | None = None, mask: Path | None = None, names: dict[int, str] | None = None
+    sources: Path | str | list[Path | str],
+    out: Path | None = None,
+    mask: Path | None = None,
+    names: dict[int, str] | None = None,
+    cases: list[str] | tuple[str, ...] = (),
+    n: int | None = None,
+    columns: int = 2,
 ) -> Path:
-    """Render a NIfTI file or DICOM folder (and an optional label map) to a PNG; returns its path.
+    """Render volumes side by side into one PNG; returns its path.
 
-    The default ``out`` is beside the image: ``<name>.png`` (``ct.nii.gz`` -> ``ct.png``).
+    sources: NIfTI files or DICOM folders (``mask`` outlines a single one), a generated dataset folder
+    (its first ``n`` volumes with their masks), a prepared dataset (``cases`` by id, else its first ``n``)
+    or a prepared case folder ``PREPARED/cases/<id>`` (see :func:`lad_fast.preview_inputs.preview_items`).
+    Legend names come from the dataset (``dataset.json`` labels, the canonical organs of a prepared
+    dataset, a ``labels.json`` beside a mask folder) unless ``names`` is given; colours follow the organ.
+    out: the PNG (default: in the current folder, ``<source name>.png`` or ``preview.png`` for several);
+    never inside a generated dataset's ``images/`` or ``masks/``.
     """
     import io as _io
 
     from lad_fast.atomic import write_bytes
-    from lad_fast.data.geometry import canonical_dhw
-    from lad_fast.data.io import read_image, read_labels
+    from lad_fast.preview_inputs import check_output, default_output, preview_items
 
-    image = Path(image)
-    vol = read_image(image)
-    hu, affine = canonical_dhw(vol)
-    spacing = tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
-    lab = None
-    if mask is not None:
-        lab, _ = canonical_dhw(read_labels(Path(mask)))
-        if lab.shape != hu.shape:
-            from lad_fast.errors import InputError
-
-            raise InputError(f"{mask}: mask shape {lab.shape} differs from image {image} shape {hu.shape}")
-    if out is None:
-        stem = image.name
-        for ext in (".nii.gz", ".nii"):
-            if stem.endswith(ext):
-                stem = stem[: -len(ext)]
-        out = image.parent / f"{stem}.png" if image.is_file() else image.parent / f"{image.name}.png"
-    names = names or _names_for(None if mask is None else Path(mask))
-    pic = render_slices(np.asarray(hu, np.float32), lab, spacing, title=image.name, names=names)  # type: ignore[arg-type]
+    src = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(x) for x in sources]
+    items = preview_items(src, mask=mask, cases=cases, n=n)
+    out = Path(out) if out is not None else default_output(src, items)
+    check_output(out)
+    tiles = [render_slices(i.hu, i.mask, i.spacing, title=i.title, names=names or i.names) for i in items]
     buf = _io.BytesIO()
-    pic.save(buf, format="PNG")
+    tile_grid(tiles, columns).save(buf, format="PNG")
     write_bytes(out, buf.getvalue())
-    return Path(out)
+    return out

@@ -48,3 +48,12 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         for item in items:
             yield item
             progress.advance(task)
+
+
+def say(msg: str) -> None:
+    """One status line on stderr, ``lad-fast <msg>`` (shown even when progress bars are quiet)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    # soft_wrap: a long path must not be cut into several lines on a narrow or absent terminal
+    Console(stderr=True, soft_wrap=True, highlight=False).print(f"[bold cyan]lad-fast[/] {escape(msg)}")

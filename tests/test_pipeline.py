@@ -73,6 +73,23 @@ def test_pipeline_refuses_a_dataset_without_any_mask_before_training(tiny_phanto
     data = shutil.copytree(tiny_phantoms, tmp_path / "data")
     _unlabel(data, [0, 1, 2])
     run = tmp_path / "run"
-    with pytest.raises(InputError, match=r"data: no case has a mask, so the organ segmenter has nothing"):
+    with pytest.raises(InputError, match=r"data: no case has a mask, so the organ segmenter") as e:
         train_pipeline(run, _config(), data=data, steps=STEPS, device="cpu")
     assert not run.exists()  # refused before phase 1 wrote anything
+    # it names the commands that add masks, not a Python module
+    assert f"`lad-fast import-masks {data} MASKS`" in str(e.value)
+    assert f"`lad-fast prepare SRC {data} --segmenter RUN`" in str(e.value)
+    assert "lad_fast." not in str(e.value)
+
+
+def test_cli_train_refuses_data_without_masks_in_one_line(tiny_phantoms, tmp_path, capsys):
+    from lad_fast.cli.app import main
+
+    data = shutil.copytree(tiny_phantoms, tmp_path / "data")
+    _unlabel(data, [0, 1, 2])
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(data), "--run", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"lad-fast: error: {data}: no case has a mask") and "lad-fast import-masks" in err
+    assert not (tmp_path / "run").exists()

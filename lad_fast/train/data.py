@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,15 @@ import torch
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.distributed import shard_indices
 from lad_fast.errors import InputError
+
+
+def how_to_add_masks(data: str | Path) -> str:
+    """The commands that give the cases of prepared dataset ``data`` masks (for error messages)."""
+    return (
+        f"give cases masks with `lad-fast import-masks {data} MASKS` (an external segmenter's output, such "
+        f"as TotalSegmentator's), or with a segmenter trained on labelled data (`lad-fast train segmenter`): "
+        f"`lad-fast predict-masks {data} --run RUN` or `lad-fast prepare SRC {data} --segmenter RUN`"
+    )
 
 
 def split_indices(n: int, val_fraction: float = 0.2, min_val: int = 1) -> tuple[list[int], list[int]]:
@@ -52,7 +62,7 @@ class PreparedBatches:
             if missing:
                 raise InputError(
                     f"{self.dataset.path}: {len(missing)} case(s) have no mask ({', '.join(missing[:3])}); "
-                    "prepare a labelled dataset or predict masks first (lad-fast predict-masks)"
+                    + how_to_add_masks(self.dataset.path)
                 )
 
     def cases(self, idx: Sequence[int]) -> dict[str, Any]:

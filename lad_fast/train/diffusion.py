@@ -30,6 +30,7 @@ import torch
 from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.errors import CheckpointError, InputError
 from lad_fast.models.unet import build_unet
+from lad_fast.train.data import how_to_add_masks
 from lad_fast.train.loop import TrainResult
 from lad_fast.trained import (
     check_vqgan_run,
@@ -76,8 +77,8 @@ def encode_dataset(
     cases = ds.labelled_indices()
     if not cases:
         raise InputError(
-            f"{data}: no case has a mask; the diffusion model is conditioned on masks "
-            "(prepare a labelled dataset or predict masks first)"
+            f"{data}: no case has a mask, and the diffusion model is conditioned on masks; "
+            + how_to_add_masks(data)
         )
     key = {
         "vqgan_hash": vqgan_hash,

@@ -59,9 +59,11 @@ from lad_fast.checkpoints import (
     versions,
 )
 from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
-from lad_fast.distributed import DistInfo, all_true, step_seed
+from lad_fast.distributed import DistInfo, all_true, max_over_ranks, step_seed
 from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
+from lad_fast.interrupts import Interrupted, deferred
 from lad_fast.lock import locks_folder
+from lad_fast.progress import say
 from lad_fast.runs import RunDir, config_diff
 from lad_fast.train.ema import EMA
 from lad_fast.train.setup import Setup, open_run
@@ -313,6 +315,11 @@ def train(
     if ckpt is None:
         # Dropout and other in-step noise: a function of (seed, rank), whatever the caller drew before.
         seed_all(step_seed(cfg.seed, -1, info.rank))
+        if info.is_main:
+            # Lines of an earlier attempt stopped before its first checkpoint: those steps run again.
+            rundir.truncate_log(model, after_step=-1)
+            if resume:
+                say(f"{model}: no checkpoint in {model_dir} to resume; starting at step 0 of {cfg.steps}")
     else:
         for name, m in modules.items():
             ckpt.load_module(name, m)
@@ -344,6 +351,11 @@ def train(
         if info.is_main:
             rundir.truncate_log(model, after_step=step)  # the lost steps are trained again and re-logged
             rundir.log({"model": model, "event": "resume", "step": step, "checkpoint": ckpt.path.name})
+            say(
+                f"{model}: already trained ({step} of {cfg.steps} steps, {ckpt.path})"
+                if step >= cfg.steps
+                else f"{model}: resuming at step {step} of {cfg.steps} from {ckpt.path}"
+            )
 
     wrapped = _wrap(modules, cfg, device, info)
     for m in modules.values():
@@ -387,7 +399,9 @@ def train(
     from lad_fast.progress import make_progress
 
     bar = make_progress() if info.is_main else contextlib.nullcontext()
-    with bar as progress:
+    stopped_by = 0  # the signal (SIGINT / SIGTERM) that stopped training early, 0 when none did
+    stopping = f"after the current {model} step, with a checkpoint"
+    with deferred(stopping) as stop, bar as progress:
         task = (
             progress.add_task(model, total=cfg.steps, completed=step, status="")
             if progress is not None
@@ -456,6 +470,23 @@ def train(
             if step % max(cfg.checkpoint_every, 1) == 0 or step == end:
                 last_path = save(step) or last_path
                 saved_at = step
+            # torchrun forwards a signal to every worker, but they may see it at different steps
+            stopped_by = max_over_ranks(stop.signum or 0, info, device)
+            if stopped_by:
+                break
+        if not stopped_by:  # a signal after the last check (or with no step to run) must not be lost
+            stopped_by = max_over_ranks(stop.signum or 0, info, device)
+    if stopped_by:
+        if saved_at != step:
+            last_path = save(step) or last_path
+        wrapped.clear()  # as below: DDP reducers go while the process group is alive
+        gc.collect()
+        where = f"; checkpoint {last_path}" if last_path is not None else ""
+        raise Interrupted(
+            stopped_by,
+            f"{model} stopped after step {step} of {cfg.steps}{where}",
+            resume_flag="--resume",
+        )
     if saved_at != step:  # defensive: the loop above always saves at ``end``
         last_path = save(step) or last_path
     result = TrainResult(

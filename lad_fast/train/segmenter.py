@@ -30,7 +30,7 @@ from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
 from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
-from lad_fast.train.data import PreparedBatches, split_indices
+from lad_fast.train.data import PreparedBatches, how_to_add_masks, split_indices
 from lad_fast.train.loop import TrainResult
 from lad_fast.train.schedule import make_scheduler
 from lad_fast.trained import load_segmenter, predict_volumes
@@ -43,6 +43,8 @@ JITTER_OFFSET_HU = 5.0
 JITTER_NOISE_HU = 3.0
 SHIFT_VOXELS = (1, 2, 2)  # at most this many voxels along (D, H, W), either way
 EVAL_BATCH = 4
+# Organs cover ~5-15% of an abdominal crop (12% in the tiny phantoms); under 0.5% a prediction is not a mask.
+MIN_FOREGROUND = 0.005
 
 
 # -------------------------------------------------------------------------------------------- batches
@@ -107,8 +109,8 @@ def labelled_split(dataset: PreparedDataset) -> tuple[list[int], list[int]]:
     labelled = dataset.labelled_indices()
     if not labelled:
         raise InputError(
-            f"{dataset.path}: no case has a mask, so the segmenter has nothing to learn from; prepare "
-            "labelled cases or import masks from an external segmenter (lad_fast.masks.import_masks)"
+            f"{dataset.path}: no case has a mask, so the segmenter has nothing to learn from; "
+            + how_to_add_masks(dataset.path)
         )
     train_pos, val_pos = split_indices(len(labelled))
     return [labelled[i] for i in train_pos], [labelled[i] for i in val_pos]
@@ -239,9 +241,15 @@ def train_segmenter(
 # ------------------------------------------------------------------------------------------- predict
 
 
-def predict_masks(run: Path, data: Path, device: str = "auto", force: bool = False) -> list[str]:
+def predict_masks(
+    run: Path, data: Path, device: str = "auto", force: bool = False, min_foreground: float = MIN_FOREGROUND
+) -> list[str]:
     """Predict canonical masks for the cases of the prepared dataset ``data`` that have none (every case
     with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
+
+    A prediction with organs on fewer than ``min_foreground`` of the voxels (all background, typically an
+    undertrained segmenter or an image that is not an abdominal CT) is not recorded: a warning names
+    those cases, and InputError is raised when no case got a plausible mask.
 
     Masks are written by :meth:`PreparedDataset.set_masks` (structure condition of the run's ``condition``
     config, ``mask_source: "predicted:<run>"``), one batch of cases at a time: each batch's arrays are
@@ -263,14 +271,35 @@ def predict_masks(run: Path, data: Path, device: str = "auto", force: bool = Fal
         )
     labelled = set(dataset.labelled_indices())
     todo = [i for i in range(len(dataset)) if force or i not in labelled]
-    written = []
+    written: list[str] = []
+    implausible: list[str] = []  # predictions too small to be an abdomen's organs: never recorded
     chunks = [todo[i : i + EVAL_BATCH] for i in range(0, len(todo), EVAL_BATCH)]
     for chunk in track(chunks, "predict masks"):
         images = np.stack([np.asarray(dataset[i]["image"]) for i in chunk])
         preds = predict_volumes(net, images, dev)
         ids = [dataset.case_ids[i] for i in chunk]
-        masks = {case_id: (pred, f"predicted:{run}") for case_id, pred in zip(ids, preds, strict=True)}
-        written += dataset.set_masks(masks, cfg.condition)
+        masks = {}
+        for case_id, pred in zip(ids, preds, strict=True):
+            if np.count_nonzero(pred) < min_foreground * pred.size:
+                implausible.append(case_id)
+            else:
+                masks[case_id] = (pred, f"predicted:{run}")
+        written += dataset.set_masks(masks, cfg.condition) if masks else []
+    if implausible:
+        what = (
+            f"the segmenter of {run} predicted no organ, or organs on fewer than {min_foreground:.1%} of the "
+            f"voxels, for {len(implausible)} of {len(todo)} case(s) ({', '.join(implausible[:5])}"
+            f"{', ...' if len(implausible) > 5 else ''}); they keep no mask"
+        )
+        hint = (
+            "train the segmenter longer (lad-fast train segmenter --resume --steps N), check that these are "
+            f"abdominal CTs, or give them masks with `lad-fast import-masks {data} MASKS`"
+        )
+        if not written:
+            raise InputError(f"{what}; {hint}")
+        import warnings
+
+        warnings.warn(f"{what}; {hint}", stacklevel=2)
     return written
 
 

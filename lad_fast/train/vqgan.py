@@ -13,6 +13,8 @@ when their weights are > 0, ``disc2d.safetensors`` / ``disc3d.safetensors``), ``
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,11 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from lad_fast.checkpoints import latest_step_dir
 from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import ConfigError
 from lad_fast.losses import SlicePerceptualLoss, VQGANLoss, locality_loss, make_discriminators, organ_groups
 from lad_fast.models.vqgan import VQGAN
+from lad_fast.progress import say
 from lad_fast.train.data import PreparedBatches, split_indices
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
 from lad_fast.train.schedule import make_scheduler
@@ -34,6 +38,7 @@ from lad_fast.train.schedule import make_scheduler
 MODEL = "vqgan"
 PREVIEWS = "previews"
 PREVIEW_CASES = 3  # held-out cases shown in a preview
+DEFAULT_HOLDOUT = 0.2  # fraction of cases held out for the reconstruction report (--holdout)
 
 
 @dataclass
@@ -277,6 +282,33 @@ class _GANSteps:
         return terms["total"], {k: v.detach() for k, v in terms.items() if k != "total"}
 
 
+def check_holdout(holdout: float | None) -> None:
+    """ConfigError unless ``holdout`` is None or a fraction in [0, 1)."""
+    if holdout is not None and not 0 <= holdout < 1:  # NaN fails too
+        raise ConfigError(f"--holdout must be a fraction in [0, 1), got {holdout}")
+
+
+def _holdout(run: Path, holdout: float | None, resume: bool) -> float:
+    """The held-out fraction: the given one (0 <= f < 1), else the resumed checkpoint's, else the default;
+    a resumed run refuses another split (its training batches would change)."""
+    check_holdout(holdout)
+    saved = None
+    step_dir = latest_step_dir(run / MODEL) if resume and (run / MODEL).is_dir() else None
+    if step_dir is not None and (step_dir / "meta.json").is_file():
+        # older checkpoints lack it (they held out the default); a damaged one fails later, with its name
+        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+            meta = json.loads((step_dir / "meta.json").read_text(encoding="utf-8"))
+            saved = meta["extra"]["holdout"]
+    if holdout is None:
+        return float(saved) if isinstance(saved, (int, float)) else DEFAULT_HOLDOUT
+    if isinstance(saved, (int, float)) and float(saved) != holdout:
+        raise ConfigError(
+            f"{step_dir} was trained with --holdout {saved:g}; resume with the same fraction (or without "
+            "--holdout), or start a new --run"
+        )
+    return float(holdout)
+
+
 def train_vqgan(
     run: Path,
     cfg: LadConfig,
@@ -286,12 +318,15 @@ def train_vqgan(
     force: bool = False,
     device: str | torch.device = "auto",
     stop_at: int | None = None,
+    holdout: float | None = None,
 ) -> TrainResult:
     """Train the VQ-GAN of ``cfg`` into ``run/vqgan/`` on the train split of ``data``.
 
     data: a prepared dataset at ``cfg.preset`` (default: the cached phantoms of that preset).
     steps: overrides ``cfg.vqgan_train.steps`` (recorded in the run's config.json).
     resume / force / device / stop_at: as :func:`lad_fast.train.loop.train`.
+    holdout: fraction of the cases (the last ones by id, at least one) held out for the reconstruction
+        report; 0 evaluates on the training cases. Default: the resumed checkpoint's, else 0.2.
     Volumes are (B, 1, D, H, W) = (B, 1, *cfg.geometry.shape) in [-1, 1]; latents
     (B, code_dim, D/f, H/f, W/f) with f = 2 ** (len(cfg.vqgan.channels) - 1).
     Raises InputError for a dataset of another preset, CheckpointError for a run of another config or a
@@ -312,7 +347,12 @@ def train_vqgan(
         )
     digest = dataset.content_hash(masks=False)  # the pipeline predicts masks after this phase
     tc, lc = cfg.vqgan_train, cfg.vqgan_loss
-    train_idx, val_idx = split_indices(len(dataset))
+    holdout = _holdout(Path(run), holdout, resume)
+    train_idx, val_idx = split_indices(len(dataset), holdout, min_val=1 if holdout > 0 else 0)
+    if not val_idx:
+        val_idx = train_idx
+    held = "evaluated on the training cases" if val_idx == train_idx else f"{len(val_idx)} held out"
+    say(f"vqgan: {len(dataset)} cases, {held} (--holdout {holdout:g}), {len(train_idx)} trained on")
 
     def build(setup: Setup) -> Job:
         dev = setup.device
@@ -364,6 +404,7 @@ def train_vqgan(
                 ],
                 "train_cases": len(train_idx),
                 "heldout_cases": len(val_idx),
+                "holdout": holdout,
                 "heldout": evaluate(step),
             }
 

@@ -120,7 +120,7 @@ def test_a_run_without_a_segmenter_is_a_clear_error(tmp_path):
 def test_a_dataset_without_masks_cannot_train(data, tmp_path):
     for i in range(4):
         _drop_mask(data, i)
-    with pytest.raises(InputError, match="no case has a mask"):
+    with pytest.raises(InputError, match=r"no case has a mask.*`lad-fast import-masks .*--segmenter RUN"):
         train_segmenter(tmp_path / "r", tiny_cfg(), data=data, device="cpu")
 
 
@@ -320,3 +320,36 @@ def test_labelled_indices_come_from_the_index(data):
     dropped = _drop_mask(data, 1)
     ds = PreparedDataset(data)
     assert ds.labelled_indices() == [0, 2, 3] and ds.case_ids[1] == dropped
+
+
+def test_predict_masks_records_no_empty_or_tiny_prediction(trained, data, monkeypatch):
+    """All background (an undertrained segmenter) or a few voxels: warned about and not recorded; a call
+    where no case gets a plausible mask is refused."""
+    import lad_fast.train.segmenter as seg
+
+    run, _ = trained
+    empty, tiny, good = (_drop_mask(data, i) for i in (0, 1, 2))
+    organs = np.asarray(PreparedDataset(data)[3]["mask"])  # a real mask stands in for a good prediction
+
+    def fake(net, images, device):
+        out = np.zeros(images.shape, dtype=np.uint8)
+        out[1, 0, 0, :3] = CANONICAL_ID["liver"]  # 3 voxels of liver
+        out[2] = organs
+        return out
+
+    monkeypatch.setattr(seg, "predict_volumes", fake)
+    with pytest.warns(UserWarning) as caught:
+        written = predict_masks(run, data, device="cpu")
+    assert written == [good]
+    message = str(caught[0].message)
+    assert f"for 2 of 3 case(s) ({empty}, {tiny}); they keep no mask" in message
+    assert "organs on fewer than 0.5% of the voxels" in message and "lad-fast import-masks" in message
+    ds = PreparedDataset(data)
+    assert not ds.entry(empty)["has_mask"] and not ds.entry(tiny)["has_mask"]
+    assert not (data / "cases" / empty / "mask.npy").exists()
+
+    monkeypatch.setattr(seg, "predict_volumes", lambda net, images, device: np.zeros(images.shape, np.uint8))
+    before = (data / "index.json").read_bytes()
+    with pytest.raises(InputError, match=r"predicted no organ.* for 2 of 2 case\(s\).*segmenter longer"):
+        predict_masks(run, data, device="cpu")
+    assert (data / "index.json").read_bytes() == before

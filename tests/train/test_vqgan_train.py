@@ -311,3 +311,38 @@ def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatc
     assert result.step == 1 and result.bad_steps == 0 and np.isfinite(result.losses["l1"])
     _, meta = load_vqgan(tmp_path / "run")
     assert meta["latent_shape"] == [8, 8, 64, 64] and meta["preset"] == "lad"
+
+
+def test_holdout_flag_sets_prints_and_keeps_the_split(tmp_path: Path, phantoms: Path, capsys) -> None:
+    from lad_fast.errors import ConfigError
+
+    run = tmp_path / "run"
+    cfg = small_cfg(steps=2, preview_every=0)
+    train_vqgan(run, cfg, data=phantoms, device="cpu", holdout=0.5, stop_at=1)
+    assert "vqgan: 6 cases, 3 held out (--holdout 0.5), 3 trained on" in capsys.readouterr().err
+    meta = load_checkpoint(run / "vqgan", "vqgan").meta["extra"]
+    assert meta["holdout"] == 0.5 and meta["heldout_cases"] == 3 and meta["train_cases"] == 3
+    # a resumed run keeps its split: another --holdout is refused, none takes the checkpoint's
+    with pytest.raises(ConfigError, match=r"trained with --holdout 0.5; resume with the same fraction"):
+        train_vqgan(run, cfg, data=phantoms, device="cpu", holdout=0.2, resume=True)
+    train_vqgan(run, cfg, data=phantoms, device="cpu", resume=True)
+    assert "3 held out (--holdout 0.5)" in capsys.readouterr().err
+    assert load_checkpoint(run / "vqgan", "vqgan").meta["extra"]["heldout_cases"] == 3
+
+    train_vqgan(tmp_path / "none", cfg, data=phantoms, device="cpu", holdout=0, stop_at=1)
+    err = capsys.readouterr().err
+    assert "vqgan: 6 cases, evaluated on the training cases (--holdout 0), 6 trained on" in err
+    with pytest.raises(ConfigError, match=r"--holdout must be a fraction in \[0, 1\), got 1.0"):
+        train_vqgan(tmp_path / "bad", cfg, data=phantoms, device="cpu", holdout=1.0)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_holdout_is_an_option_of_train_and_train_vqgan(tmp_path: Path, phantoms: Path, capsys) -> None:
+    from lad_fast.cli.app import main
+
+    for cmd in (["train"], ["train", "vqgan"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*cmd, "--data", str(phantoms), "--run", str(tmp_path / "r"), "--holdout", "-0.1"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err  # refused before anything (the pipeline's phantoms, phase 1)
+        assert err == "lad-fast: error: --holdout must be a fraction in [0, 1), got -0.1\n"

@@ -1,6 +1,6 @@
 """A toy model trained through lad_fast.train.loop: imported by the tests and run as a worker process.
 
-As a script (the SIGKILL and DDP tests)::
+As a script (the SIGKILL, SIGINT / SIGTERM and DDP tests)::
 
     python tests/train/toy_train.py RUN --steps 40 [--resume] [--stop-at N] [--sleep 0.02] [--out weights.pt]
 
@@ -25,6 +25,7 @@ from torch import nn
 from lad_fast.config import TrainConfig, get_preset
 from lad_fast.devices import choose_device
 from lad_fast.distributed import step_generator
+from lad_fast.interrupts import Interrupted
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
 
 SHAPE = (1, 4, 6, 6)  # (C, D, H, W) of one toy volume
@@ -159,7 +160,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     cfg = toy_cfg(steps=a.steps, checkpoint_every=a.checkpoint_every, ema_decay=0.9)
-    net, _ = run_toy(a.run, cfg, resume=a.resume, sleep=a.sleep, stop_at=a.stop_at, report=a.out)
+    try:
+        net, _ = run_toy(a.run, cfg, resume=a.resume, sleep=a.sleep, stop_at=a.stop_at, report=a.out)
+    except Interrupted as err:  # what the CLI does with it (lad_fast.cli.app.main)
+        print(f"lad-fast: {err}", flush=True)
+        raise SystemExit(err.exit_code) from None
     if a.out:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         torch.save(net.state_dict(), f"{a.out}.rank{rank}.pt")
