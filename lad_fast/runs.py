@@ -31,7 +31,7 @@ MODELS = ("vqgan", "diffusion", "segmenter")
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 # Everything lad-fast itself puts in a run folder; dot-files are temporaries of atomic writes.
-_KNOWN = {CONFIG_NAME, LOG_NAME, "previews", *MODELS}
+_KNOWN = {CONFIG_NAME, LOG_NAME, "previews", "export", *MODELS}
 # Config sections that may change when a run is reopened: they steer training, not what is trained.
 _MUTABLE_SECTIONS = ("vqgan_train", "diffusion_train", "segmenter_train", "sampling")
 

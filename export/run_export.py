@@ -1,0 +1,280 @@
+"""``lad-fast export``: a trained run's denoiser and decoder as ONNX graphs and TensorRT engines.
+
+:func:`export_run` writes, into ``RUN/export`` or ``--out``, for each of the denoiser step and the decoder
+(:mod:`lad_fast.export.graphs`): the fp32 ONNX graph, its fp16 or bf16 variant made by ModelOpt AutoCast
+(:mod:`lad_fast.export.autocast`), and with ``--target trt`` a strongly typed TensorRT engine built from
+the graph of the chosen precision; each with its metadata (:mod:`lad_fast.export.artefacts`). Every ONNX
+graph is checked by ``onnx.checker`` and compared with PyTorch through ONNX Runtime before it counts.
+
+:func:`denoiser_artefact` is what ``generate --backend onnx|trt`` calls: the run's artefact when it
+matches, an export on demand when there is none, a refusal with the reason when one is there but stale.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lad_fast.errors import ConfigError
+from lad_fast.export.artefacts import (
+    GRAPH_BATCH_FACTOR,
+    TARGETS,
+    BatchRange,
+    artefact_name,
+    check_artefact,
+    meta_path,
+    mismatches,
+    prepare_out,
+    read_meta,
+    write_meta,
+)
+from lad_fast.export.autocast import PRECISIONS
+
+EXPORT_DIR = "export"  # RUN/export: where generate looks for artefacts and lad-fast export writes them
+DEFAULT_RANGE = BatchRange(1, 4, 16)
+FP32_RTOL = 1e-4  # ONNX Runtime vs PyTorch, max |diff| / max |ref|
+# fp16 graphs vs fp32 PyTorch: measured on the tiny test run (tests/export): denoiser 4e-4, decoder 1e-3;
+# fp16 keeps 11 bits (4.9e-4 relative per rounding), a few roundings in a row stay below 1e-2
+LOW_RTOL = {"fp16": 1e-2, "bf16": 6e-2}
+VERIFY_BATCH = 2  # volumes per verification call: exercises the dynamic batch axis, cheap on a CPU
+
+
+def _graph_shapes(example: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, dict]:
+    return {
+        n: {"shape": ["batch", *e.shape[1:]], "dtype": str(e.dtype).removeprefix("torch.")}
+        for n, e in zip(names, example, strict=True)
+    }
+
+
+def _export_kind(
+    kind: str,
+    module: nn.Module,
+    example: list[torch.Tensor],
+    names: list[str],
+    out_name: str,
+    out: Path,
+    precision: str,
+    target: str,
+    brange: BatchRange,
+    checkpoint: str,
+) -> list[Path]:
+    """fp32 graph [+ low-precision graph] [+ engine] of one module into ``out``; returns what it wrote."""
+    from lad_fast.export.onnx import DEFAULT_OPSET, export_onnx, verify_onnx
+
+    factor = GRAPH_BATCH_FACTOR[kind]
+    common = {
+        "kind": kind,
+        "checkpoint": checkpoint,
+        "inputs": _graph_shapes(example, names),
+        "output": out_name,
+        "graph_batch_factor": factor,
+    }
+    written = []
+    fp32 = out / artefact_name(kind, "fp32", "onnx")
+    if not _reusable(fp32, checkpoint):
+        export_onnx(module, example, fp32, names, output_name=out_name)
+        err = verify_onnx(module, fp32, example, rtol=FP32_RTOL)
+        write_meta(fp32, target="onnx", precision="fp32", opset=DEFAULT_OPSET, batch=brange, **common,
+                   verified={"relative_error": err, "tolerance": FP32_RTOL})  # fmt: skip
+        written += [fp32, meta_path(fp32)]
+    graph = fp32
+    if precision != "fp32":
+        graph = out / artefact_name(kind, precision, "onnx")
+        if not _reusable(graph, checkpoint):
+            written += _autocast_kind(kind, module, example, fp32, graph, precision, brange, common)
+    if target == "trt":
+        from lad_fast.export.tensorrt import build_engine
+
+        engine = out / artefact_name(kind, precision, "trt")
+        shapes = {
+            n: tuple((b * factor, *e.shape[1:]) for b in (brange.min, brange.opt, brange.max))
+            for n, e in zip(names, example, strict=True)
+        }
+        build_engine(graph, engine, shapes)
+        write_meta(engine, target="trt", precision=precision, batch=brange, source=graph.name,
+                   profile={n: [list(s) for s in v] for n, v in shapes.items()}, **common)  # fmt: skip
+        written += [engine, meta_path(engine)]
+    return written
+
+
+def _autocast_kind(
+    kind: str, module: nn.Module, example, fp32: Path, graph: Path, precision: str, brange, common
+) -> list[Path]:
+    """The AutoCast variant of ``fp32`` at ``graph``, verified against ``module``, with its metadata."""
+    import onnx
+
+    from lad_fast.export.autocast import autocast_onnx, nodes_fed_only_by
+    from lad_fast.export.graphs import decoder_fp32_nodes
+    from lad_fast.export.onnx import verify_onnx
+
+    model = onnx.load(str(fp32))
+    keep = nodes_fed_only_by(model, ["t"]) if kind == "denoiser" else decoder_fp32_nodes(model)
+    summary = autocast_onnx(fp32, graph, precision, fp32_nodes=keep)
+    err = verify_onnx(module, graph, example, rtol=LOW_RTOL[precision])
+    write_meta(graph, target="onnx", precision=precision, opset=summary["opset"], batch=brange,
+               source=fp32.name, autocast=summary, **common,
+               verified={"relative_error": err, "tolerance": LOW_RTOL[precision]})  # fmt: skip
+    return [graph, meta_path(graph)]
+
+
+def _reusable(path: Path, checkpoint: str) -> bool:
+    """Whether ``path`` is already a matching export (an on-demand TensorRT export reuses the ONNX graph)."""
+    meta = read_meta(path)
+    return meta is not None and not mismatches(meta, path, checkpoint=checkpoint)
+
+
+def _check_request(target: str, precision: str) -> None:
+    """Refuse bad options and missing packages before anything is loaded or written."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown --target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if target == "trt":
+        from lad_fast.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    if precision != "fp32":
+        from lad_fast.export.autocast import require_autocast
+
+        require_autocast()
+
+
+def export_run(
+    run: Path,
+    out: Path | None = None,
+    target: str = "onnx",
+    precision: str = "fp16",
+    batch_range: BatchRange = DEFAULT_RANGE,
+    force: bool = False,
+) -> list[Path]:
+    """Export the denoiser step and the decoder of ``run`` into ``out`` (default ``RUN/export``).
+
+    Writes ``<kind>.fp32.onnx``, with ``precision`` fp16/bf16 also ``<kind>.<precision>.onnx``, and with
+    ``target`` "trt" ``<kind>.<precision>.engine``, each beside its ``.json`` metadata; returns the paths
+    written. ``out`` holding other files is refused without ``force`` (see
+    :func:`~lad_fast.export.artefacts.prepare_out`). Graphs are exported and verified on the CPU.
+    """
+    from lad_fast.runs import RunDir
+    from lad_fast.trained import checkpoint_hash, load_diffusion, load_frozen_vqgan
+
+    _check_request(target, precision)
+    run = Path(run)
+    rundir = RunDir.open(run)
+    out = Path(out) if out is not None else run / EXPORT_DIR
+    net, meta = load_diffusion(run, "cpu")
+    cfg = rundir.config()
+    vqgan_run = Path(meta.get("vqgan_run") or run)
+    vq, _ = load_frozen_vqgan(vqgan_run, cfg, torch.device("cpu"))
+    names = [artefact_name(k, "fp32", "onnx") for k in ("denoiser", "decoder")]
+    if precision != "fp32":
+        names += [artefact_name(k, precision, "onnx") for k in ("denoiser", "decoder")]
+    if target == "trt":
+        names += [artefact_name(k, precision, "trt") for k in ("denoiser", "decoder")]
+    prepare_out(out, names + [n + ".json" for n in names], force)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from lad_fast.export.graphs import DECODER_INPUT, DECODER_OUTPUT, DecoderGraph, denoiser_example
+
+    shape = tuple(int(s) for s in meta["latent_shape"])
+    objective = meta["diffusion_config"].objective
+    den_example, den_names = denoiser_example(net, shape, objective, batch=VERIFY_BATCH * 2)
+    den_example = _realistic(den_example, objective, meta["diffusion_config"].timesteps)
+    written = _export_kind("denoiser", net, den_example, den_names, "out", out, precision, target,
+                           batch_range, meta["checkpoint_hash"])  # fmt: skip
+    decoder = DecoderGraph(vq).eval()
+    dec_example = [torch.rand(VERIFY_BATCH, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1]
+    written += _export_kind("decoder", decoder, dec_example, [DECODER_INPUT], DECODER_OUTPUT, out, precision,
+                            target, batch_range, checkpoint_hash(vqgan_run / "vqgan"))  # fmt: skip
+    return written
+
+
+def _realistic(example: list[torch.Tensor], objective: str, timesteps: int) -> list[torch.Tensor]:
+    """Verification inputs: noise-like x and conditions, times spread over the schedule (zeros would hide
+    errors that only show away from 0)."""
+    g = torch.Generator().manual_seed(0)
+    out = [e.clone() for e in example]
+    out[0] = torch.randn(out[0].shape, generator=g)
+    b = out[1].shape[0]
+    times = torch.linspace(0, timesteps - 1, b)  # the network sees t in 0..T-1 (flow: scaled, float)
+    out[1] = times if objective == "flow" else times.round().long()
+    out[2] = torch.randn(out[2].shape, generator=g)
+    if len(out) > 3:
+        out[3] = (torch.rand(out[3].shape, generator=g) > 0.5).float()
+    return out
+
+
+def _denoiser_path(run: Path, backend: str) -> tuple[Path, str]:
+    precision = "fp32" if backend == "onnx" else "fp16"
+    return run / EXPORT_DIR / artefact_name("denoiser", precision, backend), precision
+
+
+def check_run_artefact(run: Path, backend: str, batch: int | None = None) -> None:
+    """Refuse (CheckpointError with the reasons) the run's denoiser artefact for ``backend`` when one is
+    there and does not fit the run's checkpoint, this machine or ``batch``; pass when there is none."""
+    from lad_fast.trained import checkpoint_hash
+
+    path, _ = _denoiser_path(run, backend)
+    if path.exists() or meta_path(path).exists():
+        check_artefact(path, checkpoint=checkpoint_hash(run / "diffusion"), batch=batch, run=run)
+
+
+def denoiser_artefact(
+    run: Path,
+    net: nn.Module,
+    example: Sequence[torch.Tensor],
+    names: Sequence[str],
+    backend: str,
+    batch: int | None = None,
+) -> Path:
+    """The artefact ``generate --backend onnx|trt`` runs: ``RUN/export/denoiser.fp32.onnx`` (onnx) or
+    ``denoiser.fp16.engine`` (trt), checked against the run's diffusion checkpoint (and for engines the
+    GPU, TensorRT version and ``batch``), exported on demand from ``net`` when absent.
+
+    A present artefact that does not match is refused (CheckpointError with the reasons), never
+    overwritten: the user re-exports with ``lad-fast export --run RUN --force``.
+    """
+    from lad_fast.trained import checkpoint_hash
+
+    run = Path(run)
+    path, precision = _denoiser_path(run, backend)
+    out = path.parent
+    checkpoint = checkpoint_hash(run / "diffusion")
+    if path.exists() or meta_path(path).exists():
+        check_artefact(path, checkpoint=checkpoint, batch=batch, run=run)
+        return path
+    _check_request(backend, precision)
+    for graph in {artefact_name("denoiser", p, "onnx") for p in ("fp32", precision)}:
+        if (out / graph).exists() or meta_path(out / graph).exists():  # reused when it matches, else refused
+            check_artefact(out / graph, checkpoint=checkpoint, run=run)
+    brange = DEFAULT_RANGE if batch is None else BatchRange(1, batch, max(batch, DEFAULT_RANGE.max))
+    src = copy.deepcopy(net).float().cpu().eval() if next(net.parameters()).is_cuda else net.eval()
+    cpu_example = [e.detach().cpu() for e in example]
+    meta = run_meta(run)
+    cpu_example = _realistic(
+        [e.expand(VERIFY_BATCH * 2, *e.shape[1:]).clone() for e in cpu_example],
+        meta["diffusion_config"].objective,
+        meta["diffusion_config"].timesteps,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _export_kind(
+        "denoiser", src, cpu_example, list(names), "out", out, precision, backend, brange, checkpoint
+    )
+    return path
+
+
+def run_meta(run: Path) -> dict:
+    """The diffusion checkpoint's meta of ``run`` (no weights loaded)."""
+    import json
+
+    from lad_fast.checkpoints import META_NAME, latest_step_dir
+    from lad_fast.config import config_from_dict
+
+    step = latest_step_dir(Path(run) / "diffusion")
+    meta = json.loads((step / META_NAME).read_text(encoding="utf-8"))
+    meta = {**meta, **(meta.get("extra") or {})}
+    meta["diffusion_config"] = config_from_dict({"diffusion": meta["model_config"]["diffusion"]}).diffusion
+    return meta
