@@ -144,3 +144,50 @@ def test_decoder_graph_is_the_generators_decode(tiny_run):
         want = vq.decode(vq.quantize(vq.from_unit(u.clamp(-1, 1))))
         got = decoder(u)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_bf16_graph_is_bf16_typed_with_fp32_io(tiny_run, tmp_path):
+    """bf16 needs opset 22. ONNX Runtime's CPU build has no bf16 Conv, so there the metadata says the graph
+    was checked but not compared (and why); where it runs, it is compared like fp16."""
+    pytest.importorskip("modelopt.onnx.autocast")
+    from lad_fast.export.run_export import LOW_RTOL, export_run
+
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="not compared with PyTorch") if _no_bf16_conv() else _nothing():
+        export_run(tiny_run, out, precision="bf16")
+    model = onnx.load(str(out / "denoiser.bf16.onnx"))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 22
+    types = _types(model)
+    assert all(types[i.name] in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) for i in model.graph.input)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(types[n.input[0]] == onnx.TensorProto.BFLOAT16 for n in convs)
+    verified = json.loads((out / "denoiser.bf16.onnx.json").read_text())["verified"]
+    if _no_bf16_conv():
+        assert "NOT_IMPLEMENTED" in verified["skipped"]
+    else:
+        assert verified["relative_error"] <= LOW_RTOL["bf16"]
+
+
+def _no_bf16_conv() -> bool:
+    import onnxruntime as ort
+
+    return ort.get_device() == "CPU"
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_a_graph_that_fails_verification_is_not_left_behind(tiny_run, tmp_path, monkeypatch):
+    import lad_fast.export.run_export as rx
+    from lad_fast.errors import LadFastError
+
+    monkeypatch.setattr(rx, "FP32_RTOL", 0.0)  # nothing agrees to 0: the first graph is refused
+    out = tmp_path / "out"
+    with pytest.raises(
+        LadFastError, match=r"denoiser.fp32.onnx: ONNX Runtime differs from PyTorch by .* relative"
+    ):
+        rx.export_run(tiny_run, out, precision="fp32")
+    assert [p.name for p in out.iterdir()] == []
