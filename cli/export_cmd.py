@@ -8,8 +8,6 @@ from typing import Annotated
 
 import typer
 
-from lad_fast.cli.options import ForceOpt
-
 
 class Target(str, Enum):
     onnx = "onnx"
@@ -40,7 +38,10 @@ def export(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder. Default: RUN/export.")
     ] = None,
-    force: ForceOpt = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace an earlier export in --out (deletes only files it wrote)."),
+    ] = False,
 ) -> None:
     """Export the denoiser step and the VQ-GAN decoder as ONNX graphs (and TensorRT engines with trt)."""
     from lad_fast.cli.train_cmds import resolve_run

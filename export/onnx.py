@@ -86,8 +86,9 @@ class OnnxDenoiser:
         path = Path(path)
         if not path.is_file():
             raise BackendUnavailableError(
-                f"{path}: no ONNX file; write one with lad_fast.export.onnx.export_onnx, or let "
-                "`lad-fast generate --backend onnx` export the run's denoiser itself"
+                f"{path}: no ONNX file; write one with `lad-fast export --run RUN` (or "
+                "lad_fast.export.onnx.export_onnx), or let `lad-fast generate --backend onnx` export "
+                "the run's denoiser itself"
             )
         available = ort.get_available_providers()
         chosen = [

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lad_fast.errors import ConfigError
+from lad_fast.errors import CheckpointError, ConfigError
 from lad_fast.export.artefacts import (
     GRAPH_BATCH_FACTOR,
     TARGETS,
@@ -257,11 +257,35 @@ def denoiser_artefact(
     GPU, TensorRT version and ``batch``), exported on demand from ``net`` when absent.
 
     A present artefact that does not match is refused (CheckpointError with the reasons), never
-    overwritten: the user re-exports with ``lad-fast export --run RUN --force``.
+    overwritten: the user re-exports with ``lad-fast export --run RUN --force``. Under ``torchrun`` rank 0
+    exports while the other ranks wait, then they check what it wrote.
     """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            try:
+                path = _find_or_export(Path(run), net, example, names, backend, batch)
+            finally:
+                dist.barrier()  # released whether rank 0 succeeded or not: the others check for themselves
+            return path
+        dist.barrier()
+        path, _ = _denoiser_path(Path(run), backend)
+        if not path.exists():
+            raise CheckpointError(f"{path}: rank 0 did not export it (see its error); nothing to load")
+        from lad_fast.trained import checkpoint_hash
+
+        check_artefact(path, checkpoint=checkpoint_hash(Path(run) / "diffusion"), batch=batch, run=run)
+        return path
+    return _find_or_export(Path(run), net, example, names, backend, batch)
+
+
+def _find_or_export(
+    run: Path, net: nn.Module, example: Sequence[torch.Tensor], names: Sequence[str], backend: str,
+    batch: int | None,
+) -> Path:  # fmt: skip
     from lad_fast.trained import checkpoint_hash
 
-    run = Path(run)
     path, precision = _denoiser_path(run, backend)
     out = path.parent
     checkpoint = checkpoint_hash(run / "diffusion")

@@ -138,7 +138,7 @@ def test_a_missing_onnx_file_says_how_to_make_one(tmp_path):
 
     with pytest.raises(
         BackendUnavailableError,
-        match=r"absent.onnx: no ONNX file; write one with lad_fast.export.onnx.export_onnx, or let "
-        r"`lad-fast generate --backend onnx` export",
+        match=r"absent.onnx: no ONNX file; write one with `lad-fast export --run RUN` \(or "
+        r"lad_fast.export.onnx.export_onnx\), or let `lad-fast generate --backend onnx` export",
     ):
         OnnxDenoiser(tmp_path / "absent.onnx")

@@ -44,3 +44,35 @@ def test_onnx_backend_writes_the_torch_volumes_and_reuses_its_export(run_copy, t
     generate(run_copy, tmp_path / "again", backend="onnx", device="cpu", **{**SETTINGS, "n": 1})
     assert art.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in art.parent.iterdir()) == ["denoiser.fp32.onnx", "denoiser.fp32.onnx.json"]
+
+
+def test_two_process_torchrun_exports_once_on_rank_zero(run_copy, tmp_path):
+    """Without an export, rank 0 exports on demand while rank 1 waits, then both load the same graph."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys\nfrom lad_fast.generate import generate\n"
+        "generate(sys.argv[1], sys.argv[2], n=2, augment=0, batch=1, seed=1, sampler='ddim', steps=2, "
+        "backend='onnx', device='cpu')\n"
+    )
+    out = tmp_path / "dist"
+    env = {**os.environ, "LAD_FAST_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(port), str(worker), str(run_copy), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["rank"], r["backend"]) for r in lines] == [(0, 0, "onnx"), (1, 1, "onnx")]
+    assert sorted(p.name for p in (run_copy / "export").iterdir()) == [
+        "denoiser.fp32.onnx",
+        "denoiser.fp32.onnx.json",
+    ]
