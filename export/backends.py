@@ -8,7 +8,7 @@
 | trt      | a strongly typed TensorRT engine from the AutoCast fp16 graph     | never run     |
 
 With ``run`` (what ``generate`` passes) the onnx and trt backends use the run's exported artefacts
-(``RUN/export``, :func:`lad_fast.export.run_export.denoiser_artefact`): a matching one is loaded, a missing
+(``RUN/export``, :func:`lad_fast.export.select.denoiser_artefact`): a matching one is loaded, a missing
 one exported on demand, a stale or foreign one refused with the reason. Without ``run`` (tests, toy nets)
 graphs are cached in ``cache_dir`` under a hash of the weights.
 """
@@ -69,7 +69,7 @@ def make_denoiser(
     from lad_fast.export.onnx import OnnxDenoiser, export_onnx, verify_onnx
 
     if run is not None:
-        from lad_fast.export.run_export import denoiser_artefact
+        from lad_fast.export.select import denoiser_artefact
 
         path = denoiser_artefact(Path(run), net, example, input_names, backend, batch)
         if backend == "onnx":
@@ -108,6 +108,37 @@ def make_denoiser(
     return TensorRTDenoiser(engine_path)
 
 
+def make_decoder(backend: str, vq: torch.nn.Module, run: str | Path, batch: int | None = None) -> Denoiser:
+    """``decode(latent) -> image`` for the chosen backend: latent (B, C, d, h, w) in the VQ-GAN's unit
+    range -> image (B, 1, D, H, W) in [-1, 1] (quantise + decode,
+    :class:`~lad_fast.export.graphs.DecoderGraph`).
+
+    torch and compile run the module; onnx and trt the run's decoder artefact (``RUN/export``, exported on
+    demand like the denoiser's). Not yet called by ``generate``, which decodes through ``Generator.decode``.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend in ("torch", "compile"):
+        from lad_fast.export.graphs import DecoderGraph
+
+        module = DecoderGraph(vq).eval()
+        return torch.no_grad()(module if backend == "torch" else torch.compile(module, dynamic=False))
+    if backend == "trt":
+        from lad_fast.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+    from lad_fast.export.select import decoder_artefact
+
+    path = decoder_artefact(Path(run), vq, backend, batch)
+    if backend == "onnx":
+        from lad_fast.export.onnx import OnnxDenoiser
+
+        return OnnxDenoiser(path)
+    from lad_fast.export.tensorrt import TensorRTDenoiser
+
+    return TensorRTDenoiser(path)
+
+
 def preflight(backend: str, run: str | Path, batch: int | None = None) -> None:
     """Refuse, before anything is written, what ``make_denoiser(backend, ..., run=run, batch=batch)`` would:
     TensorRT missing or no CUDA (trt), or a stale, foreign or too-small artefact in ``RUN/export``."""
@@ -117,7 +148,7 @@ def preflight(backend: str, run: str | Path, batch: int | None = None) -> None:
         from lad_fast.export.tensorrt import require_tensorrt
 
         require_tensorrt()
-    from lad_fast.export.run_export import check_run_artefact
+    from lad_fast.export.select import check_run_artefact
 
     check_run_artefact(Path(run), backend, batch)
 

@@ -6,14 +6,12 @@
 the graph of the chosen precision; each with its metadata (:mod:`lad_fast.export.artefacts`). Every ONNX
 graph is checked by ``onnx.checker`` and compared with PyTorch through ONNX Runtime before it counts.
 
-:func:`denoiser_artefact` is what ``generate --backend onnx|trt`` calls: the run's artefact when it
-matches, an export on demand when there is none, a refusal with the reason when one is there but stale.
+What ``generate --backend onnx|trt`` loads, and when it exports on demand: :mod:`lad_fast.export.select`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,13 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lad_fast.errors import CheckpointError, ConfigError
+from lad_fast.errors import ConfigError
 from lad_fast.export.artefacts import (
     GRAPH_BATCH_FACTOR,
     TARGETS,
     BatchRange,
     artefact_name,
-    check_artefact,
     meta_path,
     mismatches,
     prepare_out,
@@ -227,100 +224,3 @@ def _realistic(example: list[torch.Tensor], objective: str, timesteps: int) -> l
     if len(out) > 3:
         out[3] = (torch.rand(out[3].shape, generator=g) > 0.5).float()
     return out
-
-
-def _denoiser_path(run: Path, backend: str) -> tuple[Path, str]:
-    precision = "fp32" if backend == "onnx" else "fp16"
-    return run / EXPORT_DIR / artefact_name("denoiser", precision, backend), precision
-
-
-def check_run_artefact(run: Path, backend: str, batch: int | None = None) -> None:
-    """Refuse (CheckpointError with the reasons) the run's denoiser artefact for ``backend`` when one is
-    there and does not fit the run's checkpoint, this machine or ``batch``; pass when there is none."""
-    from lad_fast.trained import checkpoint_hash
-
-    path, _ = _denoiser_path(run, backend)
-    if path.exists() or meta_path(path).exists():
-        check_artefact(path, checkpoint=checkpoint_hash(run / "diffusion"), batch=batch, run=run)
-
-
-def denoiser_artefact(
-    run: Path,
-    net: nn.Module,
-    example: Sequence[torch.Tensor],
-    names: Sequence[str],
-    backend: str,
-    batch: int | None = None,
-) -> Path:
-    """The artefact ``generate --backend onnx|trt`` runs: ``RUN/export/denoiser.fp32.onnx`` (onnx) or
-    ``denoiser.fp16.engine`` (trt), checked against the run's diffusion checkpoint (and for engines the
-    GPU, TensorRT version and ``batch``), exported on demand from ``net`` when absent.
-
-    A present artefact that does not match is refused (CheckpointError with the reasons), never
-    overwritten: the user re-exports with ``lad-fast export --run RUN --force``. Under ``torchrun`` rank 0
-    exports while the other ranks wait, then they check what it wrote.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_rank() == 0:
-            try:
-                path = _find_or_export(Path(run), net, example, names, backend, batch)
-            finally:
-                dist.barrier()  # released whether rank 0 succeeded or not: the others check for themselves
-            return path
-        dist.barrier()
-        path, _ = _denoiser_path(Path(run), backend)
-        if not path.exists():
-            raise CheckpointError(f"{path}: rank 0 did not export it (see its error); nothing to load")
-        from lad_fast.trained import checkpoint_hash
-
-        check_artefact(path, checkpoint=checkpoint_hash(Path(run) / "diffusion"), batch=batch, run=run)
-        return path
-    return _find_or_export(Path(run), net, example, names, backend, batch)
-
-
-def _find_or_export(
-    run: Path, net: nn.Module, example: Sequence[torch.Tensor], names: Sequence[str], backend: str,
-    batch: int | None,
-) -> Path:  # fmt: skip
-    from lad_fast.trained import checkpoint_hash
-
-    path, precision = _denoiser_path(run, backend)
-    out = path.parent
-    checkpoint = checkpoint_hash(run / "diffusion")
-    if path.exists() or meta_path(path).exists():
-        check_artefact(path, checkpoint=checkpoint, batch=batch, run=run)
-        return path
-    _check_request(backend, precision)
-    for graph in {artefact_name("denoiser", p, "onnx") for p in ("fp32", precision)}:
-        if (out / graph).exists() or meta_path(out / graph).exists():  # reused when it matches, else refused
-            check_artefact(out / graph, checkpoint=checkpoint, run=run)
-    brange = DEFAULT_RANGE if batch is None else BatchRange(1, batch, max(batch, DEFAULT_RANGE.max))
-    src = copy.deepcopy(net).float().cpu().eval() if next(net.parameters()).is_cuda else net.eval()
-    cpu_example = [e.detach().cpu() for e in example]
-    meta = run_meta(run)
-    cpu_example = _realistic(
-        [e.expand(VERIFY_BATCH * 2, *e.shape[1:]).clone() for e in cpu_example],
-        meta["diffusion_config"].objective,
-        meta["diffusion_config"].timesteps,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    _export_kind(
-        "denoiser", src, cpu_example, list(names), "out", out, precision, backend, brange, checkpoint
-    )
-    return path
-
-
-def run_meta(run: Path) -> dict:
-    """The diffusion checkpoint's meta of ``run`` (no weights loaded)."""
-    import json
-
-    from lad_fast.checkpoints import META_NAME, latest_step_dir
-    from lad_fast.config import config_from_dict
-
-    step = latest_step_dir(Path(run) / "diffusion")
-    meta = json.loads((step / META_NAME).read_text(encoding="utf-8"))
-    meta = {**meta, **(meta.get("extra") or {})}
-    meta["diffusion_config"] = config_from_dict({"diffusion": meta["model_config"]["diffusion"]}).diffusion
-    return meta

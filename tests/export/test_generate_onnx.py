@@ -76,3 +76,30 @@ def test_two_process_torchrun_exports_once_on_rank_zero(run_copy, tmp_path):
         "denoiser.fp32.onnx",
         "denoiser.fp32.onnx.json",
     ]
+
+
+def test_onnx_decoder_backend_equals_the_torch_decode(run_copy):
+    """make_decoder: the run's decoder graph, exported on demand, decodes as Generator.decode does after
+    the latent de-normalisation (one volume at a time there)."""
+    import torch
+
+    from lad_fast.export.backends import make_decoder
+    from lad_fast.generate import load_generator
+
+    gen = load_generator(run_copy, torch.device("cpu"))
+    latent = torch.rand(3, *gen.latent_shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    vq = gen.vq
+    with torch.no_grad():
+        want = torch.cat([vq.decode(vq.quantize(vq.from_unit(u[None].clamp(-1, 1))))[:, 0] for u in latent])
+    onnx_dec = make_decoder("onnx", gen.vq, run_copy, batch=3)
+    got = onnx_dec(latent)[:, 0]
+    from lad_fast.export.onnx import relative_error
+
+    assert relative_error(want, got) <= 1e-4
+    meta = json.loads((run_copy / "export" / "decoder.fp32.onnx.json").read_text())
+    from lad_fast.trained import checkpoint_hash
+
+    assert meta["checkpoint"] == checkpoint_hash(run_copy / "vqgan") and meta["kind"] == "decoder"
+    torch_dec = make_decoder("torch", gen.vq, run_copy)
+    got = torch.cat([torch_dec(u[None])[:, 0] for u in latent])  # one at a time, as the reference
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
