@@ -51,6 +51,20 @@ def _graph_shapes(example: Sequence[torch.Tensor], names: Sequence[str]) -> dict
     }
 
 
+def _onnx_outputs(path: Path) -> dict[str, dict]:
+    """{name: {"shape", "dtype"}} of the graph's outputs, the batch axis named "batch"."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {
+        o.name: {
+            "shape": ["batch", *(d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim[1:])],
+            "dtype": onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name,
+        }
+        for o in graph.output
+    }
+
+
 def _export_kind(
     kind: str,
     module: nn.Module,
@@ -71,7 +85,6 @@ def _export_kind(
         "kind": kind,
         "checkpoint": checkpoint,
         "inputs": _graph_shapes(example, names),
-        "output": out_name,
         "graph_batch_factor": factor,
     }
     written = []
@@ -80,9 +93,11 @@ def _export_kind(
         with _removed_on_error(fp32):
             export_onnx(module, example, fp32, names, output_name=out_name)
             err = verify_onnx(module, fp32, example, rtol=FP32_RTOL)
+        common["outputs"] = _onnx_outputs(fp32)
         write_meta(fp32, target="onnx", precision="fp32", opset=DEFAULT_OPSET, batch=brange, **common,
                    verified={"relative_error": err, "tolerance": FP32_RTOL})  # fmt: skip
         written += [fp32, meta_path(fp32)]
+    common.setdefault("outputs", read_meta(fp32).get("outputs"))  # reused fp32 graph: as recorded
     graph = fp32
     if precision != "fp32":
         graph = out / artefact_name(kind, precision, "onnx")
@@ -99,6 +114,7 @@ def _export_kind(
         with _removed_on_error(engine):
             build_engine(graph, engine, shapes)
         write_meta(engine, target="trt", precision=precision, batch=brange, source=graph.name,
+                   opset=read_meta(graph).get("opset"),
                    profile={n: [list(s) for s in v] for n, v in shapes.items()}, **common)  # fmt: skip
         written += [engine, meta_path(engine)]
     return written

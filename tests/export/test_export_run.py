@@ -130,6 +130,12 @@ def test_metadata_beside_every_artefact(exported, tiny_run):
             assert meta["inputs"] and all(s["shape"][0] == "batch" for s in meta["inputs"].values())
     den = json.loads((exported / "denoiser.fp32.onnx.json").read_text())
     assert list(den["inputs"]) == ["x", "t", "cond"] and den["graph_batch_factor"] == 2
+    latent = den["inputs"]["x"]["shape"]
+    assert den["outputs"] == {"out": {"shape": latent, "dtype": "float32"}}
+    dec = json.loads((exported / "decoder.fp16.onnx.json").read_text())
+    assert dec["inputs"] == {"latent": {"shape": latent, "dtype": "float32"}}
+    (image,) = dec["outputs"].values()
+    assert image["shape"][:2] == ["batch", 1] and image["dtype"] == "float32"
 
 
 def test_decoder_graph_is_the_generators_decode(tiny_run):
