@@ -197,3 +197,27 @@ def test_a_graph_that_fails_verification_is_not_left_behind(tiny_run, tmp_path, 
     ):
         rx.export_run(tiny_run, out, precision="fp32")
     assert [p.name for p in out.iterdir()] == []
+
+
+def test_cli_export_prints_the_graphs_it_wrote(tiny_run, tmp_path, capsys):
+    from lad_fast.cli.app import main
+
+    out = tmp_path / "out"
+    args = [
+        "export",
+        "--run",
+        str(tiny_run),
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+        "--batch-range",
+        "1:2:8",
+    ]
+    with pytest.raises(SystemExit) as exc:  # typer's standalone mode exits, with 0 on success
+        main(args)
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / "denoiser.fp32.onnx"), str(out / "decoder.fp32.onnx")]
+    meta = json.loads((out / "decoder.fp32.onnx.json").read_text())
+    assert meta["batch"] == {"min": 1, "opt": 2, "max": 8}
