@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from lad_fast.cli import data_cmds, evaluate_cmd, generate_cmd, info_cmd, masks_cmd
+from lad_fast.cli import data_cmds, evaluate_cmd, export_cmd, generate_cmd, info_cmd, masks_cmd
 from lad_fast.cli.bench_cmd import bench_app
 from lad_fast.cli.train_cmds import train_app
 
@@ -32,6 +32,7 @@ app.command("predict-masks")(masks_cmd.predict_masks)
 app.command("import-masks")(masks_cmd.import_masks)
 app.add_typer(train_app, name="train")
 app.command("generate")(generate_cmd.generate)
+app.command("export")(export_cmd.export)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(bench_app, name="bench")
 

@@ -44,7 +44,7 @@ def backend_report() -> dict[str, str]:
         "cupy": _version("cupy") or "no",
         "onnxruntime": _version("onnxruntime") or "no",
         "tensorrt": _version("tensorrt") or "no",
-        "torch-tensorrt": _version("torch_tensorrt") or "no",
+        "modelopt (fp16 ONNX)": _version("modelopt") or "no (pip install 'lad-fast[export]')",
         "nibabel": _version("nibabel") or "no",
         "pydicom": _version("pydicom") or "no (pip install 'lad-fast[dicom]')",
         "gudhi": _version("gudhi") or "no",

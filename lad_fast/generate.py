@@ -338,7 +338,7 @@ def generate(
     from lad_fast.data.geometry import unit_to_hu
     from lad_fast.devices import choose_device, resolve_device
     from lad_fast.distributed import init_distributed
-    from lad_fast.export.backends import make_denoiser
+    from lad_fast.export.backends import make_denoiser, preflight
     from lad_fast.progress import make_progress
     from lad_fast.runs import RunDir
     from lad_fast.samplers import check_sampler
@@ -383,6 +383,7 @@ def generate(
         "diffusion_checkpoint": gen.meta["checkpoint_hash"],
     }
     sampling = SamplerSettings(sampler, steps, float(guidance), settings["eta"])
+    preflight(backend, run, batch)  # a stale artefact or a batch outside an engine's profile: refused here
     writer = VolumeWriter(out, settings, rank=info.rank, world=info.world, sharded=info.enabled)
     if info.is_main:
         writer.prepare(force)
@@ -399,7 +400,7 @@ def generate(
     if spatial_ch:  # spatial conditioning: the per-step graph has a fourth input
         example.append(torch.zeros(1, spatial_ch, *shape[1:], device=dev))
         names.append("spatial")
-    denoise = make_denoiser(backend, gen.net, example, names, run / "diffusion" / "export")
+    denoise = make_denoiser(backend, gen.net, example, names, run / "export", run=run, batch=batch)
     window = gen.cfg.geometry.hu_window
     fields = {**settings, "backend": backend, "vqgan_checkpoint": gen.vqgan_hash, "run": str(run.resolve())}
     t0 = time.perf_counter()

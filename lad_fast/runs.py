@@ -33,7 +33,7 @@ MODELS = ("vqgan", "diffusion", "segmenter")
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 # Everything lad-fast itself puts in a run folder; dot-files are temporaries of atomic writes.
-_KNOWN = {CONFIG_NAME, LOG_NAME, "previews", *MODELS}
+_KNOWN = {CONFIG_NAME, LOG_NAME, "previews", "export", *MODELS}
 # Files a trainer writes in its model folder besides checkpoints (--force removes them too).
 _MODEL_CACHES = ("latents.safetensors",)
 _PREVIEW_RE = re.compile(r"step-\d{8,}\.png")

@@ -25,7 +25,7 @@ def test_help_lists_commands_without_heavy_imports():
     subprocess.run([sys.executable, "-c", code], check=True)
     out = run_cli("--help")
     assert out.returncode == 0
-    for cmd in ("info", "phantom", "prepare", "preview", "train", "generate", "bench"):
+    for cmd in ("info", "phantom", "prepare", "preview", "train", "generate", "export", "bench"):
         assert cmd in out.stdout
 
 

@@ -116,7 +116,7 @@ def test_unknown_backend_is_named():
         make_denoiser("tensorflow", ToyDenoiser(), example(1), NAMES, "unused")
 
 
-def test_trt_without_tensorrt_says_how_to_install(tmp_path):
+def test_trt_without_tensorrt_says_how_to_install_and_exports_nothing(tmp_path):
     pytest.importorskip("onnx")
     try:
         import tensorrt  # noqa: F401
@@ -125,9 +125,12 @@ def test_trt_without_tensorrt_says_how_to_install(tmp_path):
     except ImportError:
         pass
     with pytest.raises(
-        BackendUnavailableError, match=r"TensorRT is not installed: pip install 'lad-fast\[trt\]'"
+        BackendUnavailableError,
+        match=r'TensorRT is not installed: pip install "lad-fast\[trt\]" \(TensorRT engines need Linux and '
+        "an NVIDIA GPU with CUDA\\)",
     ):
-        make_denoiser("trt", ToyDenoiser(), example(1), NAMES, tmp_path)
+        make_denoiser("trt", ToyDenoiser(), example(1), NAMES, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_missing_onnx_file_says_how_to_make_one(tmp_path):
@@ -135,7 +138,7 @@ def test_a_missing_onnx_file_says_how_to_make_one(tmp_path):
 
     with pytest.raises(
         BackendUnavailableError,
-        match=r"absent.onnx: no ONNX file; write one with lad_fast.export.onnx.export_onnx, or let "
-        r"`lad-fast generate --backend onnx` export",
+        match=r"absent.onnx: no ONNX file; write one with `lad-fast export --run RUN` \(or "
+        r"lad_fast.export.onnx.export_onnx\), or let `lad-fast generate --backend onnx` export",
     ):
         OnnxDenoiser(tmp_path / "absent.onnx")
