@@ -330,9 +330,11 @@ def generate(
     from lad_fast.progress import make_progress
     from lad_fast.runs import RunDir
     from lad_fast.samplers import check_sampler
+    from lad_fast.threads import apply_thread_policy
 
     run, out = Path(run), Path(out)
     _check_args(n, sampler, guidance, augment, batch, backend, eta, steps)
+    apply_thread_policy()  # torch threads from the CPU affinity (lad_fast/threads.py)
     defaults = RunDir.open(run).config().sampling  # what the run's preset measured best
     # the run's own default sampler may not read the user's --steps or --eta: check again once resolved
     _check_args(n, sampler or defaults.sampler, guidance, augment, batch, backend, eta, steps)
