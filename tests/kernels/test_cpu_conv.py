@@ -76,3 +76,25 @@ def test_dispatched_ops_use_it_and_match_the_references():
             norm_act_conv3d_ref(x, gamma, beta, 4, w, b, res, padding=1),
         )
         assert "aten::slow_conv3d_forward" not in _ops(lambda: conv3d(x, w, b, padding=1, impl="torch"))
+
+
+def test_tiny_models_at_batch_1_run_no_slow_conv3d_and_equal_the_plain_path(monkeypatch):
+    from lad_fast.config import get_preset
+    from lad_fast.models.unet import build_unet
+    from lad_fast.models.vqgan import VQGAN
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    vq = VQGAN(cfg.vqgan).eval()
+    net = build_unet(cfg.unet, cfg.condition, 8, 12).eval()
+    z = torch.randn(1, 8, 4, 16, 16)
+    spatial = torch.rand(1, net.spatial_channels, 4, 16, 16)
+    args = (z, torch.full((1,), 7.0), torch.randn(1, cfg.condition.embed_dim), spatial)
+    with torch.no_grad():
+        for fn in (lambda: vq.decode(z), lambda: net(*args)):
+            fast, ops = fn(), _ops(fn)
+            assert "aten::slow_conv3d_forward" not in ops and "aten::mkldnn_convolution" in ops
+            monkeypatch.setenv("LAD_FAST_ONEDNN_BATCH1", "0")
+            plain = fn()
+            monkeypatch.delenv("LAD_FAST_ONEDNN_BATCH1")
+            torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
