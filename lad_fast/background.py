@@ -65,6 +65,11 @@ class Background:
             except queue.Full:
                 self._raise()  # the worker died with a full queue: do not wait forever
 
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`abort` was called: ``fn`` may check it to stop early within a long item."""
+        return self._abort.is_set()
+
     def close(self) -> None:
         """Finish every queued item, stop the thread, raise the worker's error, if any."""
         self._queue.put(_STOP)

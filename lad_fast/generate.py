@@ -422,6 +422,8 @@ def generate(
             jobs, seeds, x0 = item
             finite = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one cheap reduction per batch
             for job, vseed, ok, x in zip(jobs, seeds, finite, x0.split(1), strict=True):
+                if worker.cancelled:  # interrupted: the volumes not started yet are not written
+                    return
                 image = gen.decode(x, decode_tile)[0] if ok else None
                 if image is None or not np.isfinite(image).all():  # NaN/Inf must never become a volume
                     raise CheckpointError(

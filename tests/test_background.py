@@ -61,12 +61,13 @@ def test_a_main_thread_failure_lets_the_current_item_finish_and_drops_the_queued
 
     with pytest.raises(RuntimeError, match="interrupted"):
         with Background(work, maxsize=1) as bg:
+            assert not bg.cancelled
             bg.submit(0)
             started.wait(5)
             bg.submit(1)  # waits in the queue
             threading.Timer(0.2, release.set).start()  # item 0 ends after the failure below
             raise RuntimeError("interrupted")
-    assert done == [0]
+    assert done == [0] and bg.cancelled
 
 
 def test_the_queue_is_bounded():

@@ -516,3 +516,26 @@ def test_decode_tiles_by_itself_above_the_memory_budget(run, tmp_path, monkeypat
     err = np.abs(approx - whole)
     assert err.max() > 1e-4  # not the exact case
     assert err.max() <= 3.0 and err.mean() <= 0.25
+
+
+def test_an_interrupt_while_sampling_leaves_only_complete_volumes(run, made, tmp_path, monkeypatch):
+    import lad_fast.generate as g
+
+    real, calls = g.sample_latents, []
+
+    def interrupted_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(g, "sample_latents", interrupted_second_batch)
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        generate(run, out, n=5, augment=2, batch=2, seed=1, **FAST)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    ids = sorted(r["id"] for r in read_manifest(out).values())
+    assert files == sorted([MANIFEST] + [f"{d}/{i}.nii.gz" for i in ids for d in ("images", "masks")])
+    monkeypatch.setattr(g, "sample_latents", real)
+    generate(run, out, n=5, augment=2, batch=2, seed=1, **FAST)  # the rerun completes the set
+    assert all(np.array_equal(_images(out)[k], v) for k, v in _images(made).items())
