@@ -83,11 +83,25 @@ def child() -> dict:
     }
 
 
+def _time_generate(run: str, n: int, env: dict[str, str]) -> float:
+    """Seconds of ``lad-fast generate --run RUN --n N --device cpu`` into a fresh temporary folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "lad_fast.cli.app", "generate", "--run", run, "--out", f"{tmp}/o"]
+        cmd += ["--n", str(n), "--device", "cpu"]
+        subprocess.run(cmd, env={**env, "LAD_FAST_QUIET": "1"}, capture_output=True, check=True)
+        return round(time.perf_counter() - t0, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--note", default="")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="rounds over the variants (best time kept)")
+    p.add_argument("--run", default=None, help="also time `lad-fast generate --n N` of this trained run")
+    p.add_argument("--n", type=int, default=4, help="volumes generated with --run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -99,16 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "LAD_FAST_THREADS")
     }
     load = round(os.getloadavg()[0], 2)
-    rows = {}
-    for name, extra in VARIANTS.items():
-        out = subprocess.run(
-            [sys.executable, __file__, "--child"],
-            env={**base, **extra},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows: dict[str, dict] = {}
+    for _ in range(args.repeats):  # interleaved, best of: the load of a shared machine drifts
+        for name, extra in VARIANTS.items():
+            cmd = [sys.executable, __file__, "--child"]
+            out = subprocess.run(cmd, env={**base, **extra}, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            if args.run:
+                r["lad_fast_generate_s"] = _time_generate(args.run, args.n, {**base, **extra})
+            old = rows.get(name)
+            keys = [k for k in r if k.endswith("_s") or k.endswith("_s_median")]
+            rows[name] = r if old is None else {**r, **{k: min(old[k], r[k]) for k in keys}}
     tuned = rows["tuned"]
     print(f"threads bench (tiny, untrained networks), {len(os.sched_getaffinity(0))} cores in the affinity")
     head = ("variant", 10), ("threads", 7), ("wait policy", 24), ("step s", 8), ("2 volumes s", 12)
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:10} {r['torch_threads']:>7} {r['wait_policy']:>24} {r['step_s_median']:>8.4f} "
             f"{r['generate_2_volumes_s']:>12.2f} {ratio:>18.2f}"
+            + (f"   lad-fast generate --n {args.n}: {r['lad_fast_generate_s']:.1f} s" if args.run else "")
         )
     if args.no_write:
         return 0
@@ -137,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "networks": "tiny preset, untrained (speed only)",
         "note": args.note,
+        "generate_run": args.run
+        and {"run": args.run, "n": args.n, "command": "lad-fast generate --device cpu"},
         "repeats": args.repeats,
         "variants": rows,
     }
