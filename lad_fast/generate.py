@@ -420,6 +420,8 @@ def generate(
             """Worker thread: decode, check, convert to HU and write one sampled batch."""
             nonlocal made
             jobs, seeds, x0 = item
+            if dev.type == "cuda":  # a new thread starts on cuda:0; Triton launches on the current device
+                torch.cuda.set_device(dev)
             finite = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one cheap reduction per batch
             for job, vseed, ok, x in zip(jobs, seeds, finite, x0.split(1), strict=True):
                 if worker.cancelled:  # interrupted: the volumes not started yet are not written

@@ -5,15 +5,20 @@ cgroups' cpusets and container limits, unlike ``os.cpu_count``), by measurement 
 development machine (``bench/threads.py``; the numbers are in ``bench/results/threads.jsonl``):
 
 - a ``tiny`` denoiser step took 0.72 s with torch's default (2 threads, libgomp spinning idle threads),
-  0.034 s with 2 threads and ``OMP_WAIT_POLICY=PASSIVE``, 0.022 s with 1 thread (issue 12); the tiny
-  denoiser's tensors are too small for a second thread to pay, and a spinning thread steals the core
-  that the other process (or the generator's writer thread) needs. So: **1 thread on 1 or 2 cores**.
+  0.034 s with 2 threads and ``OMP_WAIT_POLICY=PASSIVE``, 0.022 s with 1 thread (issue 12). Again here,
+  with other jobs loading the two cores (load average ~10; ``bench/threads.py``, best of 2 interleaved):
+  default 0.88 s per step and 51.6 s for 2 tiny volumes, PASSIVE with 2 threads 0.022 s / 2.09 s,
+  1 thread 0.027 s / 1.90 s; ``lad-fast generate --n 2`` of the trained main job 16.1 / 18.4 / 16.5 s
+  (the CLI already set PASSIVE). Spinning is the big loss; between 1 and 2 sleeping threads the
+  difference is within the noise of a shared machine, and a second thread competes with the pipelined
+  generator's writer thread for the second core. So: **1 thread on 1 or 2 cores**.
 - on more cores, ``cores - 1`` threads: one core is left to the pipelined generator's writer thread
   (gzip) and the data loader. That rule is not measured here (no machine with more cores was
   available); override it as below where it does not fit.
 - wait policy **PASSIVE** always (idle threads sleep): spinning never won a measurement here, and it
   costs the most exactly when the machine is shared. It must be in the environment before torch (and
-  libgomp) load: the CLI sets it first thing (:func:`cpu_env`); a library user sets it themselves.
+  libgomp) load: the CLI sets it first thing (``lad_fast.cli.app.cpu_wait_policy``; :func:`cpu_env` does
+  the same for scripts); a library user sets it themselves.
 
 Overrides, strongest first: ``LAD_FAST_THREADS=N`` (or ``=torch``: leave torch's own choice),
 then ``OMP_NUM_THREADS`` (when set, torch already uses it and nothing is changed), then the rule.
