@@ -40,7 +40,8 @@ def _vqgan(preset: str) -> VQGAN:
 def test_overlap_of_the_receptive_radius_is_the_whole_decode_and_one_less_is_not(preset, radius):
     vq = _vqgan(preset)
     assert receptive_radius(decoder_program(vq.decoder)) == exact_overlap(vq.decoder) == radius
-    z = torch.randn(1, vq.cfg.latent_channels, 5, 9, 7, generator=torch.Generator().manual_seed(1))
+    # an axis of 9 > tile + overlap: some tiles do not see the whole volume, even at lad's radius 6
+    z = torch.randn(1, vq.cfg.latent_channels, 3, 9, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         whole = vq.decode(z)
     # the smallest exact overlap, found by trying: it is the computed radius
