@@ -127,3 +127,58 @@ def kernels(
     if failed:
         typer.echo(f"lad-fast bench kernels: {', '.join(failed)} failed", err=True)
         raise typer.Exit(1)
+
+
+class SamplerPreset(str, Enum):
+    tiny = "tiny"
+    lad = "lad"
+
+
+@bench_app.command("sampler")
+def sampler(
+    preset: Annotated[SamplerPreset, typer.Option("--preset", help="Network sizes.")] = SamplerPreset.tiny,
+    backends: Annotated[
+        str,
+        typer.Option(
+            "--backends",
+            help="Comma list of torch, compile, onnx, onnx-tuned, trt (default: all; absent ones say why).",
+        ),
+    ] = "torch,compile,onnx,onnx-tuned,trt",
+    n: Annotated[int, typer.Option("--n", help="Volumes timed per row.")] = 4,
+    batch: Annotated[int, typer.Option("--batch", help="Volumes per sampler call.")] = 1,
+    baseline_steps: Annotated[
+        int, typer.Option(help="DDPM steps timed for the official baseline (scaled to its 300).")
+    ] = 300,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
+    note: Annotated[
+        str, typer.Option("--note", help="Recorded with the result (e.g. a shared machine).")
+    ] = "",
+    no_write: Annotated[
+        bool, typer.Option("--no-write", help="Print only; append nothing to bench/results/.")
+    ] = False,
+    scripts: Annotated[
+        Path | None,
+        typer.Option(
+            "--scripts", help=f"Folder of the bench scripts (default: ${BENCH_DIR_ENV}).", file_okay=False
+        ),
+    ] = None,  # fmt: skip
+) -> None:
+    """Seconds per volume and volumes per minute, split into denoiser, decode and write, per backend,
+    beside Lad's official configuration (DDPM 300, eager, batch 1) on the same untrained network.
+
+    Appends one JSON line to bench/results/sampler.jsonl.
+    """
+    folder = scripts or default_bench_dir()
+    path = folder / "bench_sampler.py"
+    if not path.is_file():
+        from lad_fast.errors import InputError
+
+        raise InputError(
+            f"bench_sampler.py not found in {folder}: clone the repository and pass --scripts <repo>/bench "
+            f"(or set {BENCH_DIR_ENV})"
+        )
+    argv = ["--preset", preset.value, "--backends", backends, "--n", str(n), "--batch", str(batch)]
+    argv += ["--baseline-steps", str(baseline_steps), "--device", device, "--note", note]
+    argv += ["--no-write"] if no_write else []
+    if run_script(path, argv) != 0:
+        raise typer.Exit(1)

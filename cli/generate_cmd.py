@@ -63,6 +63,14 @@ def generate(
     backend: Annotated[Backend, typer.Option(help="Denoiser backend.")] = Backend.torch,
     force: ForceOpt = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    decode_tile: Annotated[
+        int | None,
+        typer.Option(
+            "--decode-tile",
+            help="Decode in tiles of N latent voxels per axis (same volumes, less memory); 0: never. "
+            "Default: tiles only when the whole decode would not fit in memory.",
+        ),
+    ] = None,
 ) -> None:
     """Sample N volumes with augmented anatomical conditions; resumable, shards by rank under torchrun."""
     from lad_fast.cli.train_cmds import resolve_run
@@ -89,5 +97,6 @@ def generate(
         backend=backend.value,
         force=force,
         device=device,
+        decode_tile=decode_tile,
     )
     typer.echo(f"generated {n} volume{'' if n == 1 else 's'} in {path}")

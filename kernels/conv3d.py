@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lad_fast.errors import ConfigError
+from lad_fast.kernels._cpu_conv import cpu_conv3d
 from lad_fast.kernels._dispatch import autocast_inputs, resolve_impl
 
 IntOr3 = int | tuple[int, int, int]
@@ -45,8 +46,11 @@ def conv3d_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: IntOr3 = 1,
     padding: IntOr3 = 0, dilation: IntOr3 = 1,
 ) -> torch.Tensor:  # fmt: skip
-    """Reference: ``F.conv3d``. x (N, C, D, H, W), weight (O, C, kd, kh, kw) -> (N, O, D', H', W')."""
-    return F.conv3d(x, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    """Reference: ``F.conv3d``. x (N, C, D, H, W), weight (O, C, kd, kh, kw) -> (N, O, D', H', W').
+
+    Also the CPU path: batch-1 fp32 inference runs through oneDNN (``kernels/_cpu_conv.py``), same result.
+    """
+    return cpu_conv3d(x, weight, bias, stride, padding, dilation)
 
 
 def norm_act_conv3d_ref(
@@ -59,7 +63,7 @@ def norm_act_conv3d_ref(
     x (N, C, D, H, W); gamma, beta (C,); weight (O, C, k, k, k); residual (N, O, D', H', W') or None.
     """
     h = F.silu(F.group_norm(x, groups, gamma, beta, eps))
-    out = F.conv3d(h, weight, bias, stride=stride, padding=padding, dilation=dilation)
+    out = cpu_conv3d(h, weight, bias, stride, padding, dilation)  # F.conv3d, oneDNN at CPU batch 1
     return out if residual is None else out + residual
 
 

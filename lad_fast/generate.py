@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lad_fast.background import Background
 from lad_fast.errors import CheckpointError, ConfigError, InputError
 from lad_fast.generated import MANIFEST, VolumeWriter, read_manifest, volume_id
 from lad_fast.interrupts import Interrupted, deferred
@@ -98,14 +99,21 @@ class Generator:
     device: torch.device
 
     @torch.no_grad()
-    def decode(self, x0: torch.Tensor) -> list[np.ndarray]:
+    def decode(self, x0: torch.Tensor, tile: int | None = None) -> list[np.ndarray]:
         """Sampled latents (B, C, d, h, w) in sampler space -> B images (D, H, W) in [-1, 1], decoded one
-        volume at a time (batch-size independent)."""
+        volume at a time (batch-size independent; batch 1 runs on oneDNN on a CPU, see
+        ``kernels/_cpu_conv.py``). tile: None decodes whole unless that would exceed the memory budget
+        (then in tiles, :func:`lad_fast.tiled.auto_tile`); 0 always whole; N > 0 in tiles of N latent
+        voxels per axis with the exact overlap (:mod:`lad_fast.tiled`: the whole decode's result)."""
+        from lad_fast.tiled import auto_tile, tiled_decode
+
         x0 = self.denormalize(x0)
         out = []
         for k in range(x0.shape[0]):
             latent = self.vq.quantize(self.vq.from_unit(x0[k : k + 1].clamp(-1, 1).float()))
-            out.append(self.vq.decode(latent)[0, 0].float().cpu().numpy())
+            n = auto_tile(self.vq.decoder, latent.shape[1:], latent.device) if tile is None else tile
+            image = tiled_decode(self.vq.decoder, latent, n) if n else self.vq.decode(latent)
+            out.append(image[0, 0].float().cpu().numpy())
         return out
 
 
@@ -229,7 +237,9 @@ def sample_latents(
             spatial = spatial.to(device=device, dtype=emb.dtype)
             cond, nulls = [emb, spatial], [null, null_spatial(spatial)]
         den = guided_denoiser(denoise, cond, nulls, settings.guidance)
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        # noise on the sampling device, one generator per sample (a CPU generator gives the same volumes
+        # as before; on CUDA, Philox streams per seed, still independent of the batch)
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         return sample(
             settings.sampler,
             den,
@@ -320,6 +330,7 @@ def generate(
     backend: str = "torch",
     force: bool = False,
     device: str = "auto",
+    decode_tile: int | None = None,
 ) -> Path:
     """Generate ``n`` volumes with paired masks from the trained ``run`` into ``out``; returns ``out``.
 
@@ -333,7 +344,13 @@ def generate(
     (0 unconditional, 1 conditional). masks: a prepared dataset or a folder of NIfTI masks on the preset
     grid (default: the data the diffusion model trained on). augment: augmented variants per source mask
     (0: the masks as they are). batch: volumes per sampler call. backend: "torch", "compile", "onnx" or
-    "trt" (see ``lad_fast.export.backends``).
+    "trt" (see ``lad_fast.export.backends``). decode_tile: see :meth:`Generator.decode` (None: tiles only
+    above the memory budget).
+
+    Pipelined: decoding, HU conversion and writing of batch k run on a worker thread
+    (:mod:`lad_fast.background`, one batch queued at most) while batch k+1 is sampled; an error there
+    stops generation with its own message, and an interrupt lets the volume being written finish
+    (atomic writes) and drops the rest.
     """
     from lad_fast.data.geometry import unit_to_hu
     from lad_fast.devices import choose_device, resolve_device
@@ -342,9 +359,13 @@ def generate(
     from lad_fast.progress import make_progress
     from lad_fast.runs import RunDir
     from lad_fast.samplers import check_sampler
+    from lad_fast.threads import apply_thread_policy
 
     run, out = Path(run), Path(out)
     _check_args(n, sampler, guidance, augment, batch, backend, eta, steps)
+    if decode_tile is not None and decode_tile < 0:
+        raise ConfigError(f"--decode-tile must be >= 0 (0: never tile), got {decode_tile}")
+    apply_thread_policy()  # torch threads from the CPU affinity (lad_fast/threads.py)
     defaults = RunDir.open(run).config().sampling  # what the run's preset measured best
     # the run's own default sampler may not read the user's --steps or --eta: check again once resolved
     _check_args(n, sampler or defaults.sampler, guidance, augment, batch, backend, eta, steps)
@@ -410,32 +431,19 @@ def generate(
     stopping = "after the volume being written"
     with deferred(stopping) as stop, make_progress() as progress:
         task = progress.add_task("generate", total=len(todo), status="") if info.is_main else None
-        for start in range(0, len(todo), batch):
-            if stop:
-                break
-            jobs = [
-                draw_job(i, sources, seed, augment, gen.cfg, gen.encode) for i in todo[start : start + batch]
-            ]
-            seeds = [volume_seed(seed, j.index) for j in jobs]
-            x0 = sample_latents(
-                gen.net,
-                denoise,
-                torch.stack([j.content for j in jobs]),
-                torch.stack([j.structure for j in jobs]),
-                seeds,
-                sampling,
-                spatial=torch.stack([j.spatial for j in jobs]) if spatial_ch else None,
-                sched=gen.sched,
-                prediction=gen.prediction,
-                shape=shape,
-                clip=gen.clip,
-                device=dev,
-            )
+
+        def finish(item: tuple[list[Job], list[int], torch.Tensor]) -> None:
+            """Worker thread: decode, check, convert to HU and write one sampled batch."""
+            nonlocal made
+            jobs, seeds, x0 = item
+            if dev.type == "cuda":  # a new thread starts on cuda:0; Triton launches on the current device
+                torch.cuda.set_device(dev)
             finite = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one cheap reduction per batch
-            for job, vseed, ok, image in zip(jobs, seeds, finite, gen.decode(x0), strict=True):
-                if stop:
-                    break
-                if not (ok and np.isfinite(image).all()):  # NaN/Inf must never become a volume
+            for job, vseed, ok, x in zip(jobs, seeds, finite, x0.split(1), strict=True):
+                if worker.cancelled or stop:  # interrupted: the volumes not started yet are not written
+                    return
+                image = gen.decode(x, decode_tile)[0] if ok else None
+                if image is None or not np.isfinite(image).all():  # NaN/Inf must never become a volume
                     raise CheckpointError(
                         f"volume {volume_id(job.index)}: the sampled latents are not finite (NaN/Inf) with "
                         f"sampler {sampler}, {steps} steps, guidance {guidance}, eta {settings['eta']}; "
@@ -449,9 +457,34 @@ def generate(
                 }
                 writer.write(job.index, unit_to_hu(image, window), job.mask, job.source.affine, line)
                 made += 1
-            if task is not None:
-                rate = made / max(time.perf_counter() - t0, 1e-9) * 60
-                progress.update(task, completed=made, status=f"{rate:.1f} vol/min")
+                if task is not None:
+                    rate = made / max(time.perf_counter() - t0, 1e-9) * 60
+                    progress.update(task, completed=made, status=f"{rate:.1f} vol/min")
+
+        with Background(finish, maxsize=1) as worker:
+            for start in range(0, len(todo), batch):
+                if stop:
+                    break
+                jobs = [
+                    draw_job(i, sources, seed, augment, gen.cfg, gen.encode)
+                    for i in todo[start : start + batch]
+                ]
+                seeds = [volume_seed(seed, j.index) for j in jobs]
+                x0 = sample_latents(
+                    gen.net,
+                    denoise,
+                    torch.stack([j.content for j in jobs]),
+                    torch.stack([j.structure for j in jobs]),
+                    seeds,
+                    sampling,
+                    spatial=torch.stack([j.spatial for j in jobs]) if spatial_ch else None,
+                    sched=gen.sched,
+                    prediction=gen.prediction,
+                    shape=shape,
+                    clip=gen.clip,
+                    device=dev,
+                )
+                worker.submit((jobs, seeds, x0))
     # Under torchrun, torchrun forwards the signal to every rank; each stops after its volume. A signal that
     # came after the last volume stops nothing: the set is complete and is finalised.
     if stop and made < len(todo):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lad_fast.conditions import ContentHead, spatial_channels
 from lad_fast.config import ConditionConfig, UNetConfig
 from lad_fast.errors import ConfigError
+from lad_fast.kernels._cpu_conv import cpu_conv3d
 from lad_fast.models.blocks import (
     AttentionBlock3d,
     Downsample3d,
@@ -36,6 +37,11 @@ from lad_fast.models.blocks import (
     keep_or_null,
     timestep_embedding,
 )
+
+
+def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for an ``nn.Conv3d``, kept off ``slow_conv3d`` at CPU batch 1 (kernels/_cpu_conv.py)."""
+    return cpu_conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
 
 
 class LatentUNet(nn.Module):
@@ -153,7 +159,7 @@ class LatentUNet(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         emb = torch.cat([self.time_mlp(timestep_embedding(t, self.cfg.time_dim)), cond_emb.to(x.dtype)], -1)
-        h = self.stem(self._with_spatial(x, spatial))
+        h = _conv(self.stem, self._with_spatial(x, spatial))  # oneDNN at CPU batch 1, else the module's op
         skips = []
         for blocks in self.down:
             for block in blocks:
@@ -168,7 +174,7 @@ class LatentUNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
                 h = block(h, emb) if isinstance(block, ResBlock3d) else block(h)
-        return self.out(F.silu(self.norm_out(h)))
+        return _conv(self.out, F.silu(self.norm_out(h)))
 
     def _with_spatial(self, x: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
         """x, or x and the spatial condition concatenated on the channel axis (spatial models)."""

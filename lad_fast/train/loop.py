@@ -287,6 +287,9 @@ def train(
     """
     if cfg.amp not in AMP_DTYPES:
         raise ConfigError(f"{model}_train.amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
+    from lad_fast.threads import apply_thread_policy
+
+    apply_thread_policy()  # torch threads from the CPU affinity (lad_fast/threads.py)
     setup, ckpt = open_run(
         run,
         config,

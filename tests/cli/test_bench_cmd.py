@@ -121,3 +121,26 @@ def test_a_failing_script_fails_the_command(tmp_path, monkeypatch):
     assert [op for op, _ in sys.modules["_common"].SEEN] == ["vq", "attention", "conv3d"]
     assert "conv3d failed" in result.output
     monkeypatch.delitem(sys.modules, "_common")
+
+
+def test_bench_sampler_prints_every_backend_and_the_official_baseline(tmp_path):
+    before = _results_snapshot()
+    args = ["bench", "sampler", "--backends", "torch,trt", "--n", "1", "--baseline-steps", "2", "--no-write"]
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "UNTRAINED networks" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert len(lines["torch"].split()) == 7  # backend and six numbers
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "skipped: RuntimeError: TensorRT not installed" in lines["trt"]
+    assert out.count("baseline (official)") == 1
+    assert _results_snapshot() == before  # --no-write
+
+
+def test_bench_sampler_without_its_script_says_where_it_looked(tmp_path):
+    result = CliRunner().invoke(_app(), ["bench", "sampler", "--scripts", str(tmp_path)])
+    with pytest.raises(InputError, match=rf"bench_sampler.py not found in {tmp_path}.*--scripts"):
+        raise result.exception
