@@ -30,13 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lad_fast.kernels._conv3d_triton import (
-    PREACT_MIN_TAPS,
-    _prune_conv_configs,
-    m_bucket,
-    norm_act,
-    weight_layout,
-)
+from lad_fast.kernels import _conv3d_triton as kt
+from lad_fast.kernels._conv3d_triton import _prune_conv_configs, m_bucket, norm_act, weight_layout
 from lad_fast.kernels._dispatch import interpreter_on
 
 _INTERP_DGRAD = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -328,7 +323,7 @@ def conv3d_wgrad(
     _, _, od, oh, ow = dy.shape
     taps = kd * kh * kw
     m = n * od * oh * ow
-    if scale is not None and taps >= PREACT_MIN_TAPS:
+    if scale is not None and taps >= kt.PREACT_MIN_TAPS:
         x, scale, shift = norm_act(x, scale, shift, dy.dtype), None, None  # see PREACT_MIN_TAPS
     norm = scale is not None
     if interpreter_on():

@@ -8,11 +8,13 @@ and adds bias and residual in the output store, so the normalised activation is 
 Both ops are ``torch.library`` custom ops (``lad_fast::conv3d``, ``lad_fast::norm_act_conv3d``) with a
 fake (shape) implementation and an autograd formula, so ``torch.compile`` keeps them in one graph.
 
-Backward goes through PyTorch, not Triton: ``aten.convolution_backward`` (cuDNN on GPU) for the
-convolution and, for the fused op, GroupNorm + SiLU recomputed from the saved input with
-``aten.native_group_norm`` and differentiated with ``aten.native_group_norm_backward``, in fp32 as
-under autocast. The activation is recomputed rather than saved, so the fused op keeps only its inputs
-alive between forward and backward (the backward then holds fp32 copies of x for a moment).
+Backward runs in Triton too (``kernels/_conv3d_bwd_triton.py``, the ops ``lad_fast::conv3d_bwd`` and
+``lad_fast::norm_act_conv3d_bwd`` called from the autograd formulas, so the compiled backward graph
+holds them as nodes): dgrad is an implicit GEMM over the transposed problem, wgrad a voxel-split GEMM
+per tap. For the fused op the GroupNorm statistics are recomputed from the saved input, SiLU's
+derivative and the per-channel sums that GroupNorm's backward needs are taken in dgrad's epilogue, and
+one elementwise pass finishes the input gradient in place; the activation is recomputed, never
+saved, and no fp32 or NCDHW copy of x is made. ``impl="torch"`` (the references) stays the oracle.
 
 The Triton kernel supports kernel sizes 1 to 4 per axis (1, 3, and the (1, 3, 3) / (1, 4, 4) in-plane
 shapes), any stride and padding, dilation 1, fp16 / bf16 / fp32. ``impl="auto"`` falls back to the
