@@ -139,3 +139,20 @@ def test_autotune_pruning_keeps_fitting_tiles():
     assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
     assert all(c.num_stages <= 3 for c in kept)
     assert prune(configs, {"L": 4096}, HEAD_DIM=32) == configs
+
+
+def test_fp32_follows_the_matmul_tf32_switch(monkeypatch):
+    """fp32 attention uses TF32 exactly when PyTorch's matmul switch allows it (as SDPA does)."""
+    from lad_fast.kernels import _attention_triton
+
+    monkeypatch.setattr(_attention_triton, "interpreter_on", lambda: False)
+    matmul = torch.backends.cuda.matmul  # a module proxy: monkeypatch cannot restore its attributes
+    old = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert _attention_triton._ieee(torch.float32)
+        matmul.allow_tf32 = True
+        assert not _attention_triton._ieee(torch.float32)
+        assert not _attention_triton._ieee(torch.float16)
+    finally:
+        matmul.allow_tf32 = old

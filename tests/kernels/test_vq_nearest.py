@@ -144,8 +144,44 @@ def test_autotune_pruning_keeps_fitting_tiles():
     from lad_fast.kernels import _vq_triton
 
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}) for bn in (64, 128) for bk in (64, 128, 256)]
-    assert _vq_triton._prune(configs, {"N": 65536, "K": 16384}, BLOCK_D=16) == configs
-    small = _vq_triton._prune(configs, {"N": 10, "K": 100}, BLOCK_D=16)
+    assert _vq_triton._prune(configs, {"N_BUCKET": 65536, "K": 16384}, BLOCK_D=16) == configs
+    small = _vq_triton._prune(configs, {"N_BUCKET": 16, "K": 100}, BLOCK_D=16)
     assert small and all(c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] <= 128 for c in small)
-    wide = _vq_triton._prune(configs, {"N": 65536, "K": 16384}, BLOCK_D=256)
+    wide = _vq_triton._prune(configs, {"N_BUCKET": 65536, "K": 16384}, BLOCK_D=256)
     assert wide and all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64 for c in wide)
+
+
+def test_autotune_key_holds_the_row_bucket_the_prune_reads():
+    from lad_fast.kernels import _vq_triton
+
+    assert "N_BUCKET" in _vq_triton._vq_tuned.keys and "N" not in _vq_triton._vq_tuned.keys
+
+
+def _launch(z, codebook, fast):
+    from lad_fast.kernels import _vq_triton
+
+    n = z.shape[0]
+    idx = torch.empty(n, dtype=torch.int64)
+    dist = torch.empty(n, dtype=torch.float32)
+    count = _vq_triton.launch(z, codebook, codebook.pow(2).sum(1), idx, dist, fast=fast)
+    return idx, dist, count
+
+
+def test_fast_fp32_pass_rechecks_near_ties_exactly(close):
+    """Rows whose best two codes are closer than the TF32 error bound go through the exact fp32 pass."""
+    g = torch.Generator().manual_seed(11)
+    codebook = torch.randn(40, 8, generator=g)
+    codebook[21] = codebook[4] + 1e-4  # a near-duplicate in another block: a gap far below the bound
+    codebook[30] = codebook[12]  # an exact duplicate: the lower index must win
+    z = torch.cat(
+        [codebook[[4, 21, 12, 30]] + 1e-6, codebook[[0, 7]] + 0.01 * torch.randn(2, 8, generator=g)]
+    )
+    idx, dist, count = _launch(z, codebook, fast=True)
+    ref_idx, ref_dist = vq_nearest_ref(z.double(), codebook.double())
+    assert 4 <= int(count) < z.shape[0]  # the four near-tie rows, not the clear ones
+    assert torch.equal(idx, ref_idx)
+    assert idx[2].item() == idx[3].item() == 12
+    close(dist, ref_dist, torch.float32)
+    plain_idx, plain_dist, none = _launch(z, codebook, fast=False)
+    assert none is None and torch.equal(plain_idx, idx)
+    close(plain_dist, dist, torch.float32)
