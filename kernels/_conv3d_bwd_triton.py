@@ -41,6 +41,12 @@ _MIN_DGRAD_BLOCK_M = 64  # the smallest: the partial-sum buffer has one slot per
 
 
 def _dgrad_configs() -> list[triton.Config]:
+    if kt.quick_autotune():
+        picks = [(128, 64, 32, 3, 4), (128, 128, 32, 3, 8), (64, 32, 32, 4, 4), (64, 16, 16, 3, 4)]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=st, num_warps=w)
+            for bm, bn, bk, st, w in picks
+        ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=st, num_warps=wp)
         for bm in (64, 128)
@@ -56,6 +62,12 @@ def _prune_dgrad(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 
 def _wgrad_configs() -> list[triton.Config]:
+    if kt.quick_autotune():
+        picks = [(64, 64, 64, 3, 4), (32, 32, 32, 3, 4), (64, 16, 16, 3, 4), (64, 128, 128, 3, 8)]
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_O": bo}, num_stages=st, num_warps=w)
+            for bm, bc, bo, st, w in picks
+        ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "BLOCK_O": bo}, num_stages=st, num_warps=wp)
         for bm in (32, 64, 128)

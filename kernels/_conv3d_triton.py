@@ -17,6 +17,7 @@ Accumulation is fp32; the output is stored in the input dtype.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -30,7 +31,25 @@ from lad_fast.kernels._dispatch import interpreter_on
 _INTERP_CONV = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
+def quick_autotune() -> bool:
+    """``LAD_FAST_AUTOTUNE=quick``: a handful of configs per kernel instead of the full sweep.
+
+    Tuning the full sweep compiles each config once per shape bucket (about a second each); the GPU
+    suite, which must finish in minutes on a cold machine, trades a few percent of kernel speed for that.
+    """
+    return os.environ.get("LAD_FAST_AUTOTUNE", "") == "quick"
+
+
 def _conv_configs() -> list[triton.Config]:
+    if quick_autotune():
+        picks = [(128, 64, 32, 3, 4), (128, 128, 32, 3, 8), (64, 32, 32, 4, 4), (128, 32, 16, 3, 4),
+                 (256, 16, 16, 3, 4), (64, 16, 16, 3, 4)]  # fmt: skip
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w
+            )
+            for bm, bn, bk, st, w in picks
+        ]
     configs = []
     for bm in (64, 128, 256):
         for bn in (16, 32, 64, 128):

@@ -26,6 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lad_fast.kernels import _conv3d_triton, conv3d, norm_act_conv3d, norm_act_conv3d_ref
 
+# The kernels run where the tests find CUDA, else in the interpreter on CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GRAD_SCALE = {torch.float32: 5.0, torch.float16: 10.0, torch.bfloat16: 2.0}
 
 
@@ -35,7 +37,7 @@ def _ref_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
     """The same values as a non-contiguous view (every other element of a wider last axis)."""
-    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
     wide[..., ::2] = t
     return wide[..., ::2]
 
@@ -57,13 +59,15 @@ CASES = [
 @pytest.mark.parametrize("shape,out_ch,kernel,stride,padding,strided", CASES)
 def test_dgrad_wgrad_match_torch_nn_grad(dtype, shape, out_ch, kernel, stride, padding, strided, close):
     gen = torch.Generator().manual_seed(sum(shape) + out_ch)
-    x = torch.randn(shape, generator=gen).to(dtype)
-    w = (torch.randn(out_ch, shape[1], *kernel, generator=gen) / (shape[1] * kernel[0]) ** 0.5).to(dtype)
-    b = torch.randn(out_ch, generator=gen).to(dtype)
+    x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(out_ch, shape[1], *kernel, generator=gen) / (shape[1] * kernel[0]) ** 0.5).to(
+        DEVICE, dtype
+    )
+    b = torch.randn(out_ch, generator=gen).to(DEVICE, dtype)
     xl = (_strided(x) if strided else x).requires_grad_(True)
     wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     out = conv3d(xl, wl, bl, stride, padding, impl="triton")
-    dy = torch.randn(out.shape, generator=gen).to(dtype)
+    dy = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     gx, gw, gb = torch.autograd.grad(out, [xl, wl, bl], _strided(dy) if strided else dy)
 
     r = _ref_dtype(dtype)
@@ -96,6 +100,9 @@ def _norm_grads(dtype, shape, out_ch, kernel, groups, stride, padding, with_bias
     out_shape = F.conv3d(x.float(), w.float(), stride=stride, padding=padding).shape
     res = torch.randn(out_shape, generator=gen).to(dtype) if with_res else None
     dy = torch.randn(out_shape, generator=gen).to(dtype)
+    x, gamma, beta, w, b, res, dy = (
+        None if t is None else t.to(DEVICE) for t in (x, gamma, beta, w, b, res, dy)
+    )
     inputs = {"x": x, "gamma": gamma, "beta": beta, "weight": w, "bias": b, "residual": res}
     names = [k for k, v in inputs.items() if v is not None]
 
@@ -144,9 +151,10 @@ class _AtenRecorder(TorchDispatchMode):
 
 
 def test_backward_runs_in_triton_without_aten_conv_or_group_norm():
-    x = torch.randn(1, 4, 3, 4, 5, requires_grad=True)
-    w = torch.randn(3, 4, 3, 3, 3, requires_grad=True)
-    g, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    x = torch.randn(1, 4, 3, 4, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, 3, device=DEVICE, requires_grad=True)
+    g = torch.ones(4, device=DEVICE, requires_grad=True)
+    b = torch.zeros(4, device=DEVICE, requires_grad=True)
     out = conv3d(norm_act_conv3d(x, g, b, 2, w[:, :4], padding=1, impl="triton"), w[:, :3], impl="triton")
     with _AtenRecorder() as rec:
         out.sum().backward()
@@ -159,8 +167,8 @@ def test_backward_runs_in_triton_without_aten_conv_or_group_norm():
 
 def test_only_the_requested_gradients_are_computed(close):
     """needs_input_grad subsets: gamma only (dgrad + sums, no apply pass), weight only (wgrad only)."""
-    x, w = torch.randn(1, 4, 3, 4, 5), torch.randn(2, 4, 3, 3, 3) * 0.2
-    gamma, beta = torch.ones(4, requires_grad=True), torch.zeros(4)
+    x, w = torch.randn(1, 4, 3, 4, 5, device=DEVICE), torch.randn(2, 4, 3, 3, 3, device=DEVICE) * 0.2
+    gamma, beta = torch.ones(4, device=DEVICE, requires_grad=True), torch.zeros(4, device=DEVICE)
     (gg,) = torch.autograd.grad(
         norm_act_conv3d(x, gamma, beta, 2, w, padding=1, impl="triton").sum(), [gamma]
     )
@@ -171,7 +179,7 @@ def test_only_the_requested_gradients_are_computed(close):
     close(gg, gg_ref, torch.float32, scale=GRAD_SCALE[torch.float32])
     wl = w.clone().requires_grad_(True)
     (gw,) = torch.autograd.grad(conv3d(x, wl, padding=1, impl="triton").sum(), [wl])
-    close(gw, torch.nn.grad.conv3d_weight(x.double(), w.shape, torch.ones(1, 2, 3, 4, 5).double(), padding=1),
+    close(gw, torch.nn.grad.conv3d_weight(x.double(), w.shape, x.new_ones(1, 2, 3, 4, 5).double(), padding=1),
           torch.float32, scale=GRAD_SCALE[torch.float32])  # fmt: skip
 
 
