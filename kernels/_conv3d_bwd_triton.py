@@ -37,7 +37,7 @@ from lad_fast.kernels._dispatch import interpreter_on
 _INTERP_DGRAD = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
 _INTERP_WGRAD = {"BLOCK_M": 32, "BLOCK_C": 16, "BLOCK_O": 16}
 _MAX_BLOCK_M = 128  # the largest BLOCK_M of any config: wgrad chunks are multiples of it
-_MIN_DGRAD_BLOCK_M = 64  # the smallest: the partial-sum buffer has one slot per such row block
+_MIN_DGRAD_BLOCK_M = 64  # every dgrad BLOCK_M is a multiple: the partial sums have one slot per 64 rows
 
 
 def _dgrad_configs() -> list[triton.Config]:
@@ -156,9 +156,19 @@ def _dgrad_kernel(
         sig = tl.sigmoid(y)
         gy = tl.where(out_mask, g.to(tl.float32) * (sig * (1.0 + y * (1.0 - sig))), 0.0)
         xc = tl.where(out_mask, x - mu[None, :], 0.0)  # centred: no cancellation when |mean| >> std
-        base = sums_ptr + ((n * RB + pid_m) * 2) * C + offs_c
+        # RB slots of 64 rows per sample whatever BLOCK_M: a taller block writes its sums into its first
+        # slot and zeros into the others, so every slot is written by every config. (Autotuning runs
+        # each config on the same buffer: a slot left from another config would be counted twice.)
+        SUB: tl.constexpr = BLOCK_M // 64
+        slot = pid_m * SUB
+        base = sums_ptr + ((n * RB + slot) * 2) * C + offs_c
         tl.store(base, tl.sum(gy, axis=0), mask=c_mask)
         tl.store(base + C, tl.sum(gy * xc, axis=0), mask=c_mask)
+        zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in tl.static_range(1, SUB):
+            if slot + j < RB:
+                tl.store(base + j * 2 * C, zeros, mask=c_mask)
+                tl.store(base + j * 2 * C + C, zeros, mask=c_mask)
 
 
 _dgrad_tuned = triton.autotune(
@@ -298,8 +308,7 @@ def conv3d_dgrad(
     g = torch.empty(x_shape, device=dy.device, dtype=weight.dtype, memory_format=torch.channels_last_3d)
     rb = triton.cdiv(s, _MIN_DGRAD_BLOCK_M)
     with_norm = norm is not None
-    # Zeroed: configs with taller row blocks leave the upper slots unwritten.
-    sums = torch.zeros((n, rb, 2, c), device=dy.device, dtype=torch.float32) if with_norm else None
+    sums = torch.empty((n, rb, 2, c), device=dy.device, dtype=torch.float32) if with_norm else None
     if g.numel() == 0:
         return g, None if sums is None else sums.sum(1)
     wt = weight_layout(weight, "dgrad")

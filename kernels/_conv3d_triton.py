@@ -1,6 +1,6 @@
 """Triton kernels of conv3d and norm_act_conv3d (private; imported lazily by ``kernels/conv3d.py``).
 
-Two kernels:
+Three kernels:
 
 - ``_channel_stats_kernel``: per-(n, split, channel) shifted sums of a channels-last-3d input, combined
   on the host into GroupNorm mean and rstd. Splitting the spatial axis keeps an H100 busy when the
@@ -10,7 +10,13 @@ Two kernels:
   with channels innermost, so each A-tile row is a contiguous run of channels. With ``NORM`` the
   GroupNorm affine (folded into a per-(n, c) scale and shift) and SiLU are applied to the A tile as it
   is loaded; out-of-bounds (padding) positions are zeroed *after* the activation, as zero padding of
-  silu(norm(x)) requires. Bias and the residual are added in the store.
+  silu(norm(x)) requires. Bias and the residual are added in the store. Kernels with more than one
+  tap take the activation from ``_norm_act_kernel`` instead, written once (see ``PREACT_MIN_TAPS``).
+- ``_norm_act_kernel``: silu(x * scale + shift) in the conv dtype, channels-last-3d.
+
+Weights are laid out for the GEMM once per weight version (``weight_layout``), and the autotune key
+buckets the row count to its next power of two (``m_bucket``). The backward lives in
+``_conv3d_bwd_triton.py``.
 
 Accumulation is fp32; the output is stored in the input dtype.
 """

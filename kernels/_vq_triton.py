@@ -138,7 +138,9 @@ def _vq_nearest_kernel(
 
 
 _vq_tuned = triton.autotune(
-    configs=_configs(), key=["K", "BLOCK_D", "N_BUCKET"], prune_configs_by={"early_config_prune": _prune}
+    configs=_configs(),
+    key=["K", "BLOCK_D", "N_BUCKET", "IEEE", "FAST", "GATHER"],  # the passes differ in cost: tune each
+    prune_configs_by={"early_config_prune": _prune},
 )(_vq_nearest_kernel)
 
 

@@ -214,3 +214,25 @@ def test_autotune_buckets_rows_by_power_of_two():
         2048,
     ]
     assert "M" not in _conv3d_triton._conv3d_tuned.keys and "M_BUCKET" in _conv3d_triton._conv3d_tuned.keys
+
+
+@pytest.mark.parametrize("block_m", [128, 256])
+def test_taller_dgrad_row_blocks_write_every_partial_sum_slot(block_m, monkeypatch, close):
+    """Autotuning runs every config on one buffer: each must write all 64-row slots of the sums.
+
+    Fresh buffers are filled with 77 here, so a slot a config leaves unwritten would show in the
+    gamma / beta / x gradients (4 x 5 x 6 = 120 voxels: 2 slots, one program of 128 or 256 rows).
+    """
+    from lad_fast.kernels import _conv3d_bwd_triton
+
+    monkeypatch.setitem(_conv3d_bwd_triton._INTERP_DGRAD, "BLOCK_M", block_m)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(77)
+
+    monkeypatch.setattr(_conv3d_bwd_triton.torch, "empty", poisoned_empty)
+    _, (_, grads), (_, grads_ref) = _norm_grads(torch.float32, *NORM_CASES[0])
+    monkeypatch.undo()
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        close(g, g_ref, torch.float32, scale=GRAD_SCALE[torch.float32])
