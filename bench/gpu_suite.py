@@ -52,6 +52,7 @@ def environment() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if CUDA else None,
         "python": platform.python_version(),
         "commit": commit.stdout.strip() or None,
+        "autotune": os.environ.get("LAD_FAST_AUTOTUNE") or "full",  # "quick": a few configs per kernel
     }
 
 

@@ -11,13 +11,15 @@
 #   1. install   what the GPU image lacks, from wheels carried in the working tree (.whl/, or
 #                $LAD_FAST_WHEELS), then lad-fast itself (editable, no index, no build isolation)
 #   2. env       device and versions
-#   3. pytest    tests/kernels, bf16 tests included (they run only on CUDA); in the dry run, a quick subset
-#   4. kernels   Triton vs the PyTorch paths at `lad` shapes, forward and forward+backward
-#   5. train     one compiled bf16 training step of the `lad` VQ-GAN and U-Net, impl triton vs torch
-#   6. sampler   `lad-fast bench sampler` per backend, when that command exists (else one logged line)
-#   7. topology  the structure vector's torch GPU path against the numpy path
+#   3. topology  the structure vector's torch GPU path against the numpy path
+#   4. sampler   `lad-fast bench sampler` per backend, when that command exists (else one logged line)
+#   5. pytest    tests/kernels, bf16 tests included (they run only on CUDA); in the dry run, a quick subset
+#   6. kernels   Triton vs the PyTorch paths at `lad` shapes, forward and forward+backward
+#   7. train     one compiled bf16 training step of the `lad` VQ-GAN and U-Net, impl triton vs torch
+#                (last: it gets what is left of the budget; each model/impl is written as it finishes)
 # Every result is a JSON line carrying device and versions, in DIR/<step>.jsonl; DIR/steps.jsonl holds
-# each step's status and seconds, DIR/suite.log the whole output. Commit DIR under bench/results/.
+# each step's status and seconds, DIR/suite.log the whole output, DIR/pytest.xml the test report: eight
+# files at most, what the device tool returns. Commit DIR under bench/results/.
 #
 # Wheels carried to the GPU machine (its image has torch 2.11, triton 3.6, cupy, onnxruntime, numpy,
 # scipy, typer, rich, safetensors, pillow, pytest, pytest-xdist): the list is bench/gpu_wheels.txt
@@ -134,7 +136,12 @@ install() {
         log "no wheels in $WHEELS: modules that need them (lad_fast.data.io) will not import"
     fi
     if ! "$PY" -c "import lad_fast.kernels" 2>/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" || return 1
+        if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT"; then
+            # No usable setuptools: the package-dir mapping by hand (kernels/, export/, cli/ are
+            # sub-packages of lad_fast) as links inside lad_fast/ of this copy; $ROOT is on PYTHONPATH.
+            log "editable install failed: linking kernels/, export/, cli/ into lad_fast/ instead"
+            for sub in kernels export cli; do ln -sfn "../$sub" "$ROOT/lad_fast/$sub" || return 1; done
+        fi
     fi
     "$PY" -c "import lad_fast, torch, triton; print('lad_fast', lad_fast.__file__, 'torch', torch.__version__, 'triton', triton.__version__)"
 }
@@ -165,22 +172,23 @@ run_sampler() {
     fi
     local extra=()
     [ "$DRY" = 1 ] && extra=(--help)  # the dry run checks that the command is there and parses
-    lad_fast_cli bench sampler "${extra[@]}" 2>&1 | tee "$OUT/sampler.log"
+    lad_fast_cli bench sampler "${extra[@]}"  # its output goes to suite.log
 }
 
-SITE=/tmp/lad_fast_site  # where the carried wheels go (pip --target), first on PYTHONPATH
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+SITE=/tmp/lad_fast_site  # where the carried wheels go (pip --target), first on PYTHONPATH, then the repo
+export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PY DRY WHEELS OUT ROOT SITE SKIP
 export -f log install run_pytest run_sampler lad_fast_cli
 
 log "results in $OUT (dry run: $DRY)"
+# Short steps first; the training step (inductor compiles four graphs) last, with what is left.
 run_step install 60 install
 run_step env 30 "$PY" bench/gpu_suite.py env --out "$OUT" "${TINY[@]}"
-run_step pytest 130 run_pytest
-run_step kernels 110 "$PY" bench/gpu_suite.py kernels --out "$OUT" "${TINY[@]}"
-run_step train 120 "$PY" bench/gpu_suite.py train --out "$OUT" "${TINY[@]}"
-run_step sampler 30 run_sampler
 run_step topology 25 "$PY" bench/gpu_suite.py topology --out "$OUT" "${TINY[@]}"
+run_step sampler 30 run_sampler
+run_step pytest 120 run_pytest
+run_step kernels 110 "$PY" bench/gpu_suite.py kernels --out "$OUT" "${TINY[@]}"
+run_step train "$BUDGET" "$PY" bench/gpu_suite.py train --out "$OUT" "${TINY[@]}"
 log "done in $(($(date +%s) - START))s; steps:"
 cat "$OUT/steps.jsonl"
 exit "$FAILED"
