@@ -378,7 +378,7 @@ def conv3d_wgrad(
 
 
 def norm_act_conv3d_backward(
-    dy: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, groups: int, eps: float,
+    dy: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, groups: int,
     stride, padding, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     need_x: bool, need_affine: bool, need_weight: bool,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip

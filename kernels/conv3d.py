@@ -300,7 +300,7 @@ def _norm_act_bwd_op(
     dy = grad.contiguous(memory_format=cl)
     scale, shift, mean, rstd = _folded_affine(x, gamma, beta, groups, eps)
     gx, ggamma, gbeta, gw = kb.norm_act_conv3d_backward(
-        dy, x, gamma, weight, groups, eps, stride, padding, scale, shift, mean, rstd,
+        dy, x, gamma, weight, groups, stride, padding, scale, shift, mean, rstd,
         need_x=needs[0], need_affine=needs[1] or needs[2], need_weight=needs[3],
     )  # fmt: skip
     gb = dy.sum((0, 2, 3, 4), dtype=torch.float32).to(x.dtype) if needs[4] else None

@@ -236,3 +236,27 @@ def test_taller_dgrad_row_blocks_write_every_partial_sum_slot(block_m, monkeypat
     monkeypatch.undo()
     for g, g_ref in zip(grads, grads_ref, strict=True):
         close(g, g_ref, torch.float32, scale=GRAD_SCALE[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is silently wrong under the interpreter")
+def test_bf16_backward_on_cuda(close):
+    """The real kernels in bf16: plain and fused gradients against fp32 references (bf16 row x 2)."""
+    for case in (CASES[1], CASES[3]):
+        shape, out_ch, kernel, stride, padding, _ = case
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(shape, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_(True)
+        w = (torch.randn(out_ch, shape[1], *kernel, generator=gen) * 0.2).to(DEVICE, torch.bfloat16)
+        w.requires_grad_(True)
+        out = conv3d(x, w, None, stride, padding, impl="triton")
+        dy = torch.randn(out.shape, generator=gen).to(DEVICE, torch.bfloat16)
+        gx, gw = torch.autograd.grad(out, [x, w], dy)
+        f32 = [t.detach().float() for t in (x, w, dy)]
+        close(gx, torch.nn.grad.conv3d_input(shape, f32[1], f32[2], stride=stride, padding=padding),
+              torch.bfloat16, scale=GRAD_SCALE[torch.bfloat16])  # fmt: skip
+        close(gw, torch.nn.grad.conv3d_weight(f32[0], w.shape, f32[2], stride=stride, padding=padding),
+              torch.bfloat16, scale=GRAD_SCALE[torch.bfloat16])  # fmt: skip
+    names, (out, grads), (out_ref, grads_ref) = _norm_grads(torch.bfloat16, *NORM_CASES[0])
+    close(out, out_ref, torch.bfloat16)
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        assert g.dtype == torch.bfloat16, name
+        close(g, g_ref, torch.bfloat16, scale=GRAD_SCALE[torch.bfloat16])
