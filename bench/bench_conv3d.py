@@ -10,6 +10,9 @@ it measures, side by side in one run:
   a training step runs it) and directly in half precision; the ratio uses the faster of the two;
 - plain ``conv3d(impl="triton")`` against ``F.conv3d`` on the same channels-last-3d input.
 
+Forward only; forward+backward (the Triton dgrad / wgrad against cuDNN's) is measured by
+``bench/gpu_suite.py kernels``, the GPU suite's kernel step.
+
 Prints time, TFLOP/s, peak memory and ratios (> 1 means Triton is faster) and appends one JSON line
 per measurement, with device and versions, to bench/results/conv3d.jsonl. Needs CUDA; on a CPU-only
 machine it says so and exits 0 without writing anything.

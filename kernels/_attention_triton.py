@@ -321,6 +321,13 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _ieee(dtype: torch.dtype) -> bool:
+    """fp32 products in full precision unless PyTorch's matmul switch allows TF32, the switch that SDPA
+    and matmul follow (``torch.backends.cuda.matmul.allow_tf32``, set by
+    ``torch.set_float32_matmul_precision("high")``); conv3d follows cuDNN's switch the same way."""
+    return dtype == torch.float32 and (interpreter_on() or not torch.backends.cuda.matmul.allow_tf32)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k, v (B, H, L, d), any strides -> (O contiguous (B, H, L, d), base-2 logsumexp fp32 (B, H, L))."""
     b, h, seq, d = q.shape
@@ -333,7 +340,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
         return (triton.cdiv(seq, meta["BLOCK_M"]), b * h)
 
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, seq, h, sm_scale * LOG2E, *sq, *sk, *sv, HEAD_DIM=d, IEEE=q.dtype == torch.float32
+        q, k, v, o, lse, seq, h, sm_scale * LOG2E, *sq, *sk, *sv, HEAD_DIM=d, IEEE=_ieee(q.dtype)
     )
     return o, lse
 
@@ -345,7 +352,7 @@ def backward(
     b, h, seq, d = q.shape
     (do, sd), (q, sq), (k, sk), (v, sv) = _rows(do), _rows(q), _rows(k), _rows(v)
     sm_scale = d**-0.5
-    ieee = q.dtype == torch.float32
+    ieee = _ieee(q.dtype)
     delta = torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
     block = 16 if interpreter_on() else 64
     _attn_bwd_delta_kernel[(triton.cdiv(seq, block), b * h)](

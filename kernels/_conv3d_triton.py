@@ -1,6 +1,6 @@
 """Triton kernels of conv3d and norm_act_conv3d (private; imported lazily by ``kernels/conv3d.py``).
 
-Two kernels:
+Three kernels:
 
 - ``_channel_stats_kernel``: per-(n, split, channel) shifted sums of a channels-last-3d input, combined
   on the host into GroupNorm mean and rstd. Splitting the spatial axis keeps an H100 busy when the
@@ -10,12 +10,21 @@ Two kernels:
   with channels innermost, so each A-tile row is a contiguous run of channels. With ``NORM`` the
   GroupNorm affine (folded into a per-(n, c) scale and shift) and SiLU are applied to the A tile as it
   is loaded; out-of-bounds (padding) positions are zeroed *after* the activation, as zero padding of
-  silu(norm(x)) requires. Bias and the residual are added in the store.
+  silu(norm(x)) requires. Bias and the residual are added in the store. Kernels with more than one
+  tap take the activation from ``_norm_act_kernel`` instead, written once (see ``PREACT_MIN_TAPS``).
+- ``_norm_act_kernel``: silu(x * scale + shift) in the conv dtype, channels-last-3d.
+
+Weights are laid out for the GEMM once per weight version (``weight_layout``), and the autotune key
+buckets the row count to its next power of two (``m_bucket``). The backward lives in
+``_conv3d_bwd_triton.py``.
 
 Accumulation is fp32; the output is stored in the input dtype.
 """
 
 from __future__ import annotations
+
+import os
+import weakref
 
 import torch
 import triton
@@ -28,7 +37,25 @@ from lad_fast.kernels._dispatch import interpreter_on
 _INTERP_CONV = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 
 
+def quick_autotune() -> bool:
+    """``LAD_FAST_AUTOTUNE=quick``: a handful of configs per kernel instead of the full sweep.
+
+    Tuning the full sweep compiles each config once per shape bucket (about a second each); the GPU
+    suite, which must finish in minutes on a cold machine, trades a few percent of kernel speed for that.
+    """
+    return os.environ.get("LAD_FAST_AUTOTUNE", "") == "quick"
+
+
 def _conv_configs() -> list[triton.Config]:
+    if quick_autotune():
+        picks = [(128, 64, 32, 3, 4), (128, 128, 32, 3, 8), (64, 32, 32, 4, 4), (128, 32, 16, 3, 4),
+                 (256, 16, 16, 3, 4), (64, 16, 16, 3, 4)]  # fmt: skip
+        return [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=w
+            )
+            for bm, bn, bk, st, w in picks
+        ]
     configs = []
     for bm in (64, 128, 256):
         for bn in (16, 32, 64, 128):
@@ -90,7 +117,7 @@ def _channel_stats_kernel(
 @triton.jit
 def _conv3d_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, shift_ptr,
-    M, C, D, H, W, O, OD, OH, OW,
+    M, C, D, H, W, O, OD, OH, OW, M_BUCKET,
     sxn, sxd, sxh, sxw,
     srn, src, srd, srh, srw,
     son, soc, sod, soh, sow,
@@ -167,11 +194,93 @@ def _conv3d_kernel(
     tl.store(o_ptrs + offs_n[None, :] * soc, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+# The key holds M_BUCKET (the next power of two of M), not M: with M in the key every new batch size or
+# volume re-tuned across the configs (seconds per shape); one bucket shares the same best tile.
 _conv3d_tuned = triton.autotune(
     configs=_conv_configs(),
-    key=["M", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM"],
+    key=["M_BUCKET", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM"],
     prune_configs_by={"early_config_prune": _prune_conv_configs},
 )(_conv3d_kernel)
+
+
+def m_bucket(m: int) -> int:
+    """The autotune bucket of a row count: its next power of two."""
+    return triton.next_power_of_2(max(1, m))
+
+
+# The fused prologue activates the A tile as it is loaded, once per tap and per column block: for a
+# 3x3x3 kernel every input element goes through the GroupNorm affine, an exp and a full-precision
+# divide 27 times, on the special-function and FMA units, while the tile's tensor-core work is only
+# 2 * BLOCK_N flops per element (an H100 evaluates ~4e12 exp+rcp per second against ~1e15 tensor
+# flops: the prologue, not the GEMM, bounds the kernel). With at least PREACT_MIN_TAPS taps the
+# activation is therefore written once, in the conv dtype, by ``_norm_act_kernel`` (one extra read and
+# write of x's size) and the plain GEMM runs on it; a 1x1x1 kernel keeps the in-load prologue. The GPU
+# suite times both (bench_conv3d.py --preact) so that this threshold is a measured choice.
+PREACT_MIN_TAPS = 2
+
+
+@triton.jit
+def _norm_act_kernel(
+    x_ptr, out_ptr, scale_ptr, shift_ptr,
+    S, C,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # x and out are channels-last-3d contiguous: voxel s of sample n at (n * S + s) * C.
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mask = (offs_s < S)[:, None] & c_mask[None, :]
+    ptrs = (n.to(tl.int64) * S + offs_s)[:, None] * C + offs_c[None, :]
+    sc = tl.load(scale_ptr + n * C + offs_c, mask=c_mask, other=0.0)
+    sh = tl.load(shift_ptr + n * C + offs_c, mask=c_mask, other=0.0)
+    y = tl.load(x_ptr + ptrs, mask=mask, other=0.0).to(tl.float32) * sc[None, :] + sh[None, :]
+    tl.store(out_ptr + ptrs, (y * tl.sigmoid(y)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def norm_act(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """silu(x * scale + shift) of channels-last-3d ``x`` (N, C, D, H, W) with fp32 (N, C) scale and shift,
+    in ``dtype``, channels-last-3d: the conv input the fused prologue would compute."""
+    n, c = x.shape[:2]
+    s = x.shape[2] * x.shape[3] * x.shape[4]
+    out = torch.empty(x.shape, device=x.device, dtype=dtype, memory_format=torch.channels_last_3d)
+    block_c = min(64, max(16, triton.next_power_of_2(c)))
+    block_s = 16 if interpreter_on() else max(16, 4096 // block_c)
+    grid = (triton.cdiv(s, block_s), triton.cdiv(c, block_c), n)
+    _norm_act_kernel[grid](x, out, scale, shift, s, c, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+# Weights in the kernels' GEMM layouts, cached per weight tensor. The entry is dropped when the tensor
+# is freed (weakref callback) and recomputed when its version counter moves (an optimizer step, any
+# in-place write), so a stale layout is never used; inference and sampling reuse it on every call
+# instead of permuting and copying the weight each time. Never used while a CUDA graph is captured:
+# the graph must record the copy, or a later in-place update of the weight would go unseen on replay.
+_LAYOUTS: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
+_LAYOUT_PERMS = {"forward": (2, 3, 4, 1, 0), "dgrad": (2, 3, 4, 0, 1)}
+
+
+def weight_layout(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """``weight`` (O, C, kd, kh, kw) as a contiguous (kd, kh, kw, C, O) ("forward": row tap * C + c)
+    or (kd, kh, kw, O, C) ("dgrad": row tap * O + o), from the cache when the weight is unchanged."""
+    perm = _LAYOUT_PERMS[kind]
+    try:
+        version = weight._version
+    except RuntimeError:  # inference tensors have no version counter: nothing safe to key on
+        version = None
+    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
+    if version is None or capturing:
+        return weight.permute(*perm).contiguous()
+    key = (id(weight), kind)
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == version:
+        return hit[2]
+    laid = weight.permute(*perm).contiguous()
+    ref = weakref.ref(weight, lambda _r, key=key: _LAYOUTS.pop(key, None))
+    _LAYOUTS[key] = (ref, version, laid)
+    return laid
 
 
 def group_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,14 +343,16 @@ def launch_conv3d(
     if m == 0 or o == 0:
         return out
     # (kd, kh, kw, C, O): row tap * C + c, channels of one tap contiguous as in the A tile.
-    w2 = weight.permute(2, 3, 4, 1, 0).contiguous()
+    w2 = weight_layout(weight, "forward")
     norm = scale is not None
+    if norm and kd * kh * kw >= PREACT_MIN_TAPS:
+        x, norm = norm_act(x, scale, shift, weight.dtype), False  # see PREACT_MIN_TAPS
     res = residual if residual is not None else out
     dummy = out  # never read: the constexpr flag removes the load
     args = (
         x, w2, bias if bias is not None else dummy, res, out,
         scale if norm else dummy, shift if norm else dummy,
-        m, c, d, h, w, o, od, oh, ow,
+        m, c, d, h, w, o, od, oh, ow, m_bucket(m),
         x.stride(0), x.stride(2), x.stride(3), x.stride(4),
         *res.stride(),
         *out.stride(),

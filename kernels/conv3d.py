@@ -8,11 +8,13 @@ and adds bias and residual in the output store, so the normalised activation is 
 Both ops are ``torch.library`` custom ops (``lad_fast::conv3d``, ``lad_fast::norm_act_conv3d``) with a
 fake (shape) implementation and an autograd formula, so ``torch.compile`` keeps them in one graph.
 
-Backward goes through PyTorch, not Triton: ``aten.convolution_backward`` (cuDNN on GPU) for the
-convolution and, for the fused op, GroupNorm + SiLU recomputed from the saved input with
-``aten.native_group_norm`` and differentiated with ``aten.native_group_norm_backward``, in fp32 as
-under autocast. The activation is recomputed rather than saved, so the fused op keeps only its inputs
-alive between forward and backward (the backward then holds fp32 copies of x for a moment).
+Backward runs in Triton too (``kernels/_conv3d_bwd_triton.py``, the ops ``lad_fast::conv3d_bwd`` and
+``lad_fast::norm_act_conv3d_bwd`` called from the autograd formulas, so the compiled backward graph
+holds them as nodes): dgrad is an implicit GEMM over the transposed problem, wgrad a voxel-split GEMM
+per tap. For the fused op the GroupNorm statistics are recomputed from the saved input, SiLU's
+derivative and the per-channel sums that GroupNorm's backward needs are taken in dgrad's epilogue, and
+one elementwise pass finishes the input gradient in place; the activation is recomputed, never
+saved, and no fp32 or NCDHW copy of x is made. ``impl="torch"`` (the references) stays the oracle.
 
 The Triton kernel supports kernel sizes 1 to 4 per axis (1, 3, and the (1, 3, 3) / (1, 4, 4) in-plane
 shapes), any stride and padding, dilation 1, fp16 / bf16 / fp32. ``impl="auto"`` falls back to the
@@ -200,20 +202,52 @@ def _(x, weight, bias, stride, padding):
     return _empty_out(x, weight, stride, padding)
 
 
+def _grad_or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor.
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("lad_fast::conv3d_bwd", mutates_args=())
+def _conv3d_bwd_op(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(gx channels-last-3d, gw contiguous, gbias) for needs = [x, weight, bias]; empty where not needed."""
+    from lad_fast.kernels import _conv3d_bwd_triton as kb
+
+    cl = torch.channels_last_3d
+    dy = grad.contiguous(memory_format=cl)
+    gx = gw = gb = None
+    if needs[0]:
+        gx, _ = kb.conv3d_dgrad(dy, weight, tuple(x.shape), stride, padding)
+    if needs[1]:
+        x = x.contiguous(memory_format=cl)
+        gw = kb.conv3d_wgrad(x, dy, tuple(weight.shape), stride, padding).to(weight.dtype).contiguous()
+    if needs[2]:
+        gb = dy.sum((0, 2, 3, 4), dtype=torch.float32).to(x.dtype)
+    return _grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x)
+
+
+@_conv3d_bwd_op.register_fake
+def _(grad, x, weight, stride, padding, needs):
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    gw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    gb = x.new_empty(weight.shape[0])
+    return tuple(t if need else x.new_empty(0) for t, need in zip((gx, gw, gb), needs, strict=True))
+
+
 def _conv3d_setup(ctx, inputs, output) -> None:
     x, weight, bias, stride, padding = inputs
     ctx.save_for_backward(x, weight)
-    ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+    ctx.has_bias = bias is not None
     ctx.stride, ctx.padding = list(stride), list(padding)
 
 
 def _conv3d_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        grad, x, weight, ctx.bias_sizes, ctx.stride, ctx.padding, [1, 1, 1], False, [0, 0, 0], 1,
-        [needs[0], needs[1], ctx.bias_sizes is not None and needs[2]],
-    )  # fmt: skip
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = _conv3d_bwd_op(grad, x, weight, ctx.stride, ctx.padding, needs)
+    gx, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=True))
     return gx, gw, gb, None, None
 
 
@@ -229,15 +263,9 @@ def _norm_act_conv3d_op(
     from lad_fast.kernels import _conv3d_triton as kt
 
     x = x.contiguous(memory_format=torch.channels_last_3d)
-    mean, rstd = kt.group_stats(x, groups, eps)  # fp32 (N, G)
     # Fold the GroupNorm affine into one multiply-add per (n, c): y = x * scale + shift.
-    n, c = x.shape[:2]
-    cpg = c // groups
-    scale = rstd.repeat_interleave(cpg, dim=1) * gamma.float()[None, :]  # (N, C)
-    shift = beta.float()[None, :] - mean.repeat_interleave(cpg, dim=1) * scale
-    return kt.launch_conv3d(
-        x, weight, bias, residual, tuple(stride), tuple(padding), scale.contiguous(), shift.contiguous()
-    )
+    scale, shift, _, _ = _folded_affine(x, gamma, beta, groups, eps)
+    return kt.launch_conv3d(x, weight, bias, residual, tuple(stride), tuple(padding), scale, shift)
 
 
 @_norm_act_conv3d_op.register_fake
@@ -245,44 +273,77 @@ def _(x, gamma, beta, groups, weight, bias, residual, stride, padding, eps):
     return _empty_out(x, weight, stride, padding)
 
 
+def _folded_affine(x, gamma, beta, groups, eps):
+    """GroupNorm statistics of channels-last-3d x and its affine folded per (n, c): y = x * scale + shift.
+
+    Returns fp32 (scale (N, C), shift (N, C), mean (N, G), rstd (N, G)).
+    """
+    from lad_fast.kernels import _conv3d_triton as kt
+
+    mean, rstd = kt.group_stats(x, groups, eps)
+    cpg = x.shape[1] // groups
+    scale = rstd.repeat_interleave(cpg, dim=1) * gamma.float()[None, :]
+    shift = beta.float()[None, :] - mean.repeat_interleave(cpg, dim=1) * scale
+    return scale.contiguous(), shift.contiguous(), mean, rstd
+
+
+@torch.library.custom_op("lad_fast::norm_act_conv3d_bwd", mutates_args=())
+def _norm_act_bwd_op(
+    grad: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
+    groups: int, stride: list[int], padding: list[int], eps: float, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(gx, ggamma, gbeta, gw, gbias) for needs = [x, gamma, beta, weight, bias]; empty where not needed.
+
+    All in Triton (``_conv3d_bwd_triton``): statistics recomputed from x, SiLU's derivative and the
+    GroupNorm partial sums in dgrad's epilogue, the GroupNorm input gradient in one elementwise pass.
+    """
+    from lad_fast.kernels import _conv3d_bwd_triton as kb
+
+    cl = torch.channels_last_3d
+    x = x.contiguous(memory_format=cl)
+    dy = grad.contiguous(memory_format=cl)
+    scale, shift, mean, rstd = _folded_affine(x, gamma, beta, groups, eps)
+    gx, ggamma, gbeta, gw = kb.norm_act_conv3d_backward(
+        dy, x, gamma, weight, groups, stride, padding, scale, shift, mean, rstd,
+        need_x=needs[0], need_affine=needs[1] or needs[2], need_weight=needs[3],
+    )  # fmt: skip
+    gb = dy.sum((0, 2, 3, 4), dtype=torch.float32).to(x.dtype) if needs[4] else None
+    return (
+        _grad_or_empty(gx, x),
+        _grad_or_empty(None if ggamma is None else ggamma.to(gamma.dtype), x),
+        _grad_or_empty(None if gbeta is None else gbeta.to(beta.dtype), x),
+        _grad_or_empty(None if gw is None else gw.to(weight.dtype).contiguous(), x),
+        _grad_or_empty(gb, x),
+    )
+
+
+@_norm_act_bwd_op.register_fake
+def _(grad, x, gamma, beta, weight, groups, stride, padding, eps, needs):
+    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    gg, gbt = torch.empty_like(gamma, memory_format=torch.contiguous_format), torch.empty_like(beta)
+    gw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device)
+    gb = x.new_empty(weight.shape[0])
+    grads = (gx, gg, gbt, gw, gb)
+    return tuple(t if need else x.new_empty(0) for t, need in zip(grads, needs, strict=True))
+
+
 def _norm_act_setup(ctx, inputs, output) -> None:
     x, gamma, beta, groups, weight, bias, residual, stride, padding, eps = inputs
     ctx.save_for_backward(x, gamma, beta, weight)
     ctx.groups, ctx.eps = groups, eps
-    ctx.bias_sizes = None if bias is None else [bias.shape[0]]
+    ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.stride, ctx.padding = list(stride), list(padding)
 
 
 def _norm_act_backward(ctx, grad):
     x, gamma, beta, weight = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    need_norm = needs[0] or needs[1] or needs[2]
-    n, c = x.shape[:2]
-    hxw = x.shape[2] * x.shape[3] * x.shape[4]
-    # Recompute the activation the forward never wrote: y = group_norm(x), h = silu(y). GroupNorm and
-    # SiLU run in fp32 as under autocast (and as the forward kernel does); h is cast to the conv dtype
-    # like the forward's A tile. The CPU GroupNorm kernels give wrong gradients when x and its gradient
-    # differ in memory format, and CUDA's copy to contiguous anyway, so both are made contiguous.
-    x32 = x.contiguous().float()
-    g32, b32 = gamma.float(), beta.float()
-    y, mean, rstd = torch.ops.aten.native_group_norm(x32, g32, b32, n, c, hxw, ctx.groups, ctx.eps)
-    sig = torch.sigmoid(y)
-    h = (y * sig).to(weight.dtype)
-    gh, gw, gb = torch.ops.aten.convolution_backward(
-        grad, h, weight, ctx.bias_sizes, ctx.stride, ctx.padding, [1, 1, 1], False, [0, 0, 0], 1,
-        [need_norm, needs[4], ctx.bias_sizes is not None and needs[5]],
-    )  # fmt: skip
-    gx = ggamma = gbeta = None
-    if need_norm:
-        gy = (gh.float() * (sig * (1.0 + y * (1.0 - sig)))).contiguous()  # d silu(y) / dy
-        gx, ggamma, gbeta = torch.ops.aten.native_group_norm_backward(
-            gy, x32, mean, rstd, g32, n, c, hxw, ctx.groups, [needs[0], needs[1], needs[2]]
-        )
-        gx = None if gx is None else gx.to(x.dtype)
-        ggamma = None if ggamma is None else ggamma.to(gamma.dtype)
-        gbeta = None if gbeta is None else gbeta.to(beta.dtype)
-    gres = grad if ctx.has_residual and needs[6] else None
+    n = ctx.needs_input_grad
+    needs = [n[0], n[1], n[2], n[4], ctx.has_bias and n[5]]
+    args = (ctx.groups, ctx.stride, ctx.padding, ctx.eps, needs)
+    grads = _norm_act_bwd_op(grad, x, gamma, beta, weight, *args)
+    gx, ggamma, gbeta, gw, gb = (g if need else None for g, need in zip(grads, needs, strict=True))
+    gres = grad if ctx.has_residual and n[6] else None
     return gx, ggamma, gbeta, None, gw, gb, gres, None, None, None
 
 

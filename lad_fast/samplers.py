@@ -58,11 +58,22 @@ def per_sample_noise(
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(len(generators), *shape) standard normal noise, sample i drawn from generators[i] on that
-    generator's device (a CUDA generator draws on the GPU: no host-to-device copy per step)."""
-    return torch.stack(
-        [torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=g.device) for g in generators]
-    ).to(device=device, dtype=dtype)
+    """(len(generators), *shape) standard normal noise, sample i drawn from generators[i].
+
+    Generators on the target device draw there (no copy). CPU generators (the reproducible default)
+    draw on the CPU; for a CUDA target the draws land in pinned memory and are copied asynchronously,
+    so the host goes on launching the next step instead of waiting for the GPU to finish this one.
+    """
+    device = torch.device(device)
+    shape = tuple(shape)
+    if device.type != "cpu" and all(g.device.type == device.type for g in generators):
+        draws = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
+        return torch.stack(draws).to(device=device, dtype=dtype)
+    pinned = device.type == "cuda"
+    noise = torch.empty((len(generators), *shape), dtype=torch.float32, pin_memory=pinned)
+    for i, g in enumerate(generators):
+        torch.randn(shape, generator=g, dtype=torch.float32, out=noise[i])
+    return noise.to(device=device, non_blocking=pinned).to(dtype)
 
 
 def timesteps(T: int, steps: int) -> list[int]:

@@ -265,3 +265,15 @@ def test_timesteps_cover_the_range():
 def test_bad_arguments_are_explained(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
+
+
+def test_per_sample_noise_is_each_generators_own_draw():
+    """Sample i is exactly generators[i]'s draw (written in place, then cast), whatever the batch."""
+    from lad_fast.samplers import per_sample_noise
+
+    shape = (2, 3, 4, 5)
+    noise = per_sample_noise([torch.Generator().manual_seed(s) for s in (3, 9)], shape, "cpu", torch.float16)
+    assert noise.shape == (2, *shape) and noise.dtype == torch.float16
+    for i, seed in enumerate((3, 9)):
+        expected = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).half()
+        assert torch.equal(noise[i], expected)

@@ -44,6 +44,19 @@ def _interpreter_ready() -> None:
         )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_tf32_on_cuda():
+    """On a GPU the fp32 rows of the table are for full-precision products: the kernels and the
+    references follow PyTorch's TF32 switches, which the test session turns off (and restores)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.fixture
 def close():
     """The tolerance-table comparison above, as a fixture (conftest modules cannot be imported)."""

@@ -12,6 +12,9 @@ from lad_fast.kernels import attention
 # Gradients sum over L products more than the forward: widen the per-dtype tolerances for them.
 GRAD_SCALE = 2.0
 
+# The kernels run where the tests find CUDA, else in the interpreter on CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _inputs(shape, dtype, seed=0, transposed=False):
     """q, k, v leaves of ``shape`` (B, H, L, d); ``transposed`` makes them (B, L, H, d) views."""
@@ -23,13 +26,14 @@ def _inputs(shape, dtype, seed=0, transposed=False):
             t = torch.randn(b, seq, h, d, generator=g).to(dtype).transpose(1, 2)
         else:
             t = torch.randn(b, h, seq, d, generator=g).to(dtype)
-        out.append(t.requires_grad_(True))
+        out.append(t.to(DEVICE).requires_grad_(True))
     return out
 
 
 def _check_against_reference(q, k, v, grad_out, dtype, close):
     out = attention(q, k, v, impl="triton")
     assert out.shape == q.shape and out.dtype == dtype
+    grad_out = grad_out.to(q.device)
     out.backward(grad_out)
     # Oracle: SDPA in float64 for fp32 inputs, float32 for fp16 inputs, on the same rounded values.
     hi = torch.float64 if dtype == torch.float32 else torch.float32
@@ -72,8 +76,12 @@ def test_non_contiguous_inputs_and_grad(dtype, close):
 
 def test_packed_qkv_views(close):
     # One (B, L, 3, H, d) projection unbound into q, k, v strided views, as AttentionBlock3d does.
-    qkv = torch.randn(2, 9, 3, 2, 16, generator=torch.Generator().manual_seed(12)).requires_grad_(True)
-    grad_out = torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(13))
+    qkv = (
+        torch.randn(2, 9, 3, 2, 16, generator=torch.Generator().manual_seed(12))
+        .to(DEVICE)
+        .requires_grad_(True)
+    )
+    grad_out = torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(13)).to(DEVICE)
     attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), impl="triton").backward(grad_out)
     ref_qkv = qkv.detach().double().requires_grad_(True)
     F.scaled_dot_product_attention(*ref_qkv.permute(2, 0, 3, 1, 4).unbind(0)).backward(grad_out.double())
@@ -110,7 +118,7 @@ def test_errors_name_the_problem():
         attention(q.double(), q.double(), q.double(), impl="triton")
     with pytest.raises(ConfigError, match="one device"):
         attention(q, q.to("meta"), q, impl="triton")
-    odd = torch.zeros(1, 2, 5, 24)
+    odd = torch.zeros(1, 2, 5, 24, device=DEVICE)
     with pytest.raises(ConfigError, match=r"supports head dims \(16, 32, 64, 128\), got 24"):
         attention(odd, odd, odd, impl="triton")
     assert attention(odd, odd, odd, impl="torch").shape == odd.shape  # the reference takes any head dim
@@ -139,3 +147,20 @@ def test_autotune_pruning_keeps_fitting_tiles():
     assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
     assert all(c.num_stages <= 3 for c in kept)
     assert prune(configs, {"L": 4096}, HEAD_DIM=32) == configs
+
+
+def test_fp32_follows_the_matmul_tf32_switch(monkeypatch):
+    """fp32 attention uses TF32 exactly when PyTorch's matmul switch allows it (as SDPA does)."""
+    from lad_fast.kernels import _attention_triton
+
+    monkeypatch.setattr(_attention_triton, "interpreter_on", lambda: False)
+    matmul = torch.backends.cuda.matmul  # a module proxy: monkeypatch cannot restore its attributes
+    old = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert _attention_triton._ieee(torch.float32)
+        matmul.allow_tf32 = True
+        assert not _attention_triton._ieee(torch.float32)
+        assert not _attention_triton._ieee(torch.float16)
+    finally:
+        matmul.allow_tf32 = old

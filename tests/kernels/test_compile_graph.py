@@ -20,7 +20,8 @@ def _inputs():
     g = torch.Generator().manual_seed(0)
     z, codebook = torch.randn(9, 8, generator=g), torch.randn(17, 8, generator=g)
     qkv = [torch.randn(1, 2, 5, 16, generator=g).requires_grad_(True) for _ in range(3)]
-    return z, codebook, qkv
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # real kernels where there is CUDA
+    return z.to(dev), codebook.to(dev), [t.detach().to(dev).requires_grad_(True) for t in qkv]
 
 
 def test_zero_graph_breaks():

@@ -21,6 +21,8 @@ from lad_fast.kernels import conv3d, conv3d_ref, norm_act_conv3d, norm_act_conv3
 # Gradients sum over longer chains (and fp16 backward runs in fp16), so they get a wider tolerance.
 GRAD_SCALE = {torch.float32: 5.0, torch.float16: 10.0, torch.bfloat16: 2.0}
 CUDA = torch.cuda.is_available()
+# The kernels run where the tests find CUDA, else in the interpreter on CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # lad_fast.kernels re-exports the function conv3d under the module's name, so fetch the module itself.
 conv3d_module = importlib.import_module("lad_fast.kernels.conv3d")
 
@@ -41,7 +43,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def _leaf(t: torch.Tensor | None, dtype: torch.dtype, layout: str = "contiguous") -> torch.Tensor | None:
     if t is None:
         return None
-    return _layout(t.to(dtype), layout).detach().requires_grad_(True)
+    return _layout(t.to(device=DEVICE, dtype=dtype), layout).detach().requires_grad_(True)
 
 
 def _ref_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,7 +97,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape,out_ch,kernel,stride,padding,with_bias,layout", CONV_CASES)
 def test_conv3d_matches_reference(dtype, shape, out_ch, kernel, stride, padding, with_bias, layout, close):
-    inputs = _conv_case(shape, out_ch, kernel, dtype, layout, with_bias, "cpu")
+    inputs = _conv_case(shape, out_ch, kernel, dtype, layout, with_bias, DEVICE)
 
     def run(x, weight, bias):
         return conv3d(x, weight, bias, stride, padding, impl="triton")
@@ -109,7 +111,7 @@ def test_conv3d_matches_reference(dtype, shape, out_ch, kernel, stride, padding,
 def _norm_case(shape, out_ch, kernel, groups, out_shape, dtype, layout, with_bias, with_res, offset=0.0):
     gen = torch.Generator().manual_seed(1)
     c = shape[1]
-    inputs = _conv_case(shape, out_ch, kernel, dtype, layout, with_bias, "cpu", seed=2)
+    inputs = _conv_case(shape, out_ch, kernel, dtype, layout, with_bias, DEVICE, seed=2)
     # An offset far from zero checks that the statistics do not cancel (|mean| >> std).
     x = torch.randn(shape, generator=gen) * 1.5 + offset
     inputs["x"] = _leaf(x, dtype, layout)
@@ -183,9 +185,9 @@ def test_bf16_on_cuda_matches_reference(close):
 
 
 def test_compiled_function_has_no_graph_breaks():
-    x = torch.randn(1, 4, 3, 4, 5)
-    w1, w2 = torch.randn(4, 4, 3, 3, 3) * 0.1, torch.randn(4, 4, 1, 1, 1) * 0.1
-    gamma, beta, bias = torch.ones(4), torch.zeros(4), torch.zeros(4)
+    x = torch.randn(1, 4, 3, 4, 5, device=DEVICE)
+    w1, w2 = torch.randn(4, 4, 3, 3, 3, device=DEVICE) * 0.1, torch.randn(4, 4, 1, 1, 1, device=DEVICE) * 0.1
+    gamma, beta, bias = (torch.full((4,), v, device=DEVICE) for v in (1.0, 0.0, 0.0))
 
     def block(x):
         h = norm_act_conv3d(x, gamma, beta, 2, w1, bias, x, padding=1, impl="triton")
@@ -199,10 +201,10 @@ def test_compiled_function_has_no_graph_breaks():
 def test_compiled_forward_and_backward_match_eager():
     """The fake and autograd registrations trace: aot_eager runs forward and backward through them."""
     torch._dynamo.reset()
-    x0 = torch.randn(1, 4, 3, 4, 5)
-    w = (torch.randn(3, 4, 3, 3, 3) * 0.1).requires_grad_(True)
-    gamma = torch.ones(4, requires_grad=True)
-    beta = torch.zeros(4, requires_grad=True)
+    x0 = torch.randn(1, 4, 3, 4, 5, device=DEVICE)
+    w = (torch.randn(3, 4, 3, 3, 3, device=DEVICE) * 0.1).requires_grad_(True)
+    gamma = torch.ones(4, device=DEVICE, requires_grad=True)
+    beta = torch.zeros(4, device=DEVICE, requires_grad=True)
 
     def step(x):
         h = norm_act_conv3d(x, gamma, beta, 2, w, padding=1, impl="triton")
@@ -237,9 +239,9 @@ def test_auto_falls_back_when_triton_cannot_serve(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ errors
 
-X = torch.randn(1, 4, 5, 5, 5)
-W = torch.randn(3, 4, 3, 3, 3)
-G = torch.ones(4)
+X = torch.randn(1, 4, 5, 5, 5, device=DEVICE)
+W = torch.randn(3, 4, 3, 3, 3, device=DEVICE)
+G = torch.ones(4, device=DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -260,7 +262,7 @@ G = torch.ones(4)
         (lambda: conv3d(X, W, padding=-1, impl="triton"), r"padding must be >= 0"),
         (lambda: conv3d(X[:, :, :2], W, impl="triton"), r"too small for kernel 3.*output would be empty"),
         (
-            lambda: conv3d(X, torch.randn(3, 4, 5, 5, 5), impl="triton"),
+            lambda: conv3d(X, torch.randn(3, 4, 5, 5, 5, device=DEVICE), impl="triton"),
             r"kernel size \(5, 5, 5\) is not supported by the Triton kernel \(1 to 4 per axis\)",
         ),
         (lambda: conv3d(X, W, dilation=(1, 1, 2), impl="triton"), r"dilation \(1, 1, 2\) is not supported"),
@@ -276,11 +278,11 @@ G = torch.ones(4)
         (lambda: norm_act_conv3d(X, G, G, 0, W, impl="triton"), r"groups must be a positive divisor"),
         (lambda: norm_act_conv3d(X, G[:3], G, 2, W, impl="triton"), r"gamma must have shape \(4,\)"),
         (
-            lambda: norm_act_conv3d(X, G, G, 2, W, residual=torch.zeros(1, 3, 5, 5, 5), impl="triton"),
+            lambda: norm_act_conv3d(X, G, G, 2, W, residual=X.new_zeros(1, 3, 5, 5, 5), impl="triton"),
             r"residual must have the output shape \(1, 3, 3, 3, 3\), got \(1, 3, 5, 5, 5\)",
         ),
         (
-            lambda: norm_act_conv3d(X, G, G, 2, W, residual=torch.zeros(1, 3, 3, 3, 3).half(), impl="triton"),
+            lambda: norm_act_conv3d(X, G, G, 2, W, residual=X.new_zeros(1, 3, 3, 3, 3).half(), impl="triton"),
             r"dtype mismatch: x is torch.float32 but residual is torch.float16",
         ),
         (
@@ -313,9 +315,11 @@ def test_package_imports_and_runs_reference_without_triton():
 
 def test_autocast_casts_like_conv3d(close):
     """fp32 parameters beside autocast: the op casts to the autocast dtype as F.conv3d does."""
-    x, w, b = torch.randn(1, 4, 3, 4, 5), torch.randn(3, 4, 3, 3, 3) * 0.2, torch.randn(3)
-    gamma, beta = torch.ones(4), torch.zeros(4)
-    with torch.autocast("cpu", dtype=torch.float16):
+    x, w, b = (
+        t.to(DEVICE) for t in (torch.randn(1, 4, 3, 4, 5), torch.randn(3, 4, 3, 3, 3) * 0.2, torch.randn(3))
+    )
+    gamma, beta = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
         out = conv3d(x, w, b, padding=1, impl="triton")
         fused = norm_act_conv3d(x, gamma, beta, 2, w, b, padding=1, impl="triton")
     assert out.dtype == fused.dtype == torch.float16

@@ -8,6 +8,9 @@ import torch
 from lad_fast.errors import BackendUnavailableError, ConfigError
 from lad_fast.kernels import vq_nearest, vq_nearest_ref
 
+# The kernels run where the tests find CUDA, else in the interpreter on CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def _lattice_case(n: int, k: int, d: int, dtype: torch.dtype, seed: int = 0):
     """Distinct codes on a 0.5-spaced lattice and z = a known code + noise far below half the spacing.
@@ -23,7 +26,7 @@ def _lattice_case(n: int, k: int, d: int, dtype: torch.dtype, seed: int = 0):
     codebook = (digits.float() - side // 2) * 0.5
     target = torch.randint(0, k, (n,), generator=g)
     z = codebook[target] + 0.05 * (torch.rand(n, d, generator=g) * 2 - 1)
-    return z.to(dtype), codebook.to(dtype), target
+    return z.to(DEVICE, dtype), codebook.to(DEVICE, dtype), target.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -61,7 +64,7 @@ def test_reference_row_chunks(chunk, monkeypatch, close):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_exact_ties_pick_lowest_index(dtype):
     # Duplicates in one codebook block (3, 9) and across blocks (5, 40): bitwise-equal scores.
-    codebook = torch.randn(48, 8, generator=torch.Generator().manual_seed(1))
+    codebook = torch.randn(48, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     codebook[9] = codebook[3]
     codebook[40] = codebook[5]
     codebook = codebook.to(dtype)
@@ -107,8 +110,8 @@ def test_outputs_carry_no_gradient(impl):
 def test_bf16_on_cuda(close):
     z, codebook, target = _lattice_case(257, 300, 8, torch.bfloat16)
     idx, dist = vq_nearest(z.cuda(), codebook.cuda(), impl="triton")
-    assert torch.equal(idx.cpu(), target)
-    close(dist.cpu(), ((z.float() - codebook.float()[target]) ** 2).sum(1), torch.bfloat16)
+    assert torch.equal(idx, target)
+    close(dist, ((z.float() - codebook.float()[target]) ** 2).sum(1), torch.bfloat16)
 
 
 def test_errors_name_the_problem():
@@ -126,7 +129,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ConfigError, match="codebook is empty"):
         vq_nearest(z, codebook[:0], impl="triton")
     with pytest.raises(ConfigError, match="code dims up to 256"):
-        vq_nearest(torch.zeros(2, 257), torch.zeros(3, 257), impl="triton")
+        vq_nearest(z.new_zeros(2, 257), z.new_zeros(3, 257), impl="triton")
     with pytest.raises(ConfigError, match="impl must be one of"):
         vq_nearest(z, codebook, impl="cuda")
 
@@ -144,8 +147,43 @@ def test_autotune_pruning_keeps_fitting_tiles():
     from lad_fast.kernels import _vq_triton
 
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}) for bn in (64, 128) for bk in (64, 128, 256)]
-    assert _vq_triton._prune(configs, {"N": 65536, "K": 16384}, BLOCK_D=16) == configs
-    small = _vq_triton._prune(configs, {"N": 10, "K": 100}, BLOCK_D=16)
+    assert _vq_triton._prune(configs, {"N_BUCKET": 65536, "K": 16384}, BLOCK_D=16) == configs
+    small = _vq_triton._prune(configs, {"N_BUCKET": 16, "K": 100}, BLOCK_D=16)
     assert small and all(c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] <= 128 for c in small)
-    wide = _vq_triton._prune(configs, {"N": 65536, "K": 16384}, BLOCK_D=256)
+    wide = _vq_triton._prune(configs, {"N_BUCKET": 65536, "K": 16384}, BLOCK_D=256)
     assert wide and all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 64 for c in wide)
+
+
+def test_autotune_key_holds_the_row_bucket_the_prune_reads():
+    from lad_fast.kernels import _vq_triton
+
+    assert "N_BUCKET" in _vq_triton._vq_tuned.keys and "N" not in _vq_triton._vq_tuned.keys
+
+
+def _launch(z, codebook, fast):
+    from lad_fast.kernels import _vq_triton
+
+    n = z.shape[0]
+    idx = torch.empty(n, dtype=torch.int64, device=z.device)
+    dist = torch.empty(n, dtype=torch.float32, device=z.device)
+    count = _vq_triton.launch(z, codebook, codebook.pow(2).sum(1), idx, dist, fast=fast)
+    return idx, dist, count
+
+
+def test_fast_fp32_pass_rechecks_near_ties_exactly(close):
+    """Rows whose best two codes are closer than the TF32 error bound go through the exact fp32 pass."""
+    g = torch.Generator().manual_seed(11)
+    codebook = torch.randn(40, 8, generator=g)
+    codebook, clear_noise = codebook.to(DEVICE), (0.01 * torch.randn(2, 8, generator=g)).to(DEVICE)
+    codebook[21] = codebook[4] + 1e-4  # a near-duplicate in another block: a gap far below the bound
+    codebook[30] = codebook[12]  # an exact duplicate: the lower index must win
+    z = torch.cat([codebook[[4, 21, 12, 30]] + 1e-6, codebook[[0, 7]] + clear_noise])
+    idx, dist, count = _launch(z, codebook, fast=True)
+    ref_idx, ref_dist = vq_nearest_ref(z.double(), codebook.double())
+    assert 4 <= int(count) < z.shape[0]  # the four near-tie rows, not the clear ones
+    assert torch.equal(idx, ref_idx)
+    assert idx[2].item() == idx[3].item() == 12
+    close(dist, ref_dist, torch.float32)
+    plain_idx, plain_dist, none = _launch(z, codebook, fast=False)
+    assert none is None and torch.equal(plain_idx, idx)
+    close(plain_dist, dist, torch.float32)

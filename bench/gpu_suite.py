@@ -1,0 +1,428 @@
+"""Steps of the prepared GPU check (``bench/gpu_suite.sh`` runs them; see its header for the whole plan).
+
+    python bench/gpu_suite.py STEP --out DIR [--tiny]
+
+Steps: ``env`` (device and versions), ``kernels`` (Triton against the PyTorch paths, forward and
+forward+backward: the fused GroupNorm+SiLU+conv against the cuDNN conv + GroupNorm + SiLU chain, conv3d
+against cuDNN, attention against SDPA flash, vq_nearest against cdist+argmin), ``train`` (one compiled
+bf16 training step of the VQ-GAN and of the U-Net with ``impl="triton"`` and ``impl="torch"``: time and
+peak memory) and ``topology`` (the structure vector's torch GPU path against the numpy path). Each
+step appends JSON lines, every one carrying device and versions, to ``DIR/<step>.jsonl``.
+
+``--tiny`` runs the same code at tiny shapes: on a CPU the Triton kernels run in the interpreter
+(fp32, since bf16 is silently wrong there), timings come from ``time.perf_counter`` and no memory is
+measured; that is the ``--cpu-dry-run`` of the shell script, which CI runs so that this cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------- recording
+
+
+def environment() -> dict[str, Any]:
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.machine()}, interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if CUDA else None,
+        "python": platform.python_version(),
+        "commit": commit.stdout.strip() or None,
+        "autotune": os.environ.get("LAD_FAST_AUTOTUNE") or "full",  # "quick": a few configs per kernel
+    }
+
+
+class Sink:
+    """Appends one JSON line per record to ``out/<step>.jsonl``, environment merged in, and echoes it."""
+
+    def __init__(self, out: Path, step: str) -> None:
+        self.path = out / f"{step}.jsonl"
+        self.env = environment()
+        self.step = step
+        out.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps({"step": self.step, **record, **self.env})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Median ms per call: Triton's do_bench on CUDA; on a CPU one call."""
+    if CUDA:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none, return_mode="median"))
+    # The interpreter takes seconds per call: one timed call (callers have run fn once already).
+    for t in grad_to_none or []:
+        t.grad = None
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def peak_mib(fn: Callable[[], Any]) -> float | None:
+    """Peak memory one call allocates beyond what was live before it (CUDA only)."""
+    if not CUDA:
+        return None
+    sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    sync()
+    del out
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def compare(
+    sink: Sink, common: dict, ours: Callable, ref: Callable, leaves: list[torch.Tensor], grad
+) -> None:
+    """Forward and forward+backward records of ``ours`` against ``ref`` (same inputs, same leaves)."""
+    out, expected = ours(), ref()
+    err = (out.float() - expected.float()).abs().max().item()
+    passes = {"fwd": (ours, ref)}
+    if leaves:
+
+        def both(fn):
+            def run():
+                fn().backward(grad)
+
+            return run
+
+        passes["fwd+bwd"] = (both(ours), both(ref))
+    for name, (a, b) in passes.items():
+        with torch.no_grad() if name == "fwd" else torch.enable_grad():
+            ms, ref_ms = time_ms(a, leaves), time_ms(b, leaves)
+            mem, ref_mem = peak_mib(a), peak_mib(b)
+        sink.write({**common, "pass": name, "ms": ms, "ref_ms": ref_ms, "speedup": ref_ms / ms,
+                    "peak_mib": mem, "ref_peak_mib": ref_mem, "max_abs_err_fwd": err})  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+
+def _conv_shapes(tiny: bool) -> list[dict]:
+    if tiny:
+        return [{"name": "tiny", "batch": 1, "channels": 4, "size": (2, 3, 4), "groups": 2}]
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_conv3d import lad_shapes
+
+    # The widest-volume and the widest-channel level of each network: the two ends of the tile space.
+    return [s for s in lad_shapes() if s["name"] in ("vqgan.l0", "vqgan.l2", "unet.l0", "unet.l3")]
+
+
+def bench_conv(sink: Sink, tiny: bool, dtype: torch.dtype) -> None:
+    for shape in _conv_shapes(tiny):
+        _bench_conv_shape(sink, shape, dtype)
+
+
+def _bench_conv_shape(sink: Sink, shape: dict, dtype: torch.dtype) -> None:
+    from lad_fast.kernels import _conv3d_triton, conv3d, norm_act_conv3d, norm_act_conv3d_ref
+
+    dev = "cuda" if CUDA else "cpu"
+    cl = torch.channels_last_3d
+    n, c, (d, h, w), groups = shape["batch"], shape["channels"], shape["size"], shape["groups"]
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*size, scale=1.0, dt=dtype, g=g):
+        return (torch.randn(*size, generator=g) * scale).to(dev, dt).requires_grad_(True)
+
+    x = leaf(n, c, d, h, w).detach().contiguous(memory_format=cl).requires_grad_(True)
+    weight = leaf(c, c, 3, 3, 3, scale=(27 * c) ** -0.5)
+    bias = leaf(c)
+    gamma, beta = leaf(c, dt=torch.float32), leaf(c, dt=torch.float32)  # fp32, as GroupNorm keeps them
+    res = torch.randn(n, c, d, h, w, generator=g).to(dev, dtype).contiguous(memory_format=cl)
+    grad = torch.randn(n, c, d, h, w, generator=g).to(dev, dtype)
+    leaves = [x, weight, bias, gamma, beta]
+    common = {"shape": [n, c, d, h, w], "name": shape["name"], "dtype": str(dtype).removeprefix("torch.")}
+
+    def fused():
+        return norm_act_conv3d(x, gamma, beta, groups, weight, bias, res, padding=1, impl="triton")
+
+    def chain():  # cuDNN conv + GroupNorm + SiLU, under autocast as a training step runs it
+        with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+            return norm_act_conv3d_ref(x, gamma, beta, groups, weight, bias, res, padding=1)
+
+    compare(sink, {**common, "op": "norm_act_conv3d", "ref": "conv3d(silu(group_norm)) chain"},
+            fused, chain, leaves, grad)  # fmt: skip
+    # The in-load prologue instead of the activation pass (PREACT_MIN_TAPS): measured, not assumed.
+    old = _conv3d_triton.PREACT_MIN_TAPS
+    _conv3d_triton.PREACT_MIN_TAPS = 1000
+    try:
+        compare(sink, {**common, "op": "norm_act_conv3d[prologue]", "ref": "the chain"},
+                fused, chain, leaves, grad)  # fmt: skip
+    finally:
+        _conv3d_triton.PREACT_MIN_TAPS = old
+    compare(sink, {**common, "op": "conv3d", "ref": "F.conv3d (cuDNN)"},
+            lambda: conv3d(x, weight, bias, padding=1, impl="triton"),
+            lambda: F.conv3d(x, weight, bias, padding=1), [x, weight, bias], grad)  # fmt: skip
+
+
+def bench_attention(sink: Sink, tiny: bool, dtype: torch.dtype) -> None:
+    if tiny:
+        shapes = [(1, 2, 24, 16)]
+    else:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_attention import preset_shapes
+
+        shapes = preset_shapes("lad")
+    for shape in shapes:
+        _bench_attention_shape(sink, shape, dtype)
+
+
+def _bench_attention_shape(sink: Sink, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lad_fast.kernels import attention
+
+    dev = "cuda" if CUDA else "cpu"
+    # SDPA's flash backend takes only fp16 / bf16 on CUDA; elsewhere SDPA picks its own.
+    flash = CUDA and dtype != torch.float32
+    b, h, seq, d = shape
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(b, seq, 3, h, d, generator=g).to(dev, dtype).requires_grad_(True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # the U-Net's strided views
+    grad = torch.randn(b, h, seq, d, generator=g).to(dev, dtype)
+
+    def sdpa():
+        if not flash:
+            return F.scaled_dot_product_attention(q, k, v)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    common = {"op": "attention", "ref": "SDPA flash" if flash else "SDPA", "shape": [b, h, seq, d],
+              "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    compare(sink, common, lambda: attention(q, k, v, impl="triton"), sdpa, [qkv], grad)
+
+
+def bench_vq(sink: Sink, tiny: bool) -> None:
+    from lad_fast.kernels import vq_nearest
+
+    if tiny:
+        n, k, d = 64, 40, 8
+    else:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_vq_nearest import preset_shape
+
+        n, k, d = preset_shape("lad")
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(2)
+    z, codebook = torch.randn(n, d, generator=g).to(dev), torch.randn(k, d, generator=g).to(dev)
+
+    def ours():
+        return vq_nearest(z, codebook, impl="triton")[0]
+
+    def cdist():
+        return torch.cdist(z, codebook).argmin(1)
+
+    agree = (ours() == cdist()).float().mean().item()
+    common = {"op": "vq_nearest", "ref": "cdist+argmin", "shape": [n, k, d], "dtype": "float32",
+              "index_agreement": agree}  # fmt: skip
+    compare(sink, common, lambda: ours().float(), lambda: cdist().float(), [], None)
+
+
+def step_kernels(out: Path, tiny: bool) -> None:
+    sink = Sink(out, "kernels")
+    dtype = torch.bfloat16 if CUDA else torch.float32  # the interpreter computes bf16 wrongly
+    bench_vq(sink, tiny)
+    bench_attention(sink, tiny, dtype)
+    bench_conv(sink, tiny, dtype)
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _models(tiny: bool):
+    """(name, model, inputs, loss) for the VQ-GAN and the U-Net of the ``lad`` preset (or tiny ones)."""
+    from lad_fast.conditions import spatial_channels, structure_dim
+    from lad_fast.config import ConditionConfig, UNetConfig, VQGANConfig, get_preset
+    from lad_fast.models.unet import build_unet
+    from lad_fast.models.vqgan import VQGAN
+
+    dev = "cuda" if CUDA else "cpu"
+    cfg = get_preset("lad")
+    if tiny:
+        vq_cfg = VQGANConfig(
+            channels=(4, 8), res_blocks=0, groups=4, latent_channels=4, code_dim=4, codebook_size=16
+        )
+        unet_cfg = UNetConfig(channels=8, multipliers=(1, 2), attention_levels=(1,), heads=2, head_dim=16,
+                              groups=4, time_dim=16)  # fmt: skip
+        cond = ConditionConfig(content_dim=4, embed_dim=8)
+        vol, latent, batch_vq, batch_unet, sdim = (4, 8, 8), (2, 4, 4), 1, 1, 3
+    else:
+        vq_cfg, unet_cfg, cond = cfg.vqgan, cfg.unet, cfg.condition
+        down = 2 ** (len(vq_cfg.channels) - 1)
+        vol = cfg.geometry.shape
+        latent = tuple(s // down for s in vol)
+        batch_vq, batch_unet = cfg.vqgan_train.batch_size, cfg.diffusion_train.batch_size
+        sdim = structure_dim(vol[0], cond)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    vqgan = VQGAN(vq_cfg)
+    x = torch.randn(batch_vq, 1, *vol, generator=g).clamp(-1, 1).to(dev)
+
+    def vq_loss(model, x):
+        out = model(x)
+        return F.l1_loss(out.recon.float(), x) + out.vq_loss
+
+    unet = build_unet(unet_cfg, cond, vq_cfg.latent_channels, sdim)
+    lat = vq_cfg.latent_channels
+    z, content, target = (torch.randn(batch_unet, lat, *latent, generator=g).to(dev) for _ in range(3))
+    structure = torch.randn(batch_unet, sdim, generator=g).to(dev)
+    t = torch.randint(0, 1000, (batch_unet,), generator=g).to(dev)
+    k = spatial_channels(cond)
+    spatial = torch.rand(batch_unet, k, *latent, generator=g).to(dev) if k else None
+
+    def unet_loss(model, z, t, content, structure, target, spatial):
+        extra = () if spatial is None else (spatial,)
+        pred = model(z, t, model.embed_condition(content, structure), *extra)
+        return F.mse_loss(pred.float(), target)
+
+    return [
+        ("vqgan", vqgan, (x,), vq_loss),
+        ("unet", unet, (z, t, content, structure, target, spatial), unet_loss),
+    ]
+
+
+def step_train(out: Path, tiny: bool) -> None:
+    from lad_fast.models.blocks import set_impl
+
+    sink = Sink(out, "train")
+    dev = "cuda" if CUDA else "cpu"
+    if not CUDA:
+        # The interpreter's cost is per program and per loop step: tall tiles cover a tiny level at once.
+        from lad_fast.kernels import _conv3d_bwd_triton, _conv3d_triton
+
+        _conv3d_triton._INTERP_CONV["BLOCK_M"] = 256
+        _conv3d_bwd_triton._INTERP_DGRAD["BLOCK_M"] = 256
+        _conv3d_bwd_triton._INTERP_WGRAD["BLOCK_M"] = 256
+    # bf16 autocast on a GPU, as training runs; fp32 in the interpreter. aot_eager on a CPU: inductor
+    # would compile C++ for minutes, while aot_eager traces the same graphs and backward.
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    backend = "inductor" if CUDA else "aot_eager"
+    for name, model0, inputs, loss_fn in _models(tiny):
+        for impl in ("torch", "triton"):
+            torch._dynamo.reset()
+            model = set_impl(copy.deepcopy(model0), impl).to(dev)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+            def forward(model, *inputs, loss_fn=loss_fn):
+                with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+                    return loss_fn(model, *inputs)
+
+            compiled = torch.compile(forward, backend=backend)
+
+            def step(model=model, opt=opt, compiled=compiled, inputs=inputs):
+                opt.zero_grad(set_to_none=True)
+                loss = compiled(model, *inputs)
+                loss.backward()
+                opt.step()
+                return loss.detach()
+
+            start = time.perf_counter()
+            loss = step()
+            sync()
+            compile_s = time.perf_counter() - start
+            times = []
+            if CUDA:
+                step()  # a second call settles autotuning and allocator pools
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+            else:  # the interpreter takes many seconds per step: the first one is all the dry run times
+                times.append(compile_s * 1e3)
+            for _ in range(3 if CUDA else 0):
+                start = time.perf_counter()
+                step()
+                sync()
+                times.append((time.perf_counter() - start) * 1e3)
+            peak = torch.cuda.max_memory_allocated() / 2**20 if CUDA else None
+            sink.write({"model": name, "impl": impl, "dtype": str(dtype).removeprefix("torch."),
+                        "backend": backend, "tiny": tiny, "first_step_s": compile_s,
+                        "step_ms": sorted(times)[len(times) // 2], "peak_mib": peak,
+                        "loss": float(loss)})  # fmt: skip
+            del model, opt, compiled
+
+
+# ---------------------------------------------------------------------------------------- topology
+
+
+def step_topology(out: Path, tiny: bool) -> None:
+    import numpy as np
+
+    from lad_fast.topology import lad_structure_vector
+
+    sink = Sink(out, "topology")
+    shape = (4, 16, 16) if tiny else (32, 256, 256)  # the lad geometry
+    rng = np.random.default_rng(0)
+    # Blobs of classes 1 and 2 with holes: components and tunnels on every slice.
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    mask = np.zeros(shape, dtype=np.uint8)
+    for label in (1, 2):
+        for _ in range(6):
+            c = rng.uniform(-0.7, 0.7, 3)
+            r = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+            mask[(r < rng.uniform(0.15, 0.35)) & (r > 0.08)] = label
+    expected = lad_structure_vector(mask, impl="numpy")
+    tensor = torch.from_numpy(mask).to("cuda" if CUDA else "cpu")
+    got = lad_structure_vector(tensor, impl="torch")
+    numpy_ms = time_ms(lambda: lad_structure_vector(mask, impl="numpy"))
+    torch_ms = time_ms(lambda: lad_structure_vector(tensor, impl="torch"))
+    sink.write({"op": "lad_structure_vector", "shape": list(shape), "path": "torch " + tensor.device.type,
+                "ms": torch_ms, "ref": "numpy (CPU)", "ref_ms": numpy_ms, "speedup": numpy_ms / torch_ms,
+                "equal": bool(np.array_equal(got, expected))})  # fmt: skip
+    if not np.array_equal(got, expected):
+        raise SystemExit("topology: the torch path disagrees with the numpy path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=("env", "kernels", "train", "topology"))
+    parser.add_argument("--out", type=Path, required=True, help="folder of the JSON-lines results")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run)")
+    args = parser.parse_args(argv)
+    if not CUDA and not args.tiny:
+        print("gpu_suite.py: no CUDA device; the lad shapes need one (use --tiny for the dry run)")
+        return 2
+    if not CUDA:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    if args.step == "env":
+        Sink(args.out, "env").write({"tiny": args.tiny})
+    else:
+        {"kernels": step_kernels, "train": step_train, "topology": step_topology}[args.step](
+            args.out, args.tiny
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
