@@ -43,7 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODELS = ("lad", "flow", "flow_spatial", "lad_spatial")
+MODELS = ("lad", "flow", "flow_spatial", "lad_spatial", "flow_spatial_fine")
 # (name, model, sampler, steps, guidance)
 SAMPLING = (
     ("lad official: DDPM-300, g 1", "lad", "ddpm", 300, 1.0),
@@ -58,6 +58,7 @@ SAMPLING = (
     ("flow + spatial: Euler-30, g 2", "flow_spatial", "euler", 30, 2.0),
     ("flow + spatial: Euler-30, g 3 (default)", "flow_spatial", "euler", 30, 3.0),
     ("flow + spatial: Euler-10, g 3", "flow_spatial", "euler", 10, 3.0),
+    ("flow + fine spatial: Euler-30, g 3", "flow_spatial_fine", "euler", 30, 3.0),
 )
 
 
@@ -68,7 +69,7 @@ def model_config(name: str, steps: int | None):
 
     cfg = get_preset("tiny")
     objective = "flow" if name.startswith("flow") else "ddpm"
-    spatial = "concat" if name.endswith("spatial") else "none"
+    spatial = {"spatial": "concat", "fine": "concat_fine"}.get(name.rsplit("_", 1)[-1], "none")
     cfg = replace(
         cfg,
         diffusion=replace(cfg.diffusion, objective=objective),
