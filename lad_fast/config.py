@@ -251,7 +251,7 @@ class LadConfig:
 # The field defaults stay Lad's (DDPM, global conditions), which is what runs written before these
 # fields existed were trained with; lad-official keeps Lad's settings.
 FLOW = DiffusionConfig(objective="flow")
-SPATIAL = ConditionConfig(spatial="concat")
+SPATIAL = ConditionConfig(spatial="concat_fine")
 FEW_STEPS = SamplingConfig(sampler="euler", steps=30, guidance=3.0)
 
 

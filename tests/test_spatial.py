@@ -91,10 +91,10 @@ def test_drop_spatial_is_zeros_where_keep_is_zero():
 
 def test_presets_add_the_spatial_mask_except_the_official_one():
     assert set(PRESETS) == {"tiny", "lad", "lad-official"}
-    assert get_preset("tiny").condition.spatial == get_preset("lad").condition.spatial == "concat"
+    assert get_preset("tiny").condition.spatial == get_preset("lad").condition.spatial == "concat_fine"
     assert get_preset("lad-official").condition.spatial == "none"
     assert ConditionConfig().spatial == "none"  # runs written before the field: Lad's global conditions
-    assert spatial_channels(get_preset("tiny").condition) == NUM_CLASSES
+    assert spatial_channels(get_preset("tiny").condition) == 8 * NUM_CLASSES
     assert spatial_channels(replace(ConditionConfig(), spatial="concat")) == NUM_CLASSES
 
 
@@ -325,6 +325,14 @@ def test_the_latent_cache_key_holds_the_spatial_mode(spatial_run, tiny_phantoms,
     assert encoded == 3 and "spatial" not in got  # another spatial mode: encoded again
     got, encoded = encode(spatial_config())
     assert encoded == 3 and got["spatial"].shape[1] == NUM_CLASSES
+    fine = replace(spatial_config(), condition=replace(spatial_config().condition, spatial="concat_fine"))
+    got, encoded = encode(fine)  # the octant fractions: encoded again, 8 channel sets
+    assert encoded == 3 and got["spatial"].shape[1] == 8 * NUM_CLASSES
+    torch.testing.assert_close(got["spatial"].sum(1), torch.full((3, *got["latent"].shape[2:]), 8.0))
+    net = build_unet(fine.unet, fine.condition, got["latent"].shape[1], 192)
+    x = got["latent"][:2]
+    out = net(x, torch.tensor([1, 2]), torch.zeros(2, fine.condition.embed_dim), got["spatial"][:2])
+    assert out.shape == x.shape and net.spatial_channels == 8 * NUM_CLASSES
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
