@@ -10,7 +10,9 @@ sampler differ. Model arms (trained once each, into ``--work/<model>/``):
 - ``flow``: flow matching (rectified flow, velocity target, logit-normal t) with the same global conditions;
 - ``flow_spatial``: flow matching plus the conditioning mask concatenated to the U-Net input
   (``condition.spatial = "concat"``);
-- ``lad_spatial``: Lad's DDPM with the spatial mask (separates the two changes).
+- ``lad_spatial``: Lad's DDPM with the spatial mask (separates the two changes);
+- ``flow_spatial_fine``: flow matching with the mask's fractions per octant of each latent voxel
+  (``condition.spatial = "concat_fine"``, the tiny and lad default).
 
 Sampling arms (``--n`` volumes each, augmented conditions, one seed): Lad official (ancestral DDPM, all 300
 steps, guidance 1), Lad with DDIM-50, and each flow model with Euler or Heun at a few steps. Each output is
@@ -43,7 +45,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODELS = ("lad", "flow", "flow_spatial", "lad_spatial")
+MODELS = ("lad", "flow", "flow_spatial", "lad_spatial", "flow_spatial_fine")
 # (name, model, sampler, steps, guidance)
 SAMPLING = (
     ("lad official: DDPM-300, g 1", "lad", "ddpm", 300, 1.0),
@@ -56,8 +58,12 @@ SAMPLING = (
     ("flow + spatial: Euler-30, g 1", "flow_spatial", "euler", 30, 1.0),
     ("flow + spatial: Heun-15, g 1", "flow_spatial", "heun", 15, 1.0),
     ("flow + spatial: Euler-30, g 2", "flow_spatial", "euler", 30, 2.0),
-    ("flow + spatial: Euler-30, g 3 (default)", "flow_spatial", "euler", 30, 3.0),
+    ("flow + spatial: Euler-30, g 3", "flow_spatial", "euler", 30, 3.0),
     ("flow + spatial: Euler-10, g 3", "flow_spatial", "euler", 10, 3.0),
+    ("flow + fine spatial: Euler-30, g 1", "flow_spatial_fine", "euler", 30, 1.0),
+    ("flow + fine spatial: Heun-15, g 3", "flow_spatial_fine", "heun", 15, 3.0),
+    ("flow + fine spatial: Euler-30, g 3 (default)", "flow_spatial_fine", "euler", 30, 3.0),
+    ("flow + fine spatial: Euler-10, g 3", "flow_spatial_fine", "euler", 10, 3.0),
 )
 
 
@@ -68,7 +74,7 @@ def model_config(name: str, steps: int | None):
 
     cfg = get_preset("tiny")
     objective = "flow" if name.startswith("flow") else "ddpm"
-    spatial = "concat" if name.endswith("spatial") else "none"
+    spatial = {"spatial": "concat", "fine": "concat_fine"}.get(name.rsplit("_", 1)[-1], "none")
     cfg = replace(
         cfg,
         diffusion=replace(cfg.diffusion, objective=objective),
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", nargs="+", default=None, help="sampling arm names (default: all)")
     ap.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the preset's)")
     ap.add_argument("--n", type=int, default=16, help="volumes per sampling arm")
-    ap.add_argument("--sweep", default="flow_spatial", help="model of the guidance sweep ('' for none)")
+    ap.add_argument("--sweep", default="flow_spatial_fine", help="model of the guidance sweep ('' for none)")
     ap.add_argument("--sweep-guidance", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0, 6.0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     args = ap.parse_args(argv)

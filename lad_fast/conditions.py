@@ -102,8 +102,26 @@ def normalize_structure(vec: Any) -> torch.Tensor:
 
 
 def spatial_channels(cfg: ConditionConfig) -> int:
-    """Channels the spatial condition adds to the U-Net input: NUM_CLASSES for "concat", 0 for "none"."""
-    return NUM_CLASSES if cfg.spatial == "concat" else 0
+    """Channels the spatial condition adds to the U-Net input: NUM_CLASSES for "concat", 8 NUM_CLASSES
+    for "concat_fine" (one set per octant of a latent voxel), 0 for "none"."""
+    return {"none": 0, "concat": NUM_CLASSES, "concat_fine": 8 * NUM_CLASSES}[cfg.spatial]
+
+
+def spatial_for(mask: Any, grid: tuple[int, ...], mode: str) -> torch.Tensor:
+    """The spatial condition of ``mode`` ("concat" or "concat_fine") for a canonical (D, H, W) mask on the
+    latent grid (d, h, w): (spatial_channels, d, h, w) float32.
+
+    "concat_fine" computes the fractions on the grid twice as fine in every axis and moves each latent
+    voxel's 2 x 2 x 2 octants onto the channel axis (channel = class * 8 + octant), so each octant's
+    channels sum to 1 and the all-zero null is still never a real mask.
+    """
+    if mode == "concat":
+        return spatial_condition(mask, grid)
+    d, h, w = (int(g) for g in grid)
+    fine = spatial_condition(mask, (2 * d, 2 * h, 2 * w))  # (K, 2d, 2h, 2w)
+    k = fine.shape[0]
+    fine = fine.reshape(k, d, 2, h, 2, w, 2).permute(0, 2, 4, 6, 1, 3, 5)
+    return fine.reshape(k * 8, d, h, w).contiguous()
 
 
 def spatial_condition(mask: Any, grid: tuple[int, ...]) -> torch.Tensor:

@@ -105,7 +105,7 @@ class UNetConfig:
     arch: str = "lad_fast"
 
 
-SPATIAL_MODES = ("none", "concat")
+SPATIAL_MODES = ("none", "concat", "concat_fine")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,8 @@ class ConditionConfig:
     # over the canonical organs and average-pooled to the latent grid (lad_fast.conditions.spatial_condition),
     # is concatenated to the U-Net input at every step; classifier-free guidance drops it together with the
     # global condition (same ``keep``), its null being zeros (lad_fast.conditions.drop_spatial says why).
+    # "concat_fine": the same fractions on a twice finer grid, each latent voxel carrying its 8 octants'
+    # (NUM_CLASSES x 8 channels), so the U-Net sees where inside a latent voxel an organ boundary lies.
     spatial: str = "none"
 
     def __post_init__(self) -> None:
@@ -249,7 +251,7 @@ class LadConfig:
 # The field defaults stay Lad's (DDPM, global conditions), which is what runs written before these
 # fields existed were trained with; lad-official keeps Lad's settings.
 FLOW = DiffusionConfig(objective="flow")
-SPATIAL = ConditionConfig(spatial="concat")
+SPATIAL = ConditionConfig(spatial="concat_fine")
 FEW_STEPS = SamplingConfig(sampler="euler", steps=30, guidance=3.0)
 
 

@@ -277,18 +277,19 @@ def encode_case(
 
     image (D, H, W) in [-1, 1] or None, mask (D, H, W) canonical ids -> ``latent`` (C, d, h, w) in [-1, 1]
     (absent without an image), ``content`` (C, d, h, w) and ``structure`` (L,) float32, log1p-normalised,
-    and, when ``cfg.condition.spatial == "concat"``, ``spatial`` (NUM_CLASSES, d, h, w) float32, the
-    mask's organ fractions on the latent grid (:func:`lad_fast.conditions.spatial_condition`).
+    and, with spatial conditioning, ``spatial`` (K, d, h, w) float32, the mask's organ fractions on the
+    latent grid (:func:`lad_fast.conditions.spatial_for`).
     """
-    from lad_fast.conditions import normalize_structure, spatial_condition, structure_condition
+    from lad_fast.conditions import normalize_structure, spatial_for, structure_condition
 
     m = torch.from_numpy(np.asarray(mask, dtype=np.int64))[None].to(device)
     out = {
         "content": vq.encode_pre_quant(mask_as_image(m))[0].float().cpu(),
         "structure": normalize_structure(structure_condition(np.asarray(mask), cfg.condition)),
     }
-    if cfg.condition.spatial == "concat":  # the content encoding's grid is the latent grid
-        out["spatial"] = spatial_condition(np.asarray(mask), tuple(out["content"].shape[1:]))
+    if cfg.condition.spatial != "none":  # the content encoding's grid is the latent grid
+        grid = tuple(out["content"].shape[1:])
+        out["spatial"] = spatial_for(np.asarray(mask), grid, cfg.condition.spatial)
     if image is not None:
         x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None, None].to(device)
         out["latent"] = vq.to_unit(vq.encode(x))[0].float().cpu()

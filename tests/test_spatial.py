@@ -12,7 +12,7 @@ import pytest
 import torch
 from _shared import small_config
 
-from lad_fast.conditions import drop_spatial, null_spatial, spatial_channels, spatial_condition
+from lad_fast.conditions import drop_spatial, null_spatial, spatial_channels, spatial_condition, spatial_for
 from lad_fast.config import PRESETS, ConditionConfig, UNetConfig, get_preset
 from lad_fast.errors import ConfigError, InputError
 from lad_fast.models.unet import LatentUNet, build_unet
@@ -57,6 +57,28 @@ def test_spatial_condition_refuses_bad_masks_and_grids():
         spatial_condition(np.zeros((2, 2, 2), dtype=np.float32), (1, 1, 1))
 
 
+def test_fine_spatial_condition_places_each_octant_on_its_own_channel():
+    liver = CANONICAL_ID["liver"]
+    mask = np.zeros(
+        (4, 4, 4), dtype=np.uint8
+    )  # latent grid (1, 1, 2): each cell 4 x 4 x 2, octants 2 x 2 x 1
+    mask[2:4, 0:2, 3] = liver  # cell (0, 0, 1), octant (1, 0, 1) = 5: all liver, the cell 1/8 liver
+    fine = spatial_for(mask, (1, 1, 2), "concat_fine")
+    assert fine.shape == (8 * NUM_CLASSES, 1, 1, 2)
+    assert fine[liver * 8 + 5, 0, 0, 1] == 1.0 and fine[liver * 8 : liver * 8 + 8].sum() == 1.0
+    assert fine[5, 0, 0, 1] == 0.0 and fine[0:8, 0, 0, 0].sum() == 8.0  # background octants of both cells
+    # octants average to the coarse fractions, and each octant's classes sum to 1 (zeros stay the null)
+    coarse = spatial_for(mask, (1, 1, 2), "concat")
+    torch.testing.assert_close(fine.reshape(NUM_CLASSES, 8, 1, 1, 2).mean(1), coarse, rtol=0, atol=1e-7)
+    torch.testing.assert_close(fine.reshape(NUM_CLASSES, 8, 1, 1, 2).sum(0), torch.ones(8, 1, 1, 2))
+    assert torch.equal(coarse, spatial_condition(mask, (1, 1, 2)))
+    assert spatial_channels(ConditionConfig(spatial="concat_fine")) == 8 * NUM_CLASSES
+    with pytest.raises(
+        ConfigError, match=r"mask grid \(4, 4, 4\) is not a whole multiple of the latent grid \(2, 2, 6\)"
+    ):
+        spatial_for(mask, (1, 1, 3), "concat_fine")
+
+
 def test_drop_spatial_is_zeros_where_keep_is_zero():
     s = torch.rand(3, NUM_CLASSES, 1, 2, 2) + 0.1
     out = drop_spatial(s, torch.tensor([1.0, 0.0, 1.0]))
@@ -69,10 +91,10 @@ def test_drop_spatial_is_zeros_where_keep_is_zero():
 
 def test_presets_add_the_spatial_mask_except_the_official_one():
     assert set(PRESETS) == {"tiny", "lad", "lad-official"}
-    assert get_preset("tiny").condition.spatial == get_preset("lad").condition.spatial == "concat"
+    assert get_preset("tiny").condition.spatial == get_preset("lad").condition.spatial == "concat_fine"
     assert get_preset("lad-official").condition.spatial == "none"
     assert ConditionConfig().spatial == "none"  # runs written before the field: Lad's global conditions
-    assert spatial_channels(get_preset("tiny").condition) == NUM_CLASSES
+    assert spatial_channels(get_preset("tiny").condition) == 8 * NUM_CLASSES
     assert spatial_channels(replace(ConditionConfig(), spatial="concat")) == NUM_CLASSES
 
 
@@ -90,7 +112,9 @@ def test_lad_official_refuses_spatial_conditioning():
 
 
 def test_unknown_spatial_mode_is_named():
-    with pytest.raises(ConfigError, match=r"^condition\.spatial must be one of none, concat, got 'film'$"):
+    with pytest.raises(
+        ConfigError, match=r"^condition\.spatial must be one of none, concat, concat_fine, got 'film'$"
+    ):
         ConditionConfig(spatial="film")
 
 
@@ -301,6 +325,14 @@ def test_the_latent_cache_key_holds_the_spatial_mode(spatial_run, tiny_phantoms,
     assert encoded == 3 and "spatial" not in got  # another spatial mode: encoded again
     got, encoded = encode(spatial_config())
     assert encoded == 3 and got["spatial"].shape[1] == NUM_CLASSES
+    fine = replace(spatial_config(), condition=replace(spatial_config().condition, spatial="concat_fine"))
+    got, encoded = encode(fine)  # the octant fractions: encoded again, 8 channel sets
+    assert encoded == 3 and got["spatial"].shape[1] == 8 * NUM_CLASSES
+    torch.testing.assert_close(got["spatial"].sum(1), torch.full((3, *got["latent"].shape[2:]), 8.0))
+    net = build_unet(fine.unet, fine.condition, got["latent"].shape[1], 192)
+    x = got["latent"][:2]
+    out = net(x, torch.tensor([1, 2]), torch.zeros(2, fine.condition.embed_dim), got["spatial"][:2])
+    assert out.shape == x.shape and net.spatial_channels == 8 * NUM_CLASSES
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])

@@ -87,7 +87,7 @@ def encode_dataset(
         "ids": json.dumps([ds.case_ids[i] for i in cases]),
         "spatial": cfg.condition.spatial,
     }
-    names = ("latent", "content", "structure") + (("spatial",) if cfg.condition.spatial == "concat" else ())
+    names = ("latent", "content", "structure") + (("spatial",) if cfg.condition.spatial != "none" else ())
     if cache.is_file():
         try:
             with safe_open(str(cache), framework="pt") as f:

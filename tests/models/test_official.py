@@ -77,18 +77,18 @@ def test_lad_official_docstring_states_the_tested_numbers() -> None:
 
 def test_tiny_and_lad_models_are_unchanged() -> None:
     """The sizes of lad-fast's own models; the presets' spatial mask adds only its input channels to the
-    U-Net stem (12 organ fractions x stem channels x 3^3), so with global conditions only they are the
-    sizes they always had."""
+    U-Net stem (12 organ fractions x 8 octants x stem channels x 3^3), so with global conditions only
+    they are the sizes they always had."""
     from lad_fast.organs import NUM_CLASSES
 
     vq, net = _full_size("tiny")
-    assert (count_parameters(vq), count_parameters(net)) == (154_121, 3_114_985)
-    assert 3_114_985 - 3_107_209 == NUM_CLASSES * 24 * 27
+    assert (count_parameters(vq), count_parameters(net)) == (154_121, 3_169_417)
+    assert 3_169_417 - 3_107_209 == 8 * NUM_CLASSES * 24 * 27
     assert isinstance(net, LatentUNet)
     vq, net = _full_size("lad")
     assert (count_parameters(vq), count_parameters(vq.decoder)) == (736_073, 374_689)
-    assert count_parameters(net) == 84_146_777
-    assert 84_146_777 - 84_126_041 == NUM_CLASSES * 64 * 27
+    assert count_parameters(net) == 84_291_929
+    assert 84_291_929 - 84_126_041 == 8 * NUM_CLASSES * 64 * 27
     assert isinstance(net, LatentUNet)
     for name, size in (("tiny", 3_107_209), ("lad", 84_126_041)):
         cfg = get_preset(name)
