@@ -170,9 +170,15 @@ run_sampler() {
             >>"$OUT/sampler.jsonl"
         return "$SKIP"
     fi
-    local extra=()
-    [ "$DRY" = 1 ] && extra=(--help)  # the dry run checks that the command is there and parses
-    lad_fast_cli bench sampler "${extra[@]}"  # its output goes to suite.log
+    if [ "$DRY" = 1 ]; then  # tiny network, eager only, one volume, two baseline steps; nothing appended
+        lad_fast_cli bench sampler --preset tiny --backends torch --n 1 --baseline-steps 2 --no-write \
+            --note "gpu_suite --cpu-dry-run"
+        return
+    fi
+    # lad sizes, every backend this machine has, beside the official configuration (10 DDPM steps timed,
+    # scaled to its 300); the line appended to bench/results/sampler.jsonl is also kept with the suite
+    lad_fast_cli bench sampler --preset lad --device cuda --n 2 --baseline-steps 10 --note "bench/gpu_suite.sh" \
+        && tail -n 1 "$ROOT/bench/results/sampler.jsonl" >>"$OUT/sampler.jsonl"
 }
 
 SITE=/tmp/lad_fast_site  # where the carried wheels go (pip --target), first on PYTHONPATH, then the repo

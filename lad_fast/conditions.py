@@ -9,9 +9,10 @@ Two parts, concatenated in this order by ``LatentUNet.embed_condition``:
 * structure: the per-slice Betti numbers of :func:`structure_condition` (Lad: 32 x 3 x 2 = 192), plus
   per-organ 3D Betti numbers when ``ConditionConfig.betti_3d``, scaled by :func:`normalize_structure`.
 
-Optionally (``ConditionConfig.spatial == "concat"``) a third, spatial condition: the mask one-hot over the
-canonical organs and average-pooled to the latent grid (:func:`spatial_condition`), concatenated to the
-U-Net input at every step rather than embedded.
+Optionally (``ConditionConfig.spatial`` "concat" or "concat_fine") a third, spatial condition: the mask
+one-hot over the canonical organs and average-pooled to the latent grid (:func:`spatial_condition`), or
+for "concat_fine" to the twice finer grid with each latent voxel's 8 octants on the channel axis
+(:func:`spatial_for`), concatenated to the U-Net input at every step rather than embedded.
 
 Model code: imports no training, I/O or CLI code.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def _lines(path: Path) -> list[dict]:
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu_suite")
     env = {k: v for k, v in os.environ.items() if k != "LAD_FAST_KERNELS"}
+    env["PYTHON"] = sys.executable  # this interpreter, whether or not its venv is activated
     done = subprocess.run(
         ["bash", str(SUITE), "--cpu-dry-run", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
