@@ -114,7 +114,7 @@ def make_decoder(backend: str, vq: torch.nn.Module, run: str | Path, batch: int 
     :class:`~lad_fast.export.graphs.DecoderGraph`).
 
     torch and compile run the module; onnx and trt the run's decoder artefact (``RUN/export``, exported on
-    demand like the denoiser's). Not yet called by ``generate``, which decodes through ``Generator.decode``.
+    demand like the denoiser's). ``generate --backend onnx|trt`` decodes every whole volume through it.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

@@ -197,7 +197,7 @@ def export_run(
     :func:`~lad_fast.export.artefacts.prepare_out`). Graphs are exported and verified on the CPU.
     """
     from lad_fast.runs import RunDir
-    from lad_fast.trained import checkpoint_hash, load_diffusion, load_frozen_vqgan
+    from lad_fast.trained import checkpoint_hash, load_diffusion, load_frozen_vqgan, vqgan_run_of
 
     _check_request(target, precision)
     run = Path(run)
@@ -205,7 +205,7 @@ def export_run(
     out = Path(out) if out is not None else run / EXPORT_DIR
     net, meta = load_diffusion(run, "cpu")
     cfg = rundir.config()
-    vqgan_run = Path(meta.get("vqgan_run") or run)
+    vqgan_run = vqgan_run_of(run, meta)  # recorded relative to the run
     vq, _ = load_frozen_vqgan(vqgan_run, cfg, torch.device("cpu"))
     names = [artefact_name(k, "fp32", "onnx") for k in ("denoiser", "decoder")]
     if precision != "fp32":

@@ -52,12 +52,12 @@ def run_meta(run: Path) -> dict:
 
 def run_checkpoint(run: Path, kind: str) -> str:
     """Hash of the checkpoint the ``kind`` graph comes from: the diffusion model, or its VQ-GAN."""
-    from lad_fast.trained import checkpoint_hash
+    from lad_fast.trained import checkpoint_hash, vqgan_run_of
 
     run = Path(run)
     if kind == "denoiser":
         return checkpoint_hash(run / "diffusion")
-    return checkpoint_hash(Path(run_meta(run).get("vqgan_run") or run) / "vqgan")
+    return checkpoint_hash(vqgan_run_of(run, run_meta(run)) / "vqgan")  # recorded relative to the run
 
 
 def check_run_artefact(run: Path, backend: str, batch: int | None = None, kind: str = "denoiser") -> None:

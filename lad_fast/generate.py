@@ -99,20 +99,30 @@ class Generator:
     device: torch.device
 
     @torch.no_grad()
-    def decode(self, x0: torch.Tensor, tile: int | None = None) -> list[np.ndarray]:
+    def decode(
+        self, x0: torch.Tensor, tile: int | None = None, exported: Callable[..., Any] | None = None
+    ) -> list[np.ndarray]:
         """Sampled latents (B, C, d, h, w) in sampler space -> B images (D, H, W) in [-1, 1], decoded one
         volume at a time (batch-size independent; batch 1 runs on oneDNN on a CPU, see
         ``kernels/_cpu_conv.py``). tile: None decodes whole unless that would exceed the memory budget
         (then in tiles, :func:`lad_fast.tiled.auto_tile`); 0 always whole; N > 0 in tiles of N latent
-        voxels per axis with the exact overlap (:mod:`lad_fast.tiled`: the whole decode's result)."""
+        voxels per axis with the exact overlap (:mod:`lad_fast.tiled`: the whole decode's result).
+        exported: an exported quantise + decode graph (``lad_fast.export.backends.make_decoder``: unit
+        latents -> image), used for every volume that is decoded whole."""
         from lad_fast.tiled import auto_tile, tiled_decode
 
         x0 = self.denormalize(x0)
         out = []
         for k in range(x0.shape[0]):
-            latent = self.vq.quantize(self.vq.from_unit(x0[k : k + 1].clamp(-1, 1).float()))
-            n = auto_tile(self.vq.decoder, latent.shape[1:], latent.device) if tile is None else tile
-            image = tiled_decode(self.vq.decoder, latent, n) if n else self.vq.decode(latent)
+            unit = x0[k : k + 1].clamp(-1, 1).float()
+            n = (
+                auto_tile(self.vq.decoder, unit.shape[1:], unit.device) if tile is None else tile
+            )  # quantising keeps the shape
+            if exported is not None and not n:
+                image = torch.as_tensor(exported(unit))
+            else:
+                latent = self.vq.quantize(self.vq.from_unit(unit))
+                image = tiled_decode(self.vq.decoder, latent, n) if n else self.vq.decode(latent)
             out.append(image[0, 0].float().cpu().numpy())
         return out
 
@@ -355,7 +365,7 @@ def generate(
     from lad_fast.data.geometry import unit_to_hu
     from lad_fast.devices import choose_device, resolve_device
     from lad_fast.distributed import init_distributed
-    from lad_fast.export.backends import make_denoiser, preflight
+    from lad_fast.export.backends import make_decoder, make_denoiser, preflight
     from lad_fast.progress import make_progress
     from lad_fast.runs import RunDir
     from lad_fast.samplers import check_sampler
@@ -422,6 +432,8 @@ def generate(
         example.append(torch.zeros(1, spatial_ch, *shape[1:], device=dev))
         names.append("spatial")
     denoise = make_denoiser(backend, gen.net, example, names, run / "export", run=run, batch=batch)
+    # onnx / trt: the decoder's artefact too (decoding runs one volume at a time); tiles use the module
+    exported = make_decoder(backend, gen.vq, run, batch=1) if backend in ("onnx", "trt") else None
     window = gen.cfg.geometry.hu_window
     fields = {**settings, "backend": backend, "vqgan_checkpoint": gen.vqgan_hash, "run": str(run.resolve())}
     t0 = time.perf_counter()
@@ -442,7 +454,7 @@ def generate(
             for job, vseed, ok, x in zip(jobs, seeds, finite, x0.split(1), strict=True):
                 if worker.cancelled or stop:  # interrupted: the volumes not started yet are not written
                     return
-                image = gen.decode(x, decode_tile)[0] if ok else None
+                image = gen.decode(x, decode_tile, exported)[0] if ok else None
                 if image is None or not np.isfinite(image).all():  # NaN/Inf must never become a volume
                     raise CheckpointError(
                         f"volume {volume_id(job.index)}: the sampled latents are not finite (NaN/Inf) with "

@@ -43,7 +43,37 @@ def test_onnx_backend_writes_the_torch_volumes_and_reuses_its_export(run_copy, t
     stamp = art.stat().st_mtime_ns
     generate(run_copy, tmp_path / "again", backend="onnx", device="cpu", **{**SETTINGS, "n": 1})
     assert art.stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in art.parent.iterdir()) == ["denoiser.fp32.onnx", "denoiser.fp32.onnx.json"]
+    # the decoder is exported and used too (every volume here is decoded whole)
+    dec = art.with_name("decoder.fp32.onnx")
+    assert json.loads(dec.with_name(dec.name + ".json").read_text())["checkpoint"] == checkpoint_hash(
+        run_copy / "vqgan"
+    )
+    assert sorted(p.name for p in art.parent.iterdir()) == [
+        "decoder.fp32.onnx",
+        "decoder.fp32.onnx.json",
+        "denoiser.fp32.onnx",
+        "denoiser.fp32.onnx.json",
+    ]
+
+
+def test_onnx_backend_decodes_through_the_exported_decoder(run_copy, tmp_path, monkeypatch):
+    """The decoder artefact, not the VQ-GAN module, decodes whole volumes under --backend onnx."""
+    import lad_fast.export.backends as backends
+    from lad_fast.generate import generate
+
+    calls = []
+    real = backends.make_decoder
+
+    def counting(*args, **kwargs):
+        decode = real(*args, **kwargs)
+        return lambda x: calls.append(tuple(x.shape)) or decode(x)
+
+    monkeypatch.setattr(backends, "make_decoder", counting)
+    generate(run_copy, tmp_path / "o", backend="onnx", device="cpu", **SETTINGS)
+    assert len(calls) == SETTINGS["n"] and all(c[0] == 1 for c in calls)  # one volume at a time
+    calls.clear()
+    generate(run_copy, tmp_path / "t", backend="onnx", device="cpu", decode_tile=2, **SETTINGS)
+    assert calls == []  # tiles decode through the module
 
 
 def test_two_process_torchrun_exports_once_on_rank_zero(run_copy, tmp_path):
@@ -73,6 +103,8 @@ def test_two_process_torchrun_exports_once_on_rank_zero(run_copy, tmp_path):
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [(r["index"], r["rank"], r["backend"]) for r in lines] == [(0, 0, "onnx"), (1, 1, "onnx")]
     assert sorted(p.name for p in (run_copy / "export").iterdir()) == [
+        "decoder.fp32.onnx",
+        "decoder.fp32.onnx.json",
         "denoiser.fp32.onnx",
         "denoiser.fp32.onnx.json",
     ]
