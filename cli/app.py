@@ -14,6 +14,7 @@ import typer
 
 from lad_fast.cli import data_cmds, evaluate_cmd, generate_cmd, info_cmd, masks_cmd
 from lad_fast.cli.bench_cmd import bench_app
+from lad_fast.cli.ssl_cmds import ssl_app
 from lad_fast.cli.train_cmds import train_app
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.add_typer(train_app, name="train")
 app.command("generate")(generate_cmd.generate)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(bench_app, name="bench")
+app.add_typer(ssl_app, name="ssl")
 
 
 def _debug() -> bool:
