@@ -29,8 +29,12 @@ def pretrain(
     ] = None,
     synthetic_ratio: Annotated[
         float,
-        typer.Option("--synthetic-ratio", min=0.0, max=1.0, help="Expected fraction of each batch that is "
-                     "synthetic (when --synthetic is given)."),
+        typer.Option(
+            "--synthetic-ratio",
+            min=0.0,
+            max=1.0,
+            help="Expected fraction of each batch that is synthetic (when --synthetic is given).",
+        ),
     ] = 0.5,  # fmt: skip
     run: RunOpt = "ssl",
     preset: PresetOpt = Preset.tiny,

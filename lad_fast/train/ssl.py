@@ -49,6 +49,10 @@ def held_out_cases(dataset: PreparedDataset) -> list[int]:
     return labelled_split(dataset)[1] if dataset.labelled_indices() else []
 
 
+def _adamw(net: torch.nn.Module, tcfg: Any) -> torch.optim.AdamW:
+    return torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+
+
 def _json(obj: Any) -> Any:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
@@ -87,13 +91,17 @@ def pretrain(
     real = [i for i in range(len(dataset)) if i not in held]
     pool = GeneratedVolumes([Path(s) for s in synthetic], dataset.geometry) if synthetic else None
     folders = [str(Path(s).resolve()) for s in synthetic]
-    digest = hashlib.sha256(json.dumps([dataset.content_hash(masks=False), folders, len(pool or [])]).encode())
+    digest = hashlib.sha256(
+        json.dumps([dataset.content_hash(masks=False), folders, len(pool or [])]).encode()
+    )
 
     def build(setup: Setup) -> Job:
         dev = setup.device
         with setup.initial_weights():
             net = SSLNet(cfg.segmenter).to(dev)
-        opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
+        )
 
         def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
             rec, logits = mods["model"](batch["input"].to(dev))
@@ -145,7 +153,9 @@ def finetune_cases(dataset: PreparedDataset, labelled: int) -> tuple[list[int], 
     return train_idx[:labelled], val_idx
 
 
-def initial_segmenter(cfg: LadConfig, seed: int, pretrained: dict[str, torch.Tensor] | None, source: str = ""):
+def initial_segmenter(
+    cfg: LadConfig, seed: int, pretrained: dict[str, torch.Tensor] | None, source: str = ""
+):
     """(the fine-tuning segmenter before its first step, the weight transfer or None). Fresh weights come
     from ``seed`` alone, so a pretrained start differs from none only in the transferred layers."""
     from lad_fast.ssl.network import transfer_weights
@@ -191,7 +201,9 @@ def finetune(
         dev = setup.device
         net, transfer = initial_segmenter(cfg, setup.seed, state, str(pretrained))
         net = net.to(dev)
-        opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
+        )
 
         def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
             return dice_loss(mods["model"](batch["image"].to(dev)), batch["mask"].to(dev)), {}
