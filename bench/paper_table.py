@@ -35,15 +35,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent  # bench/
+RESULTS = ROOT / "results"
 
 ROWS = ("medical_diffusion", "lad_official", "lad_fast")
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas")
@@ -140,19 +143,163 @@ def train_rows(work: Path, lad_fast_run: Path | None, vqgan_steps: int | None, d
     return info
 
 
+def _lad(cmd: list[str]) -> float:
+    """Run one ``lad-fast`` command; returns its wall time."""
+    print("$ lad-fast " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    env = {**os.environ, "LAD_FAST_QUIET": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "lad_fast.cli.app", *cmd], check=True, env=env, stdout=subprocess.DEVNULL
+    )
+    return time.perf_counter() - t0
+
+
+def held_out(path: Path, n: int) -> Path:
+    """A prepared dataset of ``n`` tiny phantoms drawn with seed 1000 (never seen in training)."""
+    if not (path / "index.json").is_file():
+        src = path.with_name(path.name + "-src")
+        _lad(["phantom", str(src), "--n", str(n), "--preset", "tiny", "--seed", "1000"])
+        _lad(["prepare", str(src), str(path), "--preset", "tiny"])
+    return path
+
+
+def generation_seconds(ssl_work: Path, out: Path) -> float | None:
+    """Wall time of the last ``lad-fast generate --out <out>`` the SSL benchmark ran (its command log)."""
+    found = None
+    for path in (ssl_work / "commands.jsonl", RESULTS / "ssl_benchmark.json"):
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        lines = json.loads(text).get("commands", []) if path.suffix == ".json" else [
+            json.loads(line) for line in text.splitlines() if line.strip()]  # fmt: skip
+        for r in lines:
+            if r["command"].startswith("lad-fast generate") and f"--out {out} " in r["command"] + " ":
+                found = r["seconds"]
+    return found
+
+
+def summary(rep: dict[str, Any]) -> dict[str, Any]:
+    fid = rep["fidelity"]
+    return {
+        "fid": rep["realism"]["fid"],
+        "mmd_linear": rep["realism"]["mmd_linear"],
+        "mmd_gaussian": rep["realism"]["mmd_gaussian"],
+        "diversity": rep["diversity"]["synthetic"],
+        "mask_dice": fid["synthetic"]["mean_dice"],
+        "shuffled_mask_dice": fid["shuffled"]["mean_dice"],
+        "topology_error": fid["synthetic"]["structure_l1"],
+        "shuffled_topology_error": fid["shuffled"]["structure_l1"],
+        "references": {
+            "fid_real_vs_real": rep["references"]["real_vs_real"]["fid"],
+            "fid_trivial": rep["references"]["trivial"]["fid"],
+            "real_ceiling_mask_dice": fid["real"]["mean_dice"],
+        },
+    }
+
+
+def _pm(s: dict[str, float] | None) -> str:
+    return f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "n/a"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return format(v, fmt) if v is not None else "n/a"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    rows, ssl = record["rows"], record["ssl"]
+    out = [
+        "| generator | FID | MMD (lin) | diversity | mask Dice | topology error "
+        "| VQ-GAN + diffusion train (s) | generation (s/volume) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in rows.items():
+        train = (r["vqgan_train_s"] or 0) + (r["diffusion_train_s"] or 0)
+        out.append(
+            f"| {name} | {r['fid']:.3f} | {r['mmd_linear']:.4f} | {r['diversity']:.3f} "
+            f"| {r['mask_dice']:.3f} | {r['topology_error']:.3f} | {train:.0f} "
+            f"| {_num(r['generation_s_per_volume'], '.2f')} |"
+        )
+    out += ["", "SSL fine-tuning Dice per organ (mean ± std over seeds):", ""]
+    out.append("| pretraining pool | " + " | ".join(ORGANS) + " | mean |")
+    out.append("|" + " --- |" * (len(ORGANS) + 2))
+    for arm, s in ssl.items():
+        cells = [_pm(s["organs"].get(o)) for o in ORGANS]
+        out.append(f"| {arm} | " + " | ".join(cells) + f" | {_pm(s['mean_of_organs'])} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/lad-paper"))
     ap.add_argument("--lad-fast-run", type=Path, default=None, help="an existing tiny run (copied)")
     ap.add_argument("--vqgan-steps", type=int, default=None, help="VQ-GAN steps (default: the preset's)")
     ap.add_argument("--diffusion-steps", type=int, default=None, help="diffusion steps (default: preset's)")
+    ap.add_argument("--segmenter", type=Path, required=False, help="run holding the evaluation segmenter")
+    ap.add_argument("--real", type=Path, default=None, help="held-out real volumes (default: 16 phantoms)")
+    ap.add_argument("--n-synthetic", type=int, default=32)
+    ap.add_argument("--ssl-work", type=Path, default=Path("/tmp/lad-ssl-bench"))
+    ap.add_argument("--ssl-args", default="", help="extra arguments for bench/ssl_benchmark.py (--scale ...)")
     ap.add_argument("--stage", choices=("train", "all"), default="all")
+    ap.add_argument("--out", type=Path, default=RESULTS / "paper_table.json")
+    ap.add_argument("--doc", type=Path, default=ROOT.parent / "docs" / "paper_table.md")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     info = train_rows(args.work, args.lad_fast_run, args.vqgan_steps, args.diffusion_steps)
-    print(json.dumps(info, indent=1))
     if args.stage == "train":
+        print(json.dumps(info, indent=1))
         return 0
+    if args.segmenter is None:
+        raise SystemExit("--segmenter RUN (a run holding a trained tiny segmenter) is needed for evaluation")
+
+    # SSL arms: the benchmark generates each row's volumes (timed) and skips what it already ran.
+    ssl_cmd = [sys.executable, str(ROOT / "ssl_benchmark.py"), "--work", str(args.ssl_work),
+               "--lad-fast-run", str(args.work / "lad_fast"),
+               "--official-run", str(args.work / "lad_official"),
+               "--medical-diffusion-run", str(args.work / "medical_diffusion"), "--n-synthetic",
+               str(args.n_synthetic), "--arms", "none", "real", "real+lad_fast", "real+lad_official",
+               "real+medical_diffusion", *args.ssl_args.split()]  # fmt: skip
+    print("$ " + " ".join(ssl_cmd[1:]), flush=True)
+    subprocess.run(ssl_cmd, check=True)
+    ssl_record = json.loads((RESULTS / "ssl_benchmark.json").read_text())
+
+    real = held_out(args.real or args.work / "heldout", 16)
+    rows: dict[str, Any] = {}
+    for name in ROWS:
+        synthetic = args.ssl_work / "synthetic" / name
+        report = args.work / "evaluate" / f"{name}.json"
+        if not report.is_file():
+            _lad(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--segmenter",
+                  str(args.segmenter), "--out", str(report), "--device", "cpu", "--force"])  # fmt: skip
+        gen_s = generation_seconds(args.ssl_work, synthetic)
+        rows[name] = {
+            **summary(json.loads(report.read_text())),
+            **info[name],
+            "synthetic": str(synthetic),
+            "generation_s_per_volume": gen_s / args.n_synthetic if gen_s is not None else None,
+        }
+    import torch
+
+    record = {
+        "bench": "paper_table",
+        "command": " ".join(["python bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])]),
+        "scale": "tiny preset (16 x 64 x 64 voxels), procedural phantoms (32 for training, 16 held out), "
+        "two shared CPU cores; not AbdomenCT-1K, not GPUs",
+        "device": "cpu",
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "real": str(real),
+        "segmenter": str(args.segmenter),
+        "ssl_benchmark": {"command": ssl_record["command"], "scale": ssl_record["scale"]},
+        "rows": rows,
+        "ssl": ssl_record["summary"],
+        "total_seconds": round(time.perf_counter() - t0, 1),
+    }
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    md = markdown(record)
+    (args.work / "paper_table.md").write_text(md)
+    print(md)
     return 0
 
 

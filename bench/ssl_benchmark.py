@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("none", "real", "real+lad_fast", "real+lad_official", "real+medical_diffusion")
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas")
 LAD = [sys.executable, "-m", "lad_fast.cli.app"]
+HISTORY: Path | None = None  # <work>/commands.jsonl
 
 
 def _run(cmd: list[str], log: list[dict[str, Any]]) -> float:
@@ -49,7 +50,10 @@ def _run(cmd: list[str], log: list[dict[str, Any]]) -> float:
     env = {**os.environ, "LAD_FAST_QUIET": "1"}
     subprocess.run([*LAD, *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
-    log.append({"command": shown, "seconds": round(seconds, 1)})
+    log.append({"command": shown, "seconds": round(seconds, 1), "time": time.time()})
+    if HISTORY is not None:  # every command of every call, so a continued rerun keeps the timings
+        with open(HISTORY, "a") as f:
+            f.write(json.dumps(log[-1]) + "\n")
     return seconds
 
 
@@ -177,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log: list[dict[str, Any]] = []
     args.work.mkdir(parents=True, exist_ok=True)
+    global HISTORY
+    HISTORY = args.work / "commands.jsonl"
     synthetic = {}
     if "real+lad_fast" in args.arms:
         synthetic["lad_fast"] = synthetic_set(
