@@ -163,19 +163,13 @@ def held_out(path: Path, n: int) -> Path:
     return path
 
 
-def generation_seconds(ssl_work: Path, out: Path) -> float | None:
-    """Wall time of the last ``lad-fast generate --out <out>`` the SSL benchmark ran (its command log)."""
-    found = None
-    for path in (ssl_work / "commands.jsonl", RESULTS / "ssl_benchmark.json"):
-        if not path.is_file():
-            continue
-        text = path.read_text()
-        lines = json.loads(text).get("commands", []) if path.suffix == ".json" else [
-            json.loads(line) for line in text.splitlines() if line.strip()]  # fmt: skip
-        for r in lines:
-            if r["command"].startswith("lad-fast generate") and f"--out {out} " in r["command"] + " ":
-                found = r["seconds"]
-    return found
+def generation_seconds(run: Path, out: Path, n: int) -> float:
+    """Seconds per volume of ``lad-fast generate`` with the run's own sampler settings, timed on ``n``
+    volumes written afresh to ``out`` (the SSL volumes may have been made in an earlier, busier call)."""
+    if out.exists():
+        shutil.rmtree(out)
+    return _lad(["generate", "--out", str(out), "--run", str(run), "--n", str(n), "--seed", "1", "--device",
+                 "cpu"]) / n  # fmt: skip
 
 
 def summary(rep: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--segmenter", type=Path, required=False, help="run holding the evaluation segmenter")
     ap.add_argument("--real", type=Path, default=None, help="held-out real volumes (default: 16 phantoms)")
     ap.add_argument("--n-synthetic", type=int, default=32)
+    ap.add_argument("--n-timing", type=int, default=4, help="volumes generated to time each generator")
     ap.add_argument("--ssl-work", type=Path, default=Path("/tmp/lad-ssl-bench"))
     ap.add_argument("--ssl-args", default="", help="extra arguments for bench/ssl_benchmark.py (--scale ...)")
     ap.add_argument("--stage", choices=("train", "all"), default="all")
@@ -271,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         if not report.is_file():
             _lad(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--segmenter",
                   str(args.segmenter), "--out", str(report), "--device", "cpu", "--force"])  # fmt: skip
-        gen_s = generation_seconds(args.ssl_work, synthetic)
+        timing = args.work / "timing" / name
+        gen_s = generation_seconds(args.work / name, timing, args.n_timing)
         rows[name] = {
             **summary(json.loads(report.read_text())),
             **info[name],
             "synthetic": str(synthetic),
-            "generation_s_per_volume": gen_s / args.n_synthetic if gen_s is not None else None,
+            "generation_s_per_volume": round(gen_s, 3),
+            "generation_timed_volumes": args.n_timing,
         }
     import torch
 
