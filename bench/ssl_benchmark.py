@@ -226,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         },  # fmt: skip
         "seconds": out["seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1),
-        "commands": log,
+        # every lad-fast command behind these numbers, from this call and earlier ones on --work (a rerun
+        # skips what exists; arms may also have been run by separate calls with --arms)
+        "commands": [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
+        if HISTORY.is_file()
+        else log,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
