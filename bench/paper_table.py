@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-timing", type=int, default=4, help="volumes generated to time each generator")
     ap.add_argument("--ssl-work", type=Path, default=Path("/tmp/lad-ssl-bench"))
     ap.add_argument("--ssl-args", default="", help="extra arguments for bench/ssl_benchmark.py (--scale ...)")
+    ssl_arms = ["none", "real", "real+lad_fast", "real+lad_official", "real+medical_diffusion"]
+    ap.add_argument("--ssl-arms", nargs="+", default=ssl_arms, choices=ssl_arms)
     ap.add_argument("--stage", choices=("train", "all"), default="all")
     ap.add_argument("--out", type=Path, default=RESULTS / "paper_table.json")
     ap.add_argument("--doc", type=Path, default=ROOT.parent / "docs" / "paper_table.md")
@@ -252,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                "--lad-fast-run", str(args.work / "lad_fast"),
                "--official-run", str(args.work / "lad_official"),
                "--medical-diffusion-run", str(args.work / "medical_diffusion"), "--n-synthetic",
-               str(args.n_synthetic), "--arms", "none", "real", "real+lad_fast", "real+lad_official",
-               "real+medical_diffusion", *args.ssl_args.split()]  # fmt: skip
+               str(args.n_synthetic), "--arms", *args.ssl_arms, *args.ssl_args.split()]  # fmt: skip
     print("$ " + " ".join(ssl_cmd[1:]), flush=True)
     subprocess.run(ssl_cmd, check=True)
     ssl_record = json.loads((RESULTS / "ssl_benchmark.json").read_text())
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, Any] = {}
     for name in ROWS:
         synthetic = args.ssl_work / "synthetic" / name
+        if not (synthetic / "dataset.json").is_file():  # its SSL arm was not run: generate to evaluate
+            _lad(["generate", "--out", str(synthetic), "--run", str(args.work / name), "--n",
+                  str(args.n_synthetic), "--seed", "0", "--device", "cpu"])  # fmt: skip
         report = args.work / "evaluate" / f"{name}.json"
         if not report.is_file():
             _lad(["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--segmenter",
