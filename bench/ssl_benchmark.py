@@ -103,44 +103,59 @@ def table(summary: dict[str, Any], organs: tuple[str, ...]) -> str:
 
 
 def run_arms(args: argparse.Namespace, synthetic: dict[str, Path], log: list) -> dict[str, Any]:
-    """Pretrain and fine-tune every arm; returns {arm: [scores per seed]} and timings."""
+    """Pretrain and fine-tune every arm; returns {arm: [scores per seed]} and timings.
+
+    Arms run side by side, and an arm's fine-tunings once its pretraining is done, with at most
+    ``args.jobs`` lad-fast commands at a time. Run folders are named by seed and step count, so a
+    rerun at another scale does not mistake old runs for its own."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     work = args.work
     common = ["--preset", "tiny", "--device", args.device]
     data = ["--data", str(args.data)] if args.data else []
     labels = ["--labels", str(args.data)] if args.data else []
     pre_steps = max(1, round(args.pretrain_steps * args.scale))
     ft_steps = max(1, round(args.finetune_steps * args.scale))
-    results: dict[str, list[dict[str, Any]]] = {}
-    seconds: dict[str, dict[str, float]] = {}
-    for arm in args.arms:
-        seconds[arm] = {"pretrain": 0.0, "finetune": 0.0}
+    slots = threading.Semaphore(args.jobs)
+    seconds: dict[str, dict[str, float]] = {arm: {"pretrain": 0.0, "finetune": 0.0} for arm in args.arms}
+
+    def limited(arm: str, phase: str, cmd: list[str]) -> None:
+        with slots:
+            seconds[arm][phase] += _run(cmd, log)
+
+    def finetune(arm: str, seed: int, source: Path | str) -> dict[str, Any]:
+        run = work / "finetune" / f"{arm}-s{seed}-n{ft_steps}"
+        dice = run / "finetune" / "dice.json"
+        if not dice.is_file():
+            limited(arm, "finetune", [
+                "ssl", "finetune", "--pretrained", str(source), "--labelled", str(args.labelled), "--run",
+                str(run), "--steps", str(ft_steps), "--seed", str(seed), "--resume", *labels, *common,
+            ])  # fmt: skip
+        scores = json.loads(dice.read_text())
+        print(arm, seed, json.dumps({o: scores["dice"].get(o) for o in ORGANS}), flush=True)
+        return scores
+
+    def arm_job(arm: str) -> list[dict[str, Any]]:
         pretrained: dict[int, Path] = {}
         if arm != "none":
             pool = [] if arm == "real" else ["--synthetic", str(synthetic[arm.split("+")[1]]),
                                              "--synthetic-ratio", str(args.synthetic_ratio)]  # fmt: skip
             for ps in args.pretrain_seeds:
-                run = work / "pretrain" / f"{arm}-s{ps}"
-                if not (run / "ssl" / "latest").is_file() or _steps_done(run, "ssl") < pre_steps:
-                    seconds[arm]["pretrain"] += _run(
-                        ["ssl", "pretrain", "--run", str(run), "--steps", str(pre_steps), "--seed", str(ps),
-                         "--resume", *data, *pool, *common], log,
-                    )  # fmt: skip
+                run = work / "pretrain" / f"{arm}-s{ps}-n{pre_steps}"
+                if _steps_done(run, "ssl") < pre_steps:
+                    limited(arm, "pretrain", [
+                        "ssl", "pretrain", "--run", str(run), "--steps", str(pre_steps), "--seed", str(ps),
+                        "--resume", *data, *pool, *common,
+                    ])  # fmt: skip
                 pretrained[ps] = run
-        results[arm] = []
-        for i, seed in enumerate(args.seeds):
-            run = work / "finetune" / f"{arm}-s{seed}"
-            dice = run / "finetune" / "dice.json"
-            if not dice.is_file():
-                source = (
-                    pretrained[args.pretrain_seeds[i % len(args.pretrain_seeds)]] if pretrained else "none"
-                )
-                seconds[arm]["finetune"] += _run(
-                    ["ssl", "finetune", "--pretrained", str(source), "--labelled", str(args.labelled),
-                     "--run", str(run), "--steps", str(ft_steps), "--seed", str(seed), "--resume", *labels,
-                     *common], log,
-                )  # fmt: skip
-            results[arm].append(json.loads(dice.read_text()))
-            print(arm, seed, json.dumps({o: results[arm][-1]["dice"].get(o) for o in ORGANS}), flush=True)
+        sources = [pretrained[args.pretrain_seeds[i % len(args.pretrain_seeds)]] if pretrained else "none"
+                   for i in range(len(args.seeds))]  # fmt: skip
+        with ThreadPoolExecutor(len(args.seeds)) as ex:
+            return list(ex.map(lambda a: finetune(arm, *a), zip(args.seeds, sources, strict=True)))
+
+    with ThreadPoolExecutor(len(args.arms)) as ex:
+        results = dict(zip(args.arms, ex.map(arm_job, args.arms), strict=True))
     return {"results": results, "seconds": seconds, "pretrain_steps": pre_steps, "finetune_steps": ft_steps}
 
 
@@ -172,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     ap.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0], help="pretraining seeds (cycled)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="lad-fast commands run at a time")
     ap.add_argument("--work", type=Path, default=Path("/tmp/lad-ssl-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ssl_benchmark.json")
     args = ap.parse_args(argv)
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune_batch": 2,
             "labelled": args.labelled,
             "seeds": args.seeds,
+            "jobs": args.jobs,
             "pretrain_seeds": args.pretrain_seeds,
             "synthetic_ratio": args.synthetic_ratio,
             "synthetic": {k: str(v) for k, v in synthetic.items()},
