@@ -104,7 +104,13 @@ def _log_seconds(run: Path, model: str) -> float | None:
     return total + (last or 0.0) if (last is not None or total) else None
 
 
-def train_rows(work: Path, lad_fast_run: Path | None, vqgan_steps: int | None, diffusion_steps: int | None):
+def train_rows(
+    work: Path,
+    lad_fast_run: Path | None,
+    vqgan_steps: int | None,
+    diffusion_steps: int | None,
+    rows: tuple[str, ...] = ROWS,
+):
     """Train (or reuse) the three generators under ``work/<row>``; returns {row: info}."""
     from lad_fast.data.cache import phantom_dataset
     from lad_fast.train.diffusion import train_diffusion
@@ -123,7 +129,7 @@ def train_rows(work: Path, lad_fast_run: Path | None, vqgan_steps: int | None, d
                 fast, row_config("lad_fast", None, diffusion_steps), data=data, resume=True, device="cpu"
             )
             print(f"lad_fast trained in {time.perf_counter() - t0:.0f} s", flush=True)
-    for name in ("lad_official", "medical_diffusion"):
+    for name in [r for r in ("lad_official", "medical_diffusion") if r in rows]:
         run = work / name
         cfg = row_config(name, vqgan_steps, diffusion_steps)
         vq = fast
@@ -132,7 +138,7 @@ def train_rows(work: Path, lad_fast_run: Path | None, vqgan_steps: int | None, d
             vq = run
         train_diffusion(run, cfg, data=data, vqgan_run=vq, resume=True, device="cpu")
         print(f"{name} trained", flush=True)
-    for name in ROWS:
+    for name in rows:
         run = work / name
         vq_run = run if name != "lad_official" else fast
         info[name] = {
@@ -231,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--segmenter", type=Path, required=False, help="run holding the evaluation segmenter")
     ap.add_argument("--real", type=Path, default=None, help="held-out real volumes (default: 16 phantoms)")
     ap.add_argument("--n-synthetic", type=int, default=32)
+    ap.add_argument(
+        "--rows", nargs="+", default=list(ROWS), choices=ROWS, help="generators to train and score"
+    )
     ap.add_argument("--n-timing", type=int, default=4, help="volumes generated to time each generator")
     ap.add_argument("--ssl-work", type=Path, default=Path("/tmp/lad-ssl-bench"))
     ap.add_argument("--ssl-args", default="", help="extra arguments for bench/ssl_benchmark.py (--scale ...)")
@@ -242,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    info = train_rows(args.work, args.lad_fast_run, args.vqgan_steps, args.diffusion_steps)
+    rows_run = tuple(args.rows)
+    info = train_rows(args.work, args.lad_fast_run, args.vqgan_steps, args.diffusion_steps, rows_run)
     if args.stage == "train":
         print(json.dumps(info, indent=1))
         return 0
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     real = held_out(args.real or args.work / "heldout", 16)
     rows: dict[str, Any] = {}
-    for name in ROWS:
+    for name in rows_run:
         synthetic = args.ssl_work / "synthetic" / name
         if not (synthetic / "dataset.json").is_file():  # its SSL arm was not run: generate to evaluate
             _lad(["generate", "--out", str(synthetic), "--run", str(args.work / name), "--n",
@@ -294,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "segmenter": str(args.segmenter),
         "ssl_benchmark": {"command": ssl_record["command"], "scale": ssl_record["scale"]},
         "rows": rows,
+        "rows_not_run": [r for r in ROWS if r not in rows_run],
         "ssl": ssl_record["summary"],
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
