@@ -29,7 +29,8 @@ from lad_fast.atomic import append_line, write_json
 from lad_fast.config import LadConfig, config_from_dict, config_to_dict
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError
 
-MODELS = ("vqgan", "diffusion", "segmenter")
+# ssl, finetune: self-supervised pretraining and few-label fine-tuning of the segmenter (lad_fast.ssl).
+MODELS = ("vqgan", "diffusion", "segmenter", "ssl", "finetune")
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 # Everything lad-fast itself puts in a run folder; dot-files are temporaries of atomic writes.

@@ -45,6 +45,7 @@ NO_TRAIN = (
     "lad_fast.trained",
     "lad_fast.runs",
     "lad_fast.checkpoints",
+    "lad_fast.ssl.",
 )
 # Benchmarks whose subject is training itself, with what the CLI cannot express for them. They load
 # and predict through lad_fast.trained like every other bench.
@@ -55,6 +56,8 @@ TRAINING_BENCHES = {
     "config fields no `lad-fast train` option sets",
     "bench.bench_segmenter": "trains the segmenter in wall-clock-budgeted chunks (train_segmenter's "
     "stop_at + resume), which `lad-fast train segmenter` does not offer",
+    "bench.paper_table": "trains generators that differ in vqgan_loss.locality_weights, condition.drop_prob "
+    "and diffusion.latent_norm, config fields no `lad-fast train` option sets",
 }
 
 

@@ -46,6 +46,11 @@ class Segmenter(nn.Module):
                 f"Segmenter: expected (B, C, D, H, W) with D, H, W divisible by {self.divisor}, "
                 f"got {tuple(x.shape)}"
             )
+        return self.decode(*self.encode(x))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(bottleneck (B, C_last, D/f, H/f, W/f), skips finest first): the encoder half of ``forward``
+        (self-supervised pretraining puts a rotation head on the bottleneck, lad_fast.ssl)."""
         h = self.stem(x)
         skips = []
         for i, block in enumerate(self.down):
@@ -53,6 +58,10 @@ class Segmenter(nn.Module):
             if i < len(self.pool):
                 skips.append(h)
                 h = self.pool[i](h)
+        return h, skips
+
+    def decode(self, h: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, K, D, H, W) from :meth:`encode`'s outputs (``skips`` is consumed)."""
         for unpool, block in zip(self.unpool, self.up, strict=True):
             h = block(torch.cat([unpool(h), skips.pop()], dim=1))
         return self.head(F.silu(self.norm_out(h)))

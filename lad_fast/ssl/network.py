@@ -1,0 +1,79 @@
+"""The pretraining network, and the transfer of its weights into a fresh segmenter for fine-tuning.
+
+:class:`SSLNet` is the segmenter's own U-Net (:class:`lad_fast.models.segmenter.Segmenter`, one output
+channel: the reconstructed volume) plus a rotation head on the bottleneck. Fine-tuning starts from the
+same shapes: every weight of the U-Net but the last 1x1 convolution (``head``, whose output channels
+are the organs there, the volume here) is transferred, encoder and decoder alike, as Models Genesis
+does (Swin UNETR transfers only its encoder; here the decoder learned the inpainting too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lad_fast.config import SegmenterConfig
+from lad_fast.errors import CheckpointError
+from lad_fast.models.segmenter import Segmenter
+from lad_fast.ssl.objectives import ROTATIONS
+
+BODY = "body."
+NOT_TRANSFERRED = ("head.",)  # segmenter keys left at their fresh initial weights
+
+
+class SSLNet(nn.Module):
+    """x (B, 1, D, H, W) -> (reconstruction (B, 1, D, H, W), rotation logits (B, 4))."""
+
+    def __init__(self, cfg: SegmenterConfig, impl: str = "auto") -> None:
+        super().__init__()
+        self.body = Segmenter(cfg, num_classes=1, impl=impl)
+        self.rotation = nn.Linear(cfg.channels[-1], ROTATIONS)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, skips = self.body.encode(x)
+        logits = self.rotation(h.float().mean(dim=(2, 3, 4)))  # global average pool of the bottleneck
+        return self.body.decode(h, skips), logits
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Where every weight went: ``loaded`` segmenter keys took pretrained values, ``fresh`` kept their
+    initial ones, ``unused`` pretrained keys (the SSL heads) have no place in the segmenter."""
+
+    loaded: tuple[str, ...]
+    fresh: tuple[str, ...]
+    unused: tuple[str, ...]
+
+
+def transfer_weights(pretrained: dict[str, torch.Tensor], seg: Segmenter, source: str = "") -> Transfer:
+    """Copy an :class:`SSLNet` state dict into ``seg`` (in place) and account for every key.
+
+    Raises CheckpointError when a U-Net key is missing or has another shape (the pretrained run had
+    another segmenter architecture) or when the state holds keys that are neither U-Net nor SSL head.
+    """
+    target = seg.state_dict()
+    unknown = sorted(k for k in pretrained if not k.startswith(BODY) and not k.startswith("rotation."))
+    if unknown:
+        raise CheckpointError(f"{source}: not an SSL pretraining checkpoint (keys {unknown[:3]})")
+    body = {k[len(BODY) :]: v for k, v in pretrained.items() if k.startswith(BODY)}
+    loaded, fresh = [], []
+    for key, value in target.items():
+        if key.startswith(NOT_TRANSFERRED):
+            fresh.append(key)
+            continue
+        theirs = body.get(key)
+        if theirs is None or tuple(theirs.shape) != tuple(value.shape):
+            got = "missing" if theirs is None else f"shape {tuple(theirs.shape)}"
+            raise CheckpointError(
+                f"{source}: pretrained with another segmenter architecture ({key}: {got}, this network "
+                f"needs {tuple(value.shape)}); pretrain with the same --preset as the fine-tuning"
+            )
+        loaded.append(key)
+    with torch.no_grad():
+        for key in loaded:
+            target[key].copy_(body[key])
+    used = {BODY + k for k in loaded}
+    unused = tuple(sorted(k for k in pretrained if k not in used))
+    return Transfer(tuple(loaded), tuple(fresh), unused)

@@ -1,0 +1,143 @@
+"""``lad-fast ssl pretrain / finetune`` end to end on tiny phantoms, and their one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lad_fast.cli.app import main
+from lad_fast.config import SegmenterConfig, get_preset
+from lad_fast.data.prepared import PreparedDataset
+from lad_fast.generated import IDENTITY, VolumeWriter
+from lad_fast.ssl.data import GeneratedVolumes, SSLBatches
+from lad_fast.ssl.settings import SSLConfig
+
+SMALL = SegmenterConfig(channels=(8, 16, 32, 64), groups=4)  # the tiny preset's depth, fewer channels
+
+
+def small_cfg():
+    return replace(get_preset("tiny"), segmenter=SMALL)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """Four tiny phantoms (3 labelled for training, 1 held out)."""
+    from lad_fast.data.cache import phantom_dataset
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return phantom_dataset("tiny", n=4)
+
+
+def fake_generated(out: Path, phantoms: Path, n: int = 2, coarser: int = 1) -> Path:
+    """A folder in `lad-fast generate`'s format holding phantom images (``coarser`` > 1: on another
+    grid, every ``coarser``-th voxel at ``coarser`` times the spacing, as another preset would be)."""
+    ds = PreparedDataset(phantoms)
+    writer = VolumeWriter(out, {k: None for k in IDENTITY})
+    writer.prepare(force=False)
+    for i in range(n):
+        item = ds[i]
+        hu = (np.asarray(item["image"], dtype=np.float32) + 1) * 700 - 1000
+        step = (slice(None, None, coarser),) * 3
+        affine = np.asarray(item["affine"], dtype=np.float64).copy()
+        affine[:3, :3] *= coarser
+        writer.write(i, hu[step], np.asarray(item["mask"])[step], affine, {})
+    writer.finalize()
+    return out
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.err.strip()
+
+
+def test_generated_volumes_mix_at_the_stated_ratio(phantoms, tmp_path):
+    gen = fake_generated(tmp_path / "gen", phantoms)
+    ds = PreparedDataset(phantoms)
+    pool = GeneratedVolumes([gen], ds.geometry)
+    assert len(pool) == 2 and pool[0].shape == tuple(ds.geometry.shape)
+    # the round trip through int16 HU keeps the image (1 HU = 1/700 of the unit range)
+    assert np.abs(pool[0].astype(np.float32) - np.asarray(ds[0]["image"], np.float32)).max() < 2e-3
+    fractions = {}
+    for ratio in (0.0, 0.5, 1.0):
+        batches = SSLBatches(ds, [0, 1, 2], pool, 4, 0, SSLConfig(synthetic_ratio=ratio))
+        flags = torch.cat([batches(step)["synthetic"] for step in range(40)])
+        fractions[ratio] = flags.float().mean().item()
+    assert fractions[0.0] == 0.0 and fractions[1.0] == 1.0 and 0.35 < fractions[0.5] < 0.65
+    b = SSLBatches(ds, [0, 1, 2], pool, 2, 0, SSLConfig())
+    first, again = b(3), b(3)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # a pure function of the step
+    assert torch.equal(first["input"][~first["mask"]], first["target"][~first["mask"]])
+
+
+def test_pretrain_then_finetune_none_and_pretrained_differ_only_in_initial_weights(phantoms, tmp_path):
+    from lad_fast.train.ssl import finetune, pretrain
+
+    gen = fake_generated(tmp_path / "gen", phantoms)
+    cfg = small_cfg()
+    result = pretrain(tmp_path / "pre", cfg, data=phantoms, synthetic=[gen], steps=2, device="cpu")
+    assert result.step == 2
+    logged = [r for r in map(json.loads, (tmp_path / "pre" / "log.jsonl").read_text().splitlines())
+              if r.get("model") == "ssl" and "losses" in r]  # fmt: skip
+    assert {"inpainting", "rotation", "rotation_acc", "synthetic_fraction"} <= set(logged[-1]["losses"])
+    scores = {}
+    for name, source in (("none", None), ("warm", tmp_path / "pre")):
+        scores[name] = finetune(tmp_path / name, cfg, source, phantoms, labelled=2, steps=2, device="cpu")
+    for s in scores.values():
+        assert {"liver", "spleen", "kidney_right", "kidney_left", "pancreas"} <= set(s["dice"])
+        assert s["held_out"] and s["cases"] == 1 and s["labelled"] == 2
+    assert json.loads((tmp_path / "warm" / "finetune" / "dice.json").read_text()) == scores["warm"]
+    metas = {}
+    for n in scores:
+        model_dir = tmp_path / n / "finetune"
+        metas[n] = json.loads(
+            (model_dir / (model_dir / "latest").read_text().strip() / "meta.json").read_text()
+        )
+    a, b = metas["none"], metas["warm"]
+    assert a["model_config"] == b["model_config"] and a["data_hash"] == b["data_hash"]
+    differ = {k for k in a["extra"] if a["extra"][k] != b["extra"].get(k)}
+    assert differ == {"pretrained", "transferred"}  # same data, cases, config: only the start differs
+    assert b["extra"]["transferred"] > 0 and a["extra"]["transferred"] == 0
+    assert (tmp_path / "none" / "config.json").read_text() == (tmp_path / "warm" / "config.json").read_text()
+
+
+def test_a_generated_folder_of_another_geometry_is_refused(phantoms, tmp_path, capsys):
+    gen = fake_generated(tmp_path / "gen", phantoms, coarser=2)
+    code, err = cli(capsys, "ssl", "pretrain", "--data", str(phantoms), "--synthetic", str(gen),
+                    "--run", str(tmp_path / "r"), "--steps", "1", "--device", "cpu")  # fmt: skip
+    assert code == 2 and err.count("\n") == 0
+    assert "generated at another preset or geometry" in err and "shape (8, 32, 32)" in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_a_folder_that_is_not_generated_is_refused(phantoms, tmp_path, capsys):
+    code, err = cli(capsys, "ssl", "pretrain", "--data", str(phantoms), "--synthetic", str(tmp_path),
+                    "--run", str(tmp_path / "r"), "--steps", "1", "--device", "cpu")  # fmt: skip
+    assert code == 2 and "no manifest.jsonl" in err and err.count("\n") == 0
+
+
+def test_more_labelled_cases_than_there_are_is_refused(phantoms, tmp_path, capsys):
+    code, err = cli(capsys, "ssl", "finetune", "--pretrained", "none", "--labels", str(phantoms),
+                    "--labelled", "4", "--run", str(tmp_path / "f"), "--device", "cpu")  # fmt: skip
+    assert code == 2 and err.count("\n") == 0
+    assert "--labelled 4" in err and "3 labelled case(s) besides the 1 held out" in err
+    assert "choose K between 1 and 3" in err and not (tmp_path / "f").exists()
+
+
+def test_a_pretrained_run_of_another_architecture_is_refused(phantoms, tmp_path, capsys):
+    from lad_fast.train.ssl import pretrain
+
+    pretrain(tmp_path / "pre", small_cfg(), data=phantoms, steps=1, device="cpu")  # SMALL, not tiny's
+    rest = ["--labels", str(phantoms), "--labelled", "2", "--run", str(tmp_path / "f"), "--device", "cpu"]
+    code, err = cli(capsys, "ssl", "finetune", "--pretrained", str(tmp_path / "pre"), *rest)
+    assert code == 2 and err.count("\n") == 0
+    assert "pretrained with another segmenter architecture" in err and "--preset" in err
+    code, err = cli(capsys, "ssl", "finetune", "--pretrained", str(tmp_path / "nothing"), *rest)
+    assert code == 2 and "no SSL pretraining checkpoint" in err and "--pretrained none" in err
