@@ -14,13 +14,13 @@ neither the batch nor the GPU is checked for them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lad_fast.atomic import write_json
+from lad_fast.checkpoints import file_sha256
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError
 
 FORMAT = "lad-fast-export/1"
@@ -68,14 +68,6 @@ ALL_NAMES = frozenset(
 
 def meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gpu_info() -> dict[str, str] | None:

@@ -108,7 +108,8 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 # -- files ----------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoint files, exported artefacts)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -222,7 +223,7 @@ def _write_step(
         for p in sorted(tmp.iterdir()):
             follow_umask(p)  # safetensors writes 0o600
             _fsync(p)
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         full_meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -328,7 +329,7 @@ def _verify(step_dir: Path, model: str) -> Checkpoint:
         size = path.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"{path} is truncated or damaged ({size} bytes, expected {info['bytes']})")
-        if _sha256(path) != info["sha256"]:
+        if file_sha256(path) != info["sha256"]:
             raise CheckpointError(f"{path} is corrupt (its SHA-256 does not match {meta_path.name})")
     try:
         state = torch.load(step_dir / STATE_NAME, map_location="cpu", weights_only=True)

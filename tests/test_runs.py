@@ -160,7 +160,7 @@ def test_interrupted_write_never_leaves_unreadable_latest(tmp_path, monkeypatch,
     elif stage == "fsync":
         monkeypatch.setattr(ck, "_fsync", boom)
     elif stage == "meta":
-        monkeypatch.setattr(ck, "_sha256", boom)
+        monkeypatch.setattr(ck, "file_sha256", boom)
     elif stage == "rename":
         real_replace = os.replace
 
