@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import tempfile
@@ -36,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results" / "sampler.jsonl"
 ALL_BACKENDS = ("torch", "compile", "onnx", "onnx-tuned", "trt")
 
 
@@ -299,10 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {RESULTS}")
+    from _common import append_result  # the sibling helper every bench script appends through
+
+    print(f"appended to {append_result('sampler', record)}")
     return 0
 
 

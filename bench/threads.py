@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "threads.jsonl"
 VARIANTS = {
     "default": {"LAD_FAST_THREADS": "torch"},
     "passive": {"LAD_FAST_THREADS": "torch", "OMP_WAIT_POLICY": "PASSIVE"},
@@ -158,10 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "variants": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {RESULTS}")
+    from _common import append_result  # the sibling helper every bench script appends through
+
+    print(f"appended to {append_result('threads', record)}")
     return 0
 
 
