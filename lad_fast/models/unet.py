@@ -10,11 +10,12 @@ The condition embedding does not depend on x or t, so it is computed once per sa
 (:meth:`LatentUNet.embed_condition`) and the per-step network is ``forward(x, t, cond_emb)``: cheaper
 at every sampling step, and a three-tensor graph for ONNX / TensorRT export.
 
-With ``ConditionConfig.spatial == "concat"`` the network also takes the spatial condition
-(:func:`lad_fast.conditions.spatial_condition`: the mask's organ fractions on the latent grid, zeros for
-the null branch of guidance), concatenated to x before the stem convolution at every step; the per-step
-network is then ``forward(x, t, cond_emb, spatial)`` and its exported graph has a fourth input. With
-"none" (every preset's default) nothing changes: same parameters, same graph.
+With ``ConditionConfig.spatial`` "concat" or "concat_fine" the network also takes the spatial condition
+(:func:`lad_fast.conditions.spatial_for`: the mask's organ fractions on the latent grid, or per octant of
+each latent voxel, zeros for the null branch of guidance), concatenated to x before the stem convolution
+at every step; the per-step network is then ``forward(x, t, cond_emb, spatial)`` and its exported graph
+has a fourth input. With "none" (the field's default; ``lad-official``) nothing changes: same parameters,
+same graph.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class LatentUNet(nn.Module):
     -> prediction (B, C, d, h, w).
 
     d, h and w must be divisible by 2 ** (len(cfg.multipliers) - 1). ``spatial`` is required when
-    ``cond.spatial == "concat"`` (K = :attr:`spatial_channels` = NUM_CLASSES) and refused otherwise.
+    ``cond.spatial`` is not "none" (K = :attr:`spatial_channels`: NUM_CLASSES, or 8 NUM_CLASSES for
+    "concat_fine") and refused otherwise.
     """
 
     def __init__(
@@ -189,8 +191,9 @@ class LatentUNet(nn.Module):
         if spatial is None or tuple(spatial.shape) != want:
             got = "none" if spatial is None else tuple(spatial.shape)
             raise ConfigError(
-                f"LatentUNet (condition.spatial='concat') needs a spatial condition of shape {want}, got "
-                f"{got}; build it with lad_fast.conditions.spatial_condition (zeros for the null branch)"
+                f"LatentUNet (condition.spatial={self.cond_cfg.spatial!r}) needs a spatial condition of "
+                f"shape {want}, got {got}; build it with lad_fast.conditions.spatial_for (zeros for the "
+                "null branch)"
             )
         return torch.cat([x, spatial.to(x.dtype)], dim=1)
 
@@ -204,7 +207,7 @@ def build_unet(
     """The denoiser for ``cfg.arch``: :class:`LatentUNet` ("lad_fast") or
     :class:`~lad_fast.models.unet_official.OfficialLatentUNet` ("official"). Both take
     ``forward(x, t, cond_emb)`` and provide ``embed_condition``, ``null_condition`` and
-    ``spatial_channels``; a LatentUNet with ``cond.spatial == "concat"`` takes
+    ``spatial_channels``; a LatentUNet with spatial conditioning takes
     ``forward(x, t, cond_emb, spatial)`` (the official U-Net has no spatial input and refuses it)."""
     if cfg.arch == "lad_fast":
         return LatentUNet(cfg, cond, latent_channels, structure_dim, impl)

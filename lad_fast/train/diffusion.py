@@ -8,8 +8,8 @@ Pipeline of :func:`train_diffusion`:
    second call (or ``--resume``) skips the encoder:
    image latents ``to_unit`` -> [-1, 1] (Lad scales by the codebook's min and max), the content encoding
    of each mask (``encode_pre_quant`` of :func:`lad_fast.trained.mask_as_image`, as Lad passes the label
-   map through the encoder), the normalised structure vector and, with ``condition.spatial == "concat"``,
-   the spatial condition (the mask's organ fractions on the latent grid);
+   map through the encoder), the normalised structure vector and, with spatial conditioning
+   (``condition.spatial`` not "none"), the spatial condition (the mask's organ fractions on the latent grid);
 2. :class:`LatentBatches` draws batches and the classifier-free-guidance dropout as a pure function of
    (seed, step, rank), so a resumed run reaches the same weights;
 3. :func:`lad_fast.train.loop.train` runs the steps with ``{"model": LatentUNet}`` (the content head is
@@ -61,7 +61,8 @@ def encode_dataset(
     """Encode every masked case of the prepared dataset ``data`` (cached in ``cache``).
 
     Returns ``latent`` (N, C, d, h, w), ``content`` (N, C, d, h, w), ``structure`` (N, L) float32 tensors,
-    and ``spatial`` (N, NUM_CLASSES, d, h, w) when ``cfg.condition.spatial == "concat"``.
+    and ``spatial`` (N, K, d, h, w) with spatial conditioning (K:
+    :func:`lad_fast.conditions.spatial_channels`).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
