@@ -9,9 +9,9 @@ Rows (one generator each, all at the ``tiny`` preset, trained on the same phanto
   ancestral DDPM over all 300 steps at guidance 0 (the unconditional branch).
 - ``lad_official``: Lad's official diffusion settings on the locality-trained VQ-GAN: DDPM-300, cosine,
   eps, L1, ``latent_norm="none"``, global content + structure conditions only (``condition.spatial =
-  "none"``), sampled with ancestral DDPM over all 300 steps at guidance 1. What lad-fast does *not*
-  offer of the official code: its content projection is built afresh, untrained, at every call; lad-fast
-  always trains it (config has no switch), so this row trains it too. The structure (Betti) conditions
+  "none"``), an untrained random content projection (``condition.train_content = False``: built once
+  from the run's seed and frozen, where the official code builds a new random one at every call), sampled
+  with ancestral DDPM over all 300 steps at guidance 1. The structure (Betti) conditions
   are lad-fast's fast path, which equals gudhi's cubical persistence on every slice (tests/test_topology),
   so the "gudhi conditions" are the same numbers. The U-Net is the tiny lad-fast U-Net, not the
   official architecture (whose sizes belong to the ``lad-official`` preset).
@@ -74,7 +74,7 @@ def row_config(name: str, vqgan_steps: int | None, diffusion_steps: int | None):
         cfg = replace(
             cfg,
             diffusion=lad_diffusion,
-            condition=replace(cfg.condition, spatial="none"),
+            condition=replace(cfg.condition, spatial="none", train_content=False),
             sampling=SamplingConfig(sampler="ddpm", steps=300, guidance=1.0),
         )
     if vqgan_steps is not None:

@@ -124,8 +124,15 @@ class ConditionConfig:
     # "concat_fine": the same fractions on a twice finer grid, each latent voxel carrying its 8 octants'
     # (NUM_CLASSES x 8 channels), so the U-Net sees where inside a latent voxel an organ boundary lies.
     spatial: str = "none"
+    # False: the content head keeps its random initialisation (requires_grad off, so no optimiser, EMA
+    # change or weight decay touches it). The official code builds its content projection afresh and
+    # untrained on every call; a frozen random projection, fixed by the run's seed and saved with the
+    # weights, is the reproducible form of that (lad-official and bench/paper_table.py's Lad row).
+    train_content: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.train_content, bool):
+            raise ConfigError(f"condition.train_content must be true or false, got {self.train_content!r}")
         if self.spatial not in SPATIAL_MODES:
             raise ConfigError(
                 f"condition.spatial must be one of {', '.join(SPATIAL_MODES)}, got {self.spatial!r}"
@@ -372,8 +379,10 @@ def _lad_official() -> LadConfig:
       attention at c: 1026c (LayerNorm c, q/k/v 768c, output 256c + c); depth or slice
       attention at c: 1025c (LayerNorm c, q/k/v 768c, output 256c, no biases). In-plane (1,4,4)
       resampling at c: 16c^2 + c.
-      lad-fast adds the content head (two stride-2 3x3x3 convs 8->4->1: 977 parameters, trained),
-      which the official code builds afresh, untrained, on every call: 41,318,937 in all.
+      lad-fast adds the content head (two stride-2 3x3x3 convs 8->4->1: 977 parameters), which the
+      official code builds afresh, untrained, on every call; here it is built once and frozen at its
+      random initialisation (``condition.train_content=False``), so the trainable count is the official
+      one, with 41,318,937 parameter values in all.
     """
     base = _lad()
     return replace(
@@ -401,7 +410,10 @@ def _lad_official() -> LadConfig:
             arch="official",
         ),
         # The official U-Net conditions on the raw vector: content 512 + structure 192 = 704.
-        condition=replace(base.condition, content_dim=512, embed_dim=704, spatial="none"),
+        # Its content projection stays untrained (random), as in the official code.
+        condition=replace(
+            base.condition, content_dim=512, embed_dim=704, spatial="none", train_content=False
+        ),
         # Lad's diffusion: T = 300, cosine, epsilon, L1, latents scaled by the codebook's min/max.
         diffusion=replace(
             base.diffusion,

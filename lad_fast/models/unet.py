@@ -3,8 +3,9 @@
 Conditioning follows Lad (LAD_REFERENCE.md phase 2): a content condition (the mask encoded by the frozen
 VQ-GAN encoder, then a trained :class:`~lad_fast.conditions.ContentHead`) and a structure condition
 (Betti numbers, log1p-normalised) are embedded, concatenated with the time embedding and turned into a
-FiLM scale/shift in every res block. Unlike the official code the content head is trained and the null
-condition of classifier-free guidance is a learned embedding.
+FiLM scale/shift in every res block. Unlike the official code the content head is trained (unless
+``ConditionConfig.train_content`` is False: then it stays at its random initialisation, as the official
+projection is untrained) and the null condition of classifier-free guidance is a learned embedding.
 
 The condition embedding does not depend on x or t, so it is computed once per sample
 (:meth:`LatentUNet.embed_condition`) and the per-step network is ``forward(x, t, cond_emb)``: cheaper
@@ -74,8 +75,8 @@ class LatentUNet(nn.Module):
         self.spatial_channels = spatial_channels(cond)  # 0 without spatial conditioning
         film = cfg.time_dim + cond.embed_dim
 
-        # conditions: content head (trained jointly), structure MLP, learned null embedding
-        self.content_head = ContentHead(latent_channels, cond.content_dim)
+        # conditions: content head (trained unless train_content is off), structure MLP, null embedding
+        self.content_head = ContentHead(latent_channels, cond.content_dim).requires_grad_(cond.train_content)
         self.cond_mlp = nn.Sequential(
             nn.Linear(cond.content_dim + structure_dim, cond.embed_dim),
             nn.SiLU(),

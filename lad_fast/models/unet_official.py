@@ -209,7 +209,8 @@ class OfficialContentHead(nn.Module):
     """Lad's content projection: z (B, C_lat, d, h, w) -> (B, 1 * ceil(d/4) * ceil(h/4) * ceil(w/4)).
 
     Two stride-2 3x3x3 convs, C_lat -> 4 -> 1, flattened (8x64x64 latents give 2x16x16 = 512 values).
-    The official code builds them afresh, untrained, on every call; here they are trained.
+    The official code builds them afresh, untrained, on every call; here they are built once and trained,
+    or frozen at their random initialisation with ``ConditionConfig.train_content`` False (lad-official).
     """
 
     def __init__(self, latent_channels: int) -> None:
@@ -260,7 +261,7 @@ class OfficialLatentUNet(nn.Module):
         film = cfg.time_dim + width
         heads, hd, g = cfg.heads, cfg.head_dim, cfg.groups
 
-        self.content_head = OfficialContentHead(latent_channels)
+        self.content_head = OfficialContentHead(latent_channels).requires_grad_(cond.train_content)
         self.null_emb = nn.Parameter(torch.randn(width))
         self.pos_bias = RelativePositionBias(heads)
         self.stem = nn.Conv3d(latent_channels, cfg.channels, STEM_KERNEL, padding=(0, 3, 3))

@@ -202,9 +202,8 @@ def train_diffusion(
         with setup.initial_weights():
             net = build_unet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
         sched = make_schedule(cfg.diffusion).to(dev)
-        opt = torch.optim.AdamW(
-            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
-        )
+        trainable = [p for p in net.parameters() if p.requires_grad]  # a frozen content head stays as built
+        opt = torch.optim.AdamW(trainable, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
 
         def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
             b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -170,3 +170,36 @@ def test_generate_takes_the_runs_sampling_defaults_and_options_override_them(
     generate(run, tmp_path / "b", n=1, sampler="euler", guidance=0.0, augment=0, batch=1, device="cpu")
     rec = json.loads((tmp_path / "b" / MANIFEST).read_text().splitlines()[0])
     assert (rec["sampler"], rec["steps"], rec["guidance"]) == ("euler", 2, 0.0)
+
+
+@pytest.mark.parametrize("train_content", [False, True])
+def test_untrained_content_projection_stays_at_its_random_initialisation(
+    tmp_path, vqgan_run, tiny_phantoms, train_content
+):
+    """condition.train_content=False (Lad's untrained content projection) freezes the content head at the
+    weights the run's seed drew; everything else trains. With True the content head trains too."""
+    from lad_fast.models.unet import build_unet
+
+    base = small_config()
+    cfg = replace(base, condition=replace(base.condition, train_content=train_content))
+    run = tmp_path / "run"
+    train_diffusion(run, cfg, data=tiny_phantoms, vqgan_run=vqgan_run, device="cpu")
+    net, _ = load_diffusion(run)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.diffusion_train.seed)
+        init = build_unet(cfg.unet, cfg.condition, net.latent_channels, net.structure_dim)
+    trained, start = net.state_dict(), init.state_dict()
+    head = [k for k in start if k.startswith("content_head.")]
+    assert head and all(k in trained for k in head)
+    same_head = all(torch.equal(trained[k], start[k]) for k in head)
+    assert same_head is (not train_content)
+    assert not torch.equal(trained["stem.weight"], start["stem.weight"])  # the rest trains either way
+
+
+def test_train_content_must_be_a_bool():
+    from lad_fast.config import ConditionConfig, config_from_dict
+    from lad_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="condition.train_content must be true or false, got 'no'"):
+        config_from_dict({"condition": {"train_content": "no"}})
+    assert ConditionConfig().train_content is True
