@@ -15,6 +15,9 @@ Rows (one generator each, all at the ``tiny`` preset, trained on the same phanto
   are lad-fast's fast path, which equals gudhi's cubical persistence on every slice (tests/test_topology),
   so the "gudhi conditions" are the same numbers. The U-Net is the tiny lad-fast U-Net, not the
   official architecture (whose sizes belong to the ``lad-official`` preset).
+- ``lad_official_trained_content`` (not run by default; ``--rows``): ``lad_official`` with its content
+  projection trained (``condition.train_content = True``, lad-fast's choice), everything else the same: the
+  before/after of the untrained projection, side by side on the same VQ-GAN.
 - ``lad_fast``: lad-fast's defaults (flow matching, spatial mask conditioning, Euler-30, guidance 3): an
   existing run (``--lad-fast-run``, copied into ``--work``) or one trained here.
 
@@ -49,6 +52,8 @@ ROOT = Path(__file__).resolve().parent  # bench/
 RESULTS = ROOT / "results"
 
 ROWS = ("medical_diffusion", "lad_official", "lad_fast")
+EXTRA_ROWS = ("lad_official_trained_content",)  # ablations, run when named in --rows
+ON_FAST_VQGAN = ("lad_official", "lad_official_trained_content")  # rows sharing lad_fast's VQ-GAN
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas")
 
 
@@ -70,11 +75,11 @@ def row_config(name: str, vqgan_steps: int | None, diffusion_steps: int | None):
             condition=replace(cfg.condition, spatial="none", drop_prob=1.0),
             sampling=SamplingConfig(sampler="ddpm", steps=300, guidance=0.0),
         )
-    elif name == "lad_official":
+    elif name in ON_FAST_VQGAN:
         cfg = replace(
             cfg,
             diffusion=lad_diffusion,
-            condition=replace(cfg.condition, spatial="none", train_content=False),
+            condition=replace(cfg.condition, spatial="none", train_content=name != "lad_official"),
             sampling=SamplingConfig(sampler="ddpm", steps=300, guidance=1.0),
         )
     if vqgan_steps is not None:
@@ -129,7 +134,7 @@ def train_rows(
                 fast, row_config("lad_fast", None, diffusion_steps), data=data, resume=True, device="cpu"
             )
             print(f"lad_fast trained in {time.perf_counter() - t0:.0f} s", flush=True)
-    for name in [r for r in ("lad_official", "medical_diffusion") if r in rows]:
+    for name in [r for r in (*ON_FAST_VQGAN, "medical_diffusion") if r in rows]:
         run = work / name
         cfg = row_config(name, vqgan_steps, diffusion_steps)
         vq = fast
@@ -140,7 +145,7 @@ def train_rows(
         print(f"{name} trained", flush=True)
     for name in rows:
         run = work / name
-        vq_run = run if name != "lad_official" else fast
+        vq_run = fast if name in ON_FAST_VQGAN else run
         info[name] = {
             "run": str(run),
             "vqgan_train_s": _log_seconds(vq_run, "vqgan"),
@@ -237,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--segmenter", type=Path, required=False, help="run holding the evaluation segmenter")
     ap.add_argument("--real", type=Path, default=None, help="held-out real volumes (default: 16 phantoms)")
     ap.add_argument("--n-synthetic", type=int, default=32)
-    ap.add_argument(
-        "--rows", nargs="+", default=list(ROWS), choices=ROWS, help="generators to train and score"
-    )
+    rows_help = "generators to train and score"
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS + EXTRA_ROWS, help=rows_help)
     ap.add_argument("--n-timing", type=int, default=4, help="volumes generated to time each generator")
     ap.add_argument("--ssl-work", type=Path, default=Path("/tmp/lad-ssl-bench"))
     ap.add_argument("--ssl-args", default="", help="extra arguments for bench/ssl_benchmark.py (--scale ...)")
     ssl_arms = ["none", "real", "real+lad_fast", "real+lad_official", "real+medical_diffusion"]
-    ap.add_argument("--ssl-arms", nargs="+", default=ssl_arms, choices=ssl_arms)
+    arms_help = "none given: the SSL table is the last bench/results/ssl_benchmark.json"
+    ap.add_argument("--ssl-arms", nargs="*", default=ssl_arms, choices=ssl_arms, help=arms_help)
     ap.add_argument("--stage", choices=("train", "all"), default="all")
     ap.add_argument("--out", type=Path, default=RESULTS / "paper_table.json")
     ap.add_argument("--doc", type=Path, default=ROOT.parent / "docs" / "paper_table.md")
@@ -265,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                "--official-run", str(args.work / "lad_official"),
                "--medical-diffusion-run", str(args.work / "medical_diffusion"), "--n-synthetic",
                str(args.n_synthetic), "--arms", *args.ssl_arms, *args.ssl_args.split()]  # fmt: skip
-    print("$ " + " ".join(ssl_cmd[1:]), flush=True)
-    subprocess.run(ssl_cmd, check=True)
+    if args.ssl_arms:
+        print("$ " + " ".join(ssl_cmd[1:]), flush=True)
+        subprocess.run(ssl_cmd, check=True)
     ssl_record = json.loads((RESULTS / "ssl_benchmark.json").read_text())
 
     real = held_out(args.real or args.work / "heldout", 16)

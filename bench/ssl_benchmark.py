@@ -17,10 +17,13 @@ the JSON), and is skipped when its output exists, so a rerun continues.
 
     python bench/ssl_benchmark.py --lad-fast-run runs/default --official-run /tmp/lad-paper/lad_official
 
-Budget: the defaults (pretraining 300 steps of 4 volumes per arm, fine-tuning 150 steps of 2 volumes,
-seeds 0 1 2, K = 4) push about 3 x 1200 + 12 x 300 = 7200 volumes through the tiny segmenter U-Net; at
-the 2.2 volumes/s the segmenter bench measured on two shared cores (bench/results/segmenter.json), about
-55 minutes of one core plus generation, inside the 90 the issue allows. ``--scale`` multiplies both step
+Budget: the defaults (pretraining 300 steps of 4 volumes for each of the pretraining seeds 0 1 2 in every
+pretrained arm, fine-tuning 150 steps of 2 volumes for the seeds 0 1 2, fine-tuning seed i starting from
+pretraining seed i, K = 4) push 3 x 3 x 1200 + 12 x 300 = 14400 volumes through the tiny segmenter
+U-Net; measured on two free cores (bench/results/ssl_benchmark.json, ``seconds``) that is about a second
+per pretraining step and 0.6 s per fine-tuning step of one core, so about 35 minutes with two commands
+at a time, plus generation, inside the 90 the issue allows. The spread across seeds then holds the
+pretraining's own variance, not only the fine-tuning's. ``--scale`` multiplies both step
 counts. ``--jobs`` runs commands side by side; its default fills the cores the thread policy leaves
 (lad_fast/threads.py: one thread per process on two cores, so two commands at a time there). K (the
 cost does not depend on it: fine-tuning batches are 2 volumes whatever K) is 4 because with K = 2 two
@@ -137,8 +140,10 @@ def run_arms(args: argparse.Namespace, synthetic: dict[str, Path], log: list) ->
         with slots:
             seconds[arm][phase] += _run(cmd, log)
 
-    def finetune(arm: str, seed: int, source: Path | str) -> dict[str, Any]:
-        run = work / "finetune" / f"{arm}-s{seed}-n{ft_steps}-k{args.labelled}"
+    def finetune(arm: str, seed: int, pretrain_seed: int | None, source: Path | str) -> dict[str, Any]:
+        # named by all that changes the result: pretraining seed, fine-tuning seed, steps and K
+        start = "" if pretrain_seed is None else f"-p{pretrain_seed}"
+        run = work / "finetune" / f"{arm}{start}-s{seed}-n{ft_steps}-k{args.labelled}"
         dice = run / "finetune" / "dice.json"
         if not dice.is_file():
             limited(arm, "finetune", [
@@ -162,10 +167,12 @@ def run_arms(args: argparse.Namespace, synthetic: dict[str, Path], log: list) ->
                         "--resume", *data, *pool, *common,
                     ])  # fmt: skip
                 pretrained[ps] = run
-        sources = [pretrained[args.pretrain_seeds[i % len(args.pretrain_seeds)]] if pretrained else "none"
-                   for i in range(len(args.seeds))]  # fmt: skip
+        jobs = []
+        for i, seed in enumerate(args.seeds):  # fine-tuning seed i starts from pretraining seed i (cycled)
+            ps = args.pretrain_seeds[i % len(args.pretrain_seeds)] if pretrained else None
+            jobs.append((seed, ps, pretrained[ps] if ps is not None else "none"))
         with ThreadPoolExecutor(len(args.seeds)) as ex:
-            return list(ex.map(lambda a: finetune(arm, *a), zip(args.seeds, sources, strict=True)))
+            return list(ex.map(lambda a: finetune(arm, *a), jobs))
 
     with ThreadPoolExecutor(len(args.arms)) as ex:
         results = dict(zip(args.arms, ex.map(arm_job, args.arms), strict=True))
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-steps", type=int, default=150)
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies both step counts")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
-    ap.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0], help="pretraining seeds (cycled)")
+    ap.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2], help="cycled over --seeds")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--jobs", type=int, default=default_jobs(), help="commands at a time (default: fill the cores)"
