@@ -1,4 +1,4 @@
-"""One writer per folder: a lock file in ``generate --out`` and in a training run folder.
+"""One writer per folder: a lock file in ``generate --out``, a training run folder and a prepared dataset.
 
 ``<folder>/.lad-fast.lock`` holds ``{"pid", "host", "command", "started", "token"}``; it is created with
 ``O_EXCL`` (atomic on local and NFSv3+ file systems), so of two processes starting together exactly one

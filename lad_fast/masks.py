@@ -26,6 +26,7 @@ import numpy as np
 
 from lad_fast.data.labels import CANONICAL_ORGANS, validate_mask
 from lad_fast.errors import InputError
+from lad_fast.lock import locks_folder
 
 # How far the resampled mask grid may sit from the prepared image grid (mm) before it counts as another
 # grid: far below any voxel size, far above float rounding of the affines.
@@ -101,6 +102,7 @@ def mask_onto_case(
     return crop_or_pad(resampled, start, tuple(geometry.shape), 0)
 
 
+@locks_folder("data", "import-masks")  # one writer per prepared folder
 def import_masks(
     data: Path,
     masks_dir: Path,

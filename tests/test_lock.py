@@ -117,3 +117,48 @@ def test_only_rank_zero_takes_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     work(tmp_path / "b")
     assert seen == [True, False] and list((tmp_path / "a").iterdir()) == []  # released after success
+
+
+def test_cli_data_commands_refuse_a_locked_dataset_in_one_line(tmp_path, capsys):
+    """prepare, predict-masks and import-masks write into a prepared folder: one writer at a time."""
+    data = tmp_path / "prepared"
+    _write_lock(data, os.getppid())  # a live process of this machine
+    for argv in (
+        ["prepare", str(tmp_path / "src"), str(data)],
+        ["predict-masks", str(data), "--run", str(tmp_path / "seg")],
+        ["import-masks", str(data), str(tmp_path / "masks")],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        (err,) = capsys.readouterr().err.splitlines()
+        assert exc.value.code == 2, argv
+        assert err.startswith(f"lad-fast: error: {data} is in use by `lad-fast generate` (pid {os.getppid()}")
+    assert [p.name for p in data.iterdir()] == [LOCK_NAME]
+
+
+def test_the_phantom_cache_waits_for_another_process_preparing_it(tmp_path):
+    """Two jobs started together on a fresh cache: the second waits for the first's dataset, then uses it."""
+    import threading
+
+    from lad_fast.config import get_preset
+    from lad_fast.data import cache
+
+    prepared = tmp_path / "prepared"
+    lock = _write_lock(prepared, os.getppid())
+
+    def finish() -> None:
+        time.sleep(1.0)
+        (prepared / "index.json").write_text(json.dumps({"cases": [{}, {}]}))
+        lock.unlink()
+
+    other = threading.Thread(target=finish)
+    other.start()
+    t0 = time.monotonic()
+    cache._prepare_or_wait(tmp_path / "raw-never-read", prepared, get_preset("tiny"), n=2, timeout_s=30)
+    other.join()
+    assert time.monotonic() - t0 >= 0.9  # it waited rather than refusing or preparing over it
+
+    _write_lock(prepared, os.getppid())
+    (prepared / "index.json").unlink()
+    with pytest.raises(FolderInUseError, match=r"preparing this phantom cache for over 1 s; run again once"):
+        cache._prepare_or_wait(tmp_path / "raw", prepared, get_preset("tiny"), n=2, timeout_s=1)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
-from lad_fast.config import get_preset
+from lad_fast.config import LadConfig, get_preset
+from lad_fast.errors import FolderInUseError
+from lad_fast.lock import LOCK_NAME
+
+WAIT_S = 900.0  # preparing the lad preset's 16 phantoms takes a few minutes on two cores
 
 DEFAULT_PHANTOMS = {"tiny": 32, "lad": 16}
 
@@ -22,15 +27,44 @@ def cache_root() -> Path:
 def phantom_dataset(preset: str, n: int | None = None, seed: int = 0) -> Path:
     """Path of a prepared dataset of ``n`` phantoms at ``preset``, generating it if needed."""
     from lad_fast.data.phantom import write_phantoms
-    from lad_fast.data.prepared import prepare_dataset
 
     cfg = get_preset(preset)
     n = n or DEFAULT_PHANTOMS.get(preset, 16)
     root = cache_root() / f"phantoms-{preset}-n{n}-s{seed}"
     prepared = root / "prepared"
     index = prepared / "index.json"
-    if index.is_file() and len(json.loads(index.read_text()).get("cases", [])) == n:
+    if _complete(index, n):
         return prepared
     write_phantoms(root / "raw", n=n, cfg=cfg.phantom, seed=seed)
-    prepare_dataset(root / "raw", prepared, cfg)
+    _prepare_or_wait(root / "raw", prepared, cfg, n)
     return prepared
+
+
+def _prepare_or_wait(raw: Path, prepared: Path, cfg: LadConfig, n: int, timeout_s: float = WAIT_S) -> None:
+    """Prepare ``raw`` into ``prepared``. While another process (a second job started at the same time)
+    holds the folder's lock, wait for it instead of refusing: its result is the same dataset. A lock left
+    by a process that died is taken over by the retry (lad_fast.lock)."""
+    from lad_fast.data.prepared import prepare_dataset
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            prepare_dataset(raw, prepared, cfg)
+            return
+        except FolderInUseError:
+            if time.monotonic() > deadline:
+                raise FolderInUseError(
+                    f"{prepared}: another lad-fast process has been preparing this phantom cache for over "
+                    f"{timeout_s:.0f} s; run again once it has ended (the lock file {prepared / LOCK_NAME} "
+                    "names it)"
+                ) from None
+            time.sleep(0.5)
+            if _complete(prepared / "index.json", n):
+                return
+
+
+def _complete(index: Path, n: int) -> bool:
+    try:
+        return len(json.loads(index.read_text()).get("cases", [])) == n
+    except (OSError, ValueError):
+        return False

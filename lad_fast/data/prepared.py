@@ -46,6 +46,7 @@ from lad_fast.config import ConditionConfig, GeometryConfig, LadConfig, config_f
 from lad_fast.data.digest import dataset_hash, mask_hash, mask_hash_of_folder, source_hash
 from lad_fast.data.labels import CANONICAL_ORGANS
 from lad_fast.errors import InputError, OutputExistsError
+from lad_fast.lock import LOCK_NAME, locks_folder
 
 SCHEMA_VERSION = 1
 INDEX = "index.json"
@@ -110,8 +111,8 @@ def _validate_headers(plan: _Plan, geom: GeometryConfig) -> None:
 
 
 def _is_ours(name: str) -> bool:
-    # index.json, cases/, and the hidden temporaries atomic writes leave if a run is killed.
-    return name in (INDEX, CASES) or (name.startswith(f".{INDEX}.") and name.endswith(".tmp"))
+    # index.json, cases/, the writer's lock, and the hidden temporaries atomic writes leave when killed.
+    return name in (INDEX, CASES, LOCK_NAME) or (name.startswith(f".{INDEX}.") and name.endswith(".tmp"))
 
 
 def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
@@ -221,6 +222,7 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
 # ------------------------------------------------------------------------------------------- dataset
 
 
+@locks_folder("out", "prepare")  # one writer per prepared folder (prepare, predict-masks, import-masks)
 def prepare_dataset(
     src: Path | str,
     out: Path | str,

@@ -29,6 +29,7 @@ from lad_fast.config import LadConfig, SegmenterConfig, config_from_dict, config
 from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
+from lad_fast.lock import locks_folder
 from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
 from lad_fast.train.data import PreparedBatches, how_to_add_masks, split_indices
 from lad_fast.train.loop import TrainResult
@@ -241,6 +242,7 @@ def train_segmenter(
 # ------------------------------------------------------------------------------------------- predict
 
 
+@locks_folder("data", "predict-masks")  # one writer per prepared folder
 def predict_masks(
     run: Path, data: Path, device: str = "auto", force: bool = False, min_foreground: float = MIN_FOREGROUND
 ) -> list[str]:
