@@ -20,14 +20,17 @@ the JSON), and is skipped when its output exists, so a rerun continues.
 Budget: the defaults (pretraining 300 steps of 4 volumes for each of the pretraining seeds 0 1 2 in every
 pretrained arm, fine-tuning 150 steps of 2 volumes for the seeds 0 1 2, fine-tuning seed i starting from
 pretraining seed i, K = 4) push 3 x 3 x 1200 + 12 x 300 = 14400 volumes through the tiny segmenter
-U-Net; measured on two free cores (bench/results/ssl_benchmark.json, ``seconds``) that is about a second
-per pretraining step and 0.6 s per fine-tuning step of one core, so about 35 minutes with two commands
-at a time, plus generation, inside the 90 the issue allows. The spread across seeds then holds the
-pretraining's own variance, not only the fine-tuning's. ``--scale`` multiplies both step
-counts. ``--jobs`` runs commands side by side; its default fills the cores the thread policy leaves
-(lad_fast/threads.py: one thread per process on two cores, so two commands at a time there). K (the
-cost does not depend on it: fine-tuning batches are 2 volumes whatever K) is 4 because with K = 2 two
-earlier runs (100/120 and 60/80 steps) learnt the liver and nothing else in every arm.
+U-Net. Measured on two free cores, two commands at a time (bench/results/ssl_benchmark.json): 395 s per
+pretraining run (1.3 s a step), 96 s per fine-tuning run, so about 40 minutes for the four default arms
+plus generation, 52 with the ``real+medical_diffusion`` arm; inside the 90 the issue allows. The spread
+across seeds holds the pretraining's own variance, not only the fine-tuning's.
+
+``--scale`` multiplies both step counts. ``--jobs`` runs commands side by side; its default fills the
+cores the thread policy leaves (lad_fast/threads.py: one thread per process on two cores, so two
+commands at a time there). K is 4 (the cost does not depend on it: fine-tuning batches are 2 volumes
+whatever K) because with K = 2 two earlier runs (100/120 and 60/80 steps) learnt the liver and nothing
+else in every arm. Fine-tuning is deterministic on a CPU: a rerun of the same command gives the same Dice
+to the last digit.
 """
 
 from __future__ import annotations
