@@ -21,8 +21,9 @@ Budget: the defaults (pretraining 300 steps of 4 volumes for each of the pretrai
 pretrained arm, fine-tuning 150 steps of 2 volumes for the seeds 0 1 2, fine-tuning seed i starting from
 pretraining seed i, K = 4) push 3 x 3 x 1200 + 12 x 300 = 14400 volumes through the tiny segmenter
 U-Net. Measured on two free cores, two commands at a time (bench/results/ssl_benchmark.json): 395 s per
-pretraining run (1.3 s a step), 96 s per fine-tuning run, so about 40 minutes for the four default arms
-plus generation, 52 with the ``real+medical_diffusion`` arm; inside the 90 the issue allows. The spread
+pretraining run (1.3 s a step), 96 s per fine-tuning run; the four default arms took 2567 s (43 minutes)
+in one call, generation included (bench/results/ssl_benchmark_default_run.json), about 52 minutes with
+the ``real+medical_diffusion`` arm; inside the 90 the issue allows. The spread
 across seeds holds the pretraining's own variance, not only the fine-tuning's.
 
 ``--scale`` multiplies both step counts. ``--jobs`` runs commands side by side; its default fills the
