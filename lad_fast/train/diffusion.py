@@ -179,6 +179,7 @@ def train_diffusion(
     from lad_fast.data.cache import phantom_dataset
     from lad_fast.diffusion import diffusion_loss, make_schedule
     from lad_fast.train.loop import Job, Phase, Setup, train
+    from lad_fast.train.schedule import make_adamw
 
     run = Path(run)
     vqgan_run = Path(vqgan_run) if vqgan_run is not None else run
@@ -202,8 +203,7 @@ def train_diffusion(
         with setup.initial_weights():
             net = build_unet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
         sched = make_schedule(cfg.diffusion).to(dev)
-        trainable = [p for p in net.parameters() if p.requires_grad]  # a frozen content head stays as built
-        opt = torch.optim.AdamW(trainable, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+        opt = make_adamw(net, tcfg)  # a frozen content head (train_content off) stays as built
 
         def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
             b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}

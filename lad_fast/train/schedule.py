@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the step (so a resumed run follows the same curve)."""
+"""The AdamW optimiser of a training config, and learning-rate schedules as pure functions of the step (so a
+resumed run follows the same curve)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,14 @@ def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
         return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
+
+
+def make_adamw(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``module``'s trainable parameters with ``cfg``'s lr, betas and weight decay. Frozen
+    parameters (``requires_grad`` off: ``condition.train_content = False``) are not given to it, so no
+    step or weight decay moves them."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR | None:

@@ -33,7 +33,7 @@ from lad_fast.lock import locks_folder
 from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
 from lad_fast.train.data import PreparedBatches, how_to_add_masks, split_indices
 from lad_fast.train.loop import TrainResult
-from lad_fast.train.schedule import make_scheduler
+from lad_fast.train.schedule import make_adamw, make_scheduler
 from lad_fast.trained import load_segmenter, predict_volumes
 
 MODEL = "segmenter"
@@ -186,9 +186,7 @@ def train_segmenter(
         dev = setup.device
         with setup.initial_weights():
             net = Segmenter(cfg.segmenter, NUM_CLASSES).to(dev)
-        opt = torch.optim.AdamW(
-            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
-        )
+        opt = make_adamw(net, tcfg)
         sched = make_scheduler(opt, tcfg)
 
         def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):

@@ -30,7 +30,7 @@ from lad_fast.errors import InputError
 from lad_fast.models.segmenter import Segmenter, dice_loss
 from lad_fast.ssl.settings import FINETUNE, PRETRAIN, SSLConfig, train_config
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
-from lad_fast.train.schedule import make_scheduler
+from lad_fast.train.schedule import make_adamw, make_scheduler
 
 DICE_JSON = "dice.json"
 
@@ -47,10 +47,6 @@ def held_out_cases(dataset: PreparedDataset) -> list[int]:
     from lad_fast.train.segmenter import labelled_split
 
     return labelled_split(dataset)[1] if dataset.labelled_indices() else []
-
-
-def _adamw(net: torch.nn.Module, tcfg: Any) -> torch.optim.AdamW:
-    return torch.optim.AdamW(net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
 
 
 def _json(obj: Any) -> Any:
@@ -99,9 +95,7 @@ def pretrain(
         dev = setup.device
         with setup.initial_weights():
             net = SSLNet(cfg.segmenter).to(dev)
-        opt = torch.optim.AdamW(
-            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
-        )
+        opt = make_adamw(net, tcfg)
 
         def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
             rec, logits = mods["model"](batch["input"].to(dev))
@@ -201,9 +195,7 @@ def finetune(
         dev = setup.device
         net, transfer = initial_segmenter(cfg, setup.seed, state, str(pretrained))
         net = net.to(dev)
-        opt = torch.optim.AdamW(
-            net.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay
-        )
+        opt = make_adamw(net, tcfg)
 
         def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
             return dice_loss(mods["model"](batch["image"].to(dev)), batch["mask"].to(dev)), {}
