@@ -85,7 +85,7 @@ def environment() -> dict[str, Any]:
 
 def append_result(op: str, record: dict[str, Any]) -> Path:
     """Append one JSON line to ``bench/results/<op>.jsonl`` (fsynced); returns the file."""
-    from lad_fast.atomic import append_line
+    from lad_fast.utils.atomic import append_line
 
     path = RESULTS_DIR / f"{op}.jsonl"
     append_line(path, json.dumps(record))

@@ -264,7 +264,7 @@ def step_kernels(out: Path, tiny: bool) -> None:
 
 def _models(tiny: bool):
     """(name, model, inputs, loss) for the VQ-GAN and the U-Net of the ``lad`` preset (or tiny ones)."""
-    from lad_fast.conditions import spatial_channels, structure_dim
+    from lad_fast.conditioning.conditions import spatial_channels, structure_dim
     from lad_fast.config import ConditionConfig, UNetConfig, VQGANConfig, get_preset
     from lad_fast.models.unet import build_unet
     from lad_fast.models.vqgan import VQGAN
@@ -379,7 +379,7 @@ def step_train(out: Path, tiny: bool) -> None:
 def step_topology(out: Path, tiny: bool) -> None:
     import numpy as np
 
-    from lad_fast.topology import lad_structure_vector
+    from lad_fast.conditioning.topology import lad_structure_vector
 
     sink = Sink(out, "topology")
     shape = (4, 16, 16) if tiny else (32, 256, 256)  # the lad geometry

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lad_fast.data.cache import phantom_dataset
     from lad_fast.evaluate.report import evaluate
-    from lad_fast.generate import generate, sampler_options
+    from lad_fast.generate.generate import generate, sampler_options
     from lad_fast.train.diffusion import train_diffusion
 
     real = held_out(args.real, args.n_real)

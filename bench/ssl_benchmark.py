@@ -27,7 +27,7 @@ the ``real+medical_diffusion`` arm; inside the 90 the issue allows. The spread
 across seeds holds the pretraining's own variance, not only the fine-tuning's.
 
 ``--scale`` multiplies both step counts. ``--jobs`` runs commands side by side; its default fills the
-cores the thread policy leaves (lad_fast/threads.py: one thread per process on two cores, so two
+cores the thread policy leaves (lad_fast/utils/threads.py: one thread per process on two cores, so two
 commands at a time there). K is 4 (the cost does not depend on it: fine-tuning batches are 2 volumes
 whatever K) because with K = 2 two earlier runs (100/120 and 60/80 steps) learnt the liver and nothing
 else in every arm. Fine-tuning is deterministic on a CPU: a rerun of the same command gives the same Dice
@@ -86,7 +86,7 @@ def synthetic_set(name: str, run: Path | None, folder: Path | None, n: int, work
 
 def default_jobs() -> int:
     """Commands at a time that fill this machine's cores under lad-fast's thread policy."""
-    from lad_fast.threads import affinity_cores, threads_for
+    from lad_fast.utils.threads import affinity_cores, threads_for
 
     cores = affinity_cores()
     return max(1, cores // threads_for(cores))

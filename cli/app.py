@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu_wait_policy()
 
     from lad_fast.errors import LadFastError
-    from lad_fast.interrupts import Interrupted, raise_on_signals
+    from lad_fast.utils.interrupts import Interrupted, raise_on_signals
 
     if not _debug():
         warnings.formatwarning = _one_line_warning
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         # Signals raise Interrupted, which Typer passes on (it would turn a KeyboardInterrupt into a silent
-        # exit 130); long loops inside defer them to a safe point (lad_fast.interrupts.deferred).
+        # exit 130); long loops inside defer them to a safe point (lad_fast.utils.interrupts.deferred).
         with raise_on_signals():
             app(args=argv)  # standalone mode: usage errors and --help exit by themselves
     except LadFastError as err:

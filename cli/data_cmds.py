@@ -19,7 +19,7 @@ def phantom(
 ) -> None:
     """Write N synthetic abdominal CTs and TotalSegmentator-numbered label maps as NIfTI."""
     from lad_fast.config import get_preset
-    from lad_fast.data.phantom import write_phantoms
+    from lad_fast.data.phantom.draw import write_phantoms
 
     cfg = get_preset(preset.value)
     paths = write_phantoms(out, n=n, cfg=cfg.phantom, seed=seed, force=force)
@@ -47,7 +47,7 @@ def prepare(
 ) -> None:
     """Turn CT (NIfTI or DICOM) and masks into a prepared, preset-geometry training dataset."""
     from lad_fast.config import get_preset
-    from lad_fast.data.prepared import prepare_dataset
+    from lad_fast.data.prepare import prepare_dataset
 
     cfg = get_preset(preset.value)
     index = prepare_dataset(
@@ -101,7 +101,7 @@ def preview(
 ) -> None:
     """Write one PNG comparing volumes: three orthogonal slices each, organ outlines named and coloured
     by organ."""
-    from lad_fast.preview import write_preview
+    from lad_fast.preview.render import write_preview
 
     path = write_preview(sources, out=out, mask=mask, cases=case or (), n=n)
     typer.echo(f"wrote {path}")

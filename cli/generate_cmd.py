@@ -74,8 +74,8 @@ def generate(
 ) -> None:
     """Sample N volumes with augmented anatomical conditions; resumable, shards by rank under torchrun."""
     from lad_fast.cli.train_cmds import resolve_run
-    from lad_fast.generate import generate as run_generate
-    from lad_fast.runs import latest_run
+    from lad_fast.generate.generate import generate as run_generate
+    from lad_fast.runs.rundir import latest_run
 
     if run:
         run_path = resolve_run(run)

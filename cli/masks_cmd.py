@@ -43,7 +43,7 @@ def import_masks(
     ] = False,
 ) -> None:
     """Import masks an external segmenter (TotalSegmentator) wrote, onto the cases of DATA."""
-    from lad_fast.masks import import_masks as run_import
+    from lad_fast.data.masks import import_masks as run_import
 
     if vocabulary is Vocabulary.auto:
         raise typer.BadParameter("name the masks' vocabulary (totalseg, abdomenct1k, lad, canonical)")

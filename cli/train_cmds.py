@@ -64,7 +64,7 @@ def pipeline(
     if ctx.invoked_subcommand is not None:
         return
     from lad_fast.config import get_preset
-    from lad_fast.pipeline import train_pipeline
+    from lad_fast.train.pipeline import train_pipeline
 
     path = train_pipeline(
         resolve_run(run),

@@ -196,8 +196,8 @@ def export_run(
     written. ``out`` holding other files is refused without ``force`` (see
     :func:`~lad_fast.export.artefacts.prepare_out`). Graphs are exported and verified on the CPU.
     """
-    from lad_fast.runs import RunDir
-    from lad_fast.trained import checkpoint_hash, load_diffusion, load_frozen_vqgan, vqgan_run_of
+    from lad_fast.runs.loading import checkpoint_hash, load_diffusion, load_frozen_vqgan, vqgan_run_of
+    from lad_fast.runs.rundir import RunDir
 
     _check_request(target, precision)
     run = Path(run)

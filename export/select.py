@@ -38,8 +38,8 @@ def artefact_path(run: Path, kind: str, backend: str) -> tuple[Path, str]:
 
 def run_meta(run: Path) -> dict:
     """The diffusion checkpoint's meta of ``run`` (no weights loaded), with its ``diffusion_config``."""
-    from lad_fast.checkpoints import META_NAME, latest_step_dir
     from lad_fast.config import config_from_dict
+    from lad_fast.runs.checkpoints import META_NAME, latest_step_dir
 
     step = latest_step_dir(Path(run) / "diffusion")
     if step is None:
@@ -52,7 +52,7 @@ def run_meta(run: Path) -> dict:
 
 def run_checkpoint(run: Path, kind: str) -> str:
     """Hash of the checkpoint the ``kind`` graph comes from: the diffusion model, or its VQ-GAN."""
-    from lad_fast.trained import checkpoint_hash, vqgan_run_of
+    from lad_fast.runs.loading import checkpoint_hash, vqgan_run_of
 
     run = Path(run)
     if kind == "denoiser":

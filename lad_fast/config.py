@@ -118,9 +118,11 @@ class ConditionConfig:
     drop_prob: float = 0.25  # classifier-free guidance: replaced by a learned null condition
     # Spatial mask conditioning (issue 11), beside the global content + structure vector above.
     # "none": Lad's global conditions only (the official method). "concat": the conditioning mask, one-hot
-    # over the canonical organs and average-pooled to the latent grid (lad_fast.conditions.spatial_condition),
+    # over the canonical organs and average-pooled to the latent grid
+    # (lad_fast.conditioning.conditions.spatial_condition),
     # is concatenated to the U-Net input at every step; classifier-free guidance drops it together with the
-    # global condition (same ``keep``), its null being zeros (lad_fast.conditions.drop_spatial says why).
+    # global condition (same ``keep``), its null being zeros (lad_fast.conditioning.conditions.drop_spatial
+    # says why).
     # "concat_fine": the same fractions on a twice finer grid, each latent voxel carrying its 8 octants'
     # (NUM_CLASSES x 8 channels), so the U-Net sees where inside a latent voxel an organ boundary lies.
     spatial: str = "none"
@@ -153,7 +155,8 @@ class DiffusionConfig:
     # "ddpm": the discrete process above (Lad). "flow": flow matching / rectified flow (Lipman et al. 2023,
     # Liu et al. 2023, as in SD3 and MAISI-v2): x_t = (1 - t) x0 + t noise for t in [0, 1] (t = 0 data,
     # t = 1 noise), and the network predicts the velocity v = dx_t/dt = noise - x0 (``prediction`` is then
-    # unused); it sees t * (timesteps - 1), the scale of the DDPM integer timesteps (lad_fast/diffusion.py).
+    # unused); it sees t * (timesteps - 1), the scale of the DDPM integer timesteps
+    # (lad_fast/diffusion/schedules.py).
     objective: str = "ddpm"
     # DDPM only. "min_snr": Min-SNR-gamma weighting (Hang et al. 2023), weight min(SNR, gamma) in x0 terms.
     loss_weighting: str = "none"  # "none" | "min_snr"

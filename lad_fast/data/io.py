@@ -16,10 +16,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lad_fast.atomic import atomic_path
 from lad_fast.data.labels import TOTALSEG_V2_NAMES, integer_labels
 from lad_fast.data.volume import Volume
 from lad_fast.errors import BackendUnavailableError, InputError
+from lad_fast.utils.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_TOLERANCE_MM = 1e-3

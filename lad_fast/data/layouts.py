@@ -58,7 +58,7 @@ def _niftis(folder: Path) -> list[Path]:
 
 
 def _finish(src: Path, cases: list[CaseSource]) -> list[CaseSource]:
-    from lad_fast.safepaths import plain_name
+    from lad_fast.utils.safepaths import plain_name
 
     for c in cases:  # the id names cases/<id>/: an empty id or ".." would put files onto cases/ itself
         plain_name(

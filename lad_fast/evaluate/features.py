@@ -2,7 +2,7 @@
 
 Selected by name with :func:`make_extractor`:
 
-- ``"medicalnet"``: a MedicalNet (Med3D) 3D ResNet-10/18/34/50 (:mod:`lad_fast.models.medicalnet`) with
+- ``"medicalnet"``: a MedicalNet (Med3D) 3D ResNet-10/18/34/50 (:mod:`lad_fast.evaluate.nets.medicalnet`) with
   weights from a local file the user passes; each volume is normalised to zero mean and unit standard
   deviation over all its voxels before the network (MedicalNet's training normalisation; its MRI
   recipe used the non-zero voxels only and filled the background with noise, which has no meaning for
@@ -14,7 +14,8 @@ Selected by name with :func:`make_extractor`:
   default (16, 32, 64)). ``weights_hash`` is a SHA-256 over the state dict (names, dtypes, shapes,
   values; first 16 hex digits).
 - ``"radimagenet-2.5d"``: MAISI's 2.5D protocol (NV-Generate-CTMR ``scripts/compute_fid_2-5d_ct.py``)
-  with a RadImageNet 2D ResNet-50 (:mod:`lad_fast.models.radimagenet`, weights from a local file): every
+  with a RadImageNet 2D ResNet-50 (:mod:`lad_fast.evaluate.nets.radimagenet`, weights from a local file):
+  every
   axial, coronal and sagittal slice, the volume min-max scaled to [0, 1], repeated to 3 channels minus
   (0.406, 0.456, 0.485), globally pooled; F = 2048. MAISI reports one FID per plane with slices as
   samples; here each volume gets ONE vector (mean over the slices of a plane, then over the three
@@ -162,7 +163,7 @@ def make_extractor(
     Raises ConfigError for an unknown name or a missing argument, InputError for unusable weights.
     """
     if name == "medicalnet":
-        from lad_fast.models.medicalnet import WEIGHTS_HELP, load_medicalnet
+        from lad_fast.evaluate.nets.medicalnet import WEIGHTS_HELP, load_medicalnet
 
         if weights is None:
             raise ConfigError(f"the medicalnet feature extractor needs a weights file. {WEIGHTS_HELP}")
@@ -185,7 +186,7 @@ def make_extractor(
             "segmenter", state_dict_hash(net), _segmenter_features(net), device, batch_size
         )
     if name == "radimagenet-2.5d":
-        from lad_fast.models.radimagenet import WEIGHTS_HELP, load_radimagenet
+        from lad_fast.evaluate.nets.radimagenet import WEIGHTS_HELP, load_radimagenet
 
         if weights is None:
             raise ConfigError(f"the radimagenet-2.5d feature extractor needs a weights file. {WEIGHTS_HELP}")

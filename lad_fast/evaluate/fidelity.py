@@ -8,7 +8,8 @@ whether the anatomy asked for is the anatomy drawn:
   organ (an organ the reference lacks is not scored: nothing was asked for);
 * **organ volume error** per organ, ``|V_P - V_R| / V_R`` on the same volumes;
 * **structure error**: mean absolute difference between the Lad structure vectors
-  (:func:`lad_fast.conditions.structure_condition`, per-slice Betti numbers) of segmentation and reference.
+  (:func:`lad_fast.conditioning.conditions.structure_condition`, per-slice Betti numbers) of segmentation
+  and reference.
 
 The same :func:`mask_fidelity` scores the two references a reader needs: the **shuffled baseline** (each
 segmentation against the mask of another synthetic volume, :func:`derangement`: what a generator that
@@ -56,7 +57,7 @@ def case_fidelity(pred: np.ndarray, ref: np.ndarray, cond: ConditionConfig) -> d
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise InputError(f"segmentation {pred.shape} and reference {ref.shape} differ in shape")
-    from lad_fast.conditions import structure_condition
+    from lad_fast.conditioning.conditions import structure_condition
 
     cp, cr, inter = _counts(pred, ref)
     dice, vol = {}, {}
@@ -85,7 +86,7 @@ def mask_fidelity(
     """
     if len(preds) != len(refs):
         raise InputError(f"{len(preds)} segmentations but {len(refs)} references")
-    from lad_fast.progress import track
+    from lad_fast.utils.progress import track
 
     pairs = zip(preds, refs, strict=True)
     per = [case_fidelity(p, r, cond) for p, r in track(pairs, "mask fidelity", total=len(preds))]

@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from lad_fast.preview import _font
+from lad_fast.preview.render import _font
 
 SYN, SHUF, REAL = (70, 140, 230), (150, 150, 150), (60, 180, 90)
 INK, GRID, PAPER = (20, 20, 20), (220, 220, 220), (255, 255, 255)

@@ -52,7 +52,7 @@ def _run_of(records: dict[str, dict[str, Any]]) -> Path | None:
 
 def resolve_segmenter(segmenter: Path | None, records: dict[str, dict[str, Any]], synthetic: Path) -> Path:
     """The run whose segmenter labels the volumes: ``segmenter``, else the run that generated them."""
-    from lad_fast.checkpoints import latest_step_dir
+    from lad_fast.runs.checkpoints import latest_step_dir
 
     if segmenter is not None:
         return Path(segmenter)
@@ -82,7 +82,7 @@ def check_counts(n_real: int, n_synthetic: int, real: Path, synthetic: Path) -> 
 
 def _features(extractor: Any, images: np.ndarray, ids: list[str], side: str, batch: int) -> torch.Tensor:
     """(N, D, H, W) in [-1, 1] -> (N, F) float32 features; InputError naming a volume with NaN features."""
-    from lad_fast.progress import track
+    from lad_fast.utils.progress import track
 
     out = []
     for start in track(range(0, len(images), batch), f"features {side}"):
@@ -142,18 +142,18 @@ class Segmenting:
 def load_segmenting(
     segmenter: Path | None, records: dict[str, dict[str, Any]], synthetic: Path, device: str
 ) -> Segmenting:
-    from lad_fast import trained
     from lad_fast.config import config_from_dict
-    from lad_fast.devices import resolve_device
+    from lad_fast.runs import loading
+    from lad_fast.utils.devices import resolve_device
 
     seg_run = resolve_segmenter(segmenter, records, synthetic)
     dev = resolve_device(device)
-    net, meta = trained.load_segmenter(seg_run, dev)
+    net, meta = loading.load_segmenter(seg_run, dev)
     seg_cfg = config_from_dict(meta["config"])
     gen_run = _run_of(records)
     cond = seg_cfg.condition
     if gen_run is not None and (gen_run / "config.json").is_file():
-        from lad_fast.runs import RunDir
+        from lad_fast.runs.rundir import RunDir
 
         cond = RunDir.open(gen_run).config().condition  # the conditions the generator was given
     window = (float(seg_cfg.geometry.hu_window[0]), float(seg_cfg.geometry.hu_window[1]))
@@ -168,7 +168,7 @@ def run_settings(records: dict[str, dict[str, Any]]) -> tuple[tuple[float, float
 
     gen_run = _run_of(records)
     if gen_run is not None and (gen_run / "config.json").is_file():
-        from lad_fast.runs import RunDir
+        from lad_fast.runs.rundir import RunDir
 
         cfg = RunDir.open(gen_run).config()
         window = (float(cfg.geometry.hu_window[0]), float(cfg.geometry.hu_window[1]))
@@ -178,11 +178,11 @@ def run_settings(records: dict[str, dict[str, Any]]) -> tuple[tuple[float, float
 
 
 def _segmenter_record(seg: Segmenting | None) -> dict[str, Any] | None:
-    from lad_fast import trained
+    from lad_fast.runs import loading
 
     if seg is None:
         return None
-    return {"run": str(seg.run), "checkpoint_hash": trained.checkpoint_hash(seg.run / "segmenter")}
+    return {"run": str(seg.run), "checkpoint_hash": loading.checkpoint_hash(seg.run / "segmenter")}
 
 
 def _conditioning_fidelity(pred: np.ndarray, syn: Any, cond: Any, organs: list[str]) -> dict[str, Any]:
@@ -217,10 +217,10 @@ def synthetic_fidelity(
     with the :func:`lad_fast.evaluate.fidelity.mask_fidelity` blocks that :func:`evaluate` reports
     (``segmenter`` None with external segmentations, ``segmentations`` None without).
     """
-    from lad_fast import trained
     from lad_fast.evaluate.datasets import check_masks, read_synthetic, synthetic_ids
     from lad_fast.evaluate.external import ExternalSegmentations
     from lad_fast.evaluate.fidelity import present_organs
+    from lad_fast.runs import loading
 
     synthetic = Path(synthetic)
     ids, records = synthetic_ids(synthetic)
@@ -231,7 +231,7 @@ def synthetic_fidelity(
     if ext is None:
         seg = load_segmenting(segmenter, records, synthetic, device)
         syn, _ = read_synthetic(synthetic, ids, seg.window, with_masks=True)
-        pred, cond = trained.predict_volumes(seg.net, syn.images, seg.device), seg.cond
+        pred, cond = loading.predict_volumes(seg.net, syn.images, seg.device), seg.cond
     else:
         from lad_fast.evaluate.external import read_synthetic_segmentations
 
@@ -278,13 +278,13 @@ def evaluate(
     segmenter is loaded only for ``features="segmenter"``.
     Raises InputError / CheckpointError / ConfigError before any output is made.
     """
-    from lad_fast import trained
-    from lad_fast.checkpoints import versions
     from lad_fast.evaluate.datasets import check_masks, read_real, read_synthetic, real_ids, synthetic_ids
     from lad_fast.evaluate.external import ExternalSegmentations
     from lad_fast.evaluate.features import EXTRACTORS, make_extractor
     from lad_fast.evaluate.fidelity import hu_histograms, hu_statistics, mask_fidelity, present_organs
     from lad_fast.evaluate.metrics import ms_ssim_settings
+    from lad_fast.runs import loading
+    from lad_fast.runs.checkpoints import versions
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -316,7 +316,7 @@ def evaluate(
         seg = load_segmenting(segmenter, records, synthetic, device)
         dev, window, cond_cfg, gen_run = seg.device, seg.window, seg.cond, seg.generator_run
     else:
-        from lad_fast.devices import resolve_device
+        from lad_fast.utils.devices import resolve_device
 
         dev = resolve_device(device)
         window, cond_cfg, gen_run = run_settings(records)
@@ -366,8 +366,8 @@ def evaluate(
 
     if ext is None:
         assert seg is not None
-        pred_syn = trained.predict_volumes(seg.net, syn.images, dev)
-        pred_real = trained.predict_volumes(seg.net, rea.images, dev) if len(rea) else None
+        pred_syn = loading.predict_volumes(seg.net, syn.images, dev)
+        pred_real = loading.predict_volumes(seg.net, rea.images, dev) if len(rea) else None
     else:
         pred_syn, pred_real = ext_syn, rea.segmentations
     real_masks = rea.masks[rea.masked] if rea.masks is not None else None

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from lad_fast.data.prepared import PreparedDataset
-from lad_fast.distributed import shard_indices
 from lad_fast.errors import InputError
+from lad_fast.utils.distributed import shard_indices
 
 
 def how_to_add_masks(data: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""Training the conditional latent diffusion model (Lad phase 2); :mod:`lad_fast.trained` loads it back.
+"""Training the conditional latent diffusion model (Lad phase 2); :mod:`lad_fast.runs.loading` loads it back.
 
 Pipeline of :func:`train_diffusion`:
 
@@ -7,13 +7,13 @@ Pipeline of :func:`train_diffusion`:
    content hash (``PreparedDataset.content_hash``), the condition config and its ``spatial`` mode, so a
    second call (or ``--resume``) skips the encoder:
    image latents ``to_unit`` -> [-1, 1] (Lad scales by the codebook's min and max), the content encoding
-   of each mask (``encode_pre_quant`` of :func:`lad_fast.trained.mask_as_image`, as Lad passes the label
+   of each mask (``encode_pre_quant`` of :func:`lad_fast.runs.loading.mask_as_image`, as Lad passes the label
    map through the encoder), the normalised structure vector and, with spatial conditioning
    (``condition.spatial`` not "none"), the spatial condition (the mask's organ fractions on the latent grid);
 2. :class:`LatentBatches` draws batches and the classifier-free-guidance dropout as a pure function of
    (seed, step, rank), so a resumed run reaches the same weights;
 3. :func:`lad_fast.train.loop.train` runs the steps with ``{"model": LatentUNet}`` (the content head is
-   part of the U-Net and trains jointly) and EMA weights, which :func:`lad_fast.trained.load_diffusion`
+   part of the U-Net and trains jointly) and EMA weights, which :func:`lad_fast.runs.loading.load_diffusion`
    returns.
 """
 
@@ -30,9 +30,7 @@ import torch
 from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.errors import CheckpointError, InputError
 from lad_fast.models.unet import build_unet
-from lad_fast.train.data import how_to_add_masks
-from lad_fast.train.loop import TrainResult
-from lad_fast.trained import (
+from lad_fast.runs.loading import (
     check_vqgan_run,
     checkpoint_hash,
     encode_case,
@@ -41,6 +39,8 @@ from lad_fast.trained import (
     normalize_latents,
     vqgan_reference,
 )
+from lad_fast.train.data import how_to_add_masks
+from lad_fast.train.loop import TrainResult
 
 MODEL = "diffusion"
 LATENTS_NAME = "latents.safetensors"
@@ -62,15 +62,15 @@ def encode_dataset(
 
     Returns ``latent`` (N, C, d, h, w), ``content`` (N, C, d, h, w), ``structure`` (N, L) float32 tensors,
     and ``spatial`` (N, K, d, h, w) with spatial conditioning (K:
-    :func:`lad_fast.conditions.spatial_channels`).
+    :func:`lad_fast.conditioning.conditions.spatial_channels`).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lad_fast.atomic import atomic_path
-    from lad_fast.checkpoints import config_hash
     from lad_fast.data.prepared import PreparedDataset
-    from lad_fast.progress import track
+    from lad_fast.runs.checkpoints import config_hash
+    from lad_fast.utils.atomic import atomic_path
+    from lad_fast.utils.progress import track
 
     ds = PreparedDataset(data, expect_preset=cfg.preset)
     if config_to_dict(ds.geometry) != config_to_dict(cfg.geometry):
@@ -113,7 +113,7 @@ class LatentBatches:
     (B,) 1.0 where the condition is kept and 0.0 where classifier-free guidance drops it (probability
     ``drop_prob``), and ``seed``, the seed of the step's timestep and noise draw. When the latents hold
     ``spatial`` (spatial conditioning), also ``spatial`` (B, K, d, h, w) with the same dropout already
-    applied: the null (zeros, :func:`lad_fast.conditions.drop_spatial`) where ``keep`` is 0.
+    applied: the null (zeros, :func:`lad_fast.conditioning.conditions.drop_spatial`) where ``keep`` is 0.
     """
 
     latents: Mapping[str, torch.Tensor]
@@ -122,7 +122,7 @@ class LatentBatches:
     drop_prob: float
 
     def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
-        from lad_fast.distributed import shard_indices, step_generator
+        from lad_fast.utils.distributed import shard_indices, step_generator
 
         n = self.latents["latent"].shape[0]
         idx = torch.tensor(shard_indices(n, self.batch_size, self.seed, step, rank, world))
@@ -137,7 +137,7 @@ class LatentBatches:
             "seed": seed,
         }
         if "spatial" in self.latents:  # dropped with the global condition: one keep flag per sample
-            from lad_fast.conditions import drop_spatial
+            from lad_fast.conditioning.conditions import drop_spatial
 
             out["spatial"] = drop_spatial(self.latents["spatial"][idx], keep)
         return out
@@ -175,9 +175,9 @@ def train_diffusion(
     steps: overrides ``cfg.diffusion_train.steps``. resume / force / device / stop_at: see
     ``lad_fast.train.loop``.
     """
-    from lad_fast.conditions import structure_dim as structure_len
+    from lad_fast.conditioning.conditions import structure_dim as structure_len
     from lad_fast.data.cache import phantom_dataset
-    from lad_fast.diffusion import diffusion_loss, make_schedule
+    from lad_fast.diffusion.schedules import diffusion_loss, make_schedule
     from lad_fast.train.loop import Job, Phase, Setup, train
     from lad_fast.train.schedule import make_adamw
 

@@ -3,7 +3,7 @@
 The loop owns setup and everything around the optimiser steps; a model's training module only says what
 to train. :func:`train` does, in order (steps 1 to 3 in :func:`lad_fast.train.setup.open_run`):
 
-1. choose this process's device (``lad_fast.devices.choose_device``: ``cuda:LOCAL_RANK`` under torchrun)
+1. choose this process's device (``lad_fast.utils.devices.choose_device``: ``cuda:LOCAL_RANK`` under torchrun)
    and join the process group (gloo on CPU, nccl on CUDA);
 2. refuse a run that already holds a checkpoint of this model unless ``resume`` or ``force``, and verify
    the checkpoint to resume, all before anything is written;
@@ -26,7 +26,7 @@ to train. :func:`train` does, in order (steps 1 to 3 in :func:`lad_fast.train.se
     train(run_path, cfg, "segmenter", cfg.segmenter_train, build, resume=resume, force=force, device="auto")
 
 Determinism: ``batches(step, rank, world)`` must be a pure function of its arguments (use
-:func:`lad_fast.distributed.shard_indices` / ``step_generator``); with RNG states restored from
+:func:`lad_fast.utils.distributed.shard_indices` / ``step_generator``); with RNG states restored from
 ``state.pt``, a resumed run reaches the same weights as an uninterrupted one (bit for bit on CPU).
 
 Why one file of ~460 lines: the step loop (resume, autocast, the NaN guard, EMA, DDP/compile wrapping,
@@ -49,7 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lad_fast.checkpoints import (
+from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
+from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
+from lad_fast.runs.checkpoints import (
     Checkpoint,
     capture_rng,
     config_hash,
@@ -58,15 +60,13 @@ from lad_fast.checkpoints import (
     seed_all,
     versions,
 )
-from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
-from lad_fast.distributed import DistInfo, all_true, max_over_ranks, step_seed
-from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
-from lad_fast.interrupts import Interrupted, deferred
-from lad_fast.lock import locks_folder
-from lad_fast.progress import say
-from lad_fast.runs import RunDir, config_diff
+from lad_fast.runs.rundir import RunDir, config_diff
 from lad_fast.train.ema import EMA
 from lad_fast.train.setup import Setup, open_run
+from lad_fast.utils.distributed import DistInfo, all_true, max_over_ranks, step_seed
+from lad_fast.utils.interrupts import Interrupted, deferred
+from lad_fast.utils.lock import locks_folder
+from lad_fast.utils.progress import say
 
 __all__ = ["Job", "Phase", "Setup", "TrainResult", "train"]
 
@@ -272,7 +272,8 @@ def train(
 
     run, config: the run folder and the resolved config recorded in its ``config.json``
         (:meth:`RunDir.create`: a new run, or a reopened one with a compatible config).
-    model: one of ``lad_fast.runs.MODELS``; cfg: its training config (``config.<model>_train``, possibly
+    model: one of ``lad_fast.runs.rundir.MODELS``; cfg: its training config (``config.<model>_train``,
+    possibly
         with ``steps`` overridden).
     build: ``build(setup) -> Job`` (see :class:`Setup`, :class:`Job`), called once on every rank after the
         refusals below, with the process group joined and the run folder created.
@@ -287,9 +288,9 @@ def train(
     """
     if cfg.amp not in AMP_DTYPES:
         raise ConfigError(f"{model}_train.amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
-    from lad_fast.threads import apply_thread_policy
+    from lad_fast.utils.threads import apply_thread_policy
 
-    apply_thread_policy()  # torch threads from the CPU affinity (lad_fast/threads.py)
+    apply_thread_policy()  # torch threads from the CPU affinity (lad_fast/utils/threads.py)
     setup, ckpt = open_run(
         run,
         config,
@@ -399,7 +400,7 @@ def train(
     window_steps = 0
     vols_per_step = cfg.batch_size * info.world
 
-    from lad_fast.progress import make_progress
+    from lad_fast.utils.progress import make_progress
 
     bar = make_progress() if info.is_main else contextlib.nullcontext()
     stopped_by = 0  # the signal (SIGINT / SIGTERM) that stopped training early, 0 when none did

@@ -11,7 +11,7 @@ labelled cases and :func:`predict_masks` writes a mask and structure condition f
   There are no flips: a left-right flip turns a right kidney into a left one (anatomy has a side), and
   the canonical grid fixes the other axes too.
 * ``meta.json`` stores the organ vocabulary (:data:`CANONICAL_ORGANS`);
-  :func:`lad_fast.trained.load_segmenter` refuses a checkpoint trained for another one, since its output
+  :func:`lad_fast.runs.loading.load_segmenter` refuses a checkpoint trained for another one, since its output
   channels would mean other organs.
 """
 
@@ -29,12 +29,12 @@ from lad_fast.config import LadConfig, SegmenterConfig, config_from_dict, config
 from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
-from lad_fast.lock import locks_folder
 from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
+from lad_fast.runs.loading import load_segmenter, predict_volumes
 from lad_fast.train.data import PreparedBatches, how_to_add_masks, split_indices
 from lad_fast.train.loop import TrainResult
 from lad_fast.train.schedule import make_adamw, make_scheduler
-from lad_fast.trained import load_segmenter, predict_volumes
+from lad_fast.utils.lock import locks_folder
 
 MODEL = "segmenter"
 # Augmentation, in HU (CT intensities are absolute, so jitter stays well below organ contrasts of
@@ -76,7 +76,7 @@ class SegmenterBatches:
     augment: bool = True
 
     def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-        from lad_fast.distributed import step_generator
+        from lad_fast.utils.distributed import step_generator
 
         batch = self.source(step, rank, world)
         image, mask = batch["image"], batch["mask"]
@@ -197,7 +197,7 @@ def train_segmenter(
         batches = SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window)
 
         def preview(step: int, run_path: Path) -> None:
-            from lad_fast.atomic import atomic_path
+            from lad_fast.utils.atomic import atomic_path
 
             case = val_idx[0]
             item = dataset[case]
@@ -256,8 +256,8 @@ def predict_masks(
     written atomically, then ``index.json`` once; an interrupted call leaves every case either untouched
     or complete, and a rerun continues.
     """
-    from lad_fast.devices import resolve_device
-    from lad_fast.progress import track
+    from lad_fast.utils.devices import resolve_device
+    from lad_fast.utils.progress import track
 
     dev = resolve_device(device)
     net, meta = load_segmenter(Path(run), device=dev)
@@ -320,7 +320,7 @@ def render_prediction(
     from PIL import Image
 
     from lad_fast.data.geometry import unit_to_hu
-    from lad_fast.preview import render_slices
+    from lad_fast.preview.render import render_slices
 
     hu = unit_to_hu(np.asarray(image, dtype=np.float32), geometry.hu_window)
     names = dict(enumerate(CANONICAL_ORGANS))

@@ -180,10 +180,10 @@ def finetune(
     pretrained: a run holding ``ssl/`` (CheckpointError when it does not, or for another architecture),
     or None for a fresh start. labels: a prepared dataset with masks (default: the built-in phantoms).
     """
-    from lad_fast.atomic import write_json
     from lad_fast.ssl.pretrained import load_pretrained
     from lad_fast.train.data import PreparedBatches
     from lad_fast.train.segmenter import SegmenterBatches, evaluate_segmenter
+    from lad_fast.utils.atomic import write_json
 
     tcfg = train_config(FINETUNE, cfg.preset, steps, seed)
     labels, dataset = _dataset(labels, cfg)

@@ -24,16 +24,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from lad_fast.checkpoints import latest_step_dir
 from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import ConfigError
-from lad_fast.losses import SlicePerceptualLoss, VQGANLoss, locality_loss, make_discriminators, organ_groups
 from lad_fast.models.vqgan import VQGAN
-from lad_fast.progress import say
+from lad_fast.runs.checkpoints import latest_step_dir
 from lad_fast.train.data import PreparedBatches, split_indices
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
+from lad_fast.train.losses import (
+    SlicePerceptualLoss,
+    VQGANLoss,
+    locality_loss,
+    make_discriminators,
+    organ_groups,
+)
 from lad_fast.train.schedule import make_scheduler
+from lad_fast.utils.progress import say
 
 MODEL = "vqgan"
 PREVIEWS = "previews"
@@ -168,7 +174,7 @@ def render_reconstruction(
     """PIL image: rows input, reconstruction and |error| x5 of the axial slice with the most pancreas
     (the middle slice without a mask) of each case of ``batch`` (``image`` (B, 1, D, H, W))."""
     from lad_fast.data.labels import CANONICAL_ID
-    from lad_fast.preview import render_grid
+    from lad_fast.preview.render import render_grid
 
     was_training = vqgan.training
     vqgan.eval()
@@ -200,7 +206,7 @@ def render_reconstruction(
 def _write_png(image: Any, path: Path) -> None:
     import io
 
-    from lad_fast.atomic import write_bytes
+    from lad_fast.utils.atomic import write_bytes
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -232,7 +238,7 @@ def _perceptual_loss(cfg: LadConfig, device: torch.device) -> SlicePerceptualLos
             f"vqgan_loss.perceptual is {lc.perceptual} but vqgan_loss.perceptual_weights is not set; point "
             "it at a lad-fast run holding a trained segmenter (lad-fast train segmenter), or set perceptual 0"
         )
-    from lad_fast.trained import load_segmenter
+    from lad_fast.runs.loading import load_segmenter
 
     seg, _ = load_segmenter(Path(lc.perceptual_weights), device)
     return SlicePerceptualLoss(_Features(seg), spatial_dims=3).to(device)

@@ -12,7 +12,8 @@ from scipy import ndimage
 from lad_fast.cli.app import main
 from lad_fast.config import get_preset
 from lad_fast.data.labels import CANONICAL_ID
-from lad_fast.data.prepared import PreparedDataset, export_case_nifti, prepare_dataset
+from lad_fast.data.prepare import prepare_dataset
+from lad_fast.data.prepared import PreparedDataset, export_case_nifti
 from lad_fast.errors import InputError, OutputExistsError
 
 TINY = get_preset("tiny")
@@ -160,7 +161,7 @@ def test_prepare_tiny_synthetic_and_read_back(tmp_path):
     assert np.load(out / "cases" / "c2" / "image.npy", mmap_mode="r").dtype == np.float16
     assert set(np.unique(item["mask"])) == {0, CANONICAL_ID["liver"], PANCREAS}
     assert -1 <= float(item["image"].min()) and float(item["image"].max()) <= 1
-    from lad_fast.conditions import structure_condition
+    from lad_fast.conditioning.conditions import structure_condition
 
     np.testing.assert_array_equal(
         item["structure"], structure_condition(np.asarray(item["mask"]), TINY.condition)
@@ -197,12 +198,12 @@ def test_rerun_skips_complete_cases_and_redoes_changed_ones(tmp_path):
 
 
 def test_interrupted_case_leaves_no_visible_folder(tmp_path, monkeypatch):
-    import lad_fast.conditions
+    import lad_fast.conditioning.conditions
 
     src, out = tmp_path / "src", tmp_path / "out"
     write_case(src, "c1")
     write_case(src, "c2", *synthetic(seed=1))
-    real = lad_fast.conditions.structure_condition
+    real = lad_fast.conditioning.conditions.structure_condition
     calls = []
 
     def interrupt_second(mask, cfg):
@@ -211,12 +212,12 @@ def test_interrupted_case_leaves_no_visible_folder(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(mask, cfg)
 
-    monkeypatch.setattr(lad_fast.conditions, "structure_condition", interrupt_second)
+    monkeypatch.setattr(lad_fast.conditioning.conditions, "structure_condition", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(src, out, TINY)
     assert sorted(os.listdir(out / "cases")) == ["c1"]  # no c2, not even a hidden temporary
     assert [c["id"] for c in json.loads((out / "index.json").read_text())["cases"]] == ["c1"]
-    monkeypatch.setattr(lad_fast.conditions, "structure_condition", real)
+    monkeypatch.setattr(lad_fast.conditioning.conditions, "structure_condition", real)
     stamp = (out / "cases" / "c1" / "image.npy").stat().st_mtime_ns
     index = prepare_dataset(src, out, TINY)
     assert [c["id"] for c in index["cases"]] == ["c1", "c2"]
@@ -224,14 +225,14 @@ def test_interrupted_case_leaves_no_visible_folder(tmp_path, monkeypatch):
 
 
 def test_interrupted_first_case_leaves_no_output_folder(tmp_path, monkeypatch):
-    import lad_fast.conditions
+    import lad_fast.conditioning.conditions
 
     write_case(tmp_path / "src", "c1")
 
     def boom(mask, cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lad_fast.conditions, "structure_condition", boom)
+    monkeypatch.setattr(lad_fast.conditioning.conditions, "structure_condition", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(tmp_path / "src", tmp_path / "out", TINY)
     assert not (tmp_path / "out").exists()

@@ -69,7 +69,7 @@ def write_synthetic(out: Path, real: Path, run: Path | None, n: int = 3, masks: 
             line["run"] = str(run.resolve())
         lines.append(json.dumps(line) + "\n")
     (out / "manifest.jsonl").write_text("".join(lines))
-    from lad_fast.generated import dataset_json
+    from lad_fast.generate.writer import dataset_json
 
     (out / "dataset.json").write_text(json.dumps(dataset_json([json.loads(x) for x in lines], "test")))
     return out
@@ -161,8 +161,8 @@ def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_
 def test_the_synthetic_scores_follow_their_masks_better_than_shuffled(real, synthetic):
     """The fake 'generated' volumes are real phantoms with noise, so their conditioning masks are the
     truth: an oracle segmenter scores Dice 1 against them and less against the shuffled masks."""
-    from lad_fast import trained
     from lad_fast.evaluate.report import evaluate
+    from lad_fast.runs import loading
 
     truth: dict[bytes, np.ndarray] = {}
     from lad_fast.data.prepared import PreparedDataset
@@ -178,7 +178,7 @@ def test_the_synthetic_scores_follow_their_masks_better_than_shuffled(real, synt
         return np.stack([masks[np.abs(images - v).mean(axis=(1, 2, 3)).argmin()] for v in x])
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trained, "predict_volumes", oracle)
+        mp.setattr(loading, "predict_volumes", oracle)
         rep = evaluate(real, synthetic, device="cpu")
     fid = rep["fidelity"]
     assert fid["synthetic"]["mean_dice"] == 1.0 and fid["real"]["mean_dice"] == 1.0
@@ -265,7 +265,7 @@ def test_synthetic_volumes_on_different_grids_are_refused(real, seg_run, tmp_pat
 
 
 def test_medicalnet_weights_with_the_wrong_key_layout_are_refused(real, synthetic, tmp_path, capsys):
-    from lad_fast.models.medicalnet import MedicalNet
+    from lad_fast.evaluate.nets.medicalnet import MedicalNet
 
     # the official ResNet-10 layout with the stem renamed (a re-exported or foreign checkpoint)
     sd = {
@@ -299,7 +299,7 @@ def test_medicalnet_weights_with_the_wrong_key_layout_are_refused(real, syntheti
 
 
 def test_nan_features_are_refused(real, synthetic, tmp_path, capsys):
-    from lad_fast.models.medicalnet import MedicalNet
+    from lad_fast.evaluate.nets.medicalnet import MedicalNet
 
     net = MedicalNet(10)
     sd = {
@@ -330,7 +330,7 @@ def test_nan_features_are_refused(real, synthetic, tmp_path, capsys):
 
 
 def test_without_a_segmenter_the_error_names_the_training_command(real, tmp_path, capsys):
-    from lad_fast.runs import RunDir
+    from lad_fast.runs.rundir import RunDir
 
     run = tmp_path / "no_seg"
     RunDir.create(run, get_preset("tiny"))

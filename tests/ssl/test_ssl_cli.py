@@ -13,7 +13,7 @@ import torch
 from lad_fast.cli.app import main
 from lad_fast.config import SegmenterConfig, get_preset
 from lad_fast.data.prepared import PreparedDataset
-from lad_fast.generated import IDENTITY, VolumeWriter
+from lad_fast.generate.writer import IDENTITY, VolumeWriter
 from lad_fast.ssl.data import GeneratedVolumes, SSLBatches
 from lad_fast.ssl.settings import SSLConfig
 

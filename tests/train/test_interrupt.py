@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lad_fast.checkpoints import load_checkpoint
 from lad_fast.config import get_preset
-from lad_fast.interrupts import Interrupted, deferred, raise_on_signals
-from lad_fast.runs import RunDir
+from lad_fast.runs.checkpoints import load_checkpoint
+from lad_fast.runs.rundir import RunDir
+from lad_fast.utils.interrupts import Interrupted, deferred, raise_on_signals
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -230,13 +230,13 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
 
 
 def test_cli_interrupt_outside_the_step_loop_still_says_how_to_continue(monkeypatch, capsys, tmp_path):
-    import lad_fast.pipeline
+    import lad_fast.train.pipeline
     from lad_fast.cli.app import main
 
     def stopped(*args, **kwargs):
         raise Interrupted(signal.SIGINT)  # as raise_on_signals raises it, e.g. while latents are encoded
 
-    monkeypatch.setattr(lad_fast.pipeline, "train_pipeline", stopped)
+    monkeypatch.setattr(lad_fast.train.pipeline, "train_pipeline", stopped)
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--run", "r", "--force"])
     assert exit_.value.code == 130

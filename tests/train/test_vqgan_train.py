@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from lad_fast.checkpoints import load_checkpoint
 from lad_fast.config import LadConfig, VQGANConfig, get_preset
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
+from lad_fast.runs.checkpoints import load_checkpoint
+from lad_fast.runs.loading import load_vqgan
 from lad_fast.train.vqgan import evaluate_reconstruction, train_vqgan
-from lad_fast.trained import load_vqgan
 
 
 def small_cfg(**train: object) -> LadConfig:
@@ -274,7 +274,7 @@ def test_run_folder_holding_another_model(trained: Path, tmp_path: Path, phantom
 
 
 def test_load_vqgan_without_checkpoint(tmp_path: Path) -> None:
-    from lad_fast.runs import RunDir
+    from lad_fast.runs.rundir import RunDir
 
     RunDir.create(tmp_path / "empty", small_cfg())
     with pytest.raises(
@@ -290,8 +290,8 @@ def test_load_vqgan_without_checkpoint(tmp_path: Path) -> None:
 
 def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatch) -> None:
     """The documented parameter count, the 8x8x64x64 latent of 32x256x256, one step on CPU (batch 1)."""
-    from lad_fast.data.phantom import write_phantoms
-    from lad_fast.data.prepared import prepare_dataset
+    from lad_fast.data.phantom.draw import write_phantoms
+    from lad_fast.data.prepare import prepare_dataset
     from lad_fast.models.vqgan import VQGAN
 
     cfg = get_preset("lad")
