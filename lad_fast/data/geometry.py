@@ -1,6 +1,6 @@
 """Geometry: from a volume in its file's voxel order to the preset's ``(D, H, W)`` grid, and back.
 
-The steps, in order (DESIGN.md "Geometry", LAD_REFERENCE.md phase 1 input geometry):
+The steps, in order (Lad's input geometry: docs/lad.md, "Input geometry"):
 
 1. :func:`canonical_dhw`: reorient to RAS (nibabel orientations, no interpolation), then transpose
    ``(i, j, k) -> (k, j, i)`` so indices increase toward (Superior, Anterior, patient's Right).
@@ -18,8 +18,8 @@ The steps, in order (DESIGN.md "Geometry", LAD_REFERENCE.md phase 1 input geomet
 Every step updates a ``(4, 4)`` affine mapping ``(d, h, w)`` voxel indices to RAS world mm, so a prepared
 case written back with :func:`dhw_to_nifti` overlays its source in any viewer.
 
-The official Lad dataset code could not be found through the search tool; the window rule is implemented
-as LAD_REFERENCE.md states it ("32-slice window chosen where the pancreas is").
+The window rule follows the paper's description (a 32-slice window where the pancreas is); the official
+dataset code was not available to compare against.
 """
 
 from __future__ import annotations
