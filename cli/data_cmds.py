@@ -100,6 +100,10 @@ def preview(
     mask: Annotated[
         Path | None, typer.Option("--mask", "-m", help="Label map to outline (one image only).")
     ] = None,
+    vocabulary: Annotated[
+        Vocabulary,
+        typer.Option(help="Label ids of --mask; auto reads labels.json or guesses from its name and ids."),
+    ] = Vocabulary.auto,
     case: Annotated[
         list[str] | None, typer.Option("--case", help="Case id of a prepared dataset (repeatable).")
     ] = None,
@@ -115,5 +119,6 @@ def preview(
     by organ."""
     from lad_fast.preview.render import write_preview
 
-    path = write_preview(sources, out=out, mask=mask, cases=case or (), n=n)
+    vocab = None if vocabulary is Vocabulary.auto else vocabulary.value
+    path = write_preview(sources, out=out, mask=mask, cases=case or (), n=n, vocabulary=vocab)
     typer.echo(f"wrote {path}")
