@@ -75,7 +75,7 @@ def prepare(
         typer.echo(summary, err=True)
     unlabelled = [c["id"] for c in index["cases"] if not c["has_mask"]]
     if unlabelled and segmenter:
-        from lad_fast.cli.train_cmds import resolve_run
+        from lad_fast.cli.options import resolve_run
         from lad_fast.train.segmenter import predict_masks
 
         written = predict_masks(resolve_run(segmenter), out, device=device)

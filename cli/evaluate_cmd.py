@@ -97,7 +97,7 @@ def evaluate(
     and HU statistics of SYNTHETIC against REAL, with real-vs-real and trivial-generator references."""
     from rich.console import Console
 
-    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.cli.options import resolve_run
     from lad_fast.errors import ConfigError
     from lad_fast.evaluate.render import render_panel, tables
     from lad_fast.evaluate.report import evaluate as run_evaluate

@@ -73,7 +73,7 @@ def generate(
     ] = None,
 ) -> None:
     """Sample N volumes with augmented anatomical conditions; resumable, shards by rank under torchrun."""
-    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.cli.options import resolve_run
     from lad_fast.generate.generate import generate as run_generate
     from lad_fast.runs.rundir import latest_run
 

@@ -23,7 +23,7 @@ def predict_masks(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Predict organ masks (and structure conditions) for the cases of DATA that have none."""
-    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.cli.options import resolve_run
     from lad_fast.train.segmenter import predict_masks as predict
 
     written = predict(resolve_run(run), data, device=device, force=force)
