@@ -239,6 +239,7 @@ def generate(
     force: bool = False,
     device: str = "auto",
     decode_tile: int | None = None,
+    layout: str = "default",
 ) -> Path:
     """Generate ``n`` volumes with paired masks from the trained ``run`` into ``out``; returns ``out``.
 
@@ -254,7 +255,8 @@ def generate(
     grid (default: the data the diffusion model trained on). augment: augmented variants per source mask
     (0: the masks as they are). batch: volumes per sampler call. backend: "torch", "compile", "onnx" or
     "trt" (see ``lad_fast.export.backends``). decode_tile: see :meth:`Generator.decode` (None: tiles only
-    above the memory budget).
+    above the memory budget). layout: "default" (images/ + masks/) or "nnunet" (also nnU-Net v2's
+    imagesTr/ + labelsTr/; see :mod:`lad_fast.generate.writer`).
 
     Pipelined: decoding, HU conversion and writing of batch k run on a worker thread
     (:mod:`lad_fast.utils.background`, one batch queued at most) while batch k+1 is sampled; an error there
@@ -314,7 +316,9 @@ def generate(
     }
     sampling = SamplerSettings(sampler, steps, float(guidance), settings["eta"])
     preflight(backend, run, batch)  # a stale artefact or a batch outside an engine's profile: refused here
-    writer = VolumeWriter(out, settings, rank=info.rank, world=info.world, sharded=info.enabled)
+    writer = VolumeWriter(
+        out, settings, rank=info.rank, world=info.world, sharded=info.enabled, layout=layout
+    )
     if info.is_main:
         writer.prepare(force)
     if info.enabled:
