@@ -196,17 +196,13 @@ def export_run(
     written. ``out`` holding other files is refused without ``force`` (see
     :func:`~lad_fast.export.artefacts.prepare_out`). Graphs are exported and verified on the CPU.
     """
-    from lad_fast.runs.loading import checkpoint_hash, load_diffusion, load_frozen_vqgan, vqgan_run_of
-    from lad_fast.runs.rundir import RunDir
+    from lad_fast.runs.loading import load_sampling_models
 
     _check_request(target, precision)
     run = Path(run)
-    rundir = RunDir.open(run)
     out = Path(out) if out is not None else run / EXPORT_DIR
-    net, meta = load_diffusion(run, "cpu")
-    cfg = rundir.config()
-    vqgan_run = vqgan_run_of(run, meta)  # recorded relative to the run
-    vq, _ = load_frozen_vqgan(vqgan_run, cfg, torch.device("cpu"))
+    models = load_sampling_models(run, "cpu")  # the run opened, its config parsed, once
+    net, meta, vq = models.net, models.meta, models.vq
     names = [artefact_name(k, "fp32", "onnx") for k in ("denoiser", "decoder")]
     if precision != "fp32":
         names += [artefact_name(k, precision, "onnx") for k in ("denoiser", "decoder")]
@@ -226,7 +222,7 @@ def export_run(
     decoder = DecoderGraph(vq).eval()
     dec_example = [torch.rand(VERIFY_BATCH, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1]
     written += _export_kind("decoder", decoder, dec_example, [DECODER_INPUT], DECODER_OUTPUT, out, precision,
-                            target, batch_range, checkpoint_hash(vqgan_run / "vqgan"))  # fmt: skip
+                            target, batch_range, models.vqgan_hash)  # fmt: skip
     return written
 
 
