@@ -36,10 +36,9 @@ from lad_fast.export.autocast import PRECISIONS
 EXPORT_DIR = "export"  # RUN/export: where generate looks for artefacts and lad-fast export writes them
 DEFAULT_RANGE = BatchRange(1, 4, 16)
 FP32_RTOL = 1e-4  # ONNX Runtime vs PyTorch, max |diff| / max |ref|
-# AutoCast graphs vs fp32 PyTorch. fp16, measured on the tiny test run (tests/export): denoiser 7.5e-4,
-# decoder 1.8e-3; fp16 keeps 11 bits (4.9e-4 relative per rounding), a few roundings in a row stay below 1e-2.
-# bf16 keeps 8 bits (3.9e-3 per rounding): scaled alike, never measured (ONNX Runtime's CPU build has no
-# bf16 Conv, so bf16 graphs are checked but not compared there)
+# AutoCast graphs vs fp32 PyTorch: fp16 keeps 11 bits (4.9e-4 relative per rounding), bf16 8 bits (3.9e-3);
+# a few roundings in a row stay below these. ONNX Runtime's CPU build has no bf16 Conv, so bf16 graphs are
+# checked but not compared there.
 LOW_RTOL = {"fp16": 1e-2, "bf16": 6e-2}
 # volumes per export and verification call (the denoiser sees 2: guidance); the tests run other batches
 VERIFY_BATCH = 1

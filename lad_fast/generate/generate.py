@@ -528,7 +528,7 @@ def generate(
 
     sampler, steps, guidance: ``None`` takes the run's ``sampling`` config (its preset's default: ``tiny``
     Euler, 30 steps, guidance 3 on its flow-matching model). sampler: "ddpm" (all T steps, a given
-    ``steps`` refused; the official Lad sampler), "ddim" (``eta`` 0 deterministic, the default, 1
+    ``steps`` refused; Lad's own sampler, ``docs/lad.md``), "ddim" (``eta`` 0 deterministic, the default, 1
     stochastic) or "dpmpp2m" with ``steps`` <= T; ``eta`` with a sampler that does not read it is refused.
     The deterministic samplers need a well-trained denoiser: at the tiny preset's short budget they drift
     (see README). A model trained with objective "flow" takes "euler" or "heun" instead

@@ -303,7 +303,8 @@ def load_sampling_models(run: RunLike, device: str | torch.device) -> SamplingMo
 
 
 def mask_as_image(mask: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """Render a label map as a one-channel image for the VQ-GAN encoder (Lad's content condition).
+    """Render a label map as a one-channel image for the VQ-GAN encoder (Lad's content condition,
+    ``docs/lad.md``).
 
     mask (B, D, H, W) integer canonical ids -> (B, 1, D, H, W) float32, id k at ``2 k / (K - 1) - 1``:
     background at -1 (air, as in the CT images), the last canonical id at +1, ids evenly spaced so the
