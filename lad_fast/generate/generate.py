@@ -127,11 +127,13 @@ def sample_latents(
     per-volume conditions; spatial (B, K, d, h, w): the spatial conditions, required when ``net`` has
     ``spatial_channels`` (the conditional branch gets them, the null branch zeros) and refused otherwise;
     seeds: B noise seeds (one ``torch.Generator`` each); shape: one latent's (C, d, h, w). Returns x0
-    (B, *shape) in the sampler's latent space. Conditions are embedded one sample at a time and noise is
-    per sample, so a volume does not depend on its batch.
+    (B, *shape) in the sampler's latent space. Conditions are embedded one sample at a time, noise is
+    per sample and, on a CPU, the denoiser runs one row at a time, so a volume does not depend on its
+    batch bit for bit; on a GPU the denoiser runs batched (throughput), where batched kernels may round
+    differently per batch size.
     """
     from lad_fast.conditioning.conditions import null_spatial
-    from lad_fast.diffusion.samplers import guided_denoiser, sample
+    from lad_fast.diffusion.samplers import guided_denoiser, one_row_at_a_time, sample
 
     if bool(getattr(net, "spatial_channels", 0)) != (spatial is not None):
         raise ConfigError(
@@ -155,6 +157,9 @@ def sample_latents(
         if spatial is not None:
             spatial = spatial.to(device=device, dtype=emb.dtype)
             cond, nulls = [emb, spatial], [null, null_spatial(spatial)]
+        if torch.device(device).type == "cpu":
+            # bit-for-bit batch invariance: batched CPU kernels round differently per batch size
+            denoise = one_row_at_a_time(denoise)
         den = guided_denoiser(denoise, cond, nulls, settings.guidance)
         # noise on the sampling device, one generator per sample (on CUDA, Philox streams per seed: still
         # independent of the batch)
