@@ -67,3 +67,17 @@ def shared_data(path: Path) -> Path:
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
         pytest.fail(f"{missing}; under CI=true the tests that read the shared sample data must run")
     pytest.skip(missing)
+
+
+def rewrite_meta(meta_path: Path, meta: dict) -> None:
+    """Write an edited checkpoint ``meta.json`` and seal it into the step's ``digest`` again, as if
+    lad-fast had written it so: for tests of the checks that come after the digest (another model, an
+    organ vocabulary, a malformed file list ...)."""
+    import hashlib
+    import json
+
+    meta_path.write_text(json.dumps(meta))
+    digest = meta_path.with_name("digest")
+    entries = dict(reversed(line.split("  ", 1)) for line in digest.read_text().splitlines())
+    entries["meta.json"] = hashlib.sha256(meta_path.read_bytes()).hexdigest()
+    digest.write_text("".join(f"{sha}  {name}\n" for name, sha in sorted(entries.items())))

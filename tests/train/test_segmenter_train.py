@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from _shared import rewrite_meta
 
 from lad_fast.conditioning.conditions import structure_condition
 from lad_fast.config import SegmenterConfig, get_preset
@@ -106,7 +107,7 @@ def test_a_checkpoint_for_another_vocabulary_is_refused(trained, tmp_path):
     meta_path = copy / "segmenter" / result.checkpoint.name / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["extra"]["organs"] = ["background", "pancreas", "pancreatic_lesion"]
-    meta_path.write_text(json.dumps(meta))
+    rewrite_meta(meta_path, meta)
     with pytest.raises(CheckpointError, match=r"organ vocabulary \['background', 'pancreas'.*retrain"):
         load_segmenter(copy)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _shared import rewrite_meta
 
 from lad_fast.config import LadConfig, VQGANConfig, get_preset
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
@@ -258,7 +259,7 @@ def test_run_folder_holding_another_model(trained: Path, tmp_path: Path, phantom
     meta_path = trained / "vqgan" / "step-00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model"] = "segmenter"
-    meta_path.write_text(json.dumps(meta))
+    rewrite_meta(meta_path, meta)
     before = _snapshot(trained)
     with pytest.raises(CheckpointError, match=r"holds a 'segmenter' checkpoint, not 'vqgan'"):
         train_vqgan(trained, small_cfg(steps=4), data=phantoms, resume=True, device="cpu")
