@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _shared import rewrite_meta
 
 from lad_fast.config import LadConfig, VQGANConfig, get_preset
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
@@ -256,6 +255,8 @@ def test_resume_on_other_data(trained: Path, phantoms: Path, cache: Path) -> Non
 
 
 def test_run_folder_holding_another_model(trained: Path, tmp_path: Path, phantoms: Path) -> None:
+    from _shared import rewrite_meta  # here: the CLI subprocess imports this module
+
     meta_path = trained / "vqgan" / "step-00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model"] = "segmenter"
