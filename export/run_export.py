@@ -95,7 +95,7 @@ def _export_kind(
         staged = staging_path(fp32)
         with _removed_on_error(staged):
             export_onnx(module, example, staged, names, output_name=out_name)
-            err = verify_onnx(module, staged, example, rtol=FP32_RTOL)
+            err = verify_onnx(module, staged, example, rtol=FP32_RTOL, name=fp32)
             common["outputs"] = _onnx_outputs(staged)
             publish(staged, fp32, target="onnx", precision="fp32", opset=DEFAULT_OPSET, batch=brange,
                     **common, verified={"relative_error": err, "tolerance": FP32_RTOL})  # fmt: skip
@@ -140,7 +140,7 @@ def _autocast_kind(
     with _removed_on_error(staged):
         summary = autocast_onnx(fp32, staged, precision, fp32_nodes=keep)
         try:
-            err = verify_onnx(module, staged, example, rtol=LOW_RTOL[precision])
+            err = verify_onnx(module, staged, example, rtol=LOW_RTOL[precision], name=graph)
             verified: dict = {"relative_error": err, "tolerance": LOW_RTOL[precision]}
         except Exception as e:  # onnxruntime's NotImplemented has no public class to catch
             if "NOT_IMPLEMENTED" not in str(e):
