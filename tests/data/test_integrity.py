@@ -162,6 +162,18 @@ def test_a_mask_with_an_id_outside_the_organs_is_refused(data, tmp_path, capsys)
     assert "mask.npy holds id 200" in _train_refuses(capsys, data, tmp_path)
 
 
+def test_generate_refuses_to_condition_on_a_damaged_mask(data):
+    from lad_fast.generate.jobs import load_source_masks
+
+    case = PreparedDataset(data).case_ids[1]
+    assert len(load_source_masks(data, "tiny", TINY.geometry.shape)) == 3
+    _edit_array(data, case, "mask.npy", lambda a: a.__setitem__((1, 2, 3), 200))
+    with pytest.raises(InputError) as exc:
+        load_source_masks(data, "tiny", TINY.geometry.shape)
+    assert f"case {case!r} is damaged: mask.npy holds id 200" in str(exc.value)
+    assert f"re-prepare it with {_fix(data)}" in str(exc.value)
+
+
 def test_a_changed_mask_is_refused(data):
     case = PreparedDataset(data).case_ids[0]
     _edit_array(data, case, "mask.npy", lambda a: a.__setitem__((1, 2, 3), (a[1, 2, 3] + 1) % NUM_CLASSES))
