@@ -77,6 +77,34 @@ def test_prepare_on_numpys_short_write_is_one_line(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
+def test_masks_written_on_numpys_short_write_are_one_error_and_the_dataset_stays_whole(
+    tiny_phantoms, tmp_path, monkeypatch
+):
+    """predict-masks and import-masks write through ``set_masks``: a full disk names the mask file, and
+    the index never lists a mask that was not written."""
+    import shutil
+
+    from lad_fast.data.prepared import PreparedDataset
+    from lad_fast.errors import DiskFullError
+
+    data = shutil.copytree(tiny_phantoms, tmp_path / "data")
+    ds = PreparedDataset(data)
+    case = ds.case_ids[0]
+    mask = np.asarray(ds[0]["mask"])
+
+    def short(*args, **kwargs):
+        raise OSError("65536 requested and 8064 written")
+
+    monkeypatch.setattr(np, "save", short)
+    with pytest.raises(DiskFullError) as exc:
+        ds.set_masks({case: (mask, "predicted:runs/seg")}, TINY.condition)
+    assert str(exc.value).startswith(f"{data / 'cases' / case / 'mask.npy'}: no space left on the device")
+    monkeypatch.undo()
+    after = PreparedDataset(data)
+    after.verify()
+    assert after.entry(case)["has_mask"] is False  # listed again only once its mask is written
+
+
 # ------------------------------------------------------------------- read-only, permissions, paths
 
 
