@@ -13,7 +13,9 @@ from lad_fast.cli.options import ForceOpt
 
 
 class Features(str, Enum):
+    auto = "auto"
     segmenter = "segmenter"
+    vqgan = "vqgan"
     medicalnet = "medicalnet"
     radimagenet_2p5d = "radimagenet-2.5d"
 
@@ -36,7 +38,8 @@ SyntheticOpt = Annotated[
 FeaturesOpt = Annotated[
     Features,
     typer.Option(
-        help="FID/MMD features: the segmenter's encoder, MedicalNet or RadImageNet 2.5D (with --weights)."
+        help="FID/MMD features: the segmenter's encoder, the generator's VQ-GAN encoder, MedicalNet or "
+        "RadImageNet 2.5D (with --weights). auto: the segmenter's, else the VQ-GAN's (mask metrics skipped)."
     ),
 ]
 WeightsOpt = Annotated[
@@ -95,7 +98,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 def evaluate(
     real: RealOpt,
     synthetic: SyntheticOpt,
-    features: FeaturesOpt = Features.segmenter,
+    features: FeaturesOpt = Features.auto,
     weights: WeightsOpt = None,
     segmenter: SegmenterOpt = None,
     segmentations: SegmentationsOpt = None,
