@@ -275,7 +275,7 @@ def _load_models(
         gen = sg.generator_run(inputs.records)
         if seg_run is None and inputs.ext is None and gen is not None:
             skipped = sg.no_segmenter_note(gen)
-    if seg_run is not None or (inputs.ext is None and skipped is None) or features == "segmenter":
+    if (inputs.ext is None and skipped is None) or features == "segmenter":
         seg = sg.load_segmenting(seg_run, inputs.records, inputs.synthetic, device)
         dev, window, cond, gen_run = seg.device, seg.window, seg.cond, seg.generator_run
     else:
