@@ -145,7 +145,10 @@ def evaluate(
     if not console.is_terminal:  # a pipe or file: rich would wrap the tables at 80 columns
         console = Console(width=120)
     for table in tables(report):
-        console.print(table)
+        if isinstance(table, str):  # a note: one line however wide, and no rich markup in its paths
+            console.print(table, soft_wrap=True, markup=False, highlight=False)
+        else:
+            console.print(table)
     # Outputs are written only once every number exists, each atomically.
     if out is not None:
         write_json(out, report)
