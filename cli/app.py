@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from lad_fast.cli import data_cmds, evaluate_cmd, export_cmd, generate_cmd, info_cmd, masks_cmd
+from lad_fast.cli import data_cmds, evaluate_cmd, export_cmd, generate_cmd, info_cmd, masks_cmd, plan_cmd
 from lad_fast.cli.bench_cmd import bench_app
 from lad_fast.cli.ssl_cmds import ssl_app
 from lad_fast.cli.train_cmds import train_app
@@ -35,6 +35,7 @@ app.add_typer(train_app, name="train")
 app.command("generate")(generate_cmd.generate)
 app.command("export")(export_cmd.export)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("plan")(plan_cmd.plan)
 app.add_typer(bench_app, name="bench")
 app.add_typer(ssl_app, name="ssl")
 

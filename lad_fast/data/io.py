@@ -246,6 +246,26 @@ def _read_dicom_series(folder: Path) -> Volume:
     the column cosine by PixelSpacing[0], k by the step between sorted ImagePositionPatient values.
     """
     pydicom = _import_pydicom(folder)
+    headers = _series_headers(folder, pydicom)
+    headers, pos, row_cos, col_cos = _sorted_slices(folder, headers)
+    spacing = _float_list(headers[0][1], "PixelSpacing", 2, headers[0][0])  # (row spacing, column spacing)
+    array = _series_pixels(folder, headers, pydicom)
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[1]
+    lps[:3, 1] = col_cos * spacing[0]
+    # The position step (not normal * thickness) also holds for tilted gantries and ignores SliceThickness,
+    # which often differs from the true slice spacing.
+    lps[:3, 2] = (pos[-1] - pos[0]) / (len(pos) - 1)
+    lps[:3, 3] = pos[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise InputError(f"{folder}: {bad} voxels are NaN or Inf after rescaling")
+    return Volume(array, _check_affine(folder, affine), str(folder))
+
+
+def _series_headers(folder: Path, pydicom: Any) -> list[tuple[Path, Any]]:
+    """The headers of every DICOM file in ``folder``, checked to form one single-frame series."""
     files = dicom_files(folder)
     if not files:
         raise InputError(f"{folder}: folder holds no DICOM files (and no NIfTI); expected a DICOM series")
@@ -266,7 +286,14 @@ def _read_dicom_series(folder: Path) -> Volume:
         raise InputError(
             f"{folder}: multi-frame (enhanced) DICOM is not supported; convert it to NIfTI first"
         )
+    return headers
 
+
+def _sorted_slices(
+    folder: Path, headers: list[tuple[Path, Any]]
+) -> tuple[list[tuple[Path, Any]], np.ndarray, np.ndarray, np.ndarray]:
+    """Headers sorted along the slice normal, their (K, 3) LPS positions and the row and column cosines;
+    refuses mixed orientations, a single slice, duplicate positions and uneven (missing) slices."""
     orient = _float_list(headers[0][1], "ImageOrientationPatient", 6, headers[0][0])
     row_cos, col_cos = orient[:3], orient[3:]
     normal = np.cross(row_cos, col_cos)
@@ -289,8 +316,11 @@ def _read_dicom_series(folder: Path) -> Volume:
             f"{folder}: slice spacing is uneven ({steps.min():.3f} to {steps.max():.3f} mm); "
             "slices are missing from the series"
         )
-    spacing = _float_list(headers[0][1], "PixelSpacing", 2, headers[0][0])  # (row spacing, column spacing)
+    return headers, pos, row_cos, col_cos
 
+
+def _series_pixels(folder: Path, headers: list[tuple[Path, Any]], pydicom: Any) -> np.ndarray:
+    """(columns, rows, slices) float32 HU of the sorted series (rescale slope and intercept applied)."""
     ts = headers[0][1].file_meta.get("TransferSyntaxUID") if hasattr(headers[0][1], "file_meta") else None
     compressed = bool(ts is not None and ts.is_compressed)
     rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
@@ -314,19 +344,7 @@ def _read_dicom_series(folder: Path) -> Volume:
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
         array[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
-
-    lps = np.eye(4)
-    lps[:3, 0] = row_cos * spacing[1]
-    lps[:3, 1] = col_cos * spacing[0]
-    # The position step (not normal * thickness) also holds for tilted gantries and ignores SliceThickness,
-    # which often differs from the true slice spacing.
-    lps[:3, 2] = (pos[-1] - pos[0]) / (len(pos) - 1)
-    lps[:3, 3] = pos[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    bad = int(np.count_nonzero(~np.isfinite(array)))
-    if bad:
-        raise InputError(f"{folder}: {bad} voxels are NaN or Inf after rescaling")
-    return Volume(array, _check_affine(folder, affine), str(folder))
+    return array
 
 
 # --- public -----------------------------------------------------------------------------------------------
