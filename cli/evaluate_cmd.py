@@ -13,7 +13,9 @@ from lad_fast.cli.options import ForceOpt
 
 
 class Features(str, Enum):
+    auto = "auto"
     segmenter = "segmenter"
+    vqgan = "vqgan"
     medicalnet = "medicalnet"
     radimagenet_2p5d = "radimagenet-2.5d"
 
@@ -58,7 +60,8 @@ SyntheticOpt = Annotated[
 FeaturesOpt = Annotated[
     Features,
     typer.Option(
-        help="FID/MMD features: the segmenter's encoder, MedicalNet or RadImageNet 2.5D (with --weights)."
+        help="FID/MMD features: the segmenter's encoder, the generator's VQ-GAN encoder, MedicalNet or "
+        "RadImageNet 2.5D (with --weights). auto: the segmenter's, else the VQ-GAN's (mask metrics skipped)."
     ),
 ]
 WeightsOpt = Annotated[
@@ -117,7 +120,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 def evaluate(
     real: RealOpt,
     synthetic: SyntheticOpt,
-    features: FeaturesOpt = Features.segmenter,
+    features: FeaturesOpt = Features.auto,
     weights: WeightsOpt = None,
     segmenter: SegmenterOpt = None,
     segmentations: SegmentationsOpt = None,
@@ -164,7 +167,10 @@ def evaluate(
     if not console.is_terminal:  # a pipe or file: rich would wrap the tables at 80 columns
         console = Console(width=120)
     for table in tables(report):
-        console.print(table)
+        if isinstance(table, str):  # a note: one line however wide, and no rich markup in its paths
+            console.print(table, soft_wrap=True, markup=False, highlight=False)
+        else:
+            console.print(table)
     # Outputs are written only once every number exists, each atomically.
     if out is not None:
         write_json(out, report)

@@ -81,6 +81,8 @@ TRAINING_BENCHES = {
     "files and functions it enters, which a subprocess cannot see",
     "bench.paper_table": "trains generators that differ in vqgan_loss.locality_weights, condition.drop_prob "
     "and diffusion.latent_norm, config fields no `lad-fast train` option sets",
+    "bench.ssl_benchmark": "trains bench.paper_table's generators on each seed's few real cases (the "
+    "scarcity protocol), for the same reason",
 }
 
 

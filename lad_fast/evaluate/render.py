@@ -21,7 +21,8 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def tables(report: dict[str, Any]) -> list[Any]:
-    """The report as rich Tables: realism with its two reference rows, fidelity and HU per organ."""
+    """The report as rich Tables (realism with its two reference rows, fidelity and HU per organ), then
+    one line each for mask metrics that were skipped and for a segmenter too weak to score masks."""
     from rich.table import Table
 
     realism = Table(title=f"Realism ({report['features']['extractor']} features)", title_justify="left")
@@ -106,7 +107,10 @@ def tables(report: dict[str, Any]) -> list[Any]:
         f"{hu['synthetic_masks']} (synthetic) masks."
     )
     organs.caption_justify = "left"
-    return [realism, organs]
+    notes = [f"warning: {fid['warning']}"] if fid.get("warning") else []
+    if fid.get("skipped"):
+        notes.append(fid["skipped"])
+    return [realism, organs, *notes]
 
 
 # --------------------------------------------------------------------------------------------- the panel
@@ -127,6 +131,8 @@ def _dice_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], repor
     ]
     font, small = _font(14), _font(11)
     draw.text((x0, y0), "Dice per organ", fill=INK, font=font)
+    if fid.get("skipped"):  # no segmenter: say so where the bars would be
+        draw.text((x0 + 130, y0 + 2), "skipped: no segmenter (see the report)", fill=INK, font=small)
     top, bottom, left = y0 + 50, y1 - 60, x0 + 36
     for k, (name, colour, _) in enumerate(series):  # legend
         lx = x0 + k * 150

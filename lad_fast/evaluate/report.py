@@ -217,8 +217,8 @@ def _check_inputs(
     from lad_fast.evaluate.external import ExternalSegmentations
     from lad_fast.evaluate.features import EXTRACTORS
 
-    if features not in EXTRACTORS:
-        raise InputError(f"unknown features {features!r}; choose one of: {', '.join(EXTRACTORS)}")
+    if features not in (*EXTRACTORS, "auto"):
+        raise InputError(f"unknown features {features!r}; choose one of: auto, {', '.join(EXTRACTORS)}")
     syn_ids, records = synthetic_ids(synthetic)
     ids_real = real_ids(real)
     check_counts(len(ids_real), len(syn_ids), real, synthetic)
@@ -241,8 +241,8 @@ def _check_inputs(
 @dataclass(frozen=True)
 class _Models:
     """The segmenter (None when an external segmenter's files replace it and the features do not need
-    it), the feature extractor, and the settings taken from the runs (see
-    :mod:`lad_fast.evaluate.segmenting`)."""
+    it, or when the generator run holds none: then ``skipped`` says why the mask metrics are missing),
+    the feature extractor, and the settings taken from the runs (see :mod:`lad_fast.evaluate.segmenting`)."""
 
     seg: Segmenting | None
     extractor: Any
@@ -250,6 +250,7 @@ class _Models:
     window: tuple[float, float]
     cond: Any
     generator_run: Path | None
+    skipped: str | None = None
 
 
 def _load_models(
@@ -260,24 +261,32 @@ def _load_models(
     device: str,
     batch_size: int,
 ) -> _Models:
-    """The segmenter when the fidelity or the features need it, and the feature extractor."""
+    """The segmenter when the fidelity or the features need it, and the feature extractor. With
+    ``features="auto"``: the segmenter's encoder, or the generator's VQ-GAN when its run holds none."""
+    from lad_fast.evaluate import segmenting as sg
     from lad_fast.evaluate.features import make_extractor
-    from lad_fast.evaluate.segmenting import load_segmenting, run_settings
+    from lad_fast.utils.devices import resolve_device
 
     seg: Segmenting | None = None
-    if inputs.ext is None or features == "segmenter":
-        seg = load_segmenting(segmenter, inputs.records, inputs.synthetic, device)
+    skipped, seg_run = None, segmenter
+    if features == "auto":
+        seg_run = sg.find_segmenter(segmenter, inputs.records, inputs.synthetic)
+        features = "segmenter" if seg_run is not None else "vqgan"
+        gen = sg.generator_run(inputs.records)
+        if seg_run is None and inputs.ext is None and gen is not None:
+            skipped = sg.no_segmenter_note(gen)
+    if (inputs.ext is None and skipped is None) or features == "segmenter":
+        seg = sg.load_segmenting(seg_run, inputs.records, inputs.synthetic, device)
         dev, window, cond, gen_run = seg.device, seg.window, seg.cond, seg.generator_run
     else:
-        from lad_fast.utils.devices import resolve_device
-
         dev = resolve_device(device)
-        window, cond, gen_run = run_settings(inputs.records)
+        window, cond, gen_run = sg.run_settings(inputs.records)
     extractor = make_extractor(
         features, weights=weights, segmenter=seg.net if seg is not None and features == "segmenter" else None,
+        vqgan=sg.load_generator_vqgan(inputs.records, inputs.synthetic, dev) if features == "vqgan" else None,
         device=dev, batch_size=batch_size,
     )  # fmt: skip
-    return _Models(seg, extractor, dev, window, cond, gen_run)
+    return _Models(seg, extractor, dev, window, cond, gen_run, skipped)
 
 
 @dataclass(frozen=True)
@@ -352,7 +361,7 @@ class _Segmented:
     """Segmentations of both sides (the segmenter's, or the external segmenter's files; ``real`` None
     when there are none) and the organs scored."""
 
-    synthetic: np.ndarray
+    synthetic: np.ndarray | None
     real: np.ndarray | None
     organs: list[str]
 
@@ -362,23 +371,30 @@ def _segment(vols: _Volumes, models: _Models, fidelity: bool) -> _Segmented:
     from lad_fast.runs import loading
 
     syn, rea = vols.syn, vols.rea
+    real_masks = rea.masks[rea.masked] if rea.masks is not None else None
+    if models.seg is None and vols.ext_syn is None:  # no segmenter: nothing segmented
+        return _Segmented(None, None, present_organs(syn.masks, real_masks))
     if vols.ext_syn is None:
         assert models.seg is not None
         pred_syn = loading.predict_volumes(models.seg.net, syn.images, models.device)
         pred_real = loading.predict_volumes(models.seg.net, rea.images, models.device) if len(rea) else None
     else:
         pred_syn, pred_real = vols.ext_syn, rea.segmentations
-    real_masks = rea.masks[rea.masked] if rea.masks is not None else None
     organs = present_organs(syn.masks, real_masks) if fidelity else present_organs(pred_syn, real_masks)
     return _Segmented(pred_syn, pred_real, organs)
 
 
-def _fidelity_block(vols: _Volumes, pred: _Segmented, cond: Any, fidelity: bool) -> dict[str, Any]:
-    """Conditioning fidelity with its shuffled baseline (``fidelity``), and the real ceiling."""
-    from lad_fast.evaluate.fidelity import mask_fidelity
+def _fidelity_block(
+    vols: _Volumes, pred: _Segmented, cond: Any, fidelity: bool, skipped: str | None = None
+) -> dict[str, Any]:
+    """Conditioning fidelity with its shuffled baseline (``fidelity``), and the real ceiling, with a
+    warning when the ceiling is too low to score masks; ``skipped``: why nothing was segmented."""
+    from lad_fast.evaluate.fidelity import ceiling_warning, mask_fidelity
 
     rea, organs = vols.rea, pred.organs
     block: dict[str, Any] = {"organs": organs}
+    if pred.synthetic is None:
+        return {**block, "skipped": skipped or "nothing was segmented", "real": {"skipped": "no segmenter"}}
     if fidelity:
         block.update(_conditioning_fidelity(pred.synthetic, vols.syn, cond, organs))
     if rea.masks is None:
@@ -390,6 +406,9 @@ def _fidelity_block(vols: _Volumes, pred: _Segmented, cond: Any, fidelity: bool)
         }
     else:
         block["real"] = mask_fidelity(pred.real[rea.masked], rea.masks[rea.masked], cond, organs)
+        warning = ceiling_warning(block["real"])
+        if warning:
+            block["warning"] = warning
     return block
 
 
@@ -408,12 +427,18 @@ def _intensity_block(
     real_ref = rea.masks if rea.masks is not None and len(rea.masked) == len(rea) else pred.real
     if real_ref is None:
         real_ref = rea.masks if rea.masks is not None else np.zeros(rea.images.shape, dtype=np.uint8)
+    syn_ref = syn.masks if syn.masks is not None else pred.synthetic
+    if syn_ref is None:  # neither conditioning masks nor a segmenter
+        syn_ref = np.zeros(syn.images.shape, dtype=np.uint8)
     predicted_by = "external segmentations" if external else "segmenter"
     real_by = "labels" if real_ref is rea.masks else predicted_by if real_ref is pred.real else "none"
-    syn_ref = syn.masks if syn.masks is not None else pred.synthetic
     return {
         "real_masks": real_by,
-        "synthetic_masks": "conditioning" if syn.masks is not None else predicted_by,
+        "synthetic_masks": "conditioning"
+        if syn.masks is not None
+        else predicted_by
+        if pred.synthetic is not None
+        else "none",
         "real": hu_statistics(hu_real, real_ref, organs),
         "synthetic": hu_statistics(hu_syn, syn_ref, organs),
         "histograms": {
@@ -457,7 +482,7 @@ def evaluate(
     real: Path,
     synthetic: Path,
     *,
-    features: str = "segmenter",
+    features: str = "auto",
     weights: Path | None = None,
     segmenter: Path | None = None,
     segmentations: Path | None = None,
@@ -471,9 +496,12 @@ def evaluate(
     """Evaluate the generated folder ``synthetic`` against the real volumes ``real``; see the module doc.
 
     real: a prepared dataset or NIfTI folder; synthetic: the output folder of ``lad-fast generate``;
-    features: "segmenter" (encoder of the segmenter run), "medicalnet" or "radimagenet-2.5d" (both need
-    ``weights``); see :mod:`lad_fast.evaluate.features`. segmenter: the run holding the segmenter
-    (default: the run that generated ``synthetic``); fidelity: score masks (needs ``masks/``).
+    features: "segmenter" (encoder of the segmenter run), "vqgan" (encoder of the generator run's
+    VQ-GAN), "medicalnet" or "radimagenet-2.5d" (both need ``weights``), or "auto": "segmenter" when a
+    segmenter is found, else "vqgan" with the mask metrics skipped (see
+    :mod:`lad_fast.evaluate.segmenting`); see :mod:`lad_fast.evaluate.features`.
+    segmenter: the run holding the segmenter (default: the run that generated ``synthetic``);
+    fidelity: score masks (needs ``masks/``).
     segmentations: an external segmenter's masks of the synthetic volumes (one per volume id), used
     instead of the segmenter's predictions; real_segmentations: the same segmenter's masks of the real
     volumes (per real case id), for the real ceiling; segmentation_vocabulary, strict: how their labels
@@ -499,7 +527,7 @@ def evaluate(
     diversity = _diversity_block(vols)
     clock.lap("diversity")
     pred = _segment(vols, models, fidelity)
-    fid_block = _fidelity_block(vols, pred, models.cond, fidelity)
+    fid_block = _fidelity_block(vols, pred, models.cond, fidelity, models.skipped)
     clock.lap("fidelity")
     intensity = _intensity_block(vols, pred, models.window, external=inputs.ext is not None)
     clock.lap("intensity")

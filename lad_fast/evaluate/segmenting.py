@@ -5,6 +5,11 @@ A generated folder's manifest names the run that made it (:func:`generator_run`)
 with the HU window it was trained on and the condition config the generator was given, opening each run
 once (the segmenter's run and the generator's are usually one folder). Without a lad-fast segmenter (an
 external segmenter's files), :func:`run_settings` takes the window and conditions from the generator run.
+
+Right after ``lad-fast train`` on labelled data the generator run holds no segmenter (the main job trains
+one only to predict missing masks): :func:`find_segmenter` then answers None, the evaluation takes its
+features from the run's VQ-GAN (:func:`load_generator_vqgan`) and reports the mask metrics as skipped with
+:func:`no_segmenter_note`, which names the command that adds them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,46 @@ def resolve_segmenter(segmenter: Path | None, records: dict[str, dict[str, Any]]
             f"`lad-fast train segmenter --run {run}` or pass --segmenter RUN"
         )
     return run
+
+
+def find_segmenter(
+    segmenter: Path | None, records: dict[str, dict[str, Any]], synthetic: Path
+) -> Path | None:
+    """:func:`resolve_segmenter`, but None instead of an error when no ``segmenter`` was named and the
+    run that generated the volumes holds a VQ-GAN and no segmenter (the main job's run on labelled data)."""
+    from lad_fast.runs.checkpoints import latest_step_dir
+
+    run = generator_run(records)
+    if (
+        segmenter is None
+        and run is not None
+        and latest_step_dir(run / "segmenter") is None
+        and latest_step_dir(run / "vqgan") is not None
+    ):
+        return None
+    return resolve_segmenter(segmenter, records, synthetic)
+
+
+def no_segmenter_note(run: Path) -> str:
+    """The one line a report gives for mask metrics skipped because ``run`` holds no segmenter."""
+    return (
+        f"mask fidelity skipped: {run} holds no segmenter (the main job trains one only for unlabelled "
+        f"cases); add Dice, shuffled baseline and real ceiling with `lad-fast train segmenter --run {run}` "
+        "and evaluate again"
+    )
+
+
+def load_generator_vqgan(records: dict[str, dict[str, Any]], synthetic: Path, device: torch.device) -> Any:
+    """The VQ-GAN of the run that generated the volumes, on ``device``, for ``vqgan`` features."""
+    from lad_fast.runs.loading import load_vqgan
+
+    run = generator_run(records)
+    if run is None:
+        raise InputError(
+            f"{synthetic}: its manifest names no single run that made it, so there is no VQ-GAN for vqgan "
+            "features; pass --segmenter RUN or --features medicalnet --weights FILE"
+        )
+    return load_vqgan(run, device)[0]
 
 
 def _generator_config(gen_run: Path | None, opened: RunDir | None = None) -> LadConfig | None:

@@ -126,16 +126,25 @@ def test_resume_without_checkpoint_drops_the_lost_log_lines(tmp_path):
     assert steps == sorted(set(steps)) and steps[0] == 5
 
 
+def _until(done, seconds: float = 5.0) -> None:
+    """Poll ``done`` in short sleeps: a signal sent to this process may land on another thread (torch's,
+    a finished test's), and Python runs its handler in the main thread only at a later bytecode boundary,
+    which a loop reaches and one sleep may not; a loaded machine delays it further."""
+    end = time.monotonic() + seconds
+    while not done() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def test_deferred_sets_a_flag_then_a_second_signal_stops_at_once(capsys):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with deferred("after this test") as stop:
         assert not stop
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # the handler runs at the next bytecode boundary
+        _until(lambda: stop.signum is not None)  # the handler runs at a later bytecode boundary
         assert stop.signum == signal.SIGTERM
         with pytest.raises(Interrupted) as err:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            _until(lambda: False)
     assert err.value.exit_code == 130 and "stopped at once" in str(err.value)
     assert "SIGTERM received, stopping after this test (again to stop at once)" in capsys.readouterr().err
     assert {s: signal.getsignal(s) for s in before} == before  # the previous handlers are back
@@ -144,7 +153,7 @@ def test_deferred_sets_a_flag_then_a_second_signal_stops_at_once(capsys):
 def test_raise_on_signals_raises_interrupted_not_keyboardinterrupt():
     with pytest.raises(Interrupted) as err, raise_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
+        _until(lambda: False)
     assert err.value.exit_code == 143 and str(err.value) == "interrupted (SIGTERM)"
     assert not isinstance(err.value, Exception)  # `except Exception` clean-up must not swallow it
 

@@ -291,7 +291,9 @@ def test_load_vqgan_without_checkpoint(tmp_path: Path) -> None:
 
 
 def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatch) -> None:
-    """The documented parameter count, the 8x8x64x64 latent of 32x256x256, one step on CPU (batch 1)."""
+    """The documented parameter count and the 8x8x64x64 latent of 32x256x256; one training step of the
+    lad models on CPU (batch 1) at a 16x64x64 geometry: the same networks and losses, a quarter of the
+    test's former minute (the full-size step's memory is lad-fast plan's, tests/train/test_plan.py)."""
     from lad_fast.data.phantom.draw import write_phantoms
     from lad_fast.data.prepare import prepare_dataset
     from lad_fast.models.vqgan import VQGAN
@@ -304,6 +306,7 @@ def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatc
         assert model.encode(torch.zeros(1, 1, 32, 256, 256)).shape == (1, 8, 8, 64, 64)
     del model
 
+    cfg = replace(cfg, geometry=replace(cfg.geometry, shape=(16, 64, 64)))
     write_phantoms(tmp_path / "raw", n=2, cfg=cfg.phantom, seed=0)
     prepare_dataset(tmp_path / "raw", tmp_path / "prepared", cfg)
     cfg = replace(
@@ -312,7 +315,7 @@ def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatc
     result = train_vqgan(tmp_path / "run", cfg, data=tmp_path / "prepared", device="cpu")
     assert result.step == 1 and result.bad_steps == 0 and np.isfinite(result.losses["l1"])
     _, meta = load_vqgan(tmp_path / "run")
-    assert meta["latent_shape"] == [8, 8, 64, 64] and meta["preset"] == "lad"
+    assert meta["latent_shape"] == [8, 4, 16, 16] and meta["preset"] == "lad"
 
 
 def test_holdout_flag_sets_prints_and_keeps_the_split(tmp_path: Path, phantoms: Path, capsys) -> None:
