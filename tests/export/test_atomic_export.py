@@ -33,8 +33,8 @@ def _kill_at_rename(monkeypatch, name: str) -> None:
     monkeypatch.setattr(artefacts.os, "replace", replace)
 
 
-@pytest.mark.parametrize("force", [False, True])
-def test_an_export_killed_between_metadata_and_graph_is_redone(run_copy, tmp_path, monkeypatch, force):
+def test_an_export_killed_between_metadata_and_graph_is_redone(run_copy, tmp_path, monkeypatch):
+    """By a plain ``export``; ``--force`` after a kill: test_a_later_pair_killed_is_redone_by_force."""
     from lad_fast.export.artefacts import read_meta
     from lad_fast.export.run_export import export_run
     from lad_fast.runs.loading import checkpoint_hash
@@ -46,7 +46,7 @@ def test_an_export_killed_between_metadata_and_graph_is_redone(run_copy, tmp_pat
     # what a kill leaves: metadata naming a graph that is not in place (never a graph without metadata)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["denoiser.fp32.onnx.json"]
     monkeypatch.undo()
-    written = export_run(run_copy, out, precision="fp32", force=force)
+    written = export_run(run_copy, out, precision="fp32")
     assert sorted(p.name for p in written) == sorted(
         p.name for p in out.iterdir() if not p.name.startswith(".")
     )
