@@ -19,6 +19,11 @@ class Sampler(str, Enum):
     heun = "heun"
 
 
+class Layout(str, Enum):
+    default = "default"
+    nnunet = "nnunet"
+
+
 class Backend(str, Enum):
     torch = "torch"
     compile = "compile"
@@ -27,7 +32,9 @@ class Backend(str, Enum):
 
 
 def generate(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest, dataset.json).")
+    ],
     run: Annotated[
         str | None,
         typer.Option("--run", "-r", help="Trained run (name under ./runs or folder). Default: latest."),
@@ -71,9 +78,16 @@ def generate(
             "Default: tiles only when the whole decode would not fit in memory.",
         ),
     ] = None,
+    layout: Annotated[
+        Layout,
+        typer.Option(
+            help="default: images/ + masks/ (MONAI's list in dataset.json). nnunet: also nnU-Net v2's "
+            "imagesTr/<id>_0000.nii.gz + labelsTr/<id>.nii.gz (hard links, no extra space).",
+        ),
+    ] = Layout.default,
 ) -> None:
     """Sample N volumes with augmented anatomical conditions; resumable, shards by rank under torchrun."""
-    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.cli.options import resolve_run
     from lad_fast.generate.generate import generate as run_generate
     from lad_fast.runs.rundir import latest_run
 
@@ -98,5 +112,6 @@ def generate(
         force=force,
         device=device,
         decode_tile=decode_tile,
+        layout=layout.value,
     )
     typer.echo(f"generated {n} volume{'' if n == 1 else 's'} in {path}")

@@ -7,8 +7,17 @@ from typing import Annotated
 
 import typer
 
-from lad_fast.cli.options import ForceOpt, Preset, PresetOpt, SeedOpt
-from lad_fast.cli.train_cmds import DeviceOpt, ResumeOpt, RunOpt, StepsOpt, resolve_run
+from lad_fast.cli.options import (
+    DeviceOpt,
+    ForceOpt,
+    Preset,
+    PresetOpt,
+    ResumeOpt,
+    RunOpt,
+    SeedOpt,
+    StepsOpt,
+    resolve_run,
+)
 
 ssl_app = typer.Typer(
     help="Did the synthetic data help? Pretrain the segmenter's U-Net self-supervised on real + generated "

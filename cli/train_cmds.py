@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from lad_fast.cli.options import ForceOpt, Preset, PresetOpt
+from lad_fast.cli.options import (
+    DeviceOpt,
+    ForceOpt,
+    Preset,
+    PresetOpt,
+    ResumeOpt,
+    RunOpt,
+    StepsOpt,
+    resolve_run,
+)
 
 train_app = typer.Typer(
     help="Train the models. Without a subcommand: the whole pipeline on the given data (default: phantoms).",
@@ -20,12 +28,6 @@ DataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Prepared dataset (lad-fast prepare). Default: built-in phantoms."),
 ]
-RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name (under ./runs) or folder.")]
-StepsOpt = Annotated[
-    int | None, typer.Option("--steps", min=1, help="Training steps (default: the preset's).")
-]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 HoldoutOpt = Annotated[
     float | None,
     typer.Option(
@@ -34,18 +36,6 @@ HoldoutOpt = Annotated[
         "or the resumed run's.",
     ),
 ]
-
-
-def resolve_run(run: str) -> Path:
-    """A bare name means ./runs/<name>, unless only ./<name> is a run (a folder in the current one);
-    anything with a path separator (``./mine``, ``runs/a``, an absolute path) is that folder."""
-    p = Path(run)
-    if p.is_absolute() or any(sep in run for sep in ("/", os.sep)) or run in (".", ".."):
-        return p
-    under = Path("runs") / run
-    if not under.exists() and (p / "config.json").is_file():
-        return p
-    return under
 
 
 @train_app.callback()

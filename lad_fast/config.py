@@ -2,9 +2,9 @@
 
 A component takes its own config (``VQGANConfig``, ``UNetConfig`` ...), never the whole tree. Every run
 writes its resolved :class:`LadConfig` as ``config.json``; :func:`config_from_dict` reads it back.
-Numbers for the ``lad`` preset come from ../shared/LAD_REFERENCE.md.
+Numbers for the ``lad`` and ``lad-official`` presets come from Lad's paper and code (docs/lad.md).
 
-Why one file of ~470 lines: every config dataclass and the named presets live together so that a
+Why one long file: every config dataclass and the named presets live together so that a
 preset reads beside the fields it sets; most of the length is the documented arithmetic of the
 ``lad-official`` sizes.
 """
@@ -116,7 +116,7 @@ class ConditionConfig:
     content_dim: int = 512  # content head output (Lad: 1x2x16x16 = 512)
     embed_dim: int = 256
     drop_prob: float = 0.25  # classifier-free guidance: replaced by a learned null condition
-    # Spatial mask conditioning (issue 11), beside the global content + structure vector above.
+    # Spatial mask conditioning, beside the global content + structure vector above.
     # "none": Lad's global conditions only (the official method). "concat": the conditioning mask, one-hot
     # over the canonical organs and average-pooled to the latent grid
     # (lad_fast.conditioning.conditions.spatial_condition),
@@ -255,7 +255,7 @@ class LadConfig:
             )
 
 
-# Generation that follows its masks in few steps (measured with bench/quality.py at tiny, see README):
+# Generation that follows its masks in few steps (measured with bench/quality.py at tiny, docs/results.md):
 # flow matching (rectified flow) instead of Lad's DDPM, the conditioning mask concatenated to the U-Net
 # input besides Lad's global content + structure conditions, and a 30-step Euler sampler with guidance 3.
 # The field defaults stay Lad's (DDPM, global conditions), which is what runs written before these
@@ -295,7 +295,7 @@ def _tiny() -> LadConfig:
         # The locality loss on every organ's mask (Lad: the pancreas box only) and 1800 steps: the built-in
         # segmenter finds the organs of reconstructed held-out phantoms with mean Dice 0.65 after Lad's
         # 900 steps with the pancreas box, 0.70 with every organ's mask, 0.71 after 1800 steps (measured
-        # one change at a time; that Dice bounds what any generated volume can reach, see README).
+        # one change at a time; that Dice bounds what any generated volume can reach, docs/results.md).
         vqgan_loss=VQGANLossConfig(
             perceptual=0.0,
             gan_2d=0.0,

@@ -1,4 +1,4 @@
-"""Condition augmentation (LAD_REFERENCE.md phase 3): many plausible masks from one canonical mask.
+"""Condition augmentation (Lad phase 3: docs/lad.md, "Phase 3"): many plausible masks from one mask.
 
 One draw, in this order:
 

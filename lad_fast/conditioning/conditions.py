@@ -1,4 +1,4 @@
-"""Conditions that guide the diffusion model (LAD_REFERENCE.md phase 2).
+"""Conditions that guide the diffusion model (Lad phase 2: docs/lad.md, "Phase 2").
 
 Two parts, concatenated in this order by ``LatentUNet.embed_condition``:
 

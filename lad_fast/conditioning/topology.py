@@ -1,9 +1,10 @@
-"""Betti-number structure conditions (LAD_REFERENCE.md phase 2), exact and fast.
+"""Betti-number structure conditions (docs/lad.md, "Structure condition"), exact and fast.
 
 The official Lad code builds, for every axial slice and every class k, a gudhi cubical complex whose
 top-dimensional cells (pixels) of class k have filtration value 0 and all others 1, computes persistence
 (gudhi's default ``min_persistence=0`` drops zero-length pairs) and counts the dimension-0 and -1 pairs,
-infinite ones included. Worked out against ``data/lad_reference`` (see tests/test_topology.py), that is:
+infinite ones included. Worked out against the official vector of an AbdomenCT-1K case
+(tests/conditioning/test_topology.py), that is:
 
 * lower-dimensional cells take the minimum of their cofaces, so the value-0 sublevel set X is the
   closure of the class-k pixels, and the whole complex (a filled rectangle) is contractible;

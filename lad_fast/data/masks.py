@@ -11,22 +11,36 @@ Three sources, each recorded in the case's ``index.json`` entry as ``mask_source
 * the built-in segmenter (:func:`lad_fast.train.segmenter.predict_masks`,
   ``mask_source: "predicted:<run>"``).
 
-The imported and predicted masks are written by :meth:`lad_fast.data.prepared.PreparedDataset.set_masks`,
-which owns the case files and ``index.json``: it writes ``mask.npy`` (D, H, W) uint8 and ``structure.npy``
-into each case folder atomically, then rewrites ``index.json`` atomically, so the dataset is consistent
-at every instant.
+A case prepared without a mask has a centred slice window (``"window": "centre"``), which may miss the
+organs the window is meant to hold (on a scan reaching the pelvis it does). When its mask arrives, the
+window is chosen again from the mask: the source image is read again (verified against the case's
+``content_hash``), image and mask are cropped together exactly as ``prepare`` crops them
+(:func:`recrop_case`), and :meth:`~lad_fast.data.prepared.PreparedDataset.replace_case` rewrites the case
+whole. A case whose window is already set (by the mask it was prepared with, or one that arrived
+earlier) keeps it, and its new mask is cropped to it
+(:meth:`~lad_fast.data.prepared.PreparedDataset.set_masks`).
+Either way, a mask with none of the window organs (Lad: pancreas, lesion) inside the final window is
+refused (:func:`check_window_organs`), or only warned about with ``allow_empty``: an empty mask written
+with success is the failure this prevents.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lad_fast.data.labels import CANONICAL_ORGANS, validate_mask
 from lad_fast.errors import InputError
 from lad_fast.utils.lock import locks_folder
+
+if TYPE_CHECKING:
+    from lad_fast.config import ConditionConfig, GeometryConfig
+    from lad_fast.data.geometry import ColumnCase
+    from lad_fast.data.prepared import PreparedDataset
+    from lad_fast.data.volume import Volume
 
 # How far the resampled mask grid may sit from the prepared image grid (mm) before it counts as another
 # grid: far below any voxel size, far above float rounding of the affines.
@@ -102,6 +116,96 @@ def mask_onto_case(
     return crop_or_pad(resampled, start, tuple(geometry.shape), 0)
 
 
+class EmptyMaskWarning(UserWarning):
+    """A mask holding none of the window organs was written anyway (``allow_empty``)."""
+
+
+def window_of(entry: dict[str, Any]) -> str:
+    """How the case's slice window was chosen: "centre" (no mask yet: chosen again when one arrives),
+    "mask" or "later mask". Entries written before the field existed: from ``mask_source``."""
+    if entry.get("window"):
+        return str(entry["window"])
+    return "mask" if mask_source_kind(entry) == "dataset" else "centre"
+
+
+def check_window_organs(
+    mask: np.ndarray, geometry: GeometryConfig, what: str, allow_empty: bool = False
+) -> None:
+    """Refuse (InputError) a final (D, H, W) canonical ``mask`` with none of ``geometry.window_organs``,
+    or warn (:class:`EmptyMaskWarning`) with ``allow_empty``. ``what`` names the mask and its case."""
+    from lad_fast.data.geometry import window_organ_ids
+
+    organs = ", ".join(geometry.window_organs)
+    if not np.any(mask):
+        problem = "is empty on the prepared grid (no organ at all)"
+    elif not np.isin(mask, window_organ_ids(geometry)).any():
+        problem = f"holds none of the organs its slice window is chosen by ({organs}) inside that window"
+    else:
+        return
+    hint = "check that it is this case's mask and that its ids are read with the right --vocabulary"
+    if allow_empty:
+        warnings.warn(f"{what}: mask {problem}; written anyway (--allow-empty)", EmptyMaskWarning, 2)
+        return
+    raise InputError(f"{what}: mask {problem}; {hint}, or pass --allow-empty to import it anyway")
+
+
+def source_column(
+    dataset: PreparedDataset,
+    case_id: str,
+    labels: Volume | None = None,
+    canonical: np.ndarray | None = None,
+) -> ColumnCase:
+    """The case's source image, read again and verified, on the preset grid with every slice kept: a
+    :class:`lad_fast.data.geometry.ColumnCase` (``hu`` (D', H, W)), whose mask is ``labels`` (a Volume on
+    the source image's grid, with ``canonical`` its ids mapped to canonical organs) or None.
+
+    A segmenter that predicts a case's mask over its whole height gives the column its ``mask`` and hands
+    it to :func:`recrop_case`. InputError when the source image is gone or changed since ``prepare``.
+    """
+    from lad_fast.data.digest import source_hash
+    from lad_fast.data.geometry import column_case
+    from lad_fast.data.io import check_pair, read_image
+
+    entry = dataset.entry(case_id)
+    path = Path(str(entry.get("image_source") or ""))
+    why = (
+        f"case {case_id} was prepared without a mask, so its slice window is chosen again from the mask "
+        f"that arrives, which needs its source image {path}"
+    )
+    redo = "or prepare the case together with its mask (`lad-fast prepare`)"
+    if not path.exists():
+        raise InputError(f"{why}; it is not there any more: put it back there, {redo}")
+    # "null": the vocabulary prepare hashes with a case without a mask
+    if source_hash([path, None], "null") != entry.get("content_hash"):
+        raise InputError(f"{why}; it changed since prepare (its content hash differs): restore it, {redo}")
+    image = read_image(path)
+    if labels is not None:
+        check_pair(image, labels)
+    return column_case(image, labels, dataset.geometry, canonical)
+
+
+def recrop_case(
+    dataset: PreparedDataset,
+    case_id: str,
+    column: ColumnCase,
+    source: str,
+    condition: ConditionConfig,
+    allow_empty: bool = False,
+) -> None:
+    """Choose the slice window of ``column`` (a :func:`source_column` with its ``mask`` set) from its mask,
+    crop image and mask together as ``prepare`` does, check the window organs
+    (:func:`check_window_organs`) and rewrite the case whole
+    (:meth:`lad_fast.data.prepared.PreparedDataset.replace_case`, ``"window": "later mask"``)."""
+    from lad_fast.data.geometry import window_case
+    from lad_fast.data.prepared import WINDOW_LATER_MASK
+
+    case = window_case(column, dataset.geometry)
+    check_window_organs(case.mask, dataset.geometry, f"case {case_id} ({source})", allow_empty)
+    fields = {"crop": case.crop_box(), "affine": np.asarray(case.affine).tolist()}
+    fields["window"] = WINDOW_LATER_MASK
+    dataset.replace_case(case_id, case.image, case.mask, source, condition, fields)
+
+
 @locks_folder("data", "import-masks")  # one writer per prepared folder
 def import_masks(
     data: Path,
@@ -110,12 +214,16 @@ def import_masks(
     cfg: Any | None = None,
     force: bool = False,
     strict: bool = False,
+    allow_empty: bool = False,
 ) -> list[str]:
     """Import masks an external segmenter wrote into the prepared dataset ``data``; returns the case ids.
 
     ``masks_dir`` holds one entry per case id: a TotalSegmentator folder ``<id>/`` of ``<organ>.nii.gz``
     masks, or a label map ``<id>.nii.gz`` in ``vocabulary`` ids (``totalseg``, ``abdomenct1k``, ``lad``,
     ``canonical`` or a ``{id: organ}`` map). The mask must lie on the grid of the case's source image.
+    A case prepared without a mask gets its slice window chosen again from the mask (the module says how),
+    so its arrays equal those of preparing image and mask together. A mask with none of the window organs
+    inside the final window is refused, or written with a warning when ``allow_empty``.
     Cases that already have a mask are skipped unless ``force``; cases without an entry are skipped.
     ``cfg``: the LadConfig whose ``condition`` makes ``structure.npy`` (default: the dataset's preset).
     """
@@ -152,17 +260,29 @@ def import_masks(
         canonical, _ = to_canonical(
             labels.array, vocabulary, affine=labels.affine, strict=strict, source=str(path)
         )
-        mask = mask_onto_case(canonical, labels.affine, entry, dataset.geometry, str(path))
+        source = f"external:{path}"
         # One case per call: a case is complete on disk (arrays and index) before the next is read.
-        written += dataset.set_masks({case_id: (mask, f"external:{path}")}, cfg.condition)
+        if window_of(entry) == "centre":
+            column = source_column(dataset, case_id, labels, canonical)
+            recrop_case(dataset, case_id, column, source, cfg.condition, allow_empty)
+            written.append(case_id)
+            continue
+        mask = mask_onto_case(canonical, labels.affine, entry, dataset.geometry, str(path))
+        check_window_organs(mask, dataset.geometry, f"case {case_id} ({source})", allow_empty)
+        written += dataset.set_masks({case_id: (mask, source)}, cfg.condition)
     return written
 
 
 __all__ = [
     "CANONICAL_ORGANS",
+    "EmptyMaskWarning",
+    "check_window_organs",
     "find_external",
     "import_masks",
     "mask_onto_case",
     "mask_source_kind",
+    "recrop_case",
+    "source_column",
     "validate_mask",
+    "window_of",
 ]

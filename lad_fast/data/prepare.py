@@ -10,6 +10,14 @@ affines, "too small") and DICOM series (read in full, as their consistency needs
 checked for every case before ``out`` is created. Problems only visible in the voxels (NaN, truncated
 data, label ids outside the vocabulary with ``strict``) raise before that case's folder is renamed into
 place; when no case was written yet and this run created ``out``, it is removed again.
+
+With ``skip_invalid`` a case whose input is bad (any :class:`InputError` about its files) is left out
+instead: every other case is prepared, and ``prepare_report.json`` names each skipped case and why. A
+real dataset of hundreds of scans always holds a few that are cropped too tightly or broken.
+
+A case prepared without a mask has its slice window centred (``"window": "centre"`` in its entry); when
+a mask arrives later (:func:`lad_fast.data.masks.import_masks`), the window is chosen again from it, so
+the entry keeps ``image_source`` as an absolute path and ``content_hash`` to find and verify the source.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from lad_fast.data.prepared import CASE_FILES, CASES, IMAGE_DTYPE, INDEX, SCHEMA
 from lad_fast.errors import InputError, OutputExistsError
 from lad_fast.utils.atomic import write_json
 from lad_fast.utils.lock import LOCK_NAME, locks_folder
+
+REPORT = "prepare_report.json"  # written by prepare --skip-invalid: the cases left out and why
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,8 @@ def _validate_headers(plan: _Plan, geom: GeometryConfig) -> None:
 
 def _is_ours(name: str) -> bool:
     # index.json, cases/, the writer's lock, and the hidden temporaries atomic writes leave when killed.
-    return name in (INDEX, CASES, LOCK_NAME) or (name.startswith(f".{INDEX}.") and name.endswith(".tmp"))
+    temporary = any(name.startswith(f".{n}.") and name.endswith(".tmp") for n in (INDEX, REPORT))
+    return name in (INDEX, CASES, LOCK_NAME, REPORT) or temporary
 
 
 def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
@@ -180,11 +191,13 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
         digest_of_mask = mask_hash(case.mask, structure)
     return {
         "id": plan.case_id,
-        "image_source": str(plan.image),
+        # absolute: a mask imported later re-reads the image from here (whatever the working folder)
+        "image_source": str(plan.image.absolute()),
         "mask_source": None if plan.mask is None else str(plan.mask),
         "content_hash": digest,
         "crop": case.crop_box(),
         "affine": np.asarray(case.affine).tolist(),
+        "window": "centre" if case.mask is None else "mask",
         "vocabulary": plan.vocabulary_name,
         "unknown_labels": [int(i) for i in unknown],
         "shape": list(case.image.shape),
@@ -194,6 +207,25 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
 
 
 # ------------------------------------------------------------------------------------------- dataset
+
+
+def _reason(err: InputError, plan: _Plan) -> str:
+    """An error's message without the leading file name (the report names the case and its files)."""
+    text = str(err)
+    for path in (plan.image, plan.mask):
+        if path is not None and text.startswith(f"{path}: "):
+            return text[len(f"{path}: ") :]
+    return text
+
+
+def skipped_summary(report: dict[str, Any]) -> str:
+    """One line naming every case ``prepare --skip-invalid`` left out and why ("" when none was)."""
+    skipped = report.get("skipped", [])
+    if not skipped:
+        return ""
+    cases = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped)
+    n = len(skipped)
+    return f"skipped {n} invalid case{'' if n == 1 else 's'} (details in {report['path']}): {cases}"
 
 
 @locks_folder("out", "prepare")  # one writer per prepared folder (prepare, predict-masks, import-masks)
@@ -206,6 +238,7 @@ def prepare_dataset(
     label_map: Path | str | None = None,
     strict: bool = False,
     force: bool = False,
+    skip_invalid: bool = False,
 ) -> dict[str, Any]:
     """Prepare every case under ``src`` at ``cfg``'s geometry into ``out``; return the index (as written).
 
@@ -213,6 +246,10 @@ def prepare_dataset(
     of the masks ("auto": the layout's guess). ``label_map``: a JSON file {"<id>": "<canonical organ>"}
     that overrides both. ``strict``: label ids outside the vocabulary are an error (else a warning).
     ``force``: prepare into a folder that holds other files, or one prepared at another geometry.
+    ``skip_invalid``: a case whose files are bad (too small, truncated, NaN, a mask off its image's grid,
+    unknown label ids with ``strict``, ...) is left out instead of stopping the run;
+    ``out/prepare_report.json`` then lists ``{"source", "prepared": [ids], "skipped": [{"id", "image",
+    "mask", "reason"}]}`` (:func:`skipped_summary` makes its one line). InputError when no case is left.
     """
     from lad_fast.data.checks import check_case_folder
     from lad_fast.data.labels import load_user_map
@@ -224,10 +261,24 @@ def prepare_dataset(
     src, out = Path(src), Path(out)
     user_map = load_user_map(Path(label_map)) if label_map is not None else None
     layout_name, sources = discover(src, layout)
+    skipped: list[dict[str, Any]] = []
+
+    def skip(plan: _Plan, err: InputError) -> None:
+        if not skip_invalid:
+            raise err
+        mask = None if plan.mask is None else str(plan.mask)
+        reason = _reason(err, plan)
+        skipped.append({"id": plan.case_id, "image": str(plan.image), "mask": mask, "reason": reason})
+
     plans = []
     for case in sources:
-        vocab, name = _resolve_vocabulary(case, vocabulary, user_map, label_map)
-        plans.append(_Plan(case.case_id, Path(case.image), case.mask and Path(case.mask), vocab, name))
+        plan = _Plan(case.case_id, Path(case.image), case.mask and Path(case.mask), None, None)
+        try:
+            vocab, name = _resolve_vocabulary(case, vocabulary, user_map, label_map)
+        except InputError as err:
+            skip(plan, err)
+            continue
+        plans.append(_Plan(plan.case_id, plan.image, plan.mask, vocab, name))
     ids = [p.case_id for p in plans]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -235,9 +286,15 @@ def prepare_dataset(
             f"{src}: case ids occur twice ({', '.join(dup)}); rename the files so ids are unique"
         )
     previous = _check_out(out, cfg, force)
+    valid = []
     for plan in plans:
         check_case_folder(inside(out, CASES, plan.case_id), CASE_FILES)
-        _validate_headers(plan, cfg.geometry)
+        try:
+            _validate_headers(plan, cfg.geometry)
+        except InputError as err:
+            skip(plan, err)
+            continue
+        valid.append(plan)
 
     index: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -251,17 +308,24 @@ def prepare_dataset(
     created = not out.exists()
     written = 0
     try:
-        for plan in track(plans, "prepare"):
+        for plan in track(valid, "prepare"):
             folder = out / CASES / plan.case_id
             extra = json.dumps(plan.vocabulary, sort_keys=True, default=str)
             digest = source_hash([plan.image, plan.mask], extra)
             entry = previous.get(plan.case_id)
             if not _is_complete(entry, folder, digest, plan.vocabulary_name):
-                with atomic_dir(folder) as tmp:
-                    entry = _prepare_one(plan, cfg, strict, tmp, digest)
+                try:
+                    with atomic_dir(folder) as tmp:
+                        entry = _prepare_one(plan, cfg, strict, tmp, digest)
+                except InputError as err:
+                    skip(plan, err)  # the case's temporary folder is gone; a previous complete one is kept
+                    continue
                 written += 1
             index["cases"].append(entry)
             write_json(out / INDEX, index)
+        if not index["cases"]:
+            first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
+            raise InputError(f"{src}: no case could be prepared, all {len(skipped)} are invalid ({first})")
     except BaseException:
         # Nothing of this run is visible yet: leave no trace of the folders this run created.
         if written == 0:
@@ -270,4 +334,21 @@ def prepare_dataset(
             elif (out / CASES).is_dir() and not any((out / CASES).iterdir()):
                 (out / CASES).rmdir()
         raise
+    report_path = out / REPORT
+    if skip_invalid:
+        prepared = [c["id"] for c in index["cases"]]
+        write_json(report_path, {"source": str(src), "prepared": prepared, "skipped": skipped})
+    elif report_path.is_file():
+        report_path.unlink()  # a report of an earlier run would describe cases this run prepared
     return index
+
+
+def read_report(out: Path | str) -> dict[str, Any]:
+    """``out/prepare_report.json`` as written by :func:`prepare_dataset` with ``skip_invalid``, plus its
+    ``path``; an empty report when there is none."""
+    path = Path(out) / REPORT
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"path": str(path), "prepared": [], "skipped": []}
+    return {**report, "path": str(path)}

@@ -10,7 +10,9 @@ Layout of a prepared folder (written by :func:`lad_fast.data.prepare.prepare_dat
 A case entry records ``content_hash`` (of its sources) and ``mask_hash`` (of its mask and structure
 arrays; :mod:`lad_fast.data.digest`); :meth:`PreparedDataset.content_hash` combines them into the
 dataset's one data hash. After ``prepare``, masks are added or replaced only through
-:meth:`PreparedDataset.set_masks` (imported or predicted masks), which owns the case files and the index.
+:meth:`PreparedDataset.set_masks` (imported or predicted masks on the case's grid) and
+:meth:`PreparedDataset.replace_case` (a mask that re-chose the slice window of a case prepared without
+one, image included), which own the case files and the index.
 
 Images are stored as float16: values lie in [-1, 1] where float16's step is at most 2**-10, i.e. under
 0.7 HU of the 1400 HU window (rounding error at most 0.35 HU, below the 1 HU step of int16 CT), and it
@@ -36,6 +38,9 @@ INDEX = "index.json"
 CASES = "cases"
 IMAGE_DTYPE = np.float16
 CASE_FILES = ("image.npy", "mask.npy", "structure.npy")  # all prepare writes in cases/<id>/
+# An entry's "window": how its slice window was chosen. "centre": without a mask (chosen again when one
+# arrives); "mask": from the mask prepare read; WINDOW_LATER_MASK: from a mask imported after prepare.
+WINDOW_LATER_MASK = "later mask"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -68,8 +73,9 @@ class PreparedDataset:
         preset = index.get("preset")
         if expect_preset is not None and preset != expect_preset:
             raise InputError(
-                f"{self.path}: prepared at preset {preset!r}, but {expect_preset!r} is needed; re-prepare it "
-                f"with `lad-fast prepare SRC OUT --preset {expect_preset}`"
+                f"{self.path}: prepared at preset {preset!r}, but {expect_preset!r} is needed; use it as "
+                f"prepared with --preset {preset} (and models trained at that preset), or re-prepare it with "
+                f"`lad-fast prepare SRC OUT --preset {expect_preset}`"
             )
         self.preset: str = preset
         self.geometry: GeometryConfig = config_from_dict({"geometry": index["geometry"]}).geometry
@@ -124,7 +130,7 @@ class PreparedDataset:
             digest = None
             if masks and entry["has_mask"]:  # indexes written before mask_hash existed: hash the arrays
                 digest = entry.get("mask_hash") or mask_hash_of_folder(self.case_dir(entry["id"]))
-            cases.append((entry["id"], entry.get("content_hash"), digest))
+            cases.append((entry["id"], image_identity(entry), digest))
         geometry = json.loads(json.dumps(config_to_dict(self.geometry)))
         dtype = self.index.get("image_dtype", "float16")
         return dataset_hash(geometry, self.index["organs"], dtype, cases, masks=masks)
@@ -157,15 +163,7 @@ class PreparedDataset:
         if not arrays:
             return []
         index_path = self.path / INDEX
-        try:
-            unchanged = json.loads(index_path.read_text()) == self.index
-        except (OSError, ValueError):
-            unchanged = False
-        if not unchanged:
-            raise InputError(
-                f"{index_path}: changed on disk since this dataset was opened (another process writing "
-                "masks?); open the dataset again and retry"
-            )
+        self._check_unchanged(index_path)
         index = json.loads(json.dumps(self.index))  # a private copy: self.index follows the disk
         entries = {e["id"]: e for e in index["cases"]}
         replaced = [case_id for case_id in arrays if entries[case_id]["has_mask"]]
@@ -183,6 +181,70 @@ class PreparedDataset:
         write_json(index_path, index)  # after every case's arrays: the index never lists a half case
         self._adopt(index)
         return list(arrays)
+
+    def replace_case(
+        self,
+        case_id: str,
+        image: np.ndarray,
+        mask: np.ndarray,
+        source: str,
+        condition: ConditionConfig,
+        fields: Mapping[str, Any],
+    ) -> None:
+        """Rewrite one case whole, image included: a mask that arrived later re-chose its slice window.
+
+        image: (D, H, W) in [-1, 1] (stored as float16); mask: (D, H, W) canonical ids on the same grid;
+        source: its ``mask_source``; fields: the entry's new ``crop``, ``affine`` and ``window``.
+
+        The case folder is assembled under a temporary name and renamed into place whole. The case is
+        withdrawn from ``index.json`` first and listed again, with its new entry at its old position,
+        once its folder is complete, so at every instant the index lists a case only with the files its
+        entry describes (a process killed in between leaves the case unlisted: `lad-fast prepare` of the
+        same sources into the folder lists it again). On an error the old entry is listed again.
+        """
+        from lad_fast.conditioning.conditions import structure_condition
+        from lad_fast.data.labels import validate_mask
+        from lad_fast.utils.atomic import atomic_dir, atomic_path
+
+        self.entry(case_id)
+        folder = self.case_dir(case_id)
+        shape = tuple(self.geometry.shape)
+        if tuple(np.shape(image)) != shape:
+            raise InputError(f"case {case_id}: image shape {np.shape(image)} differs from the preset {shape}")
+        m = validate_mask(mask, shape, f"case {case_id} ({source})")
+        structure = np.asarray(structure_condition(m, condition), dtype=np.int64)
+        index_path = self.path / INDEX
+        self._check_unchanged(index_path)
+        index = json.loads(json.dumps(self.index))
+        position = next(i for i, e in enumerate(index["cases"]) if e["id"] == case_id)
+        old = index["cases"].pop(position)
+        new = {**old, **json.loads(json.dumps(dict(fields)))}
+        new.update(has_mask=True, mask_source=str(source), mask_hash=mask_hash(m, structure))
+        write_json(index_path, index)
+        try:
+            with atomic_dir(folder) as tmp:
+                for name, array in (("image.npy", image), ("mask.npy", m), ("structure.npy", structure)):
+                    dtype = IMAGE_DTYPE if name == "image.npy" else array.dtype
+                    with atomic_path(tmp / name, suffix=".npy") as part:
+                        np.save(part, np.asarray(array, dtype=dtype))
+        except BaseException:
+            index["cases"].insert(position, old)  # the old folder is still in place: list it again
+            write_json(index_path, index)
+            raise
+        index["cases"].insert(position, new)
+        write_json(index_path, index)
+        self._adopt(index)
+
+    def _check_unchanged(self, index_path: Path) -> None:
+        try:
+            unchanged = json.loads(index_path.read_text()) == self.index
+        except (OSError, ValueError):
+            unchanged = False
+        if not unchanged:
+            raise InputError(
+                f"{index_path}: changed on disk since this dataset was opened (another process writing "
+                "masks?); open the dataset again and retry"
+            )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self._cases[i]
@@ -202,6 +264,16 @@ class PreparedDataset:
             "structure": load("structure.npy", mmap=False) if has_mask else None,
             "affine": np.asarray(entry["affine"], dtype=np.float64),
         }
+
+
+def image_identity(entry: Mapping[str, Any]) -> str | None:
+    """What the dataset hash records of a case's image: its sources' ``content_hash``, plus the slice
+    window's first slice when a mask that arrived after ``prepare`` chose the window again (the image
+    is then another crop of the same sources; :mod:`lad_fast.data.digest`)."""
+    digest = entry.get("content_hash")
+    if entry.get("window") == WINDOW_LATER_MASK and digest is not None:
+        return f"{digest}:window:{int(entry['crop']['start'][0])}"
+    return digest
 
 
 def export_case_nifti(

@@ -2,8 +2,8 @@
 
 ``objective = "ddpm"``: discrete time t in {0, ..., T-1}; x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
 Lad uses T = 300, a cosine schedule (Nichol and Dhariwal 2021), epsilon prediction and an L1 loss
-(LAD_REFERENCE.md phase 2); x0- and v-prediction (Salimans and Ho 2022) and Min-SNR-gamma loss weighting
-(Hang et al. 2023) are options.
+(docs/lad.md, "Denoiser and diffusion"); x0- and v-prediction (Salimans and Ho 2022) and Min-SNR-gamma
+loss weighting (Hang et al. 2023) are options.
 
 ``objective = "flow"``: flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023; Esser et al.
 2024, "SD3"). Continuous t in [0, 1]: x_t = (1 - t) x0 + t noise, so t = 0 is data and t = 1 pure noise.

@@ -1,19 +1,25 @@
-"""``lad-fast generate``: large synthetic datasets from a trained run (Lad phase 3).
+"""``lad-fast generate``: large synthetic datasets from a trained run (Lad's third phase, ``docs/lad.md``).
 
 Volume ``i`` of ``n`` is conditioned on an augmented source mask (:mod:`lad_fast.generate.jobs`), its latent
-is
-sampled with classifier-free guidance from the generator of ``volume_seed(seed, i)``, quantised and
+is sampled with classifier-free guidance from the generator of ``volume_seed(seed, i)``, quantised and
 decoded by the VQ-GAN. Conditions and decoding run one volume at a time and sampling noise comes from
 one generator per volume, so a volume does not depend on the batch it was drawn in (the batched U-Net
 forward is the only thing that sees the batch).
 
-The parts, in the order :func:`generate` calls them: :func:`lad_fast.generate.generator.load_generator` (the
-trained run),
-:func:`lad_fast.generate.jobs.draw_job` (volume i -> source, augmented mask, conditions),
-:func:`sample_latents`
-(pure: no files) and :meth:`Generator.decode`, then :class:`lad_fast.generate.writer.VolumeWriter` (the
-output folder: atomic writes, manifest, resume, rank shards, ``dataset.json``). Under ``torchrun`` rank
-r makes the ids ``i % world == r``.
+:func:`generate` reads as its steps:
+
+1. load: :func:`_check_args` refuses bad options before the run is opened; the run is opened once and
+   :func:`lad_fast.generate.generator.load_generator` loads it in one pass; :func:`resolve_sampling` turns
+   the options and the run's ``sampling`` defaults into one checked :class:`SamplerSettings`;
+2. plan: :func:`make_plan` fixes what this call makes (the volumes not yet in ``out``, the source masks, the
+   manifest entries), with :class:`lad_fast.generate.writer.VolumeWriter` owning the output folder
+   (atomic writes, manifest, resume, rank shards, ``dataset.json``);
+3. sample and write: :func:`_sample_batch` draws each batch's jobs (:func:`lad_fast.generate.jobs.draw_job`)
+   and samples their latents (:func:`sample_latents`, pure: no files) while a worker thread decodes
+   (:meth:`Generator.decode`) and writes the previous batch (:func:`_sample_and_write`);
+4. finish: :func:`_finish` reports an interrupted call or merges the shards and writes ``dataset.json``.
+
+Under ``torchrun`` rank r makes the ids ``i % world == r``.
 """
 
 from __future__ import annotations
@@ -43,18 +49,21 @@ from lad_fast.generate.jobs import (
 )
 from lad_fast.generate.writer import MANIFEST, VolumeWriter, read_manifest, volume_id
 from lad_fast.utils.background import Background
-from lad_fast.utils.interrupts import Interrupted, deferred
+from lad_fast.utils.interrupts import Interrupted, StopFlag, deferred
 from lad_fast.utils.lock import locks_folder
 
 if TYPE_CHECKING:
+    from lad_fast.config import SamplingConfig
     from lad_fast.diffusion.schedules import Schedule
     from lad_fast.models.unet import LatentUNet
+    from lad_fast.utils.distributed import DistInfo
 
-# Re-exported: the names callers used to import from here.
+# The generation API in one import: the parts live in jobs, generator and writer.
 __all__ = [
     "MANIFEST",
     "Generator",
     "Job",
+    "Plan",
     "SamplerSettings",
     "SourceMask",
     "augment_seed",
@@ -64,7 +73,9 @@ __all__ = [
     "generate",
     "load_generator",
     "load_source_masks",
+    "make_plan",
     "read_manifest",
+    "resolve_sampling",
     "sample_latents",
     "sampler_options",
     "volume_id",
@@ -85,8 +96,8 @@ def sampler_options(name: str) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """The user's sampling choice: sampler name, steps, classifier-free guidance scale, and eta (None
-    unless the sampler reads it)."""
+    """How every latent of one generate call is sampled: sampler name, steps, classifier-free guidance
+    scale, and eta (None unless the sampler reads it). :func:`resolve_sampling` makes the checked one."""
 
     sampler: str
     steps: int
@@ -116,11 +127,13 @@ def sample_latents(
     per-volume conditions; spatial (B, K, d, h, w): the spatial conditions, required when ``net`` has
     ``spatial_channels`` (the conditional branch gets them, the null branch zeros) and refused otherwise;
     seeds: B noise seeds (one ``torch.Generator`` each); shape: one latent's (C, d, h, w). Returns x0
-    (B, *shape) in the sampler's latent space. Conditions are embedded one sample at a time and noise is
-    per sample, so a volume does not depend on its batch.
+    (B, *shape) in the sampler's latent space. Conditions are embedded one sample at a time, noise is
+    per sample and, on a CPU, the denoiser runs one row at a time, so a volume does not depend on its
+    batch bit for bit; on a GPU the denoiser runs batched (throughput), where batched kernels may round
+    differently per batch size.
     """
     from lad_fast.conditioning.conditions import null_spatial
-    from lad_fast.diffusion.samplers import guided_denoiser, sample
+    from lad_fast.diffusion.samplers import guided_denoiser, one_row_at_a_time, sample
 
     if bool(getattr(net, "spatial_channels", 0)) != (spatial is not None):
         raise ConfigError(
@@ -144,9 +157,12 @@ def sample_latents(
         if spatial is not None:
             spatial = spatial.to(device=device, dtype=emb.dtype)
             cond, nulls = [emb, spatial], [null, null_spatial(spatial)]
+        if torch.device(device).type == "cpu":
+            # bit-for-bit batch invariance: batched CPU kernels round differently per batch size
+            denoise = one_row_at_a_time(denoise)
         den = guided_denoiser(denoise, cond, nulls, settings.guidance)
-        # noise on the sampling device, one generator per sample (a CPU generator gives the same volumes
-        # as before; on CUDA, Philox streams per seed, still independent of the batch)
+        # noise on the sampling device, one generator per sample (on CUDA, Philox streams per seed: still
+        # independent of the batch)
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         return sample(
             settings.sampler,
@@ -161,9 +177,40 @@ def sample_latents(
         )
 
 
-# ------------------------------------------------------------------------------------- generation
+# ------------------------------------------------------------------------------------- options
 
 MAX_VOLUMES = 1_000_000  # --n cap: a rank's to-do list stays tens of MB, the manifest some hundred MB
+
+
+def _check_finite(flag: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{flag} must be a finite number, got {value}")
+
+
+def _check_guidance(guidance: float) -> None:
+    _check_finite("--guidance", guidance)
+    if guidance < 0:
+        raise ConfigError(f"--guidance must be >= 0 (0: unconditional, 1: conditional), got {guidance}")
+
+
+def _check_sampler(sampler: str, steps: int | None, eta: float | None) -> None:
+    """Refuse an unknown sampler, and ``steps`` or ``eta`` given to a sampler that does not read them
+    (they would be ignored without a word)."""
+    from lad_fast.diffusion.samplers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if eta is not None and "eta" not in sampler_options(sampler):
+        takes = [s for s in SAMPLERS if "eta" in sampler_options(s)]
+        raise ConfigError(
+            f"--eta has no effect on the {sampler} sampler; drop --eta, or use --sampler {' or '.join(takes)}"
+        )
+    if steps is not None and "steps" not in sampler_options(sampler):
+        takes = [s for s in SAMPLERS if "steps" in sampler_options(s)]
+        raise ConfigError(
+            f"--steps has no effect on the {sampler} sampler (it walks all T timesteps); drop --steps, "
+            f"or use --sampler {', '.join(takes)} (whichever fits the model's objective)"
+        )
 
 
 def _check_args(
@@ -175,15 +222,14 @@ def _check_args(
     backend: str,
     eta: float | None,
     steps: int | None = None,
+    decode_tile: int | None = None,
 ) -> None:
-    """Refuse bad options; ``None`` (not given: the run's default) passes. ``steps`` and ``eta`` are the
-    user's own: refused with a sampler that does not read them."""
-    from lad_fast.diffusion.samplers import SAMPLERS
+    """Refuse bad options before the run is opened; ``None`` (not given: the run's default, checked by
+    :func:`resolve_sampling`) passes."""
     from lad_fast.export.backends import BACKENDS
 
-    for flag, value in (("--guidance", guidance), ("--eta", eta)):
-        if value is not None and not math.isfinite(value):  # NaN passes every comparison below
-            raise ConfigError(f"{flag} must be a finite number, got {value}")
+    _check_finite("--guidance", guidance)
+    _check_finite("--eta", eta)
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     if n > MAX_VOLUMES:
@@ -191,25 +237,14 @@ def _check_args(
             f"--n {n} is more than one generate call makes ({MAX_VOLUMES:,} volumes, terabytes at the lad "
             "preset); generate in parts with different --seed into different --out folders"
         )
-    if guidance is not None and guidance < 0:
-        raise ConfigError(f"--guidance must be >= 0 (0: unconditional, 1: conditional), got {guidance}")
+    if guidance is not None:
+        _check_guidance(guidance)
     if augment < 0:
         raise ConfigError(f"--augment must be >= 0 (0: the source masks as they are), got {augment}")
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {batch}")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    if eta is not None and sampler is not None and "eta" not in sampler_options(sampler):
-        takes = [s for s in SAMPLERS if "eta" in sampler_options(s)]
-        raise ConfigError(
-            f"--eta has no effect on the {sampler} sampler; drop --eta, or use --sampler {' or '.join(takes)}"
-        )
-    if steps is not None and sampler is not None and "steps" not in sampler_options(sampler):
-        takes = [s for s in SAMPLERS if "steps" in sampler_options(s)]
-        raise ConfigError(
-            f"--steps has no effect on the {sampler} sampler (it walks all T timesteps); drop --steps, "
-            f"or use --sampler {', '.join(takes)} (whichever fits the model's objective)"
-        )
+    if sampler is not None:
+        _check_sampler(sampler, steps, eta)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "trt":
@@ -220,6 +255,263 @@ def _check_args(
             from lad_fast.export.tensorrt import _INSTALL_HINT
 
             raise BackendUnavailableError(f"--backend trt: {_INSTALL_HINT}") from None
+    if decode_tile is not None and decode_tile < 0:
+        raise ConfigError(f"--decode-tile must be >= 0 (0: never tile), got {decode_tile}")
+
+
+def resolve_sampling(
+    defaults: SamplingConfig,
+    objective: str,
+    T: int,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    eta: float | None = None,
+) -> SamplerSettings:
+    """The settings every latent of this call is sampled with: the given options over the run's
+    ``defaults`` (its ``sampling`` config), checked against the model (trained with ``objective``, ``T``
+    timesteps). Options given were checked by :func:`_check_args`; a default is checked here, since the
+    run's own sampler may not read the given ``steps`` or ``eta``. A sampler without ``steps`` walks all
+    ``T``; ``eta`` of a sampler that reads it defaults to 0 (deterministic)."""
+    from lad_fast.diffusion.samplers import check_sampler
+
+    if sampler is None:
+        sampler = defaults.sampler
+        _check_sampler(sampler, steps, eta)
+    if guidance is None:
+        guidance = defaults.guidance
+        _check_guidance(guidance)
+    check_sampler(sampler, objective)  # a sampler that fits the model's objective
+    options = sampler_options(sampler)
+    if "steps" not in options:
+        steps = T  # a sampler without steps (ancestral DDPM) walks every timestep
+    else:
+        steps = steps if steps is not None else defaults.steps
+        if not 1 <= steps <= T:
+            raise ConfigError(f"--steps {steps} is outside 1..{T} (the model's T); use at most {T}")
+    if "eta" in options and eta is None:
+        eta = 0.0
+    return SamplerSettings(sampler, steps, float(guidance), None if eta is None else float(eta))
+
+
+# ------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one generate call (one rank under ``torchrun``) makes, fixed before anything is sampled.
+
+    n: volumes in the whole set; todo: the ids of those this rank still makes (the others are complete
+    in ``out`` or another rank's); sources: the masks conditions are drawn from; seed, augment: what
+    :func:`~lad_fast.generate.jobs.draw_job` draws volume i with; batch: volumes per sampler call;
+    sampling: the resolved settings; decode_tile: see :meth:`Generator.decode`; fields: the manifest
+    entries every volume shares (settings, checkpoints, backend, run).
+    """
+
+    n: int
+    todo: list[int]
+    sources: list[SourceMask]
+    seed: int
+    augment: int
+    batch: int
+    sampling: SamplerSettings
+    decode_tile: int | None
+    fields: dict[str, Any]
+
+
+def _source_masks(gen: Generator, masks: Path | None) -> tuple[Path, list[SourceMask]]:
+    """(folder, masks) to condition on: ``masks``, else the data the diffusion model trained on."""
+    given = masks if masks is not None else gen.meta.get("data")
+    source = Path(given) if given else None
+    if source is None or not source.exists():
+        raise InputError(
+            f"{source or 'the run'}: the masks to condition on are not there; pass --masks PREPARED|DIR"
+        )
+    return source, load_source_masks(source, gen.cfg.preset, gen.cfg.geometry.shape)
+
+
+def make_plan(
+    gen: Generator,
+    run: Path,
+    out: Path,
+    sampling: SamplerSettings,
+    info: DistInfo,
+    *,
+    n: int,
+    masks: Path | None,
+    augment: int,
+    batch: int,
+    seed: int,
+    backend: str,
+    force: bool,
+    decode_tile: int | None,
+    layout: str = "default",
+) -> tuple[Plan, VolumeWriter]:
+    """The :class:`Plan` of this call and the writer that owns ``out`` (prepared by rank 0: an ``out``
+    made with other settings is refused unless ``force``); raises before anything is written when the
+    masks are missing or the backend's artefact does not fit."""
+    from lad_fast.export.backends import preflight
+
+    source, sources = _source_masks(gen, masks)
+    settings = {  # what the writer checks a rerun against
+        "base_seed": seed,
+        "sampler": sampling.sampler,
+        "steps": sampling.steps,
+        "eta": sampling.eta,
+        "guidance": sampling.guidance,
+        "augment": augment,
+        "source_dataset": str(source.resolve()),
+        "diffusion_checkpoint": gen.meta["checkpoint_hash"],
+    }
+    preflight(backend, run, batch)  # a stale artefact or a batch outside an engine's profile: refused here
+    writer = VolumeWriter(
+        out, settings, rank=info.rank, world=info.world, sharded=info.enabled, layout=layout
+    )
+    if info.is_main:
+        writer.prepare(force)
+    if info.enabled:
+        torch.distributed.barrier()
+    fields = {**settings, "backend": backend, "vqgan_checkpoint": gen.vqgan_hash, "run": str(run.resolve())}
+    todo = writer.todo(n)
+    return Plan(n, todo, sources, seed, augment, batch, sampling, decode_tile, fields), writer
+
+
+# ------------------------------------------------------------------------------------- sample and write
+
+
+def _backends(
+    gen: Generator, backend: str, run: Path, batch: int
+) -> tuple[Callable[..., torch.Tensor], Callable[..., Any] | None]:
+    """(denoiser step, exported decoder or None) of ``backend`` (:mod:`lad_fast.export.backends`): onnx and
+    trt load or export the run's artefacts; the decoder artefact serves whole-volume decodes only."""
+    from lad_fast.export.backends import make_decoder, make_denoiser
+
+    dev, shape = gen.device, gen.latent_shape
+    t_dtype = torch.float32 if gen.sched.objective == "flow" else torch.long  # flow time is continuous
+    example = [torch.zeros(1, *shape, device=dev), torch.zeros(1, dtype=t_dtype, device=dev),
+               torch.zeros(1, gen.net.cond_cfg.embed_dim, device=dev)]  # fmt: skip
+    names = ["x", "t", "cond"]
+    spatial_ch = getattr(gen.net, "spatial_channels", 0)
+    if spatial_ch:  # spatial conditioning: the per-step graph has a fourth input
+        example.append(torch.zeros(1, spatial_ch, *shape[1:], device=dev))
+        names.append("spatial")
+    denoise = make_denoiser(backend, gen.net, example, names, run / "export", run=run, batch=batch)
+    # decoding runs one volume at a time: the decoder's artefact at batch 1
+    exported = make_decoder(backend, gen.vq, run, batch=1) if backend in ("onnx", "trt") else None
+    return denoise, exported
+
+
+def _sample_batch(
+    gen: Generator, plan: Plan, ids: Sequence[int], denoise: Callable[..., torch.Tensor]
+) -> tuple[list[Job], list[int], torch.Tensor]:
+    """Volumes ``ids``: their jobs, noise seeds and sampled latents (B, C, d, h, w) in sampler space."""
+    jobs = [draw_job(i, plan.sources, plan.seed, plan.augment, gen.cfg, gen.encode) for i in ids]
+    seeds = [volume_seed(plan.seed, j.index) for j in jobs]
+    spatial = getattr(gen.net, "spatial_channels", 0)
+    x0 = sample_latents(
+        gen.net,
+        denoise,
+        torch.stack([j.content for j in jobs]),
+        torch.stack([j.structure for j in jobs]),
+        seeds,
+        plan.sampling,
+        spatial=torch.stack([j.spatial for j in jobs]) if spatial else None,
+        sched=gen.sched,
+        prediction=gen.prediction,
+        shape=gen.latent_shape,
+        clip=gen.clip,
+        device=gen.device,
+    )
+    return jobs, seeds, x0
+
+
+def _decoded(
+    gen: Generator, plan: Plan, job: Job, x: torch.Tensor, finite: bool, exported: Any
+) -> np.ndarray:
+    """Volume ``job``'s image (D, H, W) in [-1, 1] from its latent ``x`` (1, C, d, h, w); CheckpointError
+    when the latent or the image is not finite (NaN/Inf must never become a volume)."""
+    image = gen.decode(x, plan.decode_tile, exported)[0] if finite else None
+    if image is None or not np.isfinite(image).all():
+        s = plan.sampling
+        raise CheckpointError(
+            f"volume {volume_id(job.index)}: the sampled latents are not finite (NaN/Inf) with "
+            f"sampler {s.sampler}, {s.steps} steps, guidance {s.guidance}, eta {s.eta}; "
+            "nothing written for it; check the run's diffusion checkpoint or lower --guidance"
+        )
+    return image
+
+
+def _sample_and_write(
+    gen: Generator,
+    plan: Plan,
+    writer: VolumeWriter,
+    denoise: Callable[..., torch.Tensor],
+    exported: Callable[..., Any] | None,
+    show_progress: bool,
+) -> tuple[int, StopFlag]:
+    """Sample the plan's batches while a worker thread decodes, converts to HU and writes the previous one
+    (:mod:`lad_fast.utils.background`, one batch queued at most); returns (volumes written, stop flag).
+
+    SIGINT / SIGTERM: the volume being written is finished, the rest of its batch dropped (nothing partial
+    is ever written) and the stop flag set; the rerun makes what is missing.
+    """
+    from lad_fast.data.geometry import unit_to_hu
+    from lad_fast.utils.progress import make_progress
+
+    window = gen.cfg.geometry.hu_window
+    t0 = time.perf_counter()
+    made = 0
+    with deferred("after the volume being written") as stop, make_progress() as progress:
+        task = progress.add_task("generate", total=len(plan.todo), status="") if show_progress else None
+
+        def finish(item: tuple[list[Job], list[int], torch.Tensor]) -> None:
+            """Worker thread: decode, check, convert to HU and write one sampled batch."""
+            nonlocal made
+            jobs, seeds, x0 = item
+            if gen.device.type == "cuda":  # a new thread starts on cuda:0; Triton launches on the current one
+                torch.cuda.set_device(gen.device)
+            finite = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one cheap reduction per batch
+            for job, vseed, ok, x in zip(jobs, seeds, finite, x0.split(1), strict=True):
+                if worker.cancelled or stop:  # interrupted: the volumes not started yet are not written
+                    return
+                image = _decoded(gen, plan, job, x, ok, exported)
+                line = {"seed": vseed, "source_case": job.source.case, "augmentation": job.augmentation}
+                writer.write(job.index, unit_to_hu(image, window), job.mask, job.source.affine,
+                             {**line, **plan.fields})  # fmt: skip
+                made += 1
+                if task is not None:
+                    rate = made / max(time.perf_counter() - t0, 1e-9) * 60
+                    progress.update(task, completed=made, status=f"{rate:.1f} vol/min")
+
+        with Background(finish, maxsize=1) as worker:
+            for start in range(0, len(plan.todo), plan.batch):
+                if stop:
+                    break
+                worker.submit(_sample_batch(gen, plan, plan.todo[start : start + plan.batch], denoise))
+    return made, stop
+
+
+def _finish(plan: Plan, made: int, stop: StopFlag, writer: VolumeWriter, out: Path, info: DistInfo) -> None:
+    """Raise :class:`Interrupted` when a signal stopped this call short; else merge the shards and write
+    ``dataset.json`` (rank 0, once every rank is done). Under ``torchrun``, torchrun forwards the signal to
+    every rank; a signal that came after the last volume stops nothing: the set is complete."""
+    if stop and made < len(plan.todo):
+        done = plan.n - len(plan.todo) + made
+        what = (
+            f"rank {info.rank} made {made} of its {len(plan.todo)} volumes"
+            if info.enabled
+            else f"{done} of {plan.n} volumes done in {out}, the rerun makes the other {plan.n - done}"
+        )
+        raise Interrupted(stop.signum or 2, f"{what}; no partial file", resume_flag="")
+    if info.enabled:
+        torch.distributed.barrier()  # every shard is written before rank 0 merges them
+    if info.is_main:
+        writer.finalize()
+    if info.enabled:
+        torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------- generate
 
 
 @locks_folder("out", "generate")  # one writer per --out (rank 0 holds it for the whole torchrun job)
@@ -239,177 +531,49 @@ def generate(
     force: bool = False,
     device: str = "auto",
     decode_tile: int | None = None,
+    layout: str = "default",
 ) -> Path:
     """Generate ``n`` volumes with paired masks from the trained ``run`` into ``out``; returns ``out``.
 
-    sampler, steps, guidance: ``None`` takes the run's ``sampling`` config (its preset's measured best:
-    ``tiny`` Euler, 30 steps, guidance 3 on its flow-matching model). sampler: "ddpm" (all T steps,
-    a given ``steps`` refused; the official Lad sampler), "ddim"
-    (``eta`` 0 deterministic, the default, 1 stochastic) or "dpmpp2m" with ``steps`` <= T; ``eta`` with a
-    sampler that does not read it is refused. The deterministic samplers need a well-trained denoiser: at
-    the tiny preset's short budget they drift (see README). A model trained with objective "flow" takes
-    "euler" or "heun" instead (``lad_fast.diffusion.samplers.check_sampler``). guidance: classifier-free
-    guidance scale
-    (0 unconditional, 1 conditional). masks: a prepared dataset or a folder of NIfTI masks on the preset
-    grid (default: the data the diffusion model trained on). augment: augmented variants per source mask
-    (0: the masks as they are). batch: volumes per sampler call. backend: "torch", "compile", "onnx" or
-    "trt" (see ``lad_fast.export.backends``). decode_tile: see :meth:`Generator.decode` (None: tiles only
-    above the memory budget).
+    sampler, steps, guidance: ``None`` takes the run's ``sampling`` config (its preset's default: ``tiny``
+    Euler, 30 steps, guidance 3 on its flow-matching model). sampler: "ddpm" (all T steps, a given
+    ``steps`` refused; Lad's own sampler, ``docs/lad.md``), "ddim" (``eta`` 0 deterministic, the default, 1
+    stochastic) or "dpmpp2m" with ``steps`` <= T; ``eta`` with a sampler that does not read it is refused.
+    The deterministic samplers need a well-trained denoiser: at the tiny preset's short budget they drift
+    (see docs/results.md). A model trained with objective "flow" takes "euler" or "heun" instead
+    (``lad_fast.diffusion.samplers.check_sampler``). guidance: classifier-free guidance scale (0
+    unconditional, 1 conditional). masks: a prepared dataset or a folder of NIfTI masks on the preset grid
+    (default: the data the diffusion model trained on). augment: augmented variants per source mask (0: the
+    masks as they are). batch: volumes per sampler call. backend: "torch", "compile", "onnx" or "trt" (see
+    ``lad_fast.export.backends``). decode_tile: see :meth:`Generator.decode` (None: tiles only above the
+    memory budget). layout: "default" (images/ + masks/) or "nnunet" (also nnU-Net v2's imagesTr/ +
+    labelsTr/; see :mod:`lad_fast.generate.writer`).
 
-    Pipelined: decoding, HU conversion and writing of batch k run on a worker thread
-    (:mod:`lad_fast.utils.background`, one batch queued at most) while batch k+1 is sampled; an error there
-    stops generation with its own message, and an interrupt lets the volume being written finish
-    (atomic writes) and drops the rest.
+    Pipelined: decoding, HU conversion and writing of batch k run on a worker thread while batch k+1 is
+    sampled; an error there stops generation with its own message, and an interrupt lets the volume being
+    written finish (atomic writes) and drops the rest.
     """
-    from lad_fast.data.geometry import unit_to_hu
-    from lad_fast.diffusion.samplers import check_sampler
-    from lad_fast.export.backends import make_decoder, make_denoiser, preflight
     from lad_fast.runs.rundir import RunDir
     from lad_fast.utils.devices import choose_device, resolve_device
     from lad_fast.utils.distributed import init_distributed
-    from lad_fast.utils.progress import make_progress
     from lad_fast.utils.threads import apply_thread_policy
 
     run, out = Path(run), Path(out)
-    _check_args(n, sampler, guidance, augment, batch, backend, eta, steps)
-    if decode_tile is not None and decode_tile < 0:
-        raise ConfigError(f"--decode-tile must be >= 0 (0: never tile), got {decode_tile}")
+    _check_args(n, sampler, guidance, augment, batch, backend, eta, steps, decode_tile)
     apply_thread_policy()  # torch threads from the CPU affinity (lad_fast/utils/threads.py)
-    defaults = RunDir.open(run).config().sampling  # what the run's preset measured best
-    # the run's own default sampler may not read the user's --steps or --eta: check again once resolved
-    _check_args(n, sampler or defaults.sampler, guidance, augment, batch, backend, eta, steps)
-    sampler = sampler if sampler is not None else defaults.sampler
-    steps = steps if steps is not None else defaults.steps
-    guidance = guidance if guidance is not None else defaults.guidance
-    _check_args(n, sampler, guidance, augment, batch, backend, eta)
+    rundir = RunDir.open(run)  # the one opening of the run: its config is parsed once
     dev = resolve_device(choose_device(device))  # cuda:LOCAL_RANK under torchrun, as training
     info = init_distributed(dev)
+    gen = load_generator(rundir, dev)
+    sampling = resolve_sampling(
+        gen.cfg.sampling, gen.sched.objective, gen.sched.T, sampler, steps, guidance, eta
+    )
 
-    gen = load_generator(run, dev)
-    check_sampler(sampler, gen.sched.objective)  # before anything is written
-    options = sampler_options(sampler)
-    T = gen.sched.T
-    if "steps" not in options:
-        steps = T  # a sampler without steps (ancestral DDPM) walks every timestep
-    elif not 1 <= steps <= T:
-        raise ConfigError(f"--steps {steps} is outside 1..{T} (the model's T); use at most {T}")
-    if "eta" in options and eta is None:
-        eta = 0.0
-    source_path = Path(masks) if masks is not None else Path(gen.meta.get("data") or "")
-    if not str(source_path) or not source_path.exists():
-        raise InputError(
-            f"{source_path or 'the run'}: the masks to condition on are not there; pass --masks PREPARED|DIR"
-        )
-    sources = load_source_masks(source_path, gen.cfg.preset, gen.cfg.geometry.shape)
-
-    settings = {
-        "base_seed": seed,
-        "sampler": sampler,
-        "steps": steps,
-        "eta": None if eta is None else float(eta),
-        "guidance": float(guidance),
-        "augment": augment,
-        "source_dataset": str(source_path.resolve()),
-        "diffusion_checkpoint": gen.meta["checkpoint_hash"],
-    }
-    sampling = SamplerSettings(sampler, steps, float(guidance), settings["eta"])
-    preflight(backend, run, batch)  # a stale artefact or a batch outside an engine's profile: refused here
-    writer = VolumeWriter(out, settings, rank=info.rank, world=info.world, sharded=info.enabled)
-    if info.is_main:
-        writer.prepare(force)
-    if info.enabled:
-        torch.distributed.barrier()
-    todo = writer.todo(n)
-
-    shape = gen.latent_shape
-    t_dtype = torch.float32 if gen.sched.objective == "flow" else torch.long  # flow time is continuous
-    example = [torch.zeros(1, *shape, device=dev), torch.zeros(1, dtype=t_dtype, device=dev),
-               torch.zeros(1, gen.net.cond_cfg.embed_dim, device=dev)]  # fmt: skip
-    names = ["x", "t", "cond"]
-    spatial_ch = getattr(gen.net, "spatial_channels", 0)
-    if spatial_ch:  # spatial conditioning: the per-step graph has a fourth input
-        example.append(torch.zeros(1, spatial_ch, *shape[1:], device=dev))
-        names.append("spatial")
-    denoise = make_denoiser(backend, gen.net, example, names, run / "export", run=run, batch=batch)
-    # onnx / trt: the decoder's artefact too (decoding runs one volume at a time); tiles use the module
-    exported = make_decoder(backend, gen.vq, run, batch=1) if backend in ("onnx", "trt") else None
-    window = gen.cfg.geometry.hu_window
-    fields = {**settings, "backend": backend, "vqgan_checkpoint": gen.vqgan_hash, "run": str(run.resolve())}
-    t0 = time.perf_counter()
-    made = 0
-    # SIGINT / SIGTERM: the volume being written is finished, the rest of its batch dropped (nothing
-    # partial is ever written); the rerun makes what is missing.
-    stopping = "after the volume being written"
-    with deferred(stopping) as stop, make_progress() as progress:
-        task = progress.add_task("generate", total=len(todo), status="") if info.is_main else None
-
-        def finish(item: tuple[list[Job], list[int], torch.Tensor]) -> None:
-            """Worker thread: decode, check, convert to HU and write one sampled batch."""
-            nonlocal made
-            jobs, seeds, x0 = item
-            if dev.type == "cuda":  # a new thread starts on cuda:0; Triton launches on the current device
-                torch.cuda.set_device(dev)
-            finite = torch.isfinite(x0.flatten(1)).all(1).tolist()  # one cheap reduction per batch
-            for job, vseed, ok, x in zip(jobs, seeds, finite, x0.split(1), strict=True):
-                if worker.cancelled or stop:  # interrupted: the volumes not started yet are not written
-                    return
-                image = gen.decode(x, decode_tile, exported)[0] if ok else None
-                if image is None or not np.isfinite(image).all():  # NaN/Inf must never become a volume
-                    raise CheckpointError(
-                        f"volume {volume_id(job.index)}: the sampled latents are not finite (NaN/Inf) with "
-                        f"sampler {sampler}, {steps} steps, guidance {guidance}, eta {settings['eta']}; "
-                        "nothing written for it; check the run's diffusion checkpoint or lower --guidance"
-                    )
-                line = {
-                    "seed": vseed,
-                    "source_case": job.source.case,
-                    "augmentation": job.augmentation,
-                    **fields,
-                }
-                writer.write(job.index, unit_to_hu(image, window), job.mask, job.source.affine, line)
-                made += 1
-                if task is not None:
-                    rate = made / max(time.perf_counter() - t0, 1e-9) * 60
-                    progress.update(task, completed=made, status=f"{rate:.1f} vol/min")
-
-        with Background(finish, maxsize=1) as worker:
-            for start in range(0, len(todo), batch):
-                if stop:
-                    break
-                jobs = [
-                    draw_job(i, sources, seed, augment, gen.cfg, gen.encode)
-                    for i in todo[start : start + batch]
-                ]
-                seeds = [volume_seed(seed, j.index) for j in jobs]
-                x0 = sample_latents(
-                    gen.net,
-                    denoise,
-                    torch.stack([j.content for j in jobs]),
-                    torch.stack([j.structure for j in jobs]),
-                    seeds,
-                    sampling,
-                    spatial=torch.stack([j.spatial for j in jobs]) if spatial_ch else None,
-                    sched=gen.sched,
-                    prediction=gen.prediction,
-                    shape=shape,
-                    clip=gen.clip,
-                    device=dev,
-                )
-                worker.submit((jobs, seeds, x0))
-    # Under torchrun, torchrun forwards the signal to every rank; each stops after its volume. A signal that
-    # came after the last volume stops nothing: the set is complete and is finalised.
-    if stop and made < len(todo):
-        done = n - len(todo) + made
-        what = (
-            f"rank {info.rank} made {made} of its {len(todo)} volumes"
-            if info.enabled
-            else f"{done} of {n} volumes done in {out}, the rerun makes the other {n - done}"
-        )
-        raise Interrupted(stop.signum or 2, f"{what}; no partial file", resume_flag="")
-    if info.enabled:
-        torch.distributed.barrier()  # every shard is written before rank 0 merges them
-    if info.is_main:
-        writer.finalize()
-    if info.enabled:
-        torch.distributed.barrier()
+    plan, writer = make_plan(
+        gen, run, out, sampling, info, n=n, masks=masks, augment=augment, batch=batch, seed=seed,
+        backend=backend, force=force, decode_tile=decode_tile, layout=layout,
+    )  # fmt: skip
+    denoise, exported = _backends(gen, backend, run, batch)
+    made, stop = _sample_and_write(gen, plan, writer, denoise, exported, show_progress=info.is_main)
+    _finish(plan, made, stop, writer, out, info)
     return out

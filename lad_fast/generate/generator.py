@@ -1,13 +1,15 @@
 """A trained run loaded for sampling: :class:`Generator` (the U-Net, the frozen VQ-GAN, the schedule and
 the latent normalisation) and :func:`load_generator`, the only place generation touches the trained-run
 loaders (:mod:`lad_fast.runs.loading`). :mod:`lad_fast.generate.generate` drives it.
+
+:func:`load_generator` builds it in one pass: the run is opened and its config parsed once, each
+checkpoint is verified and hashed once, and the hashes the manifest records come from those loads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from lad_fast.diffusion.schedules import Schedule
     from lad_fast.models.unet import LatentUNet
     from lad_fast.models.vqgan import VQGAN
+    from lad_fast.runs.loading import RunLike
 
 __all__ = ["Generator", "load_generator"]
 
@@ -32,8 +35,9 @@ class Generator:
     diffusion model's schedule and parameterisation; latent_shape: one latent's (C, d, h, w); clip: the
     sampler's x0 bounds in its (normalised) latent space; encode: mask (D, H, W) -> ``content``
     (C, d, h, w) and ``structure`` (L,) conditions (and ``spatial`` (K, d, h, w) for a model with
-    spatial conditioning); denormalize: sampler space -> the VQ-GAN's unit
-    latents; meta: the diffusion checkpoint's meta; vqgan_hash: the VQ-GAN checkpoint's hash.
+    spatial conditioning); denormalize: sampler space -> the VQ-GAN's unit latents; cfg: the run's
+    config; meta: the diffusion checkpoint's meta (its ``checkpoint_hash`` included); vqgan_hash: the
+    VQ-GAN checkpoint's hash.
     """
 
     net: LatentUNet
@@ -78,39 +82,32 @@ class Generator:
         return out
 
 
-def load_generator(run: Path, device: torch.device) -> Generator:
-    """The diffusion model of ``run`` and the VQ-GAN it was trained on (raises CheckpointError when that
-    VQ-GAN changed since). The only place generation touches the trained-run loaders."""
+def load_generator(run: RunLike, device: torch.device) -> Generator:
+    """The diffusion model of ``run`` (a folder or an opened :class:`~lad_fast.runs.rundir.RunDir`) and the
+    VQ-GAN it was trained on; CheckpointError when that VQ-GAN changed since. The only place generation
+    touches the trained-run loaders."""
     from functools import partial
 
     from lad_fast.diffusion.schedules import make_schedule
     from lad_fast.runs.loading import (
-        checkpoint_hash,
         clip_bounds,
         denormalize_latents,
         encode_case,
-        load_diffusion,
-        load_frozen_vqgan,
-        vqgan_run_of,
+        load_sampling_models,
     )
-    from lad_fast.runs.rundir import RunDir
 
-    run = Path(run)
-    net, meta = load_diffusion(run, device)
-    cfg = RunDir.open(run).config()
-    vqgan_run = vqgan_run_of(run, meta)  # relative to the run (absolute in older runs)
-    vq, _ = load_frozen_vqgan(vqgan_run, cfg, device)
-    vq_hash = checkpoint_hash(vqgan_run / "vqgan")
-    if meta.get("vqgan_hash") not in (None, vq_hash):
+    models = load_sampling_models(run, device)
+    run, meta, cfg, vq = models.rundir.path, models.meta, models.cfg, models.vq
+    if meta.get("vqgan_hash") not in (None, models.vqgan_hash):
         raise CheckpointError(
-            f"the VQ-GAN in {vqgan_run} changed after the diffusion model of {run} was trained on its "
-            f"latents; retrain the diffusion model (`lad-fast train diffusion --run {run} --force`) or "
+            f"the VQ-GAN in {models.vqgan_run} changed after the diffusion model of {run} was trained on "
+            f"its latents; retrain the diffusion model (`lad-fast train diffusion --run {run} --force`) or "
             "restore that VQ-GAN"
         )
     shape = tuple(int(s) for s in meta["latent_shape"])
     norm = meta.get("latent_norm")
     return Generator(
-        net=net,
+        net=models.net,
         vq=vq,
         cfg=cfg,
         meta=meta,
@@ -120,6 +117,6 @@ def load_generator(run: Path, device: torch.device) -> Generator:
         clip=clip_bounds(norm, torch.zeros(1, *shape, device=device)),
         encode=lambda mask: encode_case(vq, None, mask, cfg, device),
         denormalize=partial(denormalize_latents, norm=norm),
-        vqgan_hash=vq_hash,
+        vqgan_hash=models.vqgan_hash,
         device=device,
     )

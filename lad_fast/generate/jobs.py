@@ -1,11 +1,10 @@
 """What volume ``i`` of a generated dataset is: its seeds, source mask, augmentation and conditions.
 
 Volume ``i`` of ``n`` takes source mask ``i % S`` of the S source masks and variant ``(i // S) % augment``
-of its augmentations (``lad_fast.conditioning.augment``: result k of ``augment_many(mask, ...,
-augment_seed(seed, s),
-K)``); its conditions are recomputed from that augmented mask; its sampling noise comes from
-``torch.Generator().manual_seed(volume_seed(seed, i))``. Everything here is a function of (seed, i) and
-the source masks only, never of the batch, the rank or the process.
+of its augmentations (``lad_fast.conditioning.augment``: result k of
+``augment_many(mask, ..., augment_seed(seed, s), K)``); its conditions are recomputed from that augmented
+mask; its sampling noise comes from ``torch.Generator().manual_seed(volume_seed(seed, i))``. Everything
+here is a function of (seed, i) and the source masks only, never of the batch, the rank or the process.
 """
 
 from __future__ import annotations

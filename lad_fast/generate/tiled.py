@@ -16,10 +16,9 @@ tiles wait on ``store``, the CPU when decoding on a GPU). Two things make the re
   blended with linear weights falling from 1 to 0 over ``2 * blend`` latent voxels centred on each
   interior core edge, ``blend = min(overlap - R, tile // 2)``, so every value with a non-zero weight is
   the whole decode's and the result equals it up to float32 rounding (the statistics' summation order and
-  the blend's division; max abs difference ~2e-6 on outputs of size ~2, ``tests/test_tiled.py``). With
-  ``overlap < R`` the tiles are wrong near their edges and ``blend = overlap // 2`` softens the seams:
-  on the trained ``tiny`` main job's VQ-GAN, tiles of 4 with overlap 1 (of 2) were off by at most 0.32
-  and 0.011 on average (of [-1, 1]; ~2 HU mean), tiles of 2 by 0.47 and 0.027.
+  the blend's division; ``tests/generate/test_tiled.py`` holds it to that). With ``overlap < R`` the tiles
+  are wrong near their edges and ``blend = overlap // 2`` softens the seams: an approximation whose error
+  depends on the network, never the default.
 
 :func:`auto_tile` picks a tile size when the estimated whole-decode memory exceeds a budget (free GPU
 memory, or available RAM on a CPU; ``LAD_FAST_DECODE_BUDGET_MB`` overrides it).

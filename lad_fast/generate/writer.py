@@ -5,7 +5,18 @@ Layout (DESIGN.md "Generated datasets")::
     out/images/<id>.nii.gz     int16 HU on the source case's prepared grid (preset spacing)
     out/masks/<id>.nii.gz      uint8 canonical ids: the augmented mask whose conditions made the image
     out/manifest.jsonl         one JSON line per volume (written after both files)
-    out/dataset.json           nnU-Net / MONAI description (channel_names, labels, training list)
+    out/dataset.json           nnU-Net v2 fields (channel_names, labels, numTraining, file_ending) and the
+                               MSD-style ``training`` list of images/ + masks/ that MONAI reads
+
+With layout ``"nnunet"`` the folder also holds nnU-Net v2's own raw-dataset view of the same volumes::
+
+    out/imagesTr/<id>_0000.nii.gz   hard links to images/<id>.nii.gz (copies where links are refused)
+    out/labelsTr/<id>.nii.gz        hard links to masks/<id>.nii.gz
+
+so ``out`` is an nnU-Net raw dataset (name it ``$nnUNet_raw/Dataset<NNN>_<Name>``) and every lad-fast
+reader (evaluation, preview, SSL) still finds images/ and masks/; hard links cost no space. The view is
+(re)built by :func:`finalize` from the complete volumes, so resume and the manifest are the same in both
+layouts; once a folder has the view, every later finalize keeps it in step with the manifest.
 
 A volume's two files are written atomically and its manifest line appended afterwards, so a volume is
 complete when its line exists and both files are there; a rerun with the same settings skips complete
@@ -17,16 +28,20 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lad_fast.errors import InputError, LadFastError, OutputExistsError
+from lad_fast.errors import ConfigError, DiskFullError, InputError, LadFastError, OutputExistsError
 
 IMAGES, MASKS = "images", "masks"
+IMAGES_TR, LABELS_TR = "imagesTr", "labelsTr"  # nnU-Net v2's raw-dataset folders
+LAYOUTS = ("default", "nnunet")
 MANIFEST = "manifest.jsonl"
 DATASET_JSON = "dataset.json"
 _SHARD_RE = re.compile(r"^manifest\.rank\d+\.jsonl$")
@@ -48,15 +63,35 @@ def volume_paths(out: Path, vid: str) -> tuple[Path, Path]:
     return Path(out) / IMAGES / f"{vid}.nii.gz", Path(out) / MASKS / f"{vid}.nii.gz"
 
 
+def nnunet_paths(out: Path, vid: str) -> tuple[Path, Path]:
+    """(image, label) paths of volume ``vid`` in nnU-Net v2's view: ``imagesTr/<id>_0000.nii.gz`` (channel
+    0, CT) and ``labelsTr/<id>.nii.gz``; ``vid`` is checked as in :func:`volume_paths`."""
+    volume_paths(out, vid)
+    return Path(out) / IMAGES_TR / f"{vid}_0000.nii.gz", Path(out) / LABELS_TR / f"{vid}.nii.gz"
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}; use one of them")
+
+
 def _volume_file(name: str) -> bool:
     return name.endswith(".nii.gz") and bool(_ID_RE.fullmatch(name[: -len(".nii.gz")]))
+
+
+def _view_file(folder: str, name: str) -> bool:
+    """Whether ``name`` in ``imagesTr/`` or ``labelsTr/`` is a file of the nnU-Net view."""
+    if folder == IMAGES_TR:
+        return name.endswith("_0000.nii.gz") and bool(_ID_RE.fullmatch(name[: -len("_0000.nii.gz")]))
+    return _volume_file(name)
 
 
 def _ownership(out: Path) -> tuple[list[str], list[str]]:
     """(entries of ``out`` generate did not write, by relative name; of those, the ones it must write
     over: a ``dataset.json`` or manifest that is not its own). Dot-files are never counted (a temporary
     of ours is cleaned, anything else left alone); a ``lad_NNNNNN.nii.gz`` under ``images/`` or
-    ``masks/`` is ours (a volume whose manifest line a kill prevented)."""
+    ``masks/`` is ours (a volume whose manifest line a kill prevented), and so are the nnU-Net view's
+    files under ``imagesTr/`` and ``labelsTr/``."""
     foreign, blocking = [], []
     for p in sorted(out.iterdir()):
         name = p.name
@@ -65,6 +100,9 @@ def _ownership(out: Path) -> tuple[list[str], list[str]]:
         if name in (IMAGES, MASKS) and p.is_dir():
             foreign += [f"{name}/{q.name}" for q in sorted(p.iterdir()) if not q.name.startswith(".")
                         and not (_volume_file(q.name) and q.is_file())]  # fmt: skip
+        elif name in (IMAGES_TR, LABELS_TR) and p.is_dir():
+            foreign += [f"{name}/{q.name}" for q in sorted(p.iterdir()) if not q.name.startswith(".")
+                        and not (_view_file(name, q.name) and q.is_file())]  # fmt: skip
         elif name == DATASET_JSON and p.is_file():
             try:
                 ours = json.loads(p.read_text(encoding="utf-8")).get("name") == "lad-fast-generated"
@@ -83,10 +121,10 @@ def _ownership(out: Path) -> tuple[list[str], list[str]]:
 
 
 def _remove_volumes(out: Path) -> None:
-    """``--force`` with other settings: delete the volumes the manifest lists, the manifest (and shards)
-    and generate's own ``dataset.json``; nothing else."""
+    """``--force`` with other settings: delete the volumes the manifest lists (with their nnU-Net view
+    files), the manifest (and shards) and generate's own ``dataset.json``; nothing else."""
     for rec in read_manifest(out).values():
-        for path in volume_paths(out, rec["id"]):
+        for path in (*volume_paths(out, rec["id"]), *nnunet_paths(out, rec["id"])):
             path.unlink(missing_ok=True)
     for p in out.iterdir():
         if (p.name in (MANIFEST, DATASET_JSON) or _SHARD_RE.match(p.name)) and p.is_file():
@@ -100,6 +138,8 @@ def _clean_leftovers(out: Path) -> None:
     remove_temporaries(out, lambda t: t in (MANIFEST, DATASET_JSON) or bool(_SHARD_RE.match(t)))
     for sub in (IMAGES, MASKS):
         remove_temporaries(out / sub, _volume_file)
+    for sub in (IMAGES_TR, LABELS_TR):
+        remove_temporaries(out / sub, lambda t, sub=sub: _view_file(sub, t))
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
@@ -178,17 +218,75 @@ def dataset_json(records: Sequence[dict[str, Any]], description: str) -> dict[st
     }
 
 
-def finalize(out: Path, description: str = "synthetic abdominal CT generated by lad-fast") -> int:
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` already is ``b``: the same inode (a hard link), or a copy of it (size and mtime)."""
+    try:
+        sa, sb = a.stat(), b.stat()
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) or (
+        (sa.st_size, sa.st_mtime_ns) == (sb.st_size, sb.st_mtime_ns)
+    )
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (a copy with its mtime where the file system refuses
+    links), atomically: made under a temporary name and renamed into place."""
+    from lad_fast.utils.atomic import atomic_path
+
+    try:
+        with atomic_path(dst, suffix=".nii.gz") as tmp:  # a full disk comes out as DiskFullError
+            tmp.unlink()
+            try:
+                os.link(src, tmp)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise
+                shutil.copy2(src, tmp)  # links refused (some network or FAT file systems): a copy
+    except DiskFullError:
+        raise
+    except OSError as err:
+        raise LadFastError(
+            f"{dst}: cannot write nnU-Net's view of {src} ({err}); check the folder and rerun the same "
+            "command (complete volumes are kept)"
+        ) from err
+
+
+def _sync_nnunet_view(out: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Make ``imagesTr/`` and ``labelsTr/`` hold exactly the complete volumes ``records`` (links to their
+    images/ and masks/ files): missing ones are linked, stale ones (a volume gone from the manifest, or
+    remade since) replaced or removed. Files of other names there are left alone."""
+    want: dict[Path, Path] = {}
+    for r in records:
+        for src, dst in zip(volume_paths(out, r["id"]), nnunet_paths(out, r["id"]), strict=True):
+            want[dst] = src
+    for sub in (IMAGES_TR, LABELS_TR):
+        (out / sub).mkdir(exist_ok=True)
+        for p in (out / sub).iterdir():
+            if _view_file(sub, p.name) and p not in want:
+                p.unlink()
+    for dst, src in want.items():
+        if not _same_file(dst, src):
+            _link(src, dst)
+
+
+def finalize(
+    out: Path, description: str = "synthetic abdominal CT generated by lad-fast", layout: str = "default"
+) -> int:
     """Merge manifest shards into ``manifest.jsonl`` (one line per complete volume, by index), delete the
-    shards, write ``dataset.json``; returns the number of complete volumes."""
+    shards, bring the nnU-Net view in step (layout ``"nnunet"``, or a folder that already has one), write
+    ``dataset.json``; returns the number of complete volumes."""
     from lad_fast.utils.atomic import write_json, write_text
 
     out = Path(out)
+    _check_layout(layout)
     records = [r for _, r in sorted(read_manifest(out).items()) if is_complete(out, r)]
     write_text(out / MANIFEST, "".join(json.dumps(r) + "\n" for r in records))
     for shard in out.glob("manifest.rank*.jsonl"):
         if _SHARD_RE.match(shard.name):
             shard.unlink()
+    if layout == "nnunet" or (out / IMAGES_TR).is_dir() or (out / LABELS_TR).is_dir():
+        _sync_nnunet_view(out, records)
     write_json(out / DATASET_JSON, dataset_json(records, description))
     return len(records)
 
@@ -197,15 +295,23 @@ class VolumeWriter:
     """The output folder as one rank of one ``generate`` call writes it.
 
     ``settings`` are the run-wide manifest fields (at least :data:`IDENTITY`); ``sharded`` (under
-    ``torchrun``) makes this rank append to its own ``manifest.rank<rank>.jsonl``. Order of use:
+    ``torchrun``) makes this rank append to its own ``manifest.rank<rank>.jsonl``; ``layout``
+    ``"nnunet"`` adds nnU-Net v2's view when finalised (see the module docstring). Order of use:
     :meth:`prepare` on rank 0, a barrier, :meth:`todo`, :meth:`write` per volume, a barrier,
     :meth:`finalize` on rank 0.
     """
 
     def __init__(
-        self, out: Path, settings: dict[str, Any], rank: int = 0, world: int = 1, sharded: bool = False
+        self,
+        out: Path,
+        settings: dict[str, Any],
+        rank: int = 0,
+        world: int = 1,
+        sharded: bool = False,
+        layout: str = "default",
     ):
-        self.out = Path(out)
+        _check_layout(layout)
+        self.out, self.layout = Path(out), layout
         self.settings = dict(settings)
         self.rank, self.world = rank, world
         self.manifest = self.out / (f"manifest.rank{rank}.jsonl" if sharded else MANIFEST)
@@ -290,4 +396,4 @@ class VolumeWriter:
 
     def finalize(self) -> int:
         """Merge the shards, write ``dataset.json`` (rank 0, after every rank wrote); see :func:`finalize`."""
-        return finalize(self.out)
+        return finalize(self.out, layout=self.layout)

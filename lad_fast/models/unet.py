@@ -1,11 +1,11 @@
 """The conditional 3D U-Net denoiser over VQ-GAN latents (Lad phase 2).
 
-Conditioning follows Lad (LAD_REFERENCE.md phase 2): a content condition (the mask encoded by the frozen
-VQ-GAN encoder, then a trained :class:`~lad_fast.models.content.ContentHead`) and a structure condition
-(Betti numbers, log1p-normalised) are embedded, concatenated with the time embedding and turned into a
-FiLM scale/shift in every res block. Unlike the official code the content head is trained (unless
-``ConditionConfig.train_content`` is False: then it stays at its random initialisation, as the official
-projection is untrained) and the null condition of classifier-free guidance is a learned embedding.
+Conditioning follows Lad (docs/lad.md, "How the conditions reach the network"): a content condition (the
+mask encoded by the frozen VQ-GAN encoder, then a trained :class:`~lad_fast.models.content.ContentHead`) and
+a structure condition (Betti numbers, log1p-normalised) are embedded, concatenated with the time embedding
+and turned into a FiLM scale/shift in every res block. Unlike the official code the content head is trained
+(unless ``ConditionConfig.train_content`` is False: then it stays at its random initialisation, as the
+official projection is untrained) and the null condition of classifier-free guidance is a learned embedding.
 
 The condition embedding does not depend on x or t, so it is computed once per sample
 (:meth:`LatentUNet.embed_condition`) and the per-step network is ``forward(x, t, cond_emb)``: cheaper

@@ -10,7 +10,10 @@ An argument is one of:
 * a prepared case folder ``PREPARED/cases/<id>``.
 
 Organ names come from the data, never "label 1..11": a generated dataset's ``dataset.json`` labels, a
-prepared dataset's canonical organs, a ``labels.json`` (``{"vocabulary": ...}``) beside a mask folder.
+prepared dataset's canonical organs; for a raw label map, ``--vocabulary``, a ``labels.json``
+(``{"vocabulary": ...}``) beside it, or its layout (:func:`raw_mask_vocabulary`). Names also pick the
+outline colours, so one organ has one colour in a raw map, a prepared case and a generated volume.
+Every title names where the volume comes from: the dataset folder and, where known, the preset.
 """
 
 from __future__ import annotations
@@ -76,10 +79,17 @@ def _generated_names(root: Path) -> dict[int, str]:
     return names
 
 
-def _labels_json_names(mask: Path) -> dict[int, str] | None:
-    """Legend names when a ``labels.json`` beside the mask (or its folder) names its vocabulary."""
-    from lad_fast.data.labels import VOCABULARIES
+# How a raw label map's vocabulary is named in a title.
+VOCABULARY_TITLES = {
+    "totalseg": "TotalSegmentator ids",
+    "abdomenct1k": "AbdomenCT-1K ids",
+    "lad": "Lad ids",
+    "canonical": "canonical ids",
+}
 
+
+def _labels_json_vocabulary(mask: Path) -> str | None:
+    """The vocabulary a ``labels.json`` beside the mask (or its folder) names, else None."""
     for folder in (mask.parent, mask.parent.parent):
         meta = folder / "labels.json"
         if meta.is_file():
@@ -87,26 +97,75 @@ def _labels_json_names(mask: Path) -> dict[int, str] | None:
                 vocab = json.loads(meta.read_text(encoding="utf-8")).get("vocabulary")
             except (OSError, ValueError, AttributeError):
                 return None
-            if vocab == "totalseg":
-                return dict(TOTALSEG_NAMES)
-            return dict(VOCABULARIES.get(vocab, {})) or None
+            return vocab if vocab in VOCABULARY_TITLES else None
     return None
 
 
-def _read_volume(image: Path, mask: Path | None, names: dict[int, str] | None) -> PreviewItem:
+def raw_mask_vocabulary(mask: Path, ids: np.ndarray) -> str | None:
+    """The vocabulary of a raw label map, as ``prepare``'s layouts would read it: ``labels.json`` beside
+    it; TotalSegmentator for an organ folder, a ``seg.nii.gz`` or a file in ``segmentations/``;
+    AbdomenCT-1K for ``Case_XXXXX.nii.gz``; Lad for an official ``.npy`` crop; TotalSegmentator for any
+    map holding ids above the canonical ones (only its vocabulary has them). None when it cannot tell."""
+    import re
+
+    from lad_fast.data.io import is_npy
+    from lad_fast.organs import NUM_CLASSES
+
+    named = _labels_json_vocabulary(mask)
+    if named is not None:
+        return named
+    if mask.is_dir() or mask.name.startswith("seg.nii") or mask.parent.name == "segmentations":
+        return "totalseg"
+    if re.fullmatch(r"Case_\d+\.nii(\.gz)?", mask.name):
+        return "abdomenct1k"
+    if is_npy(mask):
+        return "lad"
+    if ids.size and int(ids.max()) >= NUM_CLASSES:
+        return "totalseg"
+    return None
+
+
+def vocabulary_names(vocabulary: str) -> dict[int, str]:
+    """{id: name} of a vocabulary for the legend (TotalSegmentator with its vertebral levels)."""
+    from lad_fast.data.labels import VOCABULARIES
+
+    if vocabulary == "totalseg":
+        return dict(TOTALSEG_NAMES)
+    if vocabulary not in VOCABULARIES:
+        raise ConfigError(f"unknown vocabulary {vocabulary!r}; choose one of {', '.join(VOCABULARIES)}")
+    return dict(VOCABULARIES[vocabulary])
+
+
+def _source_title(path: Path) -> str:
+    """``<dataset folder>/<file>``: where a raw volume sits (``<dataset>/images/<file>`` in a layout that
+    keeps images in a subfolder), and its name."""
+    parent = path.resolve().parent
+    if parent.name in ("images", "imagesTr", "imagesTs") and parent.parent.name:
+        return f"{parent.parent.name}/{parent.name}/{path.name}"
+    return f"{parent.name}/{path.name}" if parent.name else path.name
+
+
+def _read_volume(
+    image: Path, mask: Path | None, names: dict[int, str] | None, vocabulary: str | None = None
+) -> PreviewItem:
+    """A raw image (and label map). ``names`` None: from ``vocabulary`` or :func:`raw_mask_vocabulary`."""
     from lad_fast.data.geometry import canonical_dhw
     from lad_fast.data.io import read_image, read_labels
 
     hu, affine = canonical_dhw(read_image(image))
     spacing = tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
     lab = None
+    title = _source_title(image)
     if mask is not None:
         lab, _ = canonical_dhw(read_labels(mask))
         if lab.shape != hu.shape:
             raise InputError(f"{mask}: mask shape {lab.shape} differs from image {image} shape {hu.shape}")
         if names is None:
-            names = _labels_json_names(mask)
-    return PreviewItem(image.name, np.asarray(hu, np.float32), lab, spacing, names)  # type: ignore[arg-type]
+            vocab = vocabulary or raw_mask_vocabulary(mask, lab)
+            names = None if vocab is None else vocabulary_names(vocab)
+            ids = "label ids unknown: pass --vocabulary" if vocab is None else VOCABULARY_TITLES[vocab]
+            title = f"{title} + {mask.name} ({ids})"
+    return PreviewItem(title, np.asarray(hu, np.float32), lab, spacing, names)  # type: ignore[arg-type]
 
 
 def _generated_items(root: Path, n: int) -> list[PreviewItem]:
@@ -120,10 +179,28 @@ def _generated_items(root: Path, n: int) -> list[PreviewItem]:
     for i in sorted(records)[:n]:
         image, mask = volume_paths(root, records[i]["id"])
         item = _read_volume(image, mask if mask.is_file() else None, names)
-        rec = records[i]
-        title = f"{rec['id']}: {rec.get('sampler')} {rec.get('steps')} steps, guidance {rec.get('guidance')}"
-        items.append(PreviewItem(title, item.hu, item.mask, item.spacing, names))
+        items.append(PreviewItem(_generated_title(root, records[i]), item.hu, item.mask, item.spacing, names))
     return items
+
+
+def _preset_of(prepared: str | None) -> str | None:
+    """The preset recorded in the ``index.json`` of the prepared dataset at ``prepared``, else None."""
+    from lad_fast.data.prepared import INDEX
+
+    try:
+        preset = json.loads((Path(str(prepared)) / INDEX).read_text(encoding="utf-8")).get("preset")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return preset if isinstance(preset, str) else None
+
+
+def _generated_title(root: Path, rec: dict) -> str:
+    """``<dataset>/<id>: <sampler> <steps> steps, guidance <g>[, preset <p>]``; the preset is the one of
+    the prepared dataset the volume's masks came from (the manifest's ``source_dataset``)."""
+    title = f"{root.resolve().name}/{rec['id']}: {rec.get('sampler')} {rec.get('steps')} steps, "
+    title += f"guidance {rec.get('guidance')}"
+    preset = _preset_of(rec.get("source_dataset"))
+    return title + (f", preset {preset}" if preset else "")
 
 
 def _prepared_items(root: Path, cases: Sequence[str], n: int) -> list[PreviewItem]:
@@ -139,15 +216,21 @@ def _prepared_items(root: Path, cases: Sequence[str], n: int) -> list[PreviewIte
         case = ds[ds.case_ids.index(case_id)]
         hu = unit_to_hu(np.asarray(case["image"], np.float32), ds.geometry.hu_window)
         mask = None if case["mask"] is None else np.asarray(case["mask"])
-        title = f"{case_id} (prepared, {'no mask' if mask is None else 'canonical organs'})"
+        what = "no mask" if mask is None else "canonical organs"
+        title = f"{root.resolve().name}/{case_id}: prepared, preset {ds.preset} ({what})"
         items.append(PreviewItem(title, hu, mask, spacing, dict(CANONICAL_NAMES)))  # type: ignore[arg-type]
     return items
 
 
 def preview_items(
-    sources: Sequence[Path], mask: Path | None = None, cases: Sequence[str] = (), n: int | None = None
+    sources: Sequence[Path],
+    mask: Path | None = None,
+    cases: Sequence[str] = (),
+    n: int | None = None,
+    vocabulary: str | None = None,
 ) -> list[PreviewItem]:
-    """The volumes to show for the arguments of ``lad-fast preview`` (see the module docstring)."""
+    """The volumes to show for the arguments of ``lad-fast preview`` (see the module docstring).
+    ``vocabulary`` names the ids of ``mask`` (default: :func:`raw_mask_vocabulary`)."""
     from lad_fast.data.prepared import CASES, INDEX
 
     if not sources:
@@ -157,6 +240,8 @@ def preview_items(
     count = n or DEFAULT_N
     if mask is not None and len(sources) != 1:
         raise ConfigError(f"--mask outlines one image; got {len(sources)} sources (give one image with it)")
+    if vocabulary is not None and mask is None:
+        raise ConfigError("--vocabulary names the label ids of --mask; give the label map with --mask")
     items: list[PreviewItem] = []
     for src in sources:
         if not src.exists():
@@ -179,7 +264,7 @@ def preview_items(
                 paired = root / "masks" / src.name  # a generated image: outline its own mask
                 items.append(_read_volume(src, paired if paired.is_file() else None, _generated_names(root)))
             else:
-                items.append(_read_volume(src, mask, None))
+                items.append(_read_volume(src, mask, None, vocabulary))
     return items
 
 

@@ -247,6 +247,7 @@ def write_preview(
     cases: list[str] | tuple[str, ...] = (),
     n: int | None = None,
     columns: int = 2,
+    vocabulary: str | None = None,
 ) -> Path:
     """Render volumes side by side into one PNG; returns its path.
 
@@ -254,7 +255,8 @@ def write_preview(
     (its first ``n`` volumes with their masks), a prepared dataset (``cases`` by id, else its first ``n``)
     or a prepared case folder ``PREPARED/cases/<id>`` (see :func:`lad_fast.preview.inputs.preview_items`).
     Legend names come from the dataset (``dataset.json`` labels, the canonical organs of a prepared
-    dataset, a ``labels.json`` beside a mask folder) unless ``names`` is given; colours follow the organ.
+    dataset; for ``mask``, ``vocabulary`` or what :func:`lad_fast.preview.inputs.raw_mask_vocabulary`
+    reads from it) unless ``names`` is given; colours follow the organ.
     out: the PNG (default: in the current folder, ``<source name>.png`` or ``preview.png`` for several);
     never inside a generated dataset's ``images/`` or ``masks/``.
     """
@@ -264,7 +266,7 @@ def write_preview(
     from lad_fast.utils.atomic import write_bytes
 
     src = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(x) for x in sources]
-    items = preview_items(src, mask=mask, cases=cases, n=n)
+    items = preview_items(src, mask=mask, cases=cases, n=n, vocabulary=vocabulary)
     out = Path(out) if out is not None else default_output(src, items)
     check_output(out)
     tiles = [render_slices(i.hu, i.mask, i.spacing, title=i.title, names=names or i.names) for i in items]

@@ -1,9 +1,8 @@
 """Loading a trained run: its three models, checkpoint hashes, latent encoding and normalisation.
 
 This layer sits below both training (``lad_fast.train``) and everything that uses trained weights
-(``lad_fast.generate.generate``, ``lad_fast.export``, ``lad_fast.evaluate``, ``bench/``), so none of those
-needs
-the trainers; it imports nothing from ``lad_fast.train`` (tests/test_imports.py checks it).
+(``lad_fast.generate``, ``lad_fast.export``, ``lad_fast.evaluate``, ``bench/``), so none of those needs the
+trainers; it imports nothing from ``lad_fast.train`` (tests/test_imports.py checks it).
 
 * :func:`load_vqgan`, :func:`load_diffusion`, :func:`load_segmenter` share one loader shape
   (:func:`_load`): open the run, load the latest verified checkpoint of the model, build the module from
@@ -12,7 +11,10 @@ the trainers; it imports nothing from ``lad_fast.train`` (tests/test_imports.py 
   ``{**meta.json, **meta.json["extra"]}`` (the training entries ``latent_scale``, ``vqgan_run``,
   ``organs`` ... lifted to the top level; ``extra`` itself stays) plus ``checkpoint`` (the step folder)
   and ``checkpoint_hash`` (:func:`checkpoint_hash`). A model may add entries of its own, documented on
-  its loader.
+  its loader. Each takes a run folder or a :class:`~lad_fast.runs.rundir.RunDir` already opened, so a
+  caller that loads several models of one run opens it, and parses its config, once.
+* :func:`load_sampling_models`: the diffusion model of a run and the frozen VQ-GAN it was trained on, in
+  one pass (what generation and export load).
 * :func:`encode_case` turns one case into the latents and conditions the diffusion model sees;
   :func:`latent_norm` / :func:`normalize_latents` / :func:`denormalize_latents` / :func:`clip_bounds`
   are the per-channel latent normalisation stored in the diffusion checkpoint and its inverse.
@@ -24,6 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lad_fast.config import LadConfig, config_from_dict, config_to_dict, with_defaults
+from lad_fast.config import LadConfig, config_from_dict, config_to_dict
 from lad_fast.errors import CheckpointError, ConfigError, InputError
 from lad_fast.models.segmenter import Segmenter
 from lad_fast.models.unet import LatentUNet, build_unet
@@ -71,18 +74,26 @@ def checkpoint_hash(model_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ loaders
 
-# build(model_config, meta, rundir) -> module with freshly initialised weights
-Build = Callable[[Mapping[str, Any], Mapping[str, Any], RunDir], nn.Module]
+# A run folder, or one already opened (its config parsed once for every loader that reads it).
+RunLike = str | os.PathLike[str] | RunDir
+# build(model_config, meta, rundir) -> module with freshly initialised weights; it may add its own
+# entries to meta (what it parsed from model_config, say), which the loader returns
+Build = Callable[[Mapping[str, Any], dict[str, Any], RunDir], nn.Module]
+
+
+def open_run(run: RunLike) -> RunDir:
+    """``run`` itself when it is an opened :class:`RunDir`, else :meth:`RunDir.open` of the folder."""
+    return run if isinstance(run, RunDir) else RunDir.open(run)
 
 
 def _load(
-    run: Path, model: str, what: str, build: Build, device: str | torch.device
+    run: RunLike, model: str, what: str, build: Build, device: str | torch.device
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The one loader shape of the three models (see the module docstring)."""
     from lad_fast.utils.devices import resolve_device
 
-    run = Path(run)
-    rundir = RunDir.open(run)
+    rundir = open_run(run)
+    run = rundir.path
     model_dir = rundir.model_dir(model)
     ckpt = load_checkpoint(model_dir, model)  # verifies sizes and hashes
     if ckpt is None:
@@ -101,20 +112,19 @@ def _load(
     return module.to(resolve_device(device)).eval().requires_grad_(False), meta
 
 
-def _build_vqgan(mc: Mapping[str, Any], meta: Mapping[str, Any], rundir: RunDir) -> nn.Module:
-    # with_defaults: a checkpoint of an older lad-fast lacks the fields added since (their defaults)
-    diff = config_diff(
-        with_defaults(mc, "vqgan"), with_defaults(config_to_dict(rundir.config().vqgan), "vqgan")
-    )
+def _build_vqgan(mc: Mapping[str, Any], meta: dict[str, Any], rundir: RunDir) -> nn.Module:
+    # parsed, a checkpoint of an older lad-fast takes the defaults of the fields added since
+    trained = config_from_dict({"vqgan": dict(mc)}).vqgan
+    diff = config_diff(config_to_dict(trained), config_to_dict(rundir.config().vqgan))
     if diff:
         raise CheckpointError(
             f"the VQ-GAN checkpoint {meta['checkpoint']} was trained with another model config than "
             f"{rundir.config_path} ({'; '.join(diff)}); the run folder is inconsistent: retrain with --force"
         )
-    return VQGAN(config_from_dict({"vqgan": dict(mc)}).vqgan)
+    return VQGAN(trained)
 
 
-def load_vqgan(run: Path, device: str | torch.device = "cpu") -> tuple[VQGAN, dict[str, Any]]:
+def load_vqgan(run: RunLike, device: str | torch.device = "cpu") -> tuple[VQGAN, dict[str, Any]]:
     """The trained VQ-GAN of ``run`` and its meta (``latent_scale`` (min, max), ``heldout`` ...).
 
     CheckpointError when the run has no complete VQ-GAN checkpoint, when the checkpoint is damaged, or
@@ -123,12 +133,13 @@ def load_vqgan(run: Path, device: str | torch.device = "cpu") -> tuple[VQGAN, di
     return _load(run, "vqgan", "VQ-GAN", _build_vqgan, device)  # type: ignore[return-value]
 
 
-def _build_diffusion(mc: Mapping[str, Any], meta: Mapping[str, Any], rundir: RunDir) -> nn.Module:
+def _build_diffusion(mc: Mapping[str, Any], meta: dict[str, Any], rundir: RunDir) -> nn.Module:
     part = config_from_dict({"unet": mc["unet"], "condition": mc["condition"], "diffusion": mc["diffusion"]})
+    meta["diffusion_config"] = part.diffusion  # the schedule and prediction type sampling must use
     return build_unet(part.unet, part.condition, int(mc["latent_channels"]), int(mc["structure_dim"]))
 
 
-def load_diffusion(run: Path, device: str | torch.device = "cpu") -> tuple[LatentUNet, dict[str, Any]]:
+def load_diffusion(run: RunLike, device: str | torch.device = "cpu") -> tuple[LatentUNet, dict[str, Any]]:
     """The trained denoiser of ``run`` and its meta (``vqgan_run``, ``vqgan_hash``, ``latent_scale``,
     ``latent_shape``, ``latent_norm``, ``structure_dim``, ``data`` ...).
 
@@ -136,12 +147,10 @@ def load_diffusion(run: Path, device: str | torch.device = "cpu") -> tuple[Laten
     trained with (schedule and prediction type), which sampling must use.
     """
     net, meta = _load(run, "diffusion", "diffusion model", _build_diffusion, device)
-    # _build_diffusion has parsed this section already: it cannot fail here.
-    meta["diffusion_config"] = config_from_dict({"diffusion": meta["model_config"]["diffusion"]}).diffusion
     return net, meta  # type: ignore[return-value]
 
 
-def _build_segmenter(mc: Mapping[str, Any], meta: Mapping[str, Any], rundir: RunDir) -> nn.Module:
+def _build_segmenter(mc: Mapping[str, Any], meta: dict[str, Any], rundir: RunDir) -> nn.Module:
     organs = meta.get("organs")
     # Output channels are organ ids: a net trained for another vocabulary would mean other organs.
     if organs != list(CANONICAL_ORGANS):
@@ -152,15 +161,16 @@ def _build_segmenter(mc: Mapping[str, Any], meta: Mapping[str, Any], rundir: Run
     return Segmenter(config_from_dict({"segmenter": mc["segmenter"]}).segmenter, len(organs))
 
 
-def load_segmenter(run: Path, device: str | torch.device = "cpu") -> tuple[Segmenter, dict[str, Any]]:
+def load_segmenter(run: RunLike, device: str | torch.device = "cpu") -> tuple[Segmenter, dict[str, Any]]:
     """The trained organ segmenter of ``run`` and its meta (``organs``, ``held_out_cases`` ...).
 
     Its own meta entry: ``config``, the run's resolved config (dict), for the preset and geometry the
     segmenter expects. CheckpointError also when it was trained for another organ vocabulary than this
     lad-fast's :data:`~lad_fast.organs.CANONICAL_ORGANS`.
     """
-    net, meta = _load(run, "segmenter", "segmenter", _build_segmenter, device)
-    meta["config"] = RunDir.open(run).config_dict()
+    rundir = open_run(run)
+    net, meta = _load(rundir, "segmenter", "segmenter", _build_segmenter, device)
+    meta["config"] = rundir.config_dict()
     return net, meta  # type: ignore[return-value]
 
 
@@ -193,10 +203,10 @@ def vqgan_reference(run: Path, vqgan_run: Path) -> str:
 
 def vqgan_run_of(run: Path, meta: Mapping[str, Any]) -> Path:
     """The run holding the VQ-GAN the diffusion model of ``run`` (``meta``: its checkpoint's) was trained
-    on: ``meta["vqgan_run"]`` relative to ``run``, or absolute as lad-fast recorded it before. An absolute
-    path that no longer exists falls back to ``run`` itself when its VQ-GAN has the recorded hash (a run
-    moved or copied after training on its own VQ-GAN). CheckpointError naming options that exist when the
-    VQ-GAN run is gone."""
+    on: ``meta["vqgan_run"]`` relative to ``run``, or an absolute path (how early runs recorded it). An
+    absolute path that does not exist falls back to ``run`` itself when its VQ-GAN has the recorded hash
+    (a run moved or copied after training on its own VQ-GAN). CheckpointError naming options that exist
+    when the VQ-GAN run is gone."""
     run = Path(run)
     ref = meta.get("vqgan_run")
     if not ref:
@@ -214,9 +224,11 @@ def vqgan_run_of(run: Path, meta: Mapping[str, Any]) -> Path:
     )
 
 
-def check_vqgan_run(vqgan_run: Path, cfg: LadConfig) -> None:
-    """Raise CheckpointError unless ``vqgan_run`` holds a complete VQ-GAN trained at ``cfg``'s geometry."""
-    vqgan_run = Path(vqgan_run)
+def check_vqgan_run(vqgan_run: RunLike, cfg: LadConfig) -> RunDir:
+    """Raise CheckpointError unless ``vqgan_run`` holds a complete VQ-GAN trained at ``cfg``'s geometry;
+    returns that run, opened."""
+    opened = vqgan_run if isinstance(vqgan_run, RunDir) else None
+    vqgan_run = opened.path if opened is not None else Path(vqgan_run)
     if not (vqgan_run / "config.json").is_file():
         raise CheckpointError(
             f"{vqgan_run} is not a lad-fast run (no config.json); train a VQ-GAN first with "
@@ -229,7 +241,8 @@ def check_vqgan_run(vqgan_run: Path, cfg: LadConfig) -> None:
             f"train one with `lad-fast train vqgan --run {vqgan_run}`, or point "
             "`lad-fast train diffusion --vqgan RUN` at another"
         )
-    theirs = RunDir.open(vqgan_run).config_dict()
+    rundir = opened if opened is not None else RunDir.open(vqgan_run)
+    theirs = rundir.config_dict()
     ours = config_to_dict(cfg)
     diff = config_diff(
         {k: theirs.get(k) for k in VQGAN_SECTIONS},
@@ -240,19 +253,58 @@ def check_vqgan_run(vqgan_run: Path, cfg: LadConfig) -> None:
             f"the VQ-GAN of run {vqgan_run} was trained with another preset or geometry "
             f"({'; '.join(diff[:4])}); use a VQ-GAN run of the same preset, or train one"
         )
+    return rundir
 
 
-def load_frozen_vqgan(vqgan_run: Path, cfg: LadConfig, device: torch.device) -> tuple[VQGAN, dict[str, Any]]:
+def load_frozen_vqgan(
+    vqgan_run: RunLike, cfg: LadConfig, device: str | torch.device
+) -> tuple[VQGAN, dict[str, Any]]:
     """(VQGAN in eval mode without gradients, its meta) after :func:`check_vqgan_run`."""
-    check_vqgan_run(vqgan_run, cfg)
-    return load_vqgan(vqgan_run, device=device)
+    return load_vqgan(check_vqgan_run(vqgan_run, cfg), device=device)
+
+
+@dataclass(frozen=True)
+class SamplingModels:
+    """A run's diffusion model and the frozen VQ-GAN it was trained on (:func:`load_sampling_models`).
+
+    rundir, cfg: the run, opened once, and its config; net, meta: the denoiser and its checkpoint's meta
+    (:func:`load_diffusion`); vq, vq_meta: the VQ-GAN and its checkpoint's meta; vqgan_run: the run that
+    holds that VQ-GAN (``rundir.path`` itself, usually).
+    """
+
+    rundir: RunDir
+    cfg: LadConfig
+    net: LatentUNet
+    meta: dict[str, Any]
+    vq: VQGAN
+    vq_meta: dict[str, Any]
+    vqgan_run: Path
+
+    @property
+    def vqgan_hash(self) -> str:
+        """The hash of the VQ-GAN checkpoint loaded (:func:`checkpoint_hash`)."""
+        return self.vq_meta["checkpoint_hash"]
+
+
+def load_sampling_models(run: RunLike, device: str | torch.device) -> SamplingModels:
+    """The diffusion model of ``run`` and the VQ-GAN it was trained on, checked against the run's preset
+    and geometry (:func:`check_vqgan_run`). One pass: the run is opened and its config parsed once (the
+    VQ-GAN's run is opened again only when it is another folder), each checkpoint read and hashed once."""
+    rundir = open_run(run)
+    cfg = rundir.config()
+    net, meta = load_diffusion(rundir, device)
+    vqgan_run = vqgan_run_of(rundir.path, meta)
+    same = vqgan_run.resolve() == rundir.path.resolve()
+    vq, vq_meta = load_frozen_vqgan(rundir if same else vqgan_run, cfg, device)
+    return SamplingModels(rundir, cfg, net, meta, vq, vq_meta, vqgan_run)
 
 
 # ------------------------------------------------------------------------------------------ latents
 
 
 def mask_as_image(mask: torch.Tensor, num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """Render a label map as a one-channel image for the VQ-GAN encoder (Lad's content condition).
+    """Render a label map as a one-channel image for the VQ-GAN encoder (Lad's content condition,
+    ``docs/lad.md``).
 
     mask (B, D, H, W) integer canonical ids -> (B, 1, D, H, W) float32, id k at ``2 k / (K - 1) - 1``:
     background at -1 (air, as in the CT images), the last canonical id at +1, ids evenly spaced so the
@@ -329,7 +381,7 @@ def normalize_latents(latents: torch.Tensor, norm: Mapping[str, Sequence[float]]
 
 
 def denormalize_latents(x: torch.Tensor, norm: Mapping[str, Sequence[float]] | None) -> torch.Tensor:
-    """Inverse of :func:`normalize_latents` (the identity for runs trained before latent_norm)."""
+    """Inverse of :func:`normalize_latents` (the identity when the checkpoint has no ``latent_norm``)."""
     if norm is None:
         return x
     mean, std = _norm_tensors(norm, x)

@@ -66,6 +66,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._config: LadConfig | None = None  # parsed on the first config() call
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -105,6 +106,7 @@ class RunDir:
                 )
             if old != new:
                 write_json(run.config_path, new)
+                run._config = None  # config() reads the config just written
             return run
         run.path.mkdir(parents=True, exist_ok=True)
         write_json(run.config_path, config_to_dict(cfg))
@@ -161,11 +163,17 @@ class RunDir:
         return config_to_dict(self.config())
 
     def config(self) -> LadConfig:
-        """The resolved config this run was (last) trained with."""
-        try:
-            return config_from_dict(self._raw_config())
-        except (ConfigError, TypeError) as err:
-            raise CheckpointError(f"{self.config_path} does not hold a lad-fast config: {err}") from err
+        """The resolved config this run was (last) trained with.
+
+        Read and parsed on the first call only, so every reader of one opened run (the loaders of its
+        models, generation, evaluation) shares one config; open the run again to see a rewritten one.
+        """
+        if self._config is None:
+            try:
+                self._config = config_from_dict(self._raw_config())
+            except (ConfigError, TypeError) as err:
+                raise CheckpointError(f"{self.config_path} does not hold a lad-fast config: {err}") from err
+        return self._config
 
     # -- model folders and the log ----------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """Self-supervised pretraining of the segmenter's U-Net on real + synthetic volumes, and few-label
-fine-tuning: the downstream benchmark Lad's synthetic data is for (issue 13).
+fine-tuning: the downstream task Lad's synthetic data is for.
 
 * :mod:`lad_fast.ssl.objectives`: rotation prediction and masked-volume inpainting (pure functions);
 * :mod:`lad_fast.ssl.network`: the pretraining network (the segmenter's U-Net plus a rotation head) and

@@ -1,6 +1,6 @@
 """VQ-GAN losses (Lad phase 1): L1, the locality loss, hinge GAN terms, feature matching, perceptual.
 
-Lad weights (LAD_REFERENCE.md phase 1): L1 x4, perceptual on a random axial slice x4, 2D slice and 3D
+Lad weights (``docs/lad.md``, phase 1): L1 x4, perceptual on a random axial slice x4, 2D slice and 3D
 volume PatchGAN (hinge) x0.25 each, feature matching x4, GAN terms from ``gan_start_step`` on, locality
 loss weight 1.0 on the bounding box of pancreas + pancreatic lesion.
 

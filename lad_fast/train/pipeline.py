@@ -17,12 +17,7 @@ from pathlib import Path
 
 from lad_fast.config import LadConfig
 from lad_fast.errors import InputError
-
-
-def _say(msg: str) -> None:
-    from lad_fast.utils.progress import say
-
-    say(msg)
+from lad_fast.utils.progress import say
 
 
 def train_pipeline(
@@ -36,44 +31,39 @@ def train_pipeline(
     holdout: float | None = None,
 ) -> Path:
     """Train every model of a Lad run; returns the run folder. ``steps`` overrides every stage's budget;
-    ``holdout``: the VQ-GAN's held-out fraction (:func:`lad_fast.train.vqgan.train_vqgan`)."""
-    from lad_fast.data.prepared import PreparedDataset
-    from lad_fast.train.data import how_to_add_masks
+    ``holdout``: the VQ-GAN's held-out fraction (:func:`lad_fast.train.vqgan.train_vqgan`).
+
+    The dataset is opened once (:func:`lad_fast.train.data.training_dataset`) and handed to every stage,
+    so masks predicted for its unlabelled cases are what the diffusion stage reads."""
+    from lad_fast.train.data import how_to_add_masks, training_dataset
     from lad_fast.train.diffusion import train_diffusion
     from lad_fast.train.vqgan import check_holdout, train_vqgan
 
     check_holdout(holdout)
     t0 = time.perf_counter()
-    if data is None:
-        from lad_fast.data.cache import phantom_dataset
-
-        _say(f"data: built-in phantoms at preset {cfg.preset!r} (generated locally, cached)")
-        data = phantom_dataset(cfg.preset)
-    dataset = PreparedDataset(data, expect_preset=cfg.preset)
+    dataset = training_dataset(data, cfg)
     if len(dataset) == 0:
-        raise InputError(f"{data}: the prepared dataset has no cases")
+        raise InputError(f"{dataset.path}: the prepared dataset has no cases")
     labelled = set(dataset.labelled_indices())
     unlabelled = [cid for i, cid in enumerate(dataset.case_ids) if i not in labelled]
     if len(unlabelled) == len(dataset):  # refused before phase 1, so nothing is trained in vain
         raise InputError(
-            f"{data}: no case has a mask, so the organ segmenter has nothing to learn from (checked "
-            "before the VQ-GAN phase, nothing trained); " + how_to_add_masks(data)
+            f"{dataset.path}: no case has a mask, so the organ segmenter has nothing to learn from (checked "
+            "before the VQ-GAN phase, nothing trained); " + how_to_add_masks(dataset.path)
         )
-    common = dict(data=data, steps=steps, resume=resume, force=force, device=device)
+    common = dict(data=dataset, steps=steps, resume=resume, force=force, device=device)
 
-    _say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
+    say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
     train_vqgan(run, cfg, holdout=holdout, **common)
 
     if unlabelled:
         from lad_fast.train.segmenter import predict_masks, train_segmenter
 
-        _say(f"masks: {len(unlabelled)} case(s) without a mask; training the organ segmenter")
+        say(f"masks: {len(unlabelled)} case(s) without a mask; training the organ segmenter")
         train_segmenter(run, cfg, **common)
-        predict_masks(run, data, device=device)
+        predict_masks(run, dataset, device=device)
 
-    _say(f"phase 2: conditional latent diffusion -> {run / 'diffusion'}")
-    train_diffusion(
-        run, cfg, data=data, vqgan_run=run, steps=steps, resume=resume, force=force, device=device
-    )
-    _say(f"done in {time.perf_counter() - t0:.0f} s; generate with `lad-fast generate --run {run}`")
+    say(f"phase 2: conditional latent diffusion -> {run / 'diffusion'}")
+    train_diffusion(run, cfg, vqgan_run=run, **common)
+    say(f"done in {time.perf_counter() - t0:.0f} s; generate with `lad-fast generate --run {run}`")
     return run

@@ -18,34 +18,34 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lad_fast.config import LadConfig, config_to_dict
+from lad_fast.config import LadConfig, TrainConfig, config_to_dict
 from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
-from lad_fast.models.segmenter import Segmenter, dice_loss
+from lad_fast.models.segmenter import Segmenter
 from lad_fast.ssl.settings import FINETUNE, PRETRAIN, SSLConfig, train_config
+from lad_fast.train.data import PreparedBatches, training_dataset
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
 from lad_fast.train.schedule import make_adamw, make_scheduler
+from lad_fast.train.segmenter import (
+    SegmentationLoss,
+    SegmenterBatches,
+    evaluate_segmenter,
+    labelled_split,
+)
 
 DICE_JSON = "dice.json"
 
 
-def _dataset(data: Path | None, cfg: LadConfig) -> tuple[Path, PreparedDataset]:
-    from lad_fast.data.cache import phantom_dataset
-
-    path = Path(data) if data is not None else phantom_dataset(cfg.preset)
-    return path, PreparedDataset(path, expect_preset=cfg.preset)
-
-
 def held_out_cases(dataset: PreparedDataset) -> list[int]:
     """The labelled cases fine-tuning scores on (none when no case has a mask)."""
-    from lad_fast.train.segmenter import labelled_split
-
     return labelled_split(dataset)[1] if dataset.labelled_indices() else []
 
 
@@ -56,10 +56,74 @@ def _json(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------- pretrain
 
 
+@dataclass(frozen=True)
+class _PretrainLoss:
+    """The pretraining phase loss, ``loss(modules, batch, step)``: inpainting L1 on the masked voxels plus
+    ``rotation_weight`` times the rotation cross-entropy (:mod:`lad_fast.ssl.objectives`)."""
+
+    device: torch.device
+    rotation_weight: float
+
+    def __call__(self, mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
+        from lad_fast.ssl.objectives import inpainting_loss, rotation_loss
+
+        rec, logits = mods["model"](batch["input"].to(self.device))
+        l_rec = inpainting_loss(rec, batch["target"].to(self.device), batch["mask"])
+        l_rot = rotation_loss(logits, batch["rotation"])
+        acc = (logits.argmax(1).cpu() == batch["rotation"]).float().mean()
+        logs = {"inpainting": l_rec.detach(), "rotation": l_rot.detach(), "rotation_acc": acc,
+                "synthetic_fraction": batch["synthetic"].float().mean()}  # fmt: skip
+        return l_rec + self.rotation_weight * l_rot, logs
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """What pretraining reads: the real cases (``real``: dataset indices, ``held``: the fine-tuning
+    held-out cases left out) and the generated volumes (``synthetic``, from ``folders``), and the hash of
+    them all (``digest``, the run's ``data_hash``)."""
+
+    dataset: PreparedDataset
+    real: list[int]
+    held: set[int]
+    synthetic: Any  # lad_fast.ssl.data.GeneratedVolumes | None
+    folders: list[str]
+    digest: str
+
+
+def _pretrain_job(setup: Setup, cfg: LadConfig, tcfg: TrainConfig, ssl: SSLConfig, pool: _Pool) -> Job:
+    """What the loop trains: :class:`lad_fast.ssl.network.SSLNet` (initial weights from the seed) with
+    AdamW and its schedule, on mixed real and generated batches."""
+    from lad_fast.ssl.data import SSLBatches
+    from lad_fast.ssl.network import SSLNet
+
+    with setup.initial_weights():
+        net = SSLNet(cfg.segmenter).to(setup.device)
+    opt = make_adamw(net, tcfg)
+    loss = _PretrainLoss(setup.device, ssl.rotation_weight)
+    synthetic = pool.synthetic
+    meta = {
+        "preset": cfg.preset,
+        "data_hash": pool.digest,
+        "data": str(pool.dataset.path.resolve()),
+        "real_cases": len(pool.real),
+        "held_out_cases": [pool.dataset.case_ids[i] for i in sorted(pool.held)],
+        "synthetic": pool.folders,
+        "synthetic_volumes": len(synthetic) if synthetic is not None else 0,
+        "synthetic_ratio": ssl.synthetic_ratio if synthetic is not None else 0.0,
+    }
+    return Job(
+        {"model": net},
+        [Phase("model", opt, loss, scheduler=make_scheduler(opt, tcfg))],
+        SSLBatches(pool.dataset, pool.real, synthetic, tcfg.batch_size, tcfg.seed, ssl),
+        model_config={"segmenter": _json(cfg.segmenter), "ssl": _json(ssl)},
+        meta=meta,
+    )
+
+
 def pretrain(
     run: Path,
     cfg: LadConfig,
-    data: Path | None = None,
+    data: PreparedDataset | Path | None = None,
     synthetic: Sequence[Path] = (),
     ssl: SSLConfig | None = None,
     steps: int | None = None,
@@ -71,62 +135,29 @@ def pretrain(
 ) -> TrainResult:
     """Pretrain the segmenter's U-Net of ``cfg`` into ``run/ssl/``.
 
-    data: a prepared dataset at ``cfg.preset`` (default: the built-in phantoms); its images are the real
-        pool (masks unused), less the labelled cases that fine-tuning holds out. synthetic: folders
-        written by ``lad-fast generate`` on the same preset grid (InputError otherwise), mixed in at
-        ``ssl.synthetic_ratio``. steps / seed override the preset's budget (:data:`PRETRAIN`).
+    data: a prepared dataset at ``cfg.preset``, open or a folder (default: the built-in phantoms;
+        :func:`lad_fast.train.data.training_dataset`); its images are the real pool (masks unused), less
+        the labelled cases that fine-tuning holds out. synthetic: folders written by ``lad-fast generate``
+        on the same preset grid (InputError otherwise), mixed in at ``ssl.synthetic_ratio``. steps / seed
+        override the preset's budget (:data:`PRETRAIN`).
     """
-    from lad_fast.ssl.data import GeneratedVolumes, SSLBatches
-    from lad_fast.ssl.network import SSLNet
-    from lad_fast.ssl.objectives import inpainting_loss, rotation_loss
+    from lad_fast.ssl.data import GeneratedVolumes
 
     ssl = ssl or SSLConfig()
     tcfg = train_config(PRETRAIN, cfg.preset, steps, seed)
-    data, dataset = _dataset(data, cfg)
+    dataset = training_dataset(data, cfg)
     held = set(held_out_cases(dataset))
     real = [i for i in range(len(dataset)) if i not in held]
-    pool = GeneratedVolumes([Path(s) for s in synthetic], dataset.geometry) if synthetic else None
+    generated = GeneratedVolumes([Path(s) for s in synthetic], dataset.geometry) if synthetic else None
     folders = [str(Path(s).resolve()) for s in synthetic]
     digest = hashlib.sha256(
-        json.dumps([dataset.content_hash(masks=False), folders, len(pool or [])]).encode()
-    )
-
-    def build(setup: Setup) -> Job:
-        dev = setup.device
-        with setup.initial_weights():
-            net = SSLNet(cfg.segmenter).to(dev)
-        opt = make_adamw(net, tcfg)
-
-        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
-            rec, logits = mods["model"](batch["input"].to(dev))
-            l_rec = inpainting_loss(rec, batch["target"].to(dev), batch["mask"])
-            l_rot = rotation_loss(logits, batch["rotation"])
-            acc = (logits.argmax(1).cpu() == batch["rotation"]).float().mean()
-            logs = {"inpainting": l_rec.detach(), "rotation": l_rot.detach(), "rotation_acc": acc,
-                    "synthetic_fraction": batch["synthetic"].float().mean()}  # fmt: skip
-            return l_rec + ssl.rotation_weight * l_rot, logs
-
-        meta = {
-            "preset": cfg.preset,
-            "data_hash": digest.hexdigest(),
-            "data": str(data.resolve()),
-            "real_cases": len(real),
-            "held_out_cases": [dataset.case_ids[i] for i in sorted(held)],
-            "synthetic": folders,
-            "synthetic_volumes": len(pool) if pool is not None else 0,
-            "synthetic_ratio": ssl.synthetic_ratio if pool is not None else 0.0,
-        }
-        return Job(
-            {"model": net},
-            [Phase("model", opt, loss, scheduler=make_scheduler(opt, tcfg))],
-            SSLBatches(dataset, real, pool, tcfg.batch_size, tcfg.seed, ssl),
-            model_config={"segmenter": _json(cfg.segmenter), "ssl": _json(ssl)},
-            meta=meta,
-        )
-
+        json.dumps([dataset.content_hash(masks=False), folders, len(generated or [])]).encode()
+    ).hexdigest()
+    pool = _Pool(dataset, real, held, generated, folders, digest)
+    build = partial(_pretrain_job, cfg=cfg, tcfg=tcfg, ssl=ssl, pool=pool)
     return train(
         run, cfg, "ssl", tcfg, build, resume=resume, force=force, device=device, stop_at=stop_at,
-        data_hash=digest.hexdigest(),
+        data_hash=digest,
     )  # fmt: skip
 
 
@@ -135,8 +166,6 @@ def pretrain(
 
 def finetune_cases(dataset: PreparedDataset, labelled: int) -> tuple[list[int], list[int]]:
     """(the K = ``labelled`` training cases, the held-out cases); InputError when K does not fit."""
-    from lad_fast.train.segmenter import labelled_split
-
     train_idx, val_idx = labelled_split(dataset)
     if labelled < 1 or labelled > len(train_idx) or set(train_idx) & set(val_idx):
         raise InputError(
@@ -160,11 +189,93 @@ def initial_segmenter(
     return net, (transfer_weights(pretrained, net, source) if pretrained is not None else None)
 
 
+@dataclass
+class _FinetuneReport:
+    """After the last step: the per-organ Dice of the fine-tuned weights on the held-out cases, logged and
+    written to ``run/finetune/dice.json`` (and ``out``); ``scores`` keeps them for the caller (rank 0)."""
+
+    setup: Setup
+    net: Segmenter
+    dataset: PreparedDataset
+    chosen: list[int]
+    held: list[int]
+    pretrained: Path | None
+    pretrained_meta: dict[str, Any]
+    seed: int
+    out: Path | None
+    scores: dict[str, Any]
+
+    def finish(self, result: TrainResult) -> None:
+        from lad_fast.utils.atomic import write_json
+
+        scores, pretrained = self.scores, self.pretrained
+        extra = self.pretrained_meta.get("extra", {})
+        scores.update(evaluate_segmenter(self.net.eval(), self.dataset, self.held, self.setup.device))
+        scores.update(
+            held_out=not set(self.held) & set(self.chosen), labelled=len(self.chosen), steps=result.step,
+            seed=self.seed, pretrained=str(pretrained) if pretrained is not None else None,
+            pretrained_meta={k: extra.get(k) for k in ("synthetic", "synthetic_volumes", "synthetic_ratio",
+                             "real_cases")} if pretrained is not None else None,
+        )  # fmt: skip
+        self.setup.run.log({"model": "finetune", "event": "eval", **scores})
+        write_json(self.setup.run.model_dir("finetune") / DICE_JSON, scores)
+        if self.out is not None:
+            write_json(self.out, scores)
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """What fine-tuning reads: the dataset, its K training cases (``chosen``) and held-out cases, and the
+    pretrained start (``state``: an SSLNet state dict, or None; ``meta``: its checkpoint's)."""
+
+    dataset: PreparedDataset
+    chosen: list[int]
+    held: list[int]
+    pretrained: Path | None
+    state: dict[str, torch.Tensor] | None
+    meta: dict[str, Any]
+
+
+def _finetune_job(
+    setup: Setup, cfg: LadConfig, tcfg: TrainConfig, labels: _Labels, report: dict[str, Any], out: Path | None
+) -> Job:
+    """What the loop trains: the segmenter (pretrained layers transferred, the rest from the seed) with
+    the segmenter's loss, schedule and augmentation on the K chosen cases; the Dice report at the end
+    fills ``report``."""
+    dev, dataset, pretrained = setup.device, labels.dataset, labels.pretrained
+    net, transfer = initial_segmenter(cfg, setup.seed, labels.state, str(pretrained))
+    net = net.to(dev)
+    opt = make_adamw(net, tcfg)
+    source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, labels.chosen, require_mask=True)
+    finish = _FinetuneReport(
+        setup, net, dataset, labels.chosen, labels.held, pretrained, labels.meta, tcfg.seed, out, report
+    ).finish
+    meta = {
+        "preset": cfg.preset,
+        "data_hash": dataset.content_hash(),
+        "data": str(dataset.path.resolve()),
+        "organs": list(CANONICAL_ORGANS),
+        "labelled": len(labels.chosen),
+        "train_cases": [dataset.case_ids[i] for i in labels.chosen],
+        "held_out_cases": [dataset.case_ids[i] for i in labels.held],
+        "pretrained": str(Path(pretrained).resolve()) if pretrained is not None else None,
+        "transferred": len(transfer.loaded) if transfer is not None else 0,
+    }
+    return Job(
+        {"model": net},
+        [Phase("model", opt, SegmentationLoss(dev), scheduler=make_scheduler(opt, tcfg))],
+        SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window),
+        model_config={"segmenter": config_to_dict(cfg.segmenter), "num_classes": NUM_CLASSES},
+        meta=meta,
+        finish=finish,
+    )
+
+
 def finetune(
     run: Path,
     cfg: LadConfig,
     pretrained: Path | None,
-    labels: Path | None = None,
+    labels: PreparedDataset | Path | None = None,
     labelled: int = 2,
     steps: int | None = None,
     seed: int = 0,
@@ -178,63 +289,18 @@ def finetune(
     ``run/finetune/dice.json`` (and ``out`` when given).
 
     pretrained: a run holding ``ssl/`` (CheckpointError when it does not, or for another architecture),
-    or None for a fresh start. labels: a prepared dataset with masks (default: the built-in phantoms).
+    or None for a fresh start. labels: a prepared dataset with masks, open or a folder (default: the
+    built-in phantoms; :func:`lad_fast.train.data.training_dataset`).
     """
     from lad_fast.ssl.pretrained import load_pretrained
-    from lad_fast.train.data import PreparedBatches
-    from lad_fast.train.segmenter import SegmenterBatches, evaluate_segmenter
-    from lad_fast.utils.atomic import write_json
 
     tcfg = train_config(FINETUNE, cfg.preset, steps, seed)
-    labels, dataset = _dataset(labels, cfg)
+    dataset = training_dataset(labels, cfg)
     chosen, held = finetune_cases(dataset, labelled)
     state, pmeta = load_pretrained(Path(pretrained), cfg.segmenter) if pretrained is not None else (None, {})
     scores: dict[str, Any] = {}
-
-    def build(setup: Setup) -> Job:
-        dev = setup.device
-        net, transfer = initial_segmenter(cfg, setup.seed, state, str(pretrained))
-        net = net.to(dev)
-        opt = make_adamw(net, tcfg)
-
-        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
-            return dice_loss(mods["model"](batch["image"].to(dev)), batch["mask"].to(dev)), {}
-
-        source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, chosen, require_mask=True)
-
-        def finish(result: TrainResult) -> None:
-            scores.update(evaluate_segmenter(net.eval(), dataset, held, dev))
-            scores.update(
-                held_out=not set(held) & set(chosen), labelled=labelled, steps=result.step, seed=tcfg.seed,
-                pretrained=str(pretrained) if pretrained is not None else None,
-                pretrained_meta={k: pmeta.get("extra", {}).get(k) for k in ("synthetic", "synthetic_volumes",
-                                 "synthetic_ratio", "real_cases")} if pretrained is not None else None,
-            )  # fmt: skip
-            setup.run.log({"model": "finetune", "event": "eval", **scores})
-            write_json(setup.run.model_dir("finetune") / DICE_JSON, scores)
-            if out is not None:
-                write_json(out, scores)
-
-        meta = {
-            "preset": cfg.preset,
-            "data_hash": dataset.content_hash(),
-            "data": str(labels.resolve()),
-            "organs": list(CANONICAL_ORGANS),
-            "labelled": labelled,
-            "train_cases": [dataset.case_ids[i] for i in chosen],
-            "held_out_cases": [dataset.case_ids[i] for i in held],
-            "pretrained": str(Path(pretrained).resolve()) if pretrained is not None else None,
-            "transferred": len(transfer.loaded) if transfer is not None else 0,
-        }
-        return Job(
-            {"model": net},
-            [Phase("model", opt, loss, scheduler=make_scheduler(opt, tcfg))],
-            SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window),
-            model_config={"segmenter": config_to_dict(cfg.segmenter), "num_classes": NUM_CLASSES},
-            meta=meta,
-            finish=finish,
-        )
-
+    sources = _Labels(dataset, chosen, held, pretrained, state, pmeta)
+    build = partial(_finetune_job, cfg=cfg, tcfg=tcfg, labels=sources, report=scores, out=out)
     result = train(run, cfg, "finetune", tcfg, build, resume=resume, force=force, device=device)
     if not scores:  # another rank, or finished by an earlier call: read what rank 0 wrote
         path = Path(run) / "finetune" / DICE_JSON

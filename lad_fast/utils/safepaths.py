@@ -1,5 +1,5 @@
 """Names read from files (case ids in ``index.json``, manifest ids, discovered source names) checked
-before they become paths (DESIGN.md "Paths").
+before they become paths: each must be one plain path component, resolved inside its folder.
 
 A name that is empty, ``.``, ``..`` or holds a path separator would put files outside their folder
 (``cases/../../victim``) or onto the folder itself (``cases/`` for an empty id); :func:`plain_name`

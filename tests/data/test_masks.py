@@ -11,7 +11,7 @@ import pytest
 from lad_fast.conditioning.conditions import structure_condition
 from lad_fast.config import get_preset
 from lad_fast.data.labels import NUM_CLASSES, TOTALSEG_V2_NAMES
-from lad_fast.data.masks import import_masks, mask_source_kind, validate_mask
+from lad_fast.data.masks import EmptyMaskWarning, import_masks, mask_source_kind, validate_mask
 from lad_fast.data.prepare import prepare_dataset
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
@@ -109,17 +109,14 @@ def test_imported_totalsegmentator_folders_equal_prepared_masks(phantoms, unlabe
     for i, case in enumerate(ours.case_ids):
         entry = ours.entry(case)
         assert entry["has_mask"] and entry["mask_source"] == f"external:{ext / case}"
-        assert mask_source_kind(entry) == "external"
+        assert mask_source_kind(entry) == "external" and entry["window"] == "later mask"
         mask = np.asarray(ours[i]["mask"])
         np.testing.assert_array_equal(ours[i]["structure"], structure_condition(mask, cfg.condition))
-        # Both are crops of one resampled grid; prepare picks the D window from the mask it sees, so
-        # compare the slices the two windows share.
-        ours_d, ref_d = entry["crop"]["start"][0], ref.entry(case)["crop"]["start"][0]
-        lo, hi = max(ours_d, ref_d), min(ours_d, ref_d) + mask.shape[0]
-        assert hi - lo >= mask.shape[0] // 2
-        np.testing.assert_array_equal(
-            mask[lo - ours_d : hi - ours_d], np.asarray(ref[i]["mask"])[lo - ref_d : hi - ref_d]
-        )
+        # The slice window was chosen again from the imported mask: the case is what preparing image
+        # and mask together makes of it.
+        assert entry["crop"] == ref.entry(case)["crop"] and entry["affine"] == ref.entry(case)["affine"]
+        for name in ("image", "mask", "structure"):
+            np.testing.assert_array_equal(ours[i][name], ref[i][name])
         assert mask.any()
     # Cases that have a mask now are skipped, unless forced.
     assert import_masks(unlabelled, ext) == []
@@ -132,10 +129,11 @@ def test_import_label_files_in_another_vocabulary(phantoms, unlabelled, tmp_path
     labels = np.asarray(img.dataobj)
     canonical = np.zeros_like(labels)
     canonical[labels == 5] = 1  # TotalSegmentator liver -> canonical liver
+    canonical[labels == 7] = 5  # and pancreas
     _write_labels(tmp_path / "ext" / "phantom_3_0000.nii.gz", canonical, img.affine)
     assert import_masks(unlabelled, tmp_path / "ext", vocabulary="canonical") == ["phantom_3_0000"]
     mask = np.asarray(PreparedDataset(unlabelled)[0]["mask"])
-    assert set(np.unique(mask)) == {0, 1}
+    assert set(np.unique(mask)) == {0, 1, 5}
     assert not PreparedDataset(unlabelled).entry("phantom_3_0001")["has_mask"]  # no file: skipped
 
 
@@ -152,9 +150,13 @@ def test_import_refuses_a_mask_off_its_image_grid(phantoms, unlabelled, tmp_path
     img = nib.load(str(phantoms / "raw" / "masks" / "phantom_3_0000.nii.gz"))
     moved = img.affine.copy()
     moved[:3, 3] += 10.0
-    _write_labels(tmp_path / "ext" / "phantom_3_0000.nii.gz", np.asarray(img.dataobj), moved)
-    with pytest.raises(InputError, match="mm away from its image's.*not aligned"):
+    path = _write_labels(tmp_path / "ext" / "phantom_3_0000.nii.gz", np.asarray(img.dataobj), moved)
+    with pytest.raises(InputError, match=f"{path}: affines differ by up to 10 mm.*not aligned"):
         import_masks(unlabelled, tmp_path / "ext")
+    # A case whose window is already set crops the mask to it, and checks the grid there.
+    labelled = shutil.copytree(phantoms / "labelled", tmp_path / "labelled")
+    with pytest.raises(InputError, match=rf"{path}: mask grid is 10 mm away from its image's.*not aligned"):
+        import_masks(labelled, tmp_path / "ext", force=True)
 
 
 @pytest.mark.parametrize(
@@ -187,3 +189,66 @@ def test_import_leaves_index_consistent(phantoms, unlabelled, tmp_path):
         folder = unlabelled / "cases" / entry["id"]
         assert (folder / "mask.npy").is_file() == entry["has_mask"]
     assert not any(p.name.startswith(".") for p in unlabelled.rglob("*"))  # no temporaries left
+
+
+# ------------------------------------------------------------------------ masks without window organs
+
+
+def _labels_without(phantoms: Path, tmp_path: Path, keep: tuple[int, ...]) -> Path:
+    """phantom_3_0000's label map with only the TotalSegmentator ids ``keep`` (none: all zeros)."""
+    img = nib.load(str(phantoms / "raw" / "masks" / "phantom_3_0000.nii.gz"))
+    labels = np.asarray(img.dataobj)
+    kept = np.where(np.isin(labels, keep), labels, 0).astype(np.uint8)
+    return _write_labels(tmp_path / "ext" / "phantom_3_0000.nii.gz", kept, img.affine)
+
+
+@pytest.mark.parametrize(
+    ("keep", "problem"),
+    [
+        ((), r"mask is empty on the prepared grid \(no organ at all\)"),
+        (
+            (5, 1),
+            r"mask holds none of the organs its slice window is chosen by \(pancreas, pancreatic_lesion\)",
+        ),
+    ],
+)
+def test_a_mask_without_window_organs_is_refused_or_warned_with_allow_empty(
+    phantoms, unlabelled, tmp_path, keep, problem
+):
+    path = _labels_without(phantoms, tmp_path, keep)
+    before = (unlabelled / "index.json").read_text()
+    with pytest.raises(
+        InputError, match=rf"case phantom_3_0000 \(external:{path}\): {problem}.*--allow-empty"
+    ):
+        import_masks(unlabelled, tmp_path / "ext")
+    assert (unlabelled / "index.json").read_text() == before  # nothing written
+    assert not (unlabelled / "cases" / "phantom_3_0000" / "mask.npy").exists()
+    with pytest.warns(EmptyMaskWarning, match=rf"{problem}.*written anyway \(--allow-empty\)"):
+        assert import_masks(unlabelled, tmp_path / "ext", allow_empty=True) == ["phantom_3_0000"]
+    entry = PreparedDataset(unlabelled).entry("phantom_3_0000")
+    assert (
+        entry["has_mask"]
+        and entry["crop"] == PreparedDataset(phantoms / "unlabelled").entry("phantom_3_0000")["crop"]
+    )
+
+
+def test_a_replacement_mask_without_window_organs_is_refused_too(phantoms, tmp_path):
+    labelled = shutil.copytree(phantoms / "labelled", tmp_path / "labelled")
+    _labels_without(phantoms, tmp_path, (5,))  # liver only
+    with pytest.raises(InputError, match=r"mask holds none of the organs its slice window is chosen by"):
+        import_masks(labelled, tmp_path / "ext", force=True)
+    assert PreparedDataset(labelled).entry("phantom_3_0000")["mask_source"].endswith("phantom_3_0000.nii.gz")
+
+
+def test_cli_import_masks_allow_empty_and_one_line_refusal(phantoms, unlabelled, tmp_path, capsys):
+    from lad_fast.cli.app import main
+
+    _labels_without(phantoms, tmp_path, ())
+    with pytest.raises(SystemExit) as exc:
+        main(["import-masks", str(unlabelled), str(tmp_path / "ext")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "mask is empty on the prepared grid" in err
+    with pytest.raises(SystemExit) as exc, pytest.warns(EmptyMaskWarning):
+        main(["import-masks", str(unlabelled), str(tmp_path / "ext"), "--allow-empty"])
+    assert exc.value.code in (0, None)
+    assert capsys.readouterr().out == f"imported masks for 1 case into {unlabelled}\n"

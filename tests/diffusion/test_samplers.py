@@ -277,3 +277,24 @@ def test_per_sample_noise_is_each_generators_own_draw():
     for i, seed in enumerate((3, 9)):
         expected = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).half()
         assert torch.equal(noise[i], expected)
+
+
+def test_one_row_at_a_time_makes_a_batch_dependent_net_batch_invariant():
+    from lad_fast.diffusion.samplers import one_row_at_a_time
+
+    calls = []
+
+    def net(x, t, c):  # rounds differently with the batch it sees, like a kernel tuned per batch size
+        calls.append(x.shape[0])
+        return x * (1 + 1e-3 * x.shape[0]) + c * t.view(-1, 1)
+
+    x, t, c = torch.randn(3, 4), torch.tensor([1.0, 2.0, 3.0]), torch.randn(3, 4)
+    rows = one_row_at_a_time(net)
+    out = rows(x, t, c)
+    assert calls == [1, 1, 1]
+    assert not torch.equal(net(x, t, c), out)  # the plain net depends on its batch ...
+    for i in range(3):  # ... the row-wise one gives each row what it gives that row alone, bit for bit
+        assert torch.equal(out[i], rows(x[i : i + 1], t[i : i + 1], c[i : i + 1])[0])
+    assert torch.equal(rows(x[[2, 0]], t[[2, 0]], c[[2, 0]])[1], out[0])
+    scalar_t = one_row_at_a_time(lambda x, t, c: x * t + c)(x, torch.tensor(2.0), c)
+    assert torch.equal(scalar_t, x * 2.0 + c)

@@ -90,7 +90,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_path, capsys):
+def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, seg_run, tmp_path, capsys):
+    from lad_fast.runs.loading import checkpoint_hash
+
     out, png = tmp_path / "eval.json", tmp_path / "eval.png"
     code, stdout, err = run_cli(
         [
@@ -125,7 +127,8 @@ def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_
     rep = json.loads(out.read_text())
     assert rep["real"]["volumes"] == N_REAL and rep["synthetic"]["volumes"] == 3
     assert rep["features"]["extractor"] == "segmenter" and len(rep["features"]["weights_hash"]) == 16
-    assert rep["segmenter"]["checkpoint_hash"] and rep["versions"]["lad_fast"]
+    assert rep["segmenter"]["checkpoint_hash"] == checkpoint_hash(seg_run / "segmenter")
+    assert rep["versions"]["lad_fast"]
     assert rep["command"].startswith("lad-fast")
     for block in (rep["realism"], rep["references"]["real_vs_real"], rep["references"]["trivial"]):
         assert (
@@ -156,6 +159,28 @@ def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_
     alone = synthetic_fidelity(synthetic, device="cpu")
     assert alone["synthetic"] == fid["synthetic"] and alone["shuffled"] == fid["shuffled"]
     assert alone["segmenter"] == rep["segmenter"] and alone["volumes"] == 3
+
+
+def test_the_segmenter_run_that_generated_the_volumes_is_opened_once(synthetic, seg_run, monkeypatch):
+    from lad_fast.evaluate.report import synthetic_fidelity
+    from lad_fast.runs.rundir import RunDir
+
+    opened, parsed = [], []
+    real_open, real_raw = RunDir.open.__func__, RunDir._raw_config
+
+    def counting_open(cls, path):
+        opened.append(Path(path))
+        return real_open(cls, path)
+
+    def counting_raw(self):
+        parsed.append(self.path)
+        return real_raw(self)
+
+    monkeypatch.setattr(RunDir, "open", classmethod(counting_open))
+    monkeypatch.setattr(RunDir, "_raw_config", counting_raw)
+    synthetic_fidelity(synthetic, device="cpu")
+    # the manifest names seg_run: its segmenter, window and conditions come from one opening
+    assert [p.resolve() for p in opened] == [seg_run.resolve()] and len(parsed) == 1
 
 
 def test_the_synthetic_scores_follow_their_masks_better_than_shuffled(real, synthetic):

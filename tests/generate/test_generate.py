@@ -451,7 +451,7 @@ def test_cli_without_run_says_which_run_it_took(run, tmp_path, monkeypatch, caps
     assert "generated 1 volume in o" in captured.out
 
 
-# -------------------------------------------------------------- issue 15: self-contained runs, run refs, --n
+# -------------------------------------------------------------- self-contained runs, run refs, --n
 
 
 def test_a_run_folder_is_self_contained_and_old_absolute_references_still_load(run, tmp_path, capsys):
@@ -604,3 +604,73 @@ def test_an_interrupt_while_sampling_leaves_only_complete_volumes(run, made, tmp
     monkeypatch.setattr(g, "sample_latents", real)
     generate(run, out, n=5, augment=2, batch=2, seed=1, **FAST)  # the rerun completes the set
     assert all(np.array_equal(_images(out)[k], v) for k, v in _images(made).items())
+
+
+# -------------------------------------------------------------- loading the run once
+
+
+def test_generate_opens_the_run_and_parses_its_config_once(run, tmp_path, monkeypatch):
+    from lad_fast.runs.rundir import RunDir
+
+    opened, parsed = [], []
+    real_open, real_raw = RunDir.open.__func__, RunDir._raw_config
+
+    def counting_open(cls, path):
+        opened.append(Path(path))
+        return real_open(cls, path)
+
+    def counting_raw(self):
+        parsed.append(self.path)
+        return real_raw(self)
+
+    monkeypatch.setattr(RunDir, "open", classmethod(counting_open))
+    monkeypatch.setattr(RunDir, "_raw_config", counting_raw)
+    generate(run, tmp_path / "o", n=1, augment=0, **{**FAST, "steps": 1})
+    assert opened == [run] and parsed == [run]  # the VQ-GAN is the run's own: not opened again
+
+
+def test_a_vqgan_changed_after_the_diffusion_model_trained_is_refused(run, tmp_path):
+    import re
+    import shutil
+
+    import torch
+
+    from lad_fast.runs.checkpoints import load_checkpoint, save_checkpoint
+    from lad_fast.runs.loading import load_vqgan
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    ckpt = load_checkpoint(copy / "vqgan", "vqgan")
+    vq, _ = load_vqgan(copy)
+    with torch.no_grad():
+        next(vq.parameters()).add_(0.01)  # retrained, say
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("format", "format_version", "step", "files")}
+    save_checkpoint(copy / "vqgan", ckpt.step + 1, modules={"model": vq}, state=ckpt.state, meta=meta)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^the VQ-GAN in {re.escape(str(copy))} changed after the diffusion model of "
+        rf"{re.escape(str(copy))} was trained on its latents; retrain the diffusion model "
+        rf"\(`lad-fast train diffusion --run {re.escape(str(copy))} --force`\) or restore that VQ-GAN$",
+    ):
+        generate(copy, tmp_path / "o", n=1, device="cpu")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_records_no_training_data_asks_for_masks(run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import lad_fast.generate.generate as g
+    from lad_fast.errors import InputError
+
+    real = g.load_generator
+
+    def without_data(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        return dataclasses.replace(gen, meta={k: v for k, v in gen.meta.items() if k != "data"})
+
+    monkeypatch.setattr(g, "load_generator", without_data)
+    with pytest.raises(
+        InputError, match=r"^the run: the masks to condition on are not there; pass --masks PREPARED\|DIR$"
+    ):
+        generate(run, tmp_path / "o", n=1, **FAST)
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,6 @@
 """The generated-dataset folder on its own (no model): atomic volume + manifest line, resume, torn lines,
-rank shards and their merge, refusals of foreign files and other settings, manifest ids as paths."""
+rank shards and their merge, refusals of foreign files and other settings, manifest ids as paths, and
+nnU-Net v2's view of the folder (layout "nnunet")."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lad_fast.errors import InputError, LadFastError, OutputExistsError
+from lad_fast.errors import ConfigError, DiskFullError, InputError, LadFastError, OutputExistsError
 from lad_fast.generate.writer import (
     DATASET_JSON,
     IDENTITY,
@@ -18,6 +19,7 @@ from lad_fast.generate.writer import (
     VolumeWriter,
     finalize,
     is_complete,
+    nnunet_paths,
     read_manifest,
     volume_id,
     volume_paths,
@@ -166,3 +168,133 @@ def test_manifest_ids_are_checked_before_they_become_paths(tmp_path, bad):
     with pytest.raises(InputError, match="is not a volume id; the manifest is damaged"):
         volume_paths(tmp_path, bad)
     assert not is_complete(tmp_path, {"id": bad, "index": 0})
+
+
+# nnU-Net v2's view (layout "nnunet"): imagesTr/<id>_0000.nii.gz and labelsTr/<id>.nii.gz linked to
+# images/ and masks/ at finalize. nnU-Net's own integrity check reads it in tests/generate/test_layouts.py.
+
+
+def _view(out) -> list[str]:
+    return sorted(
+        f"{p.parent.name}/{p.name}" for sub in ("imagesTr", "labelsTr") for p in (out / sub).iterdir()
+    )
+
+
+def _linked(out, i: int) -> bool:
+    return all(
+        dst.samefile(src)
+        for src, dst in zip(volume_paths(out, volume_id(i)), nnunet_paths(out, volume_id(i)), strict=True)
+    )
+
+
+def test_the_nnunet_view_links_each_complete_volume_at_finalize(tmp_path):
+    out = tmp_path / "o"
+    w = _writer(out, layout="nnunet")
+    for i in range(2):
+        _write(w, i)
+    assert not (out / "imagesTr").exists()  # volumes are written as in the default layout
+    assert w.finalize() == 2
+    assert _view(out) == ["imagesTr/lad_000000_0000.nii.gz", "imagesTr/lad_000001_0000.nii.gz",
+                          "labelsTr/lad_000000.nii.gz", "labelsTr/lad_000001.nii.gz"]  # fmt: skip
+    assert _linked(out, 0) and _linked(out, 1)  # hard links: the same files, no extra space
+    assert sorted(p.name for p in out.iterdir()) == [
+        DATASET_JSON, "images", "imagesTr", "labelsTr", MANIFEST, "masks"
+    ]  # fmt: skip
+    ds = json.loads((out / DATASET_JSON).read_text())
+    assert ds["channel_names"] == {"0": "CT"} and ds["file_ending"] == ".nii.gz" and ds["numTraining"] == 2
+    assert ds["labels"]["background"] == 0 and sorted(ds["labels"].values()) == list(range(12))
+
+
+def test_resume_and_a_remade_volume_keep_the_view_in_step_with_the_manifest(tmp_path):
+    out = tmp_path / "o"
+    w = _writer(out, layout="nnunet")
+    for i in range(3):
+        _write(w, i)
+    w.finalize()
+    volume_paths(out, volume_id(1))[1].unlink()  # volume 1 lost its mask: no longer complete
+    w = _writer(out, layout="nnunet")  # the rerun
+    assert w.todo(4) == [1, 3]
+    assert finalize(out) == 2  # a finalize before it is made again drops it from the view
+    assert "labelsTr/lad_000001.nii.gz" not in _view(out) and "imagesTr/lad_000001_0000.nii.gz" not in _view(
+        out
+    )
+    for i in (1, 3):
+        _write(w, i)
+    assert w.finalize() == 4 and len(_view(out)) == 8
+    assert all(_linked(out, i) for i in range(4))  # volume 1's new files, not the old image
+
+
+def test_a_folder_with_the_view_keeps_it_and_a_default_folder_gets_it_on_request(tmp_path):
+    out = tmp_path / "o"
+    w = _writer(out)
+    _write(w, 0)
+    w.finalize()
+    assert not (out / "imagesTr").exists()  # the default layout has no view
+    assert VolumeWriter(out, SETTINGS, layout="nnunet").finalize() == 1  # a rerun with --layout nnunet
+    assert _view(out) == ["imagesTr/lad_000000_0000.nii.gz", "labelsTr/lad_000000.nii.gz"]
+    _write(_writer(out), 1)  # a later default-layout rerun that adds a volume
+    assert finalize(out) == 2 and len(_view(out)) == 4  # numTraining and imagesTr must agree for nnU-Net
+
+
+def test_the_view_is_ours_for_prepare_force_and_leftovers(tmp_path):
+    out = tmp_path / "o"
+    w = _writer(out, layout="nnunet")
+    _write(w, 0)
+    w.finalize()
+    killed = out / "imagesTr" / ".lad_000001_0000.nii.gz.k2j4_x9a.tmp.nii.gz"  # a kill mid-link
+    killed.write_bytes(b"")
+    VolumeWriter(out, SETTINGS, layout="nnunet").prepare(force=False)  # its own view is not foreign
+    assert not killed.exists()
+    (out / "labelsTr" / "case_7.nii.gz").write_bytes(b"a user's label")
+    with pytest.raises(
+        OutputExistsError, match=r"holds files generate did not write \(labelsTr/case_7\.nii\.gz\)"
+    ):
+        VolumeWriter(out, SETTINGS, layout="nnunet").prepare(force=False)
+    VolumeWriter(out, {**SETTINGS, "steps": 7}, layout="nnunet").prepare(force=True)  # other settings
+    assert _view(out) == ["labelsTr/case_7.nii.gz"]  # our volumes and their links gone, theirs kept
+
+
+def test_where_links_are_refused_the_view_is_copies_made_once(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    w = _writer(out, layout="nnunet")
+    _write(w, 0)
+
+    def refused(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", refused)
+    w.finalize()
+    image, copy = volume_paths(out, volume_id(0))[0], nnunet_paths(out, volume_id(0))[0]
+    assert not copy.samefile(image) and copy.read_bytes() == image.read_bytes()
+    inode = copy.stat().st_ino
+    w.finalize()
+    assert copy.stat().st_ino == inode  # an up-to-date copy is not made again
+
+
+@pytest.mark.parametrize(
+    ("err", "kind", "message"),
+    [
+        (errno.ENOSPC, DiskFullError, r"imagesTr/lad_000000_0000\.nii\.gz: no space left on the device"),
+        (errno.EIO, LadFastError, r"imagesTr/lad_000000_0000\.nii\.gz: cannot write nnU-Net's view of "
+         r".*images/lad_000000\.nii\.gz \(.*I/O error.*\); check the folder and rerun the same command"),
+    ],
+)  # fmt: skip
+def test_a_view_that_cannot_be_written_says_so_in_one_line(tmp_path, monkeypatch, err, kind, message):
+    out = tmp_path / "o"
+    w = _writer(out, layout="nnunet")
+    _write(w, 0)
+
+    def broken(src, dst):
+        raise OSError(err, "No space left on device" if err == errno.ENOSPC else "I/O error")
+
+    monkeypatch.setattr("os.link", broken)
+    monkeypatch.setattr("shutil.copy2", broken)
+    with pytest.raises(kind, match=message):
+        w.finalize()
+    assert not [p for p in out.rglob(".*")]  # no temporary left behind
+    assert is_complete(out, read_manifest(out)[0])  # the volume itself is kept
+
+
+def test_an_unknown_layout_is_refused():
+    with pytest.raises(ConfigError, match="layout 'nnUNet' is not one of default, nnunet; use one of them"):
+        VolumeWriter("o", SETTINGS, layout="nnUNet")

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lad_fast.preview.render import PANEL_PX, label_colour, render_grid, render_slices, write_preview
+from lad_fast.preview.render import (
+    ORGAN_COLOURS,
+    PANEL_PX,
+    TOTALSEG_NAMES,
+    label_colour,
+    render_grid,
+    render_slices,
+    write_preview,
+)
 
 
 def _volume() -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +97,10 @@ def test_write_preview_nifti(tmp_path, monkeypatch):
     out = write_preview(tmp_path / "ct.nii.gz", mask=tmp_path / "seg.nii.gz")
     assert out == Path("ct.png") and out.is_file()  # in the current folder, not beside the image
     pic = Image.open(out)
-    direct = render_slices(hu, mask, spacing=(4.0, 2.0, 2.0), title="ct.nii.gz")
+    # seg.nii.gz is TotalSegmentator's name: its id 5 is the liver, named and coloured as the liver
+    title = f"{tmp_path.name}/ct.nii.gz + seg.nii.gz (TotalSegmentator ids)"
+    direct = render_slices(hu, mask, spacing=(4.0, 2.0, 2.0), title=title, names=TOTALSEG_NAMES)
+    assert label_colour(5, TOTALSEG_NAMES[5]) == ORGAN_COLOURS["liver"]
     assert pic.size == direct.size and np.array_equal(np.asarray(pic.convert("RGB")), np.asarray(direct))
     write_nifti(tmp_path / "small.nii.gz", lab_ijk[:-1], aff_ijk, kind="labels")
     with pytest.raises(InputError, match=r"small.nii.gz: mask shape .* differs from image"):
@@ -151,7 +162,9 @@ def test_preview_of_a_generated_folder_is_one_grid_named_from_dataset_json(tmp_p
     gen = tmp_path / "generated"
     _write_generated(gen, 3)
     items = preview_items([gen], n=2)
-    assert [i.title for i in items] == [f"lad_00000{k}: euler 30 steps, guidance 3.0" for k in (0, 1)]
+    assert [i.title for i in items] == [
+        f"generated/lad_00000{k}: euler 30 steps, guidance 3.0" for k in (0, 1)
+    ]
     assert items[0].names == dict(enumerate(CANONICAL_ORGANS)) and items[0].mask.max() == 1
     work = tmp_path / "work"
     work.mkdir()
@@ -180,10 +193,14 @@ def test_preview_of_prepared_cases(tiny_phantoms, tmp_path, monkeypatch):
     by_flag = preview_items([tiny_phantoms], cases=[second])
     by_path = preview_items([tiny_phantoms / "cases" / second])
     titles = [i.title for i in by_flag]
-    assert titles == [i.title for i in by_path] == [f"{second} (prepared, canonical organs)"]
+    named = f"{tiny_phantoms.name}/{second}: prepared, preset tiny (canonical organs)"
+    assert titles == [i.title for i in by_path] == [named]
     assert np.array_equal(by_flag[0].hu, by_path[0].hu) and by_flag[0].names[5] == "pancreas"
     assert by_flag[0].spacing == tuple(float(s) for s in ds.geometry.spacing)
-    assert [i.title.split()[0] for i in preview_items([tiny_phantoms], n=2)] == [first, second]
+    assert [i.title.split(":")[0] for i in preview_items([tiny_phantoms], n=2)] == [
+        f"{tiny_phantoms.name}/{first}",
+        f"{tiny_phantoms.name}/{second}",
+    ]
     monkeypatch.chdir(tmp_path)
     assert write_preview(tiny_phantoms / "cases" / second) == Path(f"{second}.png")
     with pytest.raises(InputError, match=rf"no case 'nope' \(cases: {first}, {second}"):
@@ -222,3 +239,66 @@ def test_cli_preview_takes_several_sources_and_n(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["preview", str(gen / "images" / "lad_000000.nii.gz"), "--case", "x"])
     assert exit_.value.code == 2 and "--case picks cases of a prepared dataset" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ raw label maps, titles
+
+
+def test_a_raw_totalsegmentator_map_is_named_and_coloured_by_organ(shared):
+    from lad_fast.organs import CANONICAL_ORGANS
+    from lad_fast.preview.inputs import preview_items
+    from lad_fast.preview.render import organ_of
+
+    case = shared / "totalseg_example"
+    [item] = preview_items([case / "ct.nii.gz"], mask=case / "seg.nii.gz")
+    assert item.title == "totalseg_example/ct.nii.gz + seg.nii.gz (TotalSegmentator ids)"
+    assert item.names == TOTALSEG_NAMES and item.names[5] == "liver" and item.names[7] == "pancreas"
+    # every organ lad-fast keeps gets the colour it has in a prepared (canonical) mask
+    present = [int(i) for i in np.unique(item.mask) if i in TOTALSEG_NAMES]
+    organs = {organ_of(TOTALSEG_NAMES[i]) for i in present}
+    assert {"liver", "pancreas", "spleen", "vertebrae"} <= organs
+    for i in present:
+        canonical = CANONICAL_ORGANS.index(organ_of(TOTALSEG_NAMES[i]))
+        assert label_colour(i, item.names[i]) == label_colour(canonical)
+    pic = render_slices(item.hu, item.mask, item.spacing, title=item.title, names=item.names)
+    assert len(_colour_pixels(pic, ORGAN_COLOURS["liver"])) > 40
+
+
+def test_raw_map_vocabulary_from_option_labels_json_or_unknown(tmp_path):
+    import json
+
+    from lad_fast.data.geometry import dhw_to_nifti
+    from lad_fast.data.io import write_nifti
+    from lad_fast.errors import ConfigError
+    from lad_fast.preview.inputs import preview_items
+
+    hu, mask = _volume()
+    affine = np.diag([4.0, 2.0, 2.0, 1.0])[[2, 1, 0, 3]]
+    write_nifti(tmp_path / "ct.nii.gz", *dhw_to_nifti(hu, affine), kind="image")
+    write_nifti(tmp_path / "labels5.nii.gz", *dhw_to_nifti(mask, affine), kind="labels")
+    [unknown] = preview_items([tmp_path / "ct.nii.gz"], mask=tmp_path / "labels5.nii.gz")
+    assert unknown.names is None and unknown.title.endswith("(label ids unknown: pass --vocabulary)")
+    [given] = preview_items(
+        [tmp_path / "ct.nii.gz"], mask=tmp_path / "labels5.nii.gz", vocabulary="canonical"
+    )
+    assert given.names[5] == "pancreas" and given.title.endswith("labels5.nii.gz (canonical ids)")
+    (tmp_path / "labels.json").write_text(json.dumps({"vocabulary": "abdomenct1k"}))
+    [listed] = preview_items([tmp_path / "ct.nii.gz"], mask=tmp_path / "labels5.nii.gz")
+    assert listed.names == {1: "liver", 2: "kidney", 3: "spleen", 4: "pancreas"}
+    assert listed.title.endswith("(AbdomenCT-1K ids)")
+    with pytest.raises(ConfigError, match=r"--vocabulary names the label ids of --mask; give the label map"):
+        preview_items([tmp_path / "ct.nii.gz"], vocabulary="lad")
+
+
+def test_a_generated_title_names_the_preset_of_its_source_dataset(tmp_path, tiny_phantoms):
+    import json
+
+    from lad_fast.preview.inputs import preview_items
+
+    gen = tmp_path / "gen"
+    _write_generated(gen, 1)
+    record = json.loads((gen / "manifest.jsonl").read_text())
+    record["source_dataset"] = str(tiny_phantoms)
+    (gen / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    [item] = preview_items([gen])
+    assert item.title == "gen/lad_000000: euler 30 steps, guidance 3.0, preset tiny"

@@ -29,6 +29,7 @@ from lad_fast.runs.checkpoints import save_checkpoint
 from lad_fast.runs.loading import (
     checkpoint_hash,
     load_diffusion,
+    load_sampling_models,
     load_segmenter,
     load_vqgan,
     predict_volumes,
@@ -204,3 +205,55 @@ def test_an_edited_meta_json_is_one_line(tmp_path, edit, what):
         match=rf"^{re.escape(str(meta_path))} was edited or damaged \({what}.*\); the checkpoint cannot be",
     ):
         load_vqgan(run)
+
+
+def _count_opens_and_parses(monkeypatch) -> tuple[list[Path], list[Path]]:
+    """Record every RunDir.open and every read of a config.json from now on."""
+    opened, parsed = [], []
+    real_open, real_raw = RunDir.open.__func__, RunDir._raw_config
+
+    def counting_open(cls, path):
+        opened.append(Path(path))
+        return real_open(cls, path)
+
+    def counting_raw(self):
+        parsed.append(self.path)
+        return real_raw(self)
+
+    monkeypatch.setattr(RunDir, "open", classmethod(counting_open))
+    monkeypatch.setattr(RunDir, "_raw_config", counting_raw)
+    return opened, parsed
+
+
+def test_sampling_models_load_in_one_pass_over_the_run(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    write(run, "vqgan")
+    cfg = config()
+    net, mc, extra = build("diffusion", cfg)
+    extra = {**extra, "vqgan_run": ".", "vqgan_hash": checkpoint_hash(run / "vqgan")}  # trained on its own
+    meta = {
+        "model": "diffusion",
+        "preset": cfg.preset,
+        "data_hash": "d" * 64,
+        "model_config": mc,
+        "extra": extra,
+    }
+    save_checkpoint(run / "diffusion", 3, modules={"model": net}, state={"step": 3}, meta=meta)
+    opened, parsed = _count_opens_and_parses(monkeypatch)
+    models = load_sampling_models(run, "cpu")
+    assert opened == [run] and parsed == [run]  # its own VQ-GAN: the run is not opened again
+    assert models.cfg == cfg and models.rundir.path == run and models.vqgan_run == run
+    assert models.vqgan_hash == checkpoint_hash(run / "vqgan") == models.vq_meta["checkpoint_hash"]
+    assert models.meta["checkpoint_hash"] == checkpoint_hash(run / "diffusion")
+    rundir = RunDir.open(run)
+    opened.clear()
+    load_sampling_models(rundir, "cpu")
+    assert opened == []  # an opened run is used as it is
+
+
+def test_an_opened_run_reads_its_config_once(tmp_path, monkeypatch):
+    RunDir.create(tmp_path / "r", config())
+    opened, parsed = _count_opens_and_parses(monkeypatch)
+    run = RunDir.open(tmp_path / "r")
+    assert run.config() is run.config() and run.config_dict() == config_to_dict(config())
+    assert parsed == [tmp_path / "r"]

@@ -44,6 +44,19 @@ def _steps(run: Path) -> dict[str, int]:
     return {m: load_checkpoint(run / m, m).step for m in ("vqgan", "segmenter", "diffusion")}
 
 
+def _record_opens(monkeypatch) -> list[Path]:
+    """The folders of the prepared datasets opened from now on, in order."""
+    opened: list[Path] = []
+    real = PreparedDataset.__init__
+
+    def init(self, path, *args, **kwargs):
+        opened.append(Path(path))
+        real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(PreparedDataset, "__init__", init)
+    return opened
+
+
 def test_pipeline_trains_every_stage_and_resumes(tiny_phantoms, tmp_path, monkeypatch):
     monkeypatch.setenv("LAD_FAST_QUIET", "1")
     data = shutil.copytree(tiny_phantoms, tmp_path / "data")
@@ -51,7 +64,10 @@ def test_pipeline_trains_every_stage_and_resumes(tiny_phantoms, tmp_path, monkey
     images_hash = PreparedDataset(data).content_hash(masks=False)
     run = tmp_path / "run"
 
+    opened = _record_opens(monkeypatch)
     assert train_pipeline(run, _config(), data=data, steps=STEPS, device="cpu") == run
+    # opened once and handed to every stage: the diffusion stage sees the masks predicted on it
+    assert opened == [data]
     assert _steps(run) == {"vqgan": STEPS, "segmenter": STEPS, "diffusion": STEPS}
     ds = PreparedDataset(data)
     assert ds.labelled_indices() == [0, 1, 2]  # the segmenter filled the unlabelled case
