@@ -461,11 +461,31 @@ def check_fits(
         return plan
     fits = _largest_traced(cfg, model, tcfg, plan, gpu)
     GiB = 2**30
-    advice = f"use --batch {fits} or less" if fits else "no batch fits: use a GPU with more memory"
+    advice = (
+        f"use --batch {fits} or less ({SKIP_ENV}=1 skips this check)"
+        if fits
+        else "no batch fits: use a GPU with more memory"
+    )
     raise ConfigError(
         f"{model} training at batch {tcfg.batch_size} needs {plan.peak / GiB:.1f} GiB (predicted), more "
         f"than the {gpu.usable / GiB:.1f} GiB usable of {name}'s {memory / GiB:.1f} GiB; {advice}"
     )
+
+
+SKIP_ENV = "LAD_FAST_SKIP_PLAN"
+
+
+def check_device(cfg: LadConfig, model: str, tcfg: TrainConfig, device: torch.device) -> StepPlan | None:
+    """The check :func:`lad_fast.train.loop.train` makes before any work: on a CUDA device,
+    :func:`check_fits` against the device's memory (the batch is per process: under torchrun each rank
+    holds its own). Nothing on other devices, where no plan is made, and nothing when ``LAD_FAST_SKIP_PLAN=1``
+    (the plan is a prediction; a user who measured a batch that fits may overrule it)."""
+    import os
+
+    if device.type != "cuda" or os.environ.get(SKIP_ENV) == "1":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return check_fits(cfg, model, tcfg, props.total_memory, props.name)
 
 
 def _largest_traced(cfg: LadConfig, model: str, tcfg: TrainConfig, plan: StepPlan, gpu: GPU) -> int:

@@ -149,3 +149,71 @@ def test_autocast_halves_activations_and_counts_its_copies(tiny):
     bf16 = plan_step(replace(tiny, segmenter_train=replace(tiny.segmenter_train, amp="bf16")), "segmenter", 1)
     assert bf16.amp == "bf16" and bf16.peak_by.get("autocast copies", 0) > 0
     assert bf16.peak_by["activations"] < 0.75 * fp32.peak_by["activations"]
+
+
+class _Props:
+    def __init__(self, memory: int) -> None:
+        self.total_memory, self.name = memory, "Test GPU 1 MiB"
+
+
+def test_train_on_cuda_refuses_a_batch_that_cannot_fit(tiny, monkeypatch):
+    from lad_fast.train.plan import SKIP_ENV, check_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props(2**20))
+    with pytest.raises(ConfigError) as err:
+        check_device(tiny, "vqgan", tiny.vqgan_train, torch.device("cuda", 0))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("vqgan training at batch 2 needs ")
+    assert "Test GPU 1 MiB's 0.0 GiB; no batch fits: use a GPU with more memory" in message
+    # No plan on the CPU, nor when the user overrules the prediction.
+    assert check_device(tiny, "vqgan", tiny.vqgan_train, torch.device("cpu")) is None
+    monkeypatch.setenv(SKIP_ENV, "1")
+    assert check_device(tiny, "vqgan", tiny.vqgan_train, torch.device("cuda", 0)) is None
+
+
+def test_the_training_loop_checks_before_the_run_folder_is_touched(tiny, tmp_path, monkeypatch):
+    import lad_fast.train.plan as plan
+    from lad_fast.train.segmenter import train_segmenter
+
+    seen = []
+
+    def refuse(cfg, model, tcfg, device):
+        seen.append((model, tcfg.batch_size, device.type))
+        raise ConfigError("refused by the plan")
+
+    monkeypatch.setattr(plan, "check_device", refuse)
+    with pytest.raises(ConfigError, match="refused by the plan"):
+        train_segmenter(tmp_path / "run", tiny, steps=1, batch=1, device="cpu")
+    assert seen == [("segmenter", 1, "cpu")] and not (tmp_path / "run").exists()
+
+
+def test_steps_and_batch_override_the_training_config(tiny):
+    tcfg = tiny.vqgan_train
+    assert tcfg.overridden() is tcfg
+    assert tcfg.overridden(batch=1) == replace(tcfg, batch_size=1)
+    assert tcfg.overridden(7, 3) == replace(tcfg, steps=7, batch_size=3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "function"),
+    [
+        (["train"], "lad_fast.train.pipeline", "train_pipeline"),
+        (["train", "vqgan"], "lad_fast.train.vqgan", "train_vqgan"),
+        (["train", "segmenter"], "lad_fast.train.segmenter", "train_segmenter"),
+        (["train", "diffusion"], "lad_fast.train.diffusion", "train_diffusion"),
+    ],
+)
+def test_train_commands_pass_batch(argv, module, function, monkeypatch, tmp_path):
+    import importlib
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return tmp_path if function == "train_pipeline" else SimpleNamespace(step=1, checkpoint=None)
+
+    monkeypatch.setattr(importlib.import_module(module), function, record)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--run", str(tmp_path / "r"), "--batch", "3", "--steps", "1"])
+    assert exc.value.code == 0 and seen["batch"] == 3 and seen["steps"] == 1
