@@ -214,9 +214,12 @@ def _diffusion(cfg: LadConfig, b: int, tcfg: TrainConfig) -> _Built:
     latent = (cfg.vqgan.code_dim, *(s // f for s in cfg.geometry.shape))
     struct = structure_dim(cfg.geometry.shape[0], cfg.condition)
     net = build_unet(cfg.unet, cfg.condition, latent[0], struct)
-    sched = make_schedule(cfg.diffusion)
 
     def loss(mods: Mapping[str, nn.Module], batch: dict[str, Any], step: int) -> tuple[torch.Tensor, Any]:
+        # A DDPM schedule's tables are data the loss indexes: made here, as the traced step's own tensors
+        # (a few KB), not on the meta device where the modules are built.
+        with torch.device("cpu"):
+            sched = make_schedule(cfg.diffusion)
         # train/diffusion.py's loss: the embedding on the bare module, the spatial condition beside x
         emb = net.embed_condition(batch["content"], batch["structure"], batch["keep"])
         model = mods["model"]

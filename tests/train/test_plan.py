@@ -217,3 +217,12 @@ def test_train_commands_pass_batch(argv, module, function, monkeypatch, tmp_path
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--run", str(tmp_path / "r"), "--batch", "3", "--steps", "1"])
     assert exc.value.code == 0 and seen["batch"] == 3 and seen["steps"] == 1
+
+
+def test_a_ddpm_schedule_is_planned():
+    """lad-official trains with a DDPM schedule whose tables the loss indexes (tiny uses flow matching)."""
+    cfg = get_preset("lad-official")  # at 32x64x64: the content vector shrinks with the latent (512 -> 32)
+    cond = replace(cfg.condition, content_dim=32, embed_dim=cfg.condition.embed_dim - 512 + 32)
+    cfg = replace(cfg, geometry=replace(cfg.geometry, shape=(32, 64, 64)), condition=cond)
+    plan = plan_step(cfg, "diffusion", 1)
+    assert plan.peak > 0 and plan.flops > 0
