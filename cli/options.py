@@ -59,6 +59,12 @@ RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name (under ./runs
 StepsOpt = Annotated[
     int | None, typer.Option("--steps", min=1, help="Training steps (default: the preset's).")
 ]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch", min=1, help="Volumes per training step (default: the preset's; see lad-fast plan)."
+    ),
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 

@@ -198,6 +198,11 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
 
+    def overridden(self, steps: int | None = None, batch: int | None = None) -> TrainConfig:
+        """This config with the command line's ``--steps`` / ``--batch`` where given."""
+        changes = {k: v for k, v in (("steps", steps), ("batch_size", batch)) if v is not None}
+        return replace(self, **changes) if changes else self
+
 
 @dataclass(frozen=True)
 class AugmentConfig:

@@ -545,8 +545,9 @@ def generate(
     unconditional, 1 conditional). masks: a prepared dataset or a folder of NIfTI masks on the preset grid
     (default: the data the diffusion model trained on). augment: augmented variants per source mask (0: the
     masks as they are). batch: volumes per sampler call. backend: "torch", "compile", "onnx" or "trt" (see
-    ``lad_fast.export.backends``). decode_tile: see :meth:`Generator.decode` (None: tiles only above the
-    memory budget). layout: "default" (images/ + masks/) or "nnunet" (also nnU-Net v2's imagesTr/ +
+    ``lad_fast.export.backends``). decode_tile: see :meth:`Generator.decode` (None: on CUDA whole or
+    tiled as the memory plan decides, :func:`lad_fast.generate.plan.planned_tile`; elsewhere tiles only
+    above the memory budget). layout: "default" (images/ + masks/) or "nnunet" (also nnU-Net v2's imagesTr/ +
     labelsTr/; see :mod:`lad_fast.generate.writer`).
 
     Pipelined: decoding, HU conversion and writing of batch k run on a worker thread while batch k+1 is
@@ -565,6 +566,10 @@ def generate(
     dev = resolve_device(choose_device(device))  # cuda:LOCAL_RANK under torchrun, as training
     info = init_distributed(dev)
     gen = load_generator(rundir, dev)
+    if decode_tile is None and dev.type == "cuda":  # whole or tiled, from the memory plan
+        from lad_fast.generate.plan import planned_tile
+
+        decode_tile = planned_tile(gen.cfg, dev, batch)
     sampling = resolve_sampling(
         gen.cfg.sampling, gen.sched.objective, gen.sched.T, sampler, steps, guidance, eta
     )

@@ -364,6 +364,20 @@ def decode_budget(device: torch.device, sampling: SamplingPlan) -> int:
     return int(free - (1 - FIT_FRACTION) * total) - (sampling.peak - sampling.weights)
 
 
+def planned_tile(cfg: LadConfig, device: torch.device, batch: int) -> int | None:
+    """How ``lad-fast generate`` decodes on a CUDA ``device`` beside sampling batches of ``batch``: 0
+    (whole) or the tile :func:`choose_decode` picks from the traced plan and the free memory
+    (:func:`decode_budget`), decided once per call. None when ``LAD_FAST_DECODE_BUDGET_MB`` sets the
+    budget by hand: :meth:`lad_fast.generate.generator.Generator.decode` then applies it per volume.
+    Raises ConfigError when sampling leaves no memory for decoding."""
+    from lad_fast.generate.tiled import BUDGET_ENV
+
+    if os.environ.get(BUDGET_ENV, "").strip():
+        return None
+    chosen = choose_decode(cfg, decode_budget(device, plan_sampling(cfg, batch)))
+    return 0 if chosen.tile is None else chosen.tile
+
+
 # --------------------------------------------------------------------------------- the whole plan
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -314,6 +314,7 @@ def train_diffusion(
     force: bool = False,
     device: str = "auto",
     stop_at: int | None = None,
+    batch: int | None = None,
 ) -> TrainResult:
     """Train the conditional latent U-Net of ``cfg`` into ``run/diffusion/``.
 
@@ -322,12 +323,12 @@ def train_diffusion(
     vqgan_run: the run holding the trained VQ-GAN (default: ``run``); it must match ``cfg``'s preset,
         geometry and VQ-GAN config (CheckpointError otherwise), checked before the data is opened. It
         stays frozen.
-    steps: overrides ``cfg.diffusion_train.steps``. resume / force / device / stop_at: see
-    ``lad_fast.train.loop``.
+    steps, batch: override ``cfg.diffusion_train.steps`` and ``batch_size``. resume / force / device /
+    stop_at: see ``lad_fast.train.loop``.
     """
     run = Path(run)
     vqgan_run = Path(vqgan_run) if vqgan_run is not None else run
-    tcfg = replace(cfg.diffusion_train, steps=steps) if steps is not None else cfg.diffusion_train
+    tcfg = cfg.diffusion_train.overridden(steps, batch)
     check_vqgan_run(vqgan_run, cfg)  # before anything is written or encoded
     dataset = training_dataset(data, cfg)
     src = _Sources(run, vqgan_run, dataset, dataset.content_hash())

@@ -29,8 +29,10 @@ def train_pipeline(
     force: bool = False,
     device: str = "auto",
     holdout: float | None = None,
+    batch: int | None = None,
 ) -> Path:
-    """Train every model of a Lad run; returns the run folder. ``steps`` overrides every stage's budget;
+    """Train every model of a Lad run; returns the run folder. ``steps`` and ``batch`` override every
+    stage's budget and batch size;
     ``holdout``: the VQ-GAN's held-out fraction (:func:`lad_fast.train.vqgan.train_vqgan`).
 
     The dataset is opened once (:func:`lad_fast.train.data.training_dataset`) and handed to every stage,
@@ -51,7 +53,7 @@ def train_pipeline(
             f"{dataset.path}: no case has a mask, so the organ segmenter has nothing to learn from (checked "
             "before the VQ-GAN phase, nothing trained); " + how_to_add_masks(dataset.path)
         )
-    common = dict(data=dataset, steps=steps, resume=resume, force=force, device=device)
+    common = dict(data=dataset, steps=steps, batch=batch, resume=resume, force=force, device=device)
 
     say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
     train_vqgan(run, cfg, holdout=holdout, **common)

@@ -1,20 +1,21 @@
 """What one training step of each model costs on a GPU, before any run; the refusal of one that cannot fit.
 
 For the VQ-GAN (with its discriminators and, when its weight is on, the perceptual network), the
-diffusion U-Net (with its EMA weights), the segmenter and the SSL pretraining network, :func:`build_step`
-builds the modules, optimisers, losses and a batch as their trainers do (``lad_fast/train/vqgan.py``,
-``diffusion.py``, ``segmenter.py``, ``ssl.py``: the same constructors, the same loss code) and runs the
-shared loop's step: per phase ``zero_grad(set_to_none)``, the loss under the preset's autocast,
-``backward``, gradient clipping, the optimiser step; then the EMA update. :func:`plan_step` runs it on
-fake tensors on the CUDA kernel path (:mod:`lad_fast.generate.plan` says how and why), after a first step
-that creates the optimiser state, and reports the second: its peak with the breakdown (weights,
-gradients, optimiser state, EMA, inputs, activations, autocast copies, backward and optimiser
-temporaries), FLOPs and a roofline time per GPU. The optimiser is the trainer's, with the foreach
-implementation PyTorch picks for CUDA parameters.
+diffusion U-Net (with its EMA weights), the segmenter, the SSL pretraining network and the fine-tuned
+segmenter, :func:`build_step` builds the modules, optimisers, losses and a batch as their trainers do
+(``lad_fast/train/vqgan.py``, ``diffusion.py``, ``segmenter.py``, ``ssl.py``: the same constructors, the
+same loss code) and runs the shared loop's step: per phase ``zero_grad(set_to_none)``, the loss under the
+training config's autocast, ``backward``, gradient clipping, the optimiser step; then the EMA update.
+:func:`plan_step` runs it on fake tensors on the CUDA kernel path (:mod:`lad_fast.generate.plan`), from
+the state a previous step leaves (optimiser state created, gradients held), and reports its peak with
+the breakdown (weights, gradients, optimiser state, EMA, inputs, activations, autocast copies, backward
+and optimiser temporaries), FLOPs and a roofline time per GPU. The optimiser is the trainer's, with the
+foreach implementation PyTorch picks for CUDA parameters.
 
 What is not modelled: ``torch.compile`` (the loop compiles on CUDA when ``compile`` is on; the trace is
-the eager step, whose peak and memory traffic a compiled graph can only lower), workspaces of cuDNN,
-cuBLAS and Triton, and the allocator's rounding (the fit rule keeps 10% of the GPU for them,
+the eager step, whose peak and memory traffic a compiled graph can only lower), DDP's gradient buckets
+(about one more copy of the gradients per rank under torchrun), workspaces of cuDNN, cuBLAS and Triton,
+and the allocator's rounding (the fit rule keeps 10% of the GPU for them,
 :data:`lad_fast.utils.gpu_specs.FIT_FRACTION`).
 
 :func:`check_fits` is what ``lad-fast train`` calls on CUDA before any work: it raises a one-line
@@ -37,7 +38,9 @@ from lad_fast.generate.plan import fake_module, largest_fitting, on_meta, tracin
 from lad_fast.utils.fake_trace import TensorTracker, Trace
 from lad_fast.utils.gpu_specs import GPU, roofline_seconds
 
-MODELS = ("vqgan", "diffusion", "segmenter", "ssl")
+# The models the shared loop trains, by their run folder names (lad_fast.runs.rundir.MODELS); "finetune"
+# is the segmenter fine-tuned from SSL pretraining, on its own budget.
+MODELS = ("vqgan", "diffusion", "segmenter", "ssl", "finetune")
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 LossFn = Callable[[Mapping[str, nn.Module], dict[str, Any], int], "tuple[torch.Tensor, Any]"]
@@ -65,11 +68,15 @@ class TrainStep:
     ema: Any = None
     foreach: bool | None = None
 
-    def run(self, step: int, mark: Callable[[str], Any] | None = None) -> None:
+    def run(self, step: int, tracker: TensorTracker | None = None) -> None:
         """Every phase active at ``step``, then the EMA update: the loop's step without its guards.
-        ``mark(name)`` (a context manager, e.g. :meth:`TensorTracker.category`) wraps each part."""
-        mark = mark or (lambda name: contextlib.nullcontext())
+        ``tracker``: each part of the step is a category of it (activations, backward and optimiser
+        temporaries)."""
         amp = AMP[self.tcfg.amp]
+
+        def mark(name: str, autocast: torch.dtype | None = None) -> Any:
+            return tracker.category(name, autocast) if tracker is not None else contextlib.nullcontext()
+
         for ph in self.phases:
             if step < ph.start_step:
                 continue
@@ -78,7 +85,7 @@ class TrainStep:
             # A plan's fake tensors are CPU ones (lad_fast/utils/fake_trace.py says why): CPU autocast stands
             # in for CUDA's, with the same lower-precision list for convolutions and matrix products.
             ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
-            with mark("activations"), ctx:
+            with mark("activations", amp), ctx:
                 loss, _ = ph.loss(self.modules, self.batch, step)
             with mark("backward temporaries"):
                 loss.backward()
@@ -126,7 +133,7 @@ class TrainStep:
         ]
         try:
             with tracker:
-                self.run(step, tracker.category)
+                self.run(step, tracker)
         finally:
             for h in handles:
                 h.remove()
@@ -143,14 +150,15 @@ _Built = tuple[dict[str, nn.Module], list[nn.Module], list[_Phase], dict[str, An
 
 
 def train_config(cfg: LadConfig, model: str) -> TrainConfig:
-    """The training config of ``model`` in ``cfg`` (SSL pretraining: its budget for the preset)."""
-    if model == "ssl":
-        from lad_fast.ssl.settings import PRETRAIN
-        from lad_fast.ssl.settings import train_config as ssl_config
-
-        return ssl_config(PRETRAIN, cfg.preset, None, 0)
+    """The training config of ``model`` in ``cfg`` (SSL pretraining and fine-tuning: their budgets for
+    the preset, :mod:`lad_fast.ssl.settings`)."""
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}; plan one of {', '.join(MODELS)}")
+    if model in ("ssl", "finetune"):
+        from lad_fast.ssl.settings import FINETUNE, PRETRAIN
+        from lad_fast.ssl.settings import train_config as ssl_config
+
+        return ssl_config(PRETRAIN if model == "ssl" else FINETUNE, cfg.preset, None, 0)
     return getattr(cfg, f"{model}_train")
 
 
@@ -206,9 +214,12 @@ def _diffusion(cfg: LadConfig, b: int, tcfg: TrainConfig) -> _Built:
     latent = (cfg.vqgan.code_dim, *(s // f for s in cfg.geometry.shape))
     struct = structure_dim(cfg.geometry.shape[0], cfg.condition)
     net = build_unet(cfg.unet, cfg.condition, latent[0], struct)
-    sched = make_schedule(cfg.diffusion)
 
     def loss(mods: Mapping[str, nn.Module], batch: dict[str, Any], step: int) -> tuple[torch.Tensor, Any]:
+        # A DDPM schedule's tables are data the loss indexes: made here, as the traced step's own tensors
+        # (a few KB), not on the meta device where the modules are built.
+        with torch.device("cpu"):
+            sched = make_schedule(cfg.diffusion)
         # train/diffusion.py's loss: the embedding on the bare module, the spatial condition beside x
         emb = net.embed_condition(batch["content"], batch["structure"], batch["keep"])
         model = mods["model"]
@@ -273,9 +284,16 @@ def _ssl(cfg: LadConfig, b: int, tcfg: TrainConfig) -> _Built:
 
 
 def build_step(
-    cfg: LadConfig, model: str, batch: int | None = None, *, fake: bool = True, gpu: bool = True
+    cfg: LadConfig,
+    model: str,
+    batch: int | None = None,
+    *,
+    tcfg: TrainConfig | None = None,
+    fake: bool = True,
+    gpu: bool = True,
 ) -> TrainStep:
-    """``model``'s training step at ``batch`` (default: the preset's), built as its trainer builds it.
+    """``model``'s training step at ``batch`` (default: the training config's), built as its trainer
+    builds it. tcfg: the training config (default: :func:`train_config`; the loop passes its own).
 
     fake: built for a plan, inside :func:`lad_fast.generate.plan.tracing` (modules on the meta device,
     then given fake weights: nothing is allocated); False builds real CPU modules, to run a real step.
@@ -284,7 +302,9 @@ def build_step(
     """
     from lad_fast.train.ema import EMA
 
-    tcfg = train_config(cfg, model)
+    tcfg = tcfg or train_config(cfg, model)
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; plan one of {', '.join(MODELS)}")
     b = tcfg.batch_size if batch is None else batch
     if b < 1:
         raise ConfigError(f"--batch must be at least 1, got {b}")
@@ -296,6 +316,7 @@ def build_step(
         "diffusion": lambda: _diffusion(cfg, b, tcfg),
         "segmenter": lambda: _segmenter(cfg, b, tcfg),
         "ssl": lambda: _ssl(cfg, b, tcfg),
+        "finetune": lambda: _segmenter(cfg, b, tcfg),  # train/ssl.py finetune: the segmenter's loss
     }[model]
     with on_meta() if fake else contextlib.nullcontext():
         modules, helpers, phases, inputs = build()
@@ -384,12 +405,14 @@ class StepPlan:
         return sum(n * roofline_seconds(costs, gpu) for n, costs in self.regimes) / 3600.0
 
 
-def plan_step(cfg: LadConfig, model: str, batch: int | None = None, gpu: bool = True) -> StepPlan:
-    """Trace ``model``'s training step of ``cfg`` at ``batch`` (default: the preset's) on fake tensors:
-    on the CUDA path (``gpu``) or the CPU's."""
-    tcfg = train_config(cfg, model)
+def plan_step(
+    cfg: LadConfig, model: str, batch: int | None = None, gpu: bool = True, tcfg: TrainConfig | None = None
+) -> StepPlan:
+    """Trace ``model``'s training step of ``cfg`` at ``batch`` (default: the training config's) on fake
+    tensors: on the CUDA path (``gpu``) or the CPU's. tcfg: as :func:`build_step`."""
+    tcfg = tcfg or train_config(cfg, model)
     with tracing(gpu):
-        step = build_step(cfg, model, batch, gpu=gpu)
+        step = build_step(cfg, model, batch, tcfg=tcfg, gpu=gpu)
         # Regimes: steps whose phases differ (the VQ-GAN's discriminator phase from gan_start_step on).
         starts = sorted({0, *(ph.start_step for ph in step.phases if 0 < ph.start_step < tcfg.steps)})
         bounds = [*starts, tcfg.steps]
@@ -427,30 +450,59 @@ def plan_training(cfg: LadConfig, batch: int | None = None, gpu: bool = True) ->
 # ------------------------------------------------------------------------------------ the refusal
 
 
-def check_fits(cfg: LadConfig, model: str, batch: int, memory: int, name: str = "this GPU") -> StepPlan:
-    """Raise ConfigError, in one line, when ``model``'s training step at ``batch`` is predicted not to fit
-    ``memory`` bytes (the fraction :data:`~lad_fast.utils.gpu_specs.FIT_FRACTION` of it); the message
-    names the largest batch that fits. Returns the plan otherwise. ``name`` names the GPU in the message.
+def check_fits(
+    cfg: LadConfig, model: str, tcfg: TrainConfig, memory: int, name: str = "this GPU"
+) -> StepPlan:
+    """What ``lad-fast train`` calls on CUDA before any work: ConfigError, in one line, when ``model``'s
+    training step with ``tcfg`` (its batch, amp, EMA) is predicted not to fit ``memory`` bytes (at most
+    :data:`~lad_fast.utils.gpu_specs.FIT_FRACTION` of them), naming the largest batch whose traced step
+    fits. Returns the plan otherwise. ``name`` names the GPU in the message.
     """
-    plan = plan_step(cfg, model, batch)
+    plan = plan_step(cfg, model, tcfg=tcfg)
     gpu = GPU(name, memory)
     if plan.peak <= gpu.usable:
         return plan
-    fits = _largest_traced(cfg, model, plan, gpu)
+    fits = _largest_traced(cfg, model, tcfg, plan, gpu)
     GiB = 2**30
-    advice = f"use --batch {fits} or less" if fits else "no batch fits: use a GPU with more memory"
+    advice = (
+        f"use --batch {fits} or less ({SKIP_ENV}=1 skips this check)"
+        if fits
+        else "no batch fits: use a GPU with more memory"
+    )
     raise ConfigError(
-        f"{model} training at batch {batch} needs {plan.peak / GiB:.1f} GiB (predicted), more than the "
-        f"{gpu.usable / GiB:.1f} GiB usable of {name}'s {memory / GiB:.1f} GiB; {advice}"
+        f"{model} training at batch {tcfg.batch_size} needs {plan.peak / GiB:.1f} GiB (predicted), more "
+        f"than the {gpu.usable / GiB:.1f} GiB usable of {name}'s {memory / GiB:.1f} GiB; {advice}"
     )
 
 
-def _largest_traced(cfg: LadConfig, model: str, plan: StepPlan, gpu: GPU) -> int:
-    """The largest batch whose traced peak fits: the prediction of :meth:`StepPlan.largest_batch`,
-    checked by tracing it (and lowered until a trace fits)."""
+SKIP_ENV = "LAD_FAST_SKIP_PLAN"
+
+
+def check_device(cfg: LadConfig, model: str, tcfg: TrainConfig, device: torch.device) -> StepPlan | None:
+    """The check :func:`lad_fast.train.loop.train` makes before any work: on a CUDA device,
+    :func:`check_fits` against the device's memory (the batch is per process: under torchrun each rank
+    holds its own). Nothing on other devices, where no plan is made, and nothing when ``LAD_FAST_SKIP_PLAN=1``
+    (the plan is a prediction; a user who measured a batch that fits may overrule it)."""
+    import os
+
+    if device.type != "cuda" or os.environ.get(SKIP_ENV) == "1":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return check_fits(cfg, model, tcfg, props.total_memory, props.name)
+
+
+def _largest_traced(cfg: LadConfig, model: str, tcfg: TrainConfig, plan: StepPlan, gpu: GPU) -> int:
+    """The largest batch below ``plan``'s whose traced peak fits: :meth:`StepPlan.largest_batch`'s
+    prediction, moved until the traces agree."""
+
+    def fits(b: int) -> bool:
+        return plan_step(cfg, model, b, tcfg=tcfg).peak <= gpu.usable
+
     b = min(plan.largest_batch(gpu), plan.batch - 1)
-    while b > 0 and plan_step(cfg, model, b).peak > gpu.usable:
+    while b > 0 and not fits(b):
         b -= 1
+    while b + 1 < plan.batch and fits(b + 1):
+        b += 1
     return b
 
 

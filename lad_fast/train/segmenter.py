@@ -18,7 +18,7 @@ labelled cases and :func:`predict_masks` writes a mask and structure condition f
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -245,16 +245,17 @@ def train_segmenter(
     force: bool = False,
     device: str = "auto",
     stop_at: int | None = None,
+    batch: int | None = None,
 ) -> TrainResult:
     """Train the segmenter of ``cfg`` on the labelled cases of a prepared dataset into ``run/segmenter/``.
 
     data: a prepared dataset at ``cfg.preset``, open or a folder (default: the built-in phantoms;
         :func:`lad_fast.train.data.training_dataset`); only cases with a mask are used, the train split
         for training and the held-out split for the Dice logged at the end.
-    steps: overrides ``cfg.segmenter_train.steps``. resume / force / device / stop_at: see
-    ``lad_fast.train.loop``.
+    steps, batch: override ``cfg.segmenter_train.steps`` and ``batch_size``. resume / force / device /
+    stop_at: see ``lad_fast.train.loop``.
     """
-    tcfg = replace(cfg.segmenter_train, steps=steps) if steps is not None else cfg.segmenter_train
+    tcfg = cfg.segmenter_train.overridden(steps, batch)
     dataset = training_dataset(data, cfg)
     split = labelled_split(dataset)
     build = partial(_segmenter_job, cfg=cfg, tcfg=tcfg, dataset=dataset, split=split)

@@ -440,12 +440,13 @@ def train_vqgan(
     device: str | torch.device = "auto",
     stop_at: int | None = None,
     holdout: float | None = None,
+    batch: int | None = None,
 ) -> TrainResult:
     """Train the VQ-GAN of ``cfg`` into ``run/vqgan/`` on the train split of ``data``.
 
     data: a prepared dataset at ``cfg.preset``, open or a folder (default: the cached phantoms of that
         preset; :func:`lad_fast.train.data.training_dataset`).
-    steps: overrides ``cfg.vqgan_train.steps`` (recorded in the run's config.json).
+    steps, batch: override ``cfg.vqgan_train.steps`` and ``batch_size`` (recorded in the run's config.json).
     resume / force / device / stop_at: as :func:`lad_fast.train.loop.train`.
     holdout: fraction of the cases (the last ones by id, at least one) held out for the reconstruction
         report; 0 evaluates on the training cases. Default: the resumed checkpoint's, else 0.2.
@@ -455,8 +456,7 @@ def train_vqgan(
     damaged checkpoint or other data on resume, OutputExistsError for a run folder that is not a
     lad-fast run, all before anything is written.
     """
-    if steps is not None:
-        cfg = replace(cfg, vqgan_train=replace(cfg.vqgan_train, steps=steps))
+    cfg = replace(cfg, vqgan_train=cfg.vqgan_train.overridden(steps, batch))
     dataset = training_dataset(data, cfg)
     if tuple(dataset.geometry.shape) != tuple(cfg.geometry.shape):
         raise ConfigError(

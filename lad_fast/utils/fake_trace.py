@@ -18,7 +18,7 @@ For each op it
   peak is ``max_memory_allocated``. Storages are tagged with a category (the caller's current
   :meth:`TensorTracker.category`, or one given to :meth:`TensorTracker.track` /
   :meth:`TensorTracker.retag`), so the peak comes with its breakdown, overall and within each category
-  block (:attr:`Trace.block_peaks`); casts to the autocast dtype are tagged "autocast copies";
+  block (:attr:`Trace.block_peaks`); casts to the autocast dtype of a block are "autocast copies";
 - counts FLOPs with ``torch.utils.flop_counter``'s formulas (matrix products, convolutions, attention;
   2 per multiply-add) plus :data:`CUSTOM_FLOPS`, formulas for lad-fast's own custom ops, which the
   flop counter does not know;
@@ -160,19 +160,23 @@ class TensorTracker(TorchDispatchMode):
         self._by: Counter[str] = Counter()
         self._storages: dict[int, tuple[weakref.ref, int, str]] = {}
         self._category = "other"
+        self._autocast: torch.dtype | None = None
         self._autocast_copy = False
         self._flop_registry = _aten_flop_registry()
 
     # ------------------------------------------------------------------ categories
 
     @contextlib.contextmanager
-    def category(self, name: str) -> Iterator[None]:
-        """Storages first seen inside the block are counted under ``name``."""
-        old, self._category = self._category, name
+    def category(self, name: str, autocast: torch.dtype | None = None) -> Iterator[None]:
+        """Storages first seen inside the block are counted under ``name``; with ``autocast`` (the dtype of
+        an autocast region the block runs in), casts to that dtype under "autocast copies". (Autocast
+        is not visible from inside the dispatch, so the caller says.)"""
+        old = self._category, self._autocast
+        self._category, self._autocast = name, autocast
         try:
             yield
         finally:
-            self._category = old
+            self._category, self._autocast = old
 
     def track(self, tensors: Iterable[torch.Tensor], category: str) -> None:
         """Count these (already allocated) tensors as live, under ``category``."""
@@ -247,7 +251,11 @@ class TensorTracker(TorchDispatchMode):
             out = self._assume(func, args, kwargs)
             self.trace.assumed[func.overloadpacket.__name__] += 1
         outputs = _tensors(out)
-        self._autocast_copy = func.overloadpacket is aten._to_copy and _to_autocast_dtype(outputs)
+        self._autocast_copy = (
+            self._autocast is not None
+            and func.overloadpacket is aten._to_copy
+            and all(t.dtype == self._autocast for t in outputs)
+        )
         for t in outputs:
             self._see(t)
         self._autocast_copy = False
@@ -306,15 +314,6 @@ class TensorTracker(TorchDispatchMode):
             f"planning cannot run {func} on fake tensors (its result depends on tensor values); give it an "
             "assumption in TensorTracker._assume (lad_fast/utils/fake_trace.py)"
         )
-
-
-def _to_autocast_dtype(outputs: list[torch.Tensor]) -> bool:
-    """Whether a cast's outputs are in the autocast dtype of their device while autocast is on."""
-    for t in outputs:
-        kind = t.device.type
-        if torch.is_autocast_enabled(kind) and t.dtype == torch.get_autocast_dtype(kind):
-            return True
-    return False
 
 
 def _aten_flop_registry() -> dict[Any, Callable[..., int]]:

@@ -101,3 +101,33 @@ def test_generation_plan_per_gpu(tiny):
     tiny_gpu = GPU("small", plan.sampling.peak // 2)
     assert plan.decode_choice(tiny, tiny_gpu) is None and plan.largest_batch(tiny_gpu) == 0
     assert plan.volumes_per_hour(tiny_gpu) is None  # no rates: memory only
+
+
+def test_generate_on_cuda_decodes_as_the_plan_decides(tiny, monkeypatch):
+    """planned_tile, what generate calls on CUDA: whole with room to spare, the chosen tile on a GPU
+    whose free memory leaves less than the whole decode, a refusal without room; nothing with a budget
+    set by hand (the per-volume estimate applies)."""
+    from lad_fast.generate.plan import plan_sampling, planned_tile
+    from lad_fast.generate.tiled import BUDGET_ENV
+    from lad_fast.utils.gpu_specs import FIT_FRACTION
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    cuda = torch.device("cuda", 0)
+    sampling, whole = plan_sampling(tiny, 2), plan_decode(tiny)
+    total = 80 * GiB
+    kept = int((1 - FIT_FRACTION) * total)  # decode_budget keeps this share free
+    beside = sampling.peak - sampling.weights
+
+    def free(memory: int) -> None:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory, total))
+
+    free(total)
+    assert planned_tile(tiny, cuda, 2) == 0
+    free(kept + beside + int(0.6 * whole.working))
+    tile = planned_tile(tiny, cuda, 2)
+    assert tile == choose_decode(tiny, int(0.6 * whole.working)).tile and tile >= 1
+    free(kept)
+    with pytest.raises(ConfigError, match="no GPU memory is left for decoding beside sampling"):
+        planned_tile(tiny, cuda, 2)
+    monkeypatch.setenv(BUDGET_ENV, "64")
+    assert planned_tile(tiny, cuda, 2) is None

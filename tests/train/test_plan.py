@@ -4,6 +4,7 @@ scaling, the refusal of a batch that cannot fit, and ``lad-fast plan``."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from lad_fast.cli.app import main
 from lad_fast.config import get_preset
 from lad_fast.errors import ConfigError
 from lad_fast.generate.plan import GPU_OPS, tracing
-from lad_fast.train.plan import build_step, check_fits, plan_step
+from lad_fast.train.plan import build_step, check_fits, plan_step, train_config
 
 GiB = 2**30
 
@@ -52,6 +53,13 @@ def test_the_cuda_plan_runs_lad_fasts_triton_ops(tiny):
     assert not any(op.startswith("aten::_scaled_dot_product") for op in ops)
 
 
+def test_the_ssl_budgets_are_planned(tiny):
+    assert train_config(tiny, "ssl").steps == 600 and train_config(tiny, "finetune").steps == 300
+    with tracing():
+        finetune = build_step(tiny, "finetune")
+    assert type(finetune.modules["model"]).__name__ == "Segmenter" and finetune.tcfg.batch_size == 2
+
+
 def test_peak_at_another_batch_agrees_with_its_trace(tiny):
     plan = plan_step(tiny, "segmenter", 1)
     traced = plan_step(tiny, "segmenter", 3)
@@ -62,8 +70,6 @@ def test_peak_at_another_batch_agrees_with_its_trace(tiny):
 def test_the_vqgan_plan_covers_both_of_its_regimes():
     """lad: GAN terms from step 50,000 of 100,000; the peak is the GAN step's, the hours sum both parts."""
     cfg = get_preset("lad")
-    from dataclasses import replace
-
     cfg = replace(cfg, geometry=replace(cfg.geometry, shape=(16, 64, 64)))  # small volumes, same models
     plan = plan_step(cfg, "vqgan")
     assert [n for n, _ in plan.regimes] == [50_000, 50_000]
@@ -75,7 +81,8 @@ def test_the_vqgan_plan_covers_both_of_its_regimes():
 
 
 def test_a_batch_that_fits_is_planned(tiny):
-    plan = check_fits(tiny, "segmenter", 2, 8 * GiB, "a test GPU")
+    tcfg = replace(tiny.segmenter_train, batch_size=2)
+    plan = check_fits(tiny, "segmenter", tcfg, 8 * GiB, "a test GPU")
     assert plan.batch == 2 and plan.peak < 8 * GiB
 
 
@@ -84,7 +91,7 @@ def test_a_batch_that_cannot_fit_is_refused_naming_the_largest_that_does(tiny):
     one = plan_step(tiny, "segmenter", 1).peak
     memory = int(3.5 * one / 0.9)  # room for about three samples
     with pytest.raises(ConfigError) as err:
-        check_fits(tiny, "segmenter", 8, memory, "a test GPU")
+        check_fits(tiny, "segmenter", replace(tiny.segmenter_train, batch_size=8), memory, "a test GPU")
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("segmenter training at batch 8 needs ")
@@ -96,7 +103,7 @@ def test_a_batch_that_cannot_fit_is_refused_naming_the_largest_that_does(tiny):
 
 def test_no_batch_fits_says_so(tiny):
     with pytest.raises(ConfigError, match="no batch fits: use a GPU with more memory"):
-        check_fits(tiny, "vqgan", 2, 2**20, "a test GPU")
+        check_fits(tiny, "vqgan", tiny.vqgan_train, 2**20, "a test GPU")
 
 
 def test_unknown_model_and_bad_batch_are_refused(tiny):
@@ -114,7 +121,7 @@ def test_cli_plan_prints_every_model_as_predicted(capsys):
     assert exc.value.code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["label"] == "predicted" and list(report["gpus"]) == ["h100"]
-    assert [t["model"] for t in report["training"]] == ["vqgan", "diffusion", "segmenter", "ssl"]
+    assert [t["model"] for t in report["training"]] == ["vqgan", "diffusion", "segmenter", "ssl", "finetune"]
     for t in report["training"]:
         h100 = t["per_gpu"]["h100"]
         assert t["peak_gib"] > 0 and t["tflop_per_step"] > 0 and h100["step_s"] > 0
@@ -135,3 +142,87 @@ def test_cli_plan_text_and_a_bad_gpu(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lad-fast: error: --gpu 'v100': give one of a100-40") and "\n" not in err
+
+
+def test_autocast_halves_activations_and_counts_its_copies(tiny):
+    fp32 = plan_step(tiny, "segmenter", 1)
+    bf16 = plan_step(replace(tiny, segmenter_train=replace(tiny.segmenter_train, amp="bf16")), "segmenter", 1)
+    assert bf16.amp == "bf16" and bf16.peak_by.get("autocast copies", 0) > 0
+    assert bf16.peak_by["activations"] < 0.75 * fp32.peak_by["activations"]
+
+
+class _Props:
+    def __init__(self, memory: int) -> None:
+        self.total_memory, self.name = memory, "Test GPU 1 MiB"
+
+
+def test_train_on_cuda_refuses_a_batch_that_cannot_fit(tiny, monkeypatch):
+    from lad_fast.train.plan import SKIP_ENV, check_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props(2**20))
+    with pytest.raises(ConfigError) as err:
+        check_device(tiny, "vqgan", tiny.vqgan_train, torch.device("cuda", 0))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("vqgan training at batch 2 needs ")
+    assert "Test GPU 1 MiB's 0.0 GiB; no batch fits: use a GPU with more memory" in message
+    # No plan on the CPU, nor when the user overrules the prediction.
+    assert check_device(tiny, "vqgan", tiny.vqgan_train, torch.device("cpu")) is None
+    monkeypatch.setenv(SKIP_ENV, "1")
+    assert check_device(tiny, "vqgan", tiny.vqgan_train, torch.device("cuda", 0)) is None
+
+
+def test_the_training_loop_checks_before_the_run_folder_is_touched(tiny, tmp_path, monkeypatch):
+    import lad_fast.train.plan as plan
+    from lad_fast.train.segmenter import train_segmenter
+
+    seen = []
+
+    def refuse(cfg, model, tcfg, device):
+        seen.append((model, tcfg.batch_size, device.type))
+        raise ConfigError("refused by the plan")
+
+    monkeypatch.setattr(plan, "check_device", refuse)
+    with pytest.raises(ConfigError, match="refused by the plan"):
+        train_segmenter(tmp_path / "run", tiny, steps=1, batch=1, device="cpu")
+    assert seen == [("segmenter", 1, "cpu")] and not (tmp_path / "run").exists()
+
+
+def test_steps_and_batch_override_the_training_config(tiny):
+    tcfg = tiny.vqgan_train
+    assert tcfg.overridden() is tcfg
+    assert tcfg.overridden(batch=1) == replace(tcfg, batch_size=1)
+    assert tcfg.overridden(7, 3) == replace(tcfg, steps=7, batch_size=3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "function"),
+    [
+        (["train"], "lad_fast.train.pipeline", "train_pipeline"),
+        (["train", "vqgan"], "lad_fast.train.vqgan", "train_vqgan"),
+        (["train", "segmenter"], "lad_fast.train.segmenter", "train_segmenter"),
+        (["train", "diffusion"], "lad_fast.train.diffusion", "train_diffusion"),
+    ],
+)
+def test_train_commands_pass_batch(argv, module, function, monkeypatch, tmp_path):
+    import importlib
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return tmp_path if function == "train_pipeline" else SimpleNamespace(step=1, checkpoint=None)
+
+    monkeypatch.setattr(importlib.import_module(module), function, record)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--run", str(tmp_path / "r"), "--batch", "3", "--steps", "1"])
+    assert exc.value.code == 0 and seen["batch"] == 3 and seen["steps"] == 1
+
+
+def test_a_ddpm_schedule_is_planned():
+    """lad-official trains with a DDPM schedule whose tables the loss indexes (tiny uses flow matching)."""
+    cfg = get_preset("lad-official")  # at 32x64x64: the content vector shrinks with the latent (512 -> 32)
+    cond = replace(cfg.condition, content_dim=32, embed_dim=cfg.condition.embed_dim - 512 + 32)
+    cfg = replace(cfg, geometry=replace(cfg.geometry, shape=(32, 64, 64)), condition=cond)
+    plan = plan_step(cfg, "diffusion", 1)
+    assert plan.peak > 0 and plan.flops > 0
