@@ -479,7 +479,7 @@ SKIP_ENV = "LAD_FAST_SKIP_PLAN"
 
 
 def check_device(cfg: LadConfig, model: str, tcfg: TrainConfig, device: torch.device) -> StepPlan | None:
-    """The check :func:`lad_fast.train.loop.train` makes before any work: on a CUDA device,
+    """The check ``lad-fast train`` makes before any work (``cli/train_cmds.py``): on a CUDA device,
     :func:`check_fits` against the device's memory (the batch is per process: under torchrun each rank
     holds its own). Nothing on other devices, where no plan is made, and nothing when ``LAD_FAST_SKIP_PLAN=1``
     (the plan is a prediction; a user who measured a batch that fits may overrule it)."""
