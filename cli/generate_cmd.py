@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from lad_fast.cli.options import ForceOpt, SeedOpt
+from lad_fast.config import GENERATE_BATCH
 
 
 class Sampler(str, Enum):
@@ -65,7 +66,7 @@ def generate(
         ),
     ] = None,
     augment: Annotated[int, typer.Option(help="Augmented variants per source mask (0: none).")] = 4,
-    batch: Annotated[int, typer.Option(help="Volumes per sampler call.")] = 4,
+    batch: Annotated[int, typer.Option(help="Volumes per sampler call.")] = GENERATE_BATCH,
     seed: SeedOpt = 0,
     backend: Annotated[Backend, typer.Option(help="Denoiser backend.")] = Backend.torch,
     force: ForceOpt = False,

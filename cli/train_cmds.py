@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -18,6 +18,9 @@ from lad_fast.cli.options import (
     StepsOpt,
     resolve_run,
 )
+
+if TYPE_CHECKING:
+    from lad_fast.config import LadConfig
 
 train_app = typer.Typer(
     help="Train the models. Without a subcommand: the whole pipeline on the given data (default: phantoms).",
@@ -39,6 +42,24 @@ HoldoutOpt = Annotated[
 ]
 
 
+def _check_memory(
+    cfg: LadConfig, models: tuple[str, ...], device: str, steps: int | None, batch: int | None
+) -> None:
+    """On CUDA, before anything is read or written: each model's training step at the batch it will
+    train with must fit the GPU (:func:`lad_fast.train.plan.check_device`: one line naming the largest
+    batch that does). The whole pipeline checks the VQ-GAN and the diffusion model, which it always
+    trains; a segmenter it trains for unlabelled cases is checked by ``train segmenter`` only."""
+    from lad_fast.utils.devices import choose_device, resolve_device
+
+    dev = resolve_device(choose_device(device))
+    if dev.type != "cuda":
+        return
+    from lad_fast.train.plan import check_device
+
+    for model in models:
+        check_device(cfg, model, getattr(cfg, f"{model}_train").overridden(steps, batch), dev)
+
+
 @train_app.callback()
 def pipeline(
     ctx: typer.Context,
@@ -57,6 +78,8 @@ def pipeline(
         return
     from lad_fast.config import get_preset
     from lad_fast.train.pipeline import train_pipeline
+
+    _check_memory(get_preset(preset.value), ("vqgan", "diffusion"), device, steps, batch)
 
     path = train_pipeline(
         resolve_run(run),
@@ -88,6 +111,8 @@ def vqgan(
     from lad_fast.config import get_preset
     from lad_fast.train.vqgan import train_vqgan
 
+    _check_memory(get_preset(preset.value), ("vqgan",), device, steps, batch)
+
     result = train_vqgan(
         resolve_run(run),
         get_preset(preset.value),
@@ -116,6 +141,8 @@ def segmenter(
     """The built-in organ segmenter, on the labelled cases of a prepared dataset."""
     from lad_fast.config import get_preset
     from lad_fast.train.segmenter import train_segmenter
+
+    _check_memory(get_preset(preset.value), ("segmenter",), device, steps, batch)
 
     result = train_segmenter(
         resolve_run(run),
@@ -147,6 +174,8 @@ def diffusion(
     """Phase 2: the conditional latent diffusion model with classifier-free guidance."""
     from lad_fast.config import get_preset
     from lad_fast.train.diffusion import train_diffusion
+
+    _check_memory(get_preset(preset.value), ("diffusion",), device, steps, batch)
 
     result = train_diffusion(
         resolve_run(run),

@@ -177,6 +177,10 @@ class SegmenterConfig:
     groups: int = 8
 
 
+# Volumes per sampler call: lad-fast generate's default --batch (and the plan's sampling batch).
+GENERATE_BATCH = 4
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100_000

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from lad_fast.config import GENERATE_BATCH
 from lad_fast.errors import CheckpointError, ConfigError, InputError
 from lad_fast.generate.generator import Generator, load_generator
 from lad_fast.generate.jobs import (
@@ -525,7 +526,7 @@ def generate(
     eta: float | None = None,
     masks: Path | None = None,
     augment: int = 4,
-    batch: int = 4,
+    batch: int = GENERATE_BATCH,
     seed: int = 0,
     backend: str = "torch",
     force: bool = False,

@@ -143,13 +143,6 @@ def _build(cfg: LadConfig) -> tuple[nn.Module, Any, tuple[int, ...], int]:
     return fake_module(net).eval(), fake_module(vq).eval(), latent, struct
 
 
-def sampling_batch_default() -> int:
-    """``lad-fast generate``'s default ``--batch``."""
-    from lad_fast.generate.generate import generate
-
-    return int(inspect.signature(generate).parameters["batch"].default)
-
-
 # --------------------------------------------------------------------------------- sampling
 
 
@@ -423,7 +416,9 @@ class GenerationPlan:
 
 def plan_generation(cfg: LadConfig, batch: int | None = None, gpu: bool = True) -> GenerationPlan:
     """Plan ``lad-fast generate`` with ``cfg`` at ``batch`` (default: its default ``--batch``)."""
-    b = sampling_batch_default() if batch is None else batch
+    from lad_fast.config import GENERATE_BATCH
+
+    b = GENERATE_BATCH if batch is None else batch
     return GenerationPlan(
         plan_sampling(cfg, b, gpu), plan_decode(cfg, None, gpu), plan_decode(cfg, example_tile(cfg), gpu)
     )

@@ -561,13 +561,8 @@ def train(
     from lad_fast.utils.threads import apply_thread_policy
 
     apply_thread_policy()  # torch threads from the CPU affinity
-    from lad_fast.train.plan import check_device
-
-    def fits(dev: torch.device) -> None:  # a batch that cannot fit is refused before any work
-        check_device(config, model, cfg, dev)
-
     setup, ckpt = open_run(run, config, model, cfg.seed, resume=resume, force=force, fallback=fallback,
-                           device=device, data_hash=data_hash, check=fits)  # fmt: skip
+                           device=device, data_hash=data_hash)  # fmt: skip
     job = build(setup)
     _check_job(model, cfg, job, ckpt)
     loop = _Loop(model, cfg, setup, job, keep)

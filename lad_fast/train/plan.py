@@ -479,7 +479,7 @@ SKIP_ENV = "LAD_FAST_SKIP_PLAN"
 
 
 def check_device(cfg: LadConfig, model: str, tcfg: TrainConfig, device: torch.device) -> StepPlan | None:
-    """The check :func:`lad_fast.train.loop.train` makes before any work: on a CUDA device,
+    """The check ``lad-fast train`` makes before any work (``cli/train_cmds.py``): on a CUDA device,
     :func:`check_fits` against the device's memory (the batch is per process: under torchrun each rank
     holds its own). Nothing on other devices, where no plan is made, and nothing when ``LAD_FAST_SKIP_PLAN=1``
     (the plan is a prediction; a user who measured a batch that fits may overrule it)."""
@@ -509,81 +509,87 @@ def _largest_traced(cfg: LadConfig, model: str, tcfg: TrainConfig, plan: StepPla
 # ------------------------------------------------------------------------------------ the report
 
 
-def plan_report(cfg: LadConfig, batch: int | None = None, gpus: Sequence[GPU] = ()) -> dict[str, Any]:
-    """Everything ``lad-fast plan`` prints, as JSON-ready data: each model's training step and
-    ``generate``, per GPU of ``gpus`` (default: every GPU of :data:`~lad_fast.utils.gpu_specs.GPUS`).
-    ``batch`` overrides every training batch and the sampling batch. Bytes are given in GiB."""
-    from lad_fast.generate.plan import example_tile, plan_generation
-    from lad_fast.utils.gpu_specs import BANDWIDTH_EFFICIENCY, FIT_FRACTION, GPUS, MATH_EFFICIENCY
+_GiB = 2**30
 
-    gpus = list(gpus) or list(GPUS.values())
-    gib = 2**30
 
-    def round_by(by: Mapping[str, int]) -> dict[str, float]:
-        return {k: round(v / gib, 3) for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v > 0}
+def _gib_by(by: Mapping[str, int]) -> dict[str, float]:
+    """A breakdown in GiB, largest first, zeros left out."""
+    return {k: round(v / _GiB, 3) for k, v in sorted(by.items(), key=lambda kv: -kv[1]) if v > 0}
 
-    def rounded(x: float | None, digits: int) -> float | None:
-        return None if x is None else round(x, digits)
 
-    training = []
-    for p in plan_training(cfg, batch):
-        training.append(
-            {
-                "model": p.model,
-                "batch": p.batch,
-                "steps": p.steps,
-                "parameters": p.parameters,
-                "optimizer": p.optimizer,
-                "amp": p.amp,
-                "compile": p.compile,
-                "peak_gib": round(p.peak / gib, 3),
-                "peak_by_gib": round_by(p.peak_by),
-                "tflop_per_step": round(p.flops / 1e12, 3),
-                "per_gpu": {
-                    g.name: {
-                        "fits": p.peak <= g.usable,
-                        "largest_batch": p.largest_batch(g),
-                        "step_s": rounded(p.seconds(g), 4),
-                        "hours": rounded(p.hours(g), 2),
-                    }
-                    for g in gpus
-                },
+def _rounded(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+def _training_entry(p: StepPlan, gpus: Sequence[GPU]) -> dict[str, Any]:
+    """One model's training step in the report: its peak and FLOPs, and per GPU fit, batch and time."""
+    return {
+        "model": p.model,
+        "batch": p.batch,
+        "steps": p.steps,
+        "parameters": p.parameters,
+        "optimizer": p.optimizer,
+        "amp": p.amp,
+        "compile": p.compile,
+        "peak_gib": round(p.peak / _GiB, 3),
+        "peak_by_gib": _gib_by(p.peak_by),
+        "tflop_per_step": round(p.flops / 1e12, 3),
+        "per_gpu": {
+            g.name: {
+                "fits": p.peak <= g.usable,
+                "largest_batch": p.largest_batch(g),
+                "step_s": _rounded(p.seconds(g), 4),
+                "hours": _rounded(p.hours(g), 2),
             }
-        )
+            for g in gpus
+        },
+    }
+
+
+def _generate_entry(cfg: LadConfig, batch: int | None, gpus: Sequence[GPU]) -> dict[str, Any]:
+    """``generate`` in the report: sampling and decode memory, and per GPU the decode and volumes/hour."""
+    from lad_fast.generate.plan import example_tile, plan_generation
+
     gen = plan_generation(cfg, batch)
     s = gen.sampling
     per_gpu = {}
     for g in gpus:
         choice = gen.decode_choice(cfg, g)
-        decode = (
-            "does not fit"
-            if choice is None
-            else "whole"
-            if choice.tile is None
-            else f"tiles of {choice.tile}"
-        )
+        if choice is None:
+            decode = "does not fit"
+        else:
+            decode = "whole" if choice.tile is None else f"tiles of {choice.tile}"
         per_gpu[g.name] = {
             "fits": choice is not None,
             "largest_batch": gen.largest_batch(g),
             "decode": decode,
-            "volumes_per_hour": rounded(gen.volumes_per_hour(g, choice), 0) if choice is not None else None,
+            "volumes_per_hour": _rounded(gen.volumes_per_hour(g, choice), 0) if choice is not None else None,
         }
-    generate = {
+    return {
         "sampler": s.sampler,
         "steps": s.steps,
         "guidance": s.guidance,
         "batch": s.batch,
         "unet_batch": s.unet_batch,
         "unet_calls": s.calls,
-        "sampling_peak_gib": round(s.peak / gib, 3),
-        "sampling_peak_by_gib": round_by(s.peak_by),
+        "sampling_peak_gib": round(s.peak / _GiB, 3),
+        "sampling_peak_by_gib": _gib_by(s.peak_by),
         "tflop_per_batch": round(s.flops / 1e12, 3),
-        "decode_whole_gib": round(gen.whole.peak / gib, 3),
-        "decode_tiled_gib": round(gen.tiled.peak / gib, 3),
+        "decode_whole_gib": round(gen.whole.peak / _GiB, 3),
+        "decode_tiled_gib": round(gen.tiled.peak / _GiB, 3),
         "decode_tile": example_tile(cfg),
-        "peak_gib": round(gen.peak() / gib, 3),
+        "peak_gib": round(gen.peak() / _GiB, 3),
         "per_gpu": per_gpu,
     }
+
+
+def plan_report(cfg: LadConfig, batch: int | None = None, gpus: Sequence[GPU] = ()) -> dict[str, Any]:
+    """Everything ``lad-fast plan`` prints, as JSON-ready data: each model's training step and
+    ``generate``, per GPU of ``gpus`` (default: every GPU of :data:`~lad_fast.utils.gpu_specs.GPUS`).
+    ``batch`` overrides every training batch and the sampling batch. Bytes are given in GiB."""
+    from lad_fast.utils.gpu_specs import BANDWIDTH_EFFICIENCY, FIT_FRACTION, GPUS, MATH_EFFICIENCY
+
+    gpus = list(gpus) or list(GPUS.values())
     return {
         "preset": cfg.preset,
         "label": "predicted",
@@ -597,12 +603,12 @@ def plan_report(cfg: LadConfig, batch: int | None = None, gpus: Sequence[GPU] = 
         },
         "gpus": {
             g.name: {
-                "memory_gib": round(g.memory / gib, 1),
+                "memory_gib": round(g.memory / _GiB, 1),
                 "bf16_tflops": g.bf16 and g.bf16 / 1e12,
                 "bandwidth_tbs": g.bandwidth and g.bandwidth / 1e12,
             }
             for g in gpus
         },  # fmt: skip
-        "training": training,
-        "generate": generate,
+        "training": [_training_entry(p, gpus) for p in plan_training(cfg, batch)],
+        "generate": _generate_entry(cfg, batch, gpus),
     }

@@ -100,14 +100,10 @@ def open_run(
     fallback: bool = False,
     device: str | torch.device = "cpu",
     data_hash: str | None = None,
-    check: Callable[[torch.device], object] | None = None,
 ) -> tuple[Setup, Checkpoint | None]:
     """(the set-up run, the verified checkpoint to resume or None); see the module docstring and
-    :func:`lad_fast.train.loop.train` for the arguments. ``check(device)`` runs once the device is
-    chosen, before the run folder is touched (the loop's memory check)."""
+    :func:`lad_fast.train.loop.train` for the arguments."""
     dev = resolve_device(choose_device(device))
-    if check is not None:
-        check(dev)
     info = init_distributed(dev)
     model_dir = RunDir(run).model_dir(model)  # validates the name
     existing, ckpt = existing_checkpoint(

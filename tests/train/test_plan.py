@@ -171,20 +171,29 @@ def test_train_on_cuda_refuses_a_batch_that_cannot_fit(tiny, monkeypatch):
     assert check_device(tiny, "vqgan", tiny.vqgan_train, torch.device("cuda", 0)) is None
 
 
-def test_the_training_loop_checks_before_the_run_folder_is_touched(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("argv", "models"),
+    [(["train"], ["vqgan", "diffusion"]), (["train", "segmenter"], ["segmenter"])],
+)
+def test_train_on_cuda_checks_before_the_run_folder_is_touched(argv, models, tmp_path, monkeypatch, capsys):
     import lad_fast.train.plan as plan
-    from lad_fast.train.segmenter import train_segmenter
+    import lad_fast.utils.devices as devices
 
     seen = []
 
     def refuse(cfg, model, tcfg, device):
-        seen.append((model, tcfg.batch_size, device.type))
-        raise ConfigError("refused by the plan")
+        seen.append((model, tcfg.batch_size, str(device)))
+        if model == models[-1]:
+            raise ConfigError(f"{model} refused by the plan")
 
+    monkeypatch.setattr(devices, "choose_device", lambda spec="auto", *a, **k: "cuda:0")
+    monkeypatch.setattr(devices, "resolve_device", lambda spec: torch.device(spec))
     monkeypatch.setattr(plan, "check_device", refuse)
-    with pytest.raises(ConfigError, match="refused by the plan"):
-        train_segmenter(tmp_path / "run", tiny, steps=1, batch=1, device="cpu")
-    assert seen == [("segmenter", 1, "cpu")] and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--run", str(tmp_path / "run"), "--batch", "3", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == f"lad-fast: error: {models[-1]} refused by the plan"
+    assert seen == [(m, 3, "cuda:0") for m in models] and not (tmp_path / "run").exists()
 
 
 def test_steps_and_batch_override_the_training_config(tiny):
