@@ -273,29 +273,76 @@ def predict_masks(
     device: str = "auto",
     force: bool = False,
     min_foreground: float = MIN_FOREGROUND,
+    allow_empty: bool = False,
 ) -> list[str]:
     """Predict canonical masks for the cases of the prepared dataset ``data`` (open, or a folder) that have
     none (every case with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
 
+    A case prepared without a mask (its slice window is the centred one,
+    :func:`lad_fast.data.masks.window_of`) is predicted over the whole height of its source image
+    (:func:`lad_fast.data.masks.source_column`), and its slice window is chosen again from that
+    prediction: image and mask are re-cropped together and the case rewritten whole
+    (:func:`lad_fast.data.masks.recrop_case`), as if they had been prepared together. This changes the
+    case's image, so it is done before any model trains on the dataset (``lad-fast prepare
+    --segmenter``, or ``lad-fast predict-masks`` before ``train``; the main job predicts before its
+    VQ-GAN phase). A case whose window is already set is predicted on its prepared image.
+
     A prediction with organs on fewer than ``min_foreground`` of the voxels (all background, typically an
     undertrained segmenter or an image that is not an abdominal CT) is not recorded: a warning names
-    those cases, and InputError is raised when no case got a plausible mask.
+    those cases, and InputError is raised when no case got a plausible mask. A recorded prediction with
+    none of the window organs inside its final window is refused (InputError), or written with a warning
+    when ``allow_empty`` (:func:`lad_fast.data.masks.check_window_organs`).
 
-    Masks are written by :meth:`PreparedDataset.set_masks` (structure condition of the run's ``condition``
-    config, ``mask_source: "predicted:<run>"``), one batch of cases at a time: each batch's arrays are
-    written atomically, then ``index.json`` once; an interrupted call leaves every case either untouched
-    or complete, and a rerun continues. An open ``data`` is updated in place, so its holder sees the masks.
+    Masks are written one case (re-cropped) or one batch of cases at a time, each atomically with its
+    ``index.json``; an interrupted call leaves every case either untouched or complete, and a rerun
+    continues. An open ``data`` is updated in place, so its holder sees the masks.
     """
     dataset = data if isinstance(data, PreparedDataset) else None
     folder = dataset.path if dataset is not None else Path(data)
-    return _predict_masks(Path(run), folder, dataset, device, force, min_foreground)
+    return _predict_masks(Path(run), folder, dataset, device, force, min_foreground, allow_empty)
+
+
+def predict_column(net: Segmenter, hu: np.ndarray, geometry: Any, device: torch.device | str) -> np.ndarray:
+    """Labels of a whole-height column ``hu`` (D', H, W) HU at the preset grid -> (D', H, W) uint8.
+
+    The segmenter sees windows of the preset depth D, as in training: consecutive windows from the top,
+    the last one ending at the last slice (it overlaps the one before, whose labels it replaces there); a
+    column shorter than D is padded with air and cut back.
+    """
+    from lad_fast.data.geometry import AIR_HU, hu_to_unit
+
+    depth, total = int(geometry.shape[0]), hu.shape[0]
+    if total < depth:
+        pad = np.full((depth - total, *hu.shape[1:]), AIR_HU, dtype=np.float32)
+        return predict_column(net, np.concatenate([hu, pad]), geometry, device)[:total]
+    starts = sorted({*range(0, total - depth + 1, depth), total - depth})
+    windows = np.stack([hu_to_unit(hu[s : s + depth], geometry.hu_window) for s in starts])
+    preds = predict_volumes(net, windows, device)
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    for s, pred in zip(starts, preds, strict=True):
+        out[s : s + depth] = pred
+    return out
+
+
+def _plausible(pred: np.ndarray, min_foreground: float) -> bool:
+    return np.count_nonzero(pred) >= min_foreground * pred.size
 
 
 @locks_folder("data", "predict-masks")  # one writer per prepared folder
 def _predict_masks(
-    run: Path, data: Path, dataset: PreparedDataset | None, device: str, force: bool, min_foreground: float
+    run: Path,
+    data: Path,
+    dataset: PreparedDataset | None,
+    device: str,
+    force: bool,
+    min_foreground: float,
+    allow_empty: bool,
 ) -> list[str]:
     """:func:`predict_masks` holding the lock of the prepared folder ``data`` (``dataset``: it, if open)."""
+    from dataclasses import replace as with_fields
+
+    from lad_fast.data.geometry import window_case
+    from lad_fast.data.masks import check_window_organs, recrop_case, source_column, window_of
     from lad_fast.utils.devices import resolve_device
     from lad_fast.utils.progress import track
 
@@ -310,19 +357,32 @@ def _predict_masks(
         )
     labelled = set(dataset.labelled_indices())
     todo = [i for i in range(len(dataset)) if force or i not in labelled]
+    source = f"predicted:{run}"
+    recrop = [i for i in todo if window_of(dataset.entry(dataset.case_ids[i])) == "centre"]
+    fixed = [i for i in todo if i not in set(recrop)]
     written: list[str] = []
     implausible: list[str] = []  # predictions too small to be an abdomen's organs: never recorded
-    chunks = [todo[i : i + EVAL_BATCH] for i in range(0, len(todo), EVAL_BATCH)]
+    for i in track(recrop, "predict masks (whole height)"):
+        case_id = dataset.case_ids[i]
+        column = source_column(dataset, case_id)
+        column = with_fields(column, mask=predict_column(net, column.hu, dataset.geometry, dev))
+        if not _plausible(window_case(column, dataset.geometry).mask, min_foreground):  # in its window
+            implausible.append(case_id)
+            continue
+        recrop_case(dataset, case_id, column, source, cfg.condition, allow_empty)
+        written.append(case_id)
+    chunks = [fixed[i : i + EVAL_BATCH] for i in range(0, len(fixed), EVAL_BATCH)]
     for chunk in track(chunks, "predict masks"):
         images = np.stack([np.asarray(dataset[i]["image"]) for i in chunk])
         preds = predict_volumes(net, images, dev)
         ids = [dataset.case_ids[i] for i in chunk]
         masks = {}
         for case_id, pred in zip(ids, preds, strict=True):
-            if np.count_nonzero(pred) < min_foreground * pred.size:
+            if not _plausible(pred, min_foreground):
                 implausible.append(case_id)
-            else:
-                masks[case_id] = (pred, f"predicted:{run}")
+                continue
+            check_window_organs(pred, dataset.geometry, f"case {case_id} ({source})", allow_empty)
+            masks[case_id] = (pred, source)
         written += dataset.set_masks(masks, cfg.condition) if masks else []
     if implausible:
         _refuse_implausible(run, data, implausible, len(todo), min_foreground, fatal=not written)
