@@ -25,7 +25,8 @@ def predict_masks(
         bool,
         typer.Option(
             help="Write a prediction that holds none of the organs the slice window is chosen by "
-            "(pancreas) with a warning, instead of refusing it."
+            "(pancreas) with a warning, instead of refusing it. A prediction without any organ is never "
+            "written."
         ),
     ] = False,
 ) -> None:

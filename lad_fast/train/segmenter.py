@@ -274,6 +274,7 @@ def predict_masks(
     force: bool = False,
     min_foreground: float = MIN_FOREGROUND,
     allow_empty: bool = False,
+    keep_going: bool = False,
 ) -> list[str]:
     """Predict canonical masks for the cases of the prepared dataset ``data`` (open, or a folder) that have
     none (every case with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
@@ -287,11 +288,23 @@ def predict_masks(
     --segmenter``, or ``lad-fast predict-masks`` before ``train``; the main job predicts before its
     VQ-GAN phase). A case whose window is already set is predicted on its prepared image.
 
-    A prediction with organs on fewer than ``min_foreground`` of the voxels (all background, typically an
-    undertrained segmenter or an image that is not an abdominal CT) is not recorded: a warning names
-    those cases, and InputError is raised when no case got a plausible mask. A recorded prediction with
-    none of the window organs inside its final window is refused (InputError), or written with a warning
-    when ``allow_empty`` (:func:`lad_fast.data.masks.check_window_organs`).
+    Each prediction is checked twice, in this order, and not recorded when it fails (the case keeps no
+    mask, and its image and window are untouched):
+
+    1. plausible: some window of the preset depth in what the segmenter saw (the whole height, or the
+       prepared image) has organs on at least ``min_foreground`` of its voxels. Less is no abdomen
+       found (typically an undertrained segmenter, or an image that is not an abdominal CT); never
+       recorded, ``allow_empty`` or not.
+    2. window organs: the prediction holds one of ``geometry.window_organs`` inside its final window.
+       With ``allow_empty`` such a prediction is written with an
+       :class:`~lad_fast.data.masks.EmptyMaskWarning` instead
+       (:func:`lad_fast.data.masks.check_window_organs`).
+
+    The cases of the others are written first; then one message names the cases left without a mask and
+    why. It is an InputError when a prediction failed check 2, or when no case got a mask; otherwise
+    (only some implausible cases) a warning. With ``keep_going`` (the main job,
+    :func:`lad_fast.train.pipeline.train_pipeline`) it is always a warning: those cases stay unlabelled
+    and training goes on with the cases that have a mask.
 
     Masks are written one case (re-cropped) or one batch of cases at a time, each atomically with its
     ``index.json``; an interrupted call leaves every case either untouched or complete, and a rerun
@@ -299,7 +312,7 @@ def predict_masks(
     """
     dataset = data if isinstance(data, PreparedDataset) else None
     folder = dataset.path if dataset is not None else Path(data)
-    return _predict_masks(Path(run), folder, dataset, device, force, min_foreground, allow_empty)
+    return _predict_masks(Path(run), folder, dataset, device, force, min_foreground, allow_empty, keep_going)
 
 
 def predict_column(net: Segmenter, hu: np.ndarray, geometry: Any, device: torch.device | str) -> np.ndarray:
@@ -324,8 +337,12 @@ def predict_column(net: Segmenter, hu: np.ndarray, geometry: Any, device: torch.
     return out
 
 
-def _plausible(pred: np.ndarray, min_foreground: float) -> bool:
-    return np.count_nonzero(pred) >= min_foreground * pred.size
+def _plausible(pred: np.ndarray, depth: int, min_foreground: float) -> bool:
+    """Whether some ``depth``-slice window of ``pred`` (D', H, W) has organs on ``min_foreground`` of its
+    voxels (a column shorter than ``depth`` counts as padded with background)."""
+    per_slice = np.count_nonzero(pred.reshape(len(pred), -1), axis=1)
+    best = np.convolve(per_slice, np.ones(min(depth, len(pred)), dtype=np.int64), mode="valid").max()
+    return bool(best >= min_foreground * depth * pred[0].size)
 
 
 @locks_folder("data", "predict-masks")  # one writer per prepared folder
@@ -337,11 +354,12 @@ def _predict_masks(
     force: bool,
     min_foreground: float,
     allow_empty: bool,
+    keep_going: bool,
 ) -> list[str]:
     """:func:`predict_masks` holding the lock of the prepared folder ``data`` (``dataset``: it, if open)."""
     from dataclasses import replace as with_fields
 
-    from lad_fast.data.geometry import window_case
+    from lad_fast.data.geometry import window_case, window_organ_ids
     from lad_fast.data.masks import check_window_organs, recrop_case, source_column, window_of
     from lad_fast.utils.devices import resolve_device
     from lad_fast.utils.progress import track
@@ -355,21 +373,32 @@ def _predict_masks(
             f"{data}: prepared at shape {dataset.geometry.shape}, the segmenter of {run} expects "
             f"{cfg.geometry.shape}; re-prepare the dataset at preset {cfg.preset!r}"
         )
+    geom, depth, organs = dataset.geometry, int(dataset.geometry.shape[0]), window_organ_ids(dataset.geometry)
     labelled = set(dataset.labelled_indices())
     todo = [i for i in range(len(dataset)) if force or i not in labelled]
     source = f"predicted:{run}"
     recrop = [i for i in todo if window_of(dataset.entry(dataset.case_ids[i])) == "centre"]
     fixed = [i for i in todo if i not in set(recrop)]
     written: list[str] = []
-    implausible: list[str] = []  # predictions too small to be an abdomen's organs: never recorded
+    unrecorded: dict[str, list[str]] = {"implausible": [], "no window organs": []}
+
+    def verdict(seen: np.ndarray, final: np.ndarray) -> str | None:
+        """Why the prediction ``seen`` (what the segmenter labelled) with ``final`` (its final window)
+        is not recorded, in the order of :func:`predict_masks`; None: record it."""
+        if not _plausible(seen, depth, min_foreground):
+            return "implausible"
+        if not allow_empty and not np.isin(final, organs).any():
+            return "no window organs"
+        return None
+
     for i in track(recrop, "predict masks (whole height)"):
         case_id = dataset.case_ids[i]
         column = source_column(dataset, case_id)
-        column = with_fields(column, mask=predict_column(net, column.hu, dataset.geometry, dev))
-        if not _plausible(window_case(column, dataset.geometry).mask, min_foreground):  # in its window
-            implausible.append(case_id)
+        column = with_fields(column, mask=predict_column(net, column.hu, geom, dev))
+        if why := verdict(column.mask, window_case(column, geom).mask):
+            unrecorded[why].append(case_id)
             continue
-        recrop_case(dataset, case_id, column, source, cfg.condition, allow_empty)
+        recrop_case(dataset, case_id, column, source, cfg.condition, allow_empty)  # warns if allowed empty
         written.append(case_id)
     chunks = [fixed[i : i + EVAL_BATCH] for i in range(0, len(fixed), EVAL_BATCH)]
     for chunk in track(chunks, "predict masks"):
@@ -378,36 +407,62 @@ def _predict_masks(
         ids = [dataset.case_ids[i] for i in chunk]
         masks = {}
         for case_id, pred in zip(ids, preds, strict=True):
-            if not _plausible(pred, min_foreground):
-                implausible.append(case_id)
+            if why := verdict(pred, pred):
+                unrecorded[why].append(case_id)
                 continue
-            check_window_organs(pred, dataset.geometry, f"case {case_id} ({source})", allow_empty)
+            check_window_organs(pred, geom, f"case {case_id} ({source})", allow_empty)  # warns if allowed
             masks[case_id] = (pred, source)
         written += dataset.set_masks(masks, cfg.condition) if masks else []
-    if implausible:
-        _refuse_implausible(run, data, implausible, len(todo), min_foreground, fatal=not written)
+    if any(unrecorded.values()):
+        fatal = not keep_going and (bool(unrecorded["no window organs"]) or not written)
+        _name_unrecorded(run, data, geom, unrecorded, len(todo), len(written), min_foreground, fatal)
     return written
 
 
-def _refuse_implausible(
-    run: Path, data: Path, cases: list[str], of: int, min_foreground: float, fatal: bool
+def _name_unrecorded(
+    run: Path,
+    data: Path,
+    geometry: Any,
+    unrecorded: dict[str, list[str]],
+    of: int,
+    written: int,
+    min_foreground: float,
+    fatal: bool,
 ) -> None:
-    """Name the ``cases`` whose prediction was too small to record: InputError when ``fatal`` (no case
-    got a mask), else a warning."""
-    what = (
-        f"the segmenter of {run} predicted no organ, or organs on fewer than {min_foreground:.1%} of the "
-        f"voxels, for {len(cases)} of {of} case(s) ({', '.join(cases[:5])}"
-        f"{', ...' if len(cases) > 5 else ''}); they keep no mask"
+    """One message naming the cases whose prediction was not recorded (``unrecorded``: the ids per
+    reason of :func:`_predict_masks`) and what to do: InputError when ``fatal``, else a warning."""
+
+    def cases(ids: list[str]) -> str:
+        return f"{len(ids)} of {of} case(s) ({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
+
+    organs = ", ".join(geometry.window_organs)
+    what = []
+    if unrecorded["implausible"]:
+        what.append(
+            f"no organ, or organs on fewer than {min_foreground:.1%} of the voxels, for "
+            + cases(unrecorded["implausible"])
+        )
+    if unrecorded["no window organs"]:
+        what.append(
+            f"none of the organs the slice window is chosen by ({organs}) inside that window for "
+            + cases(unrecorded["no window organs"])
+        )
+    others = f", the other {written} got theirs" if written else ""
+    message = (
+        f"the segmenter of {run} predicted {' and '.join(what)}; they keep no mask{others}; train the "
+        "segmenter longer (lad-fast train segmenter --resume --steps N), check that these are abdominal "
+        f"CTs, or give them masks with `lad-fast import-masks {data} MASKS`"
     )
-    hint = (
-        "train the segmenter longer (lad-fast train segmenter --resume --steps N), check that these are "
-        f"abdominal CTs, or give them masks with `lad-fast import-masks {data} MASKS`"
-    )
+    if unrecorded["no window organs"]:
+        message += (
+            f"; to write the predictions without {organs} anyway: "
+            f"`lad-fast predict-masks {data} --run {run} --allow-empty`"
+        )
     if fatal:
-        raise InputError(f"{what}; {hint}")
+        raise InputError(message)
     import warnings
 
-    warnings.warn(f"{what}; {hint}", stacklevel=5)  # at the caller of predict_masks
+    warnings.warn(message, stacklevel=5)  # at the caller of predict_masks
 
 
 # ------------------------------------------------------------------------------------------- preview

@@ -11,6 +11,7 @@ must give exactly the arrays of preparing image and mask together.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -117,36 +118,83 @@ def test_a_predicted_mask_rechooses_the_window_as_preparing_both_together(tall, 
     assert seen.all() and total > 2 * depth
 
 
-def test_a_prediction_without_the_window_organs_is_refused_or_warned(tall, unlabelled, monkeypatch):
+def test_a_prediction_without_the_window_organs_is_refused_kept_going_past_or_written(
+    tall, unlabelled, monkeypatch
+):
+    """Organs over the column but no pancreas: the window falls back to the centred one, where the
+    prediction holds no organ at all, yet the message names the window organs: organs are looked for over
+    the whole column first, not in the window that the missing pancreas chose."""
     _use(monkeypatch, _oracle(tall, drop=(PANCREAS,)))
     before = (unlabelled / "index.json").read_bytes()
-    with pytest.raises(
-        InputError,
-        match=r"case abdomen \(predicted:runs/oracle\): mask holds none of the organs its slice window is "
-        r"chosen by \(pancreas, pancreatic_lesion\) inside that window;.*--allow-empty",
-    ):
+    images = PreparedDataset(unlabelled).content_hash(masks=False)
+    refused = (
+        "the segmenter of runs/oracle predicted none of the organs the slice window is chosen by (pancreas, "
+        "pancreatic_lesion) inside that window for 1 of 1 case(s) (abdomen); they keep no mask; "
+    )
+    allow = f"`lad-fast predict-masks {unlabelled} --run runs/oracle --allow-empty`"
+    with pytest.raises(InputError) as e:
         seg.predict_masks(Path("runs/oracle"), unlabelled, device="cpu")
+    assert str(e.value).startswith(refused) and str(e.value).endswith(allow)
     assert (unlabelled / "index.json").read_bytes() == before
-    with pytest.warns(EmptyMaskWarning, match="written anyway"):
+
+    with pytest.warns(UserWarning, match=re.escape(refused)):  # the main job: named, not stopped
+        assert seg.predict_masks(Path("runs/oracle"), unlabelled, device="cpu", keep_going=True) == []
+    assert (unlabelled / "index.json").read_bytes() == before  # window, image: untouched
+    assert PreparedDataset(unlabelled).content_hash(masks=False) == images
+
+    # asked for: the organs found lie outside the centred window, so the mask written there is empty
+    with pytest.warns(
+        EmptyMaskWarning,
+        match=r"abdomen \(predicted:runs/oracle\): mask is empty on the prepared "
+        r"grid \(no organ at all\); written anyway \(--allow-empty\)",
+    ):
         written = seg.predict_masks(Path("runs/oracle"), unlabelled, device="cpu", allow_empty=True)
-    assert written == ["abdomen"] and PreparedDataset(unlabelled).entry("abdomen")["has_mask"]
+    entry = PreparedDataset(unlabelled).entry("abdomen")
+    assert written == ["abdomen"] and entry["has_mask"] and entry["window"] == "later mask"
 
 
-def test_the_predict_masks_command_passes_allow_empty(tall, unlabelled, monkeypatch):
-    import typer
-    from typer.testing import CliRunner
+def test_a_prediction_without_organs_is_never_written(tall, unlabelled, monkeypatch):
+    """All background over the whole height: no abdomen found, written not even with ``allow_empty``."""
+    oracle = _oracle(tall)
+    oracle.mask = np.zeros_like(oracle.mask)
+    _use(monkeypatch, oracle)
+    before = (unlabelled / "index.json").read_bytes()
+    with pytest.raises(InputError) as e:
+        seg.predict_masks(Path("runs/oracle"), unlabelled, device="cpu", allow_empty=True)
+    assert str(e.value).startswith(
+        "the segmenter of runs/oracle predicted no organ, or organs on fewer than 0.5% of the voxels, "
+        "for 1 of 1 case(s) (abdomen); they keep no mask; train the segmenter longer"
+    )
+    assert "--allow-empty" not in str(e.value)  # it would not help
+    assert (unlabelled / "index.json").read_bytes() == before
 
-    from lad_fast.cli.masks_cmd import predict_masks as command
+
+def test_the_predict_masks_command_refuses_in_one_line_or_writes_with_allow_empty(
+    tall, unlabelled, monkeypatch, capsys
+):
+    from lad_fast.cli.app import main
 
     _use(monkeypatch, _oracle(tall, drop=(PANCREAS,)))
-    app = typer.Typer()
-    app.command()(command)
-    args = [str(unlabelled), "--run", str(unlabelled.parent / "r"), "--device", "cpu"]
-    refused = CliRunner().invoke(app, args)
-    assert isinstance(refused.exception, InputError) and "--allow-empty" in str(refused.exception)
-    result = CliRunner().invoke(app, [*args, "--allow-empty"])
-    assert result.exit_code == 0, result.output
-    assert "predicted masks for 1 case(s)" in result.output
+    args = ["predict-masks", str(unlabelled), "--run", str(unlabelled.parent / "r"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("lad-fast: error: the segmenter of") and "--allow-empty`" in err
+    with pytest.raises(SystemExit) as exit_, pytest.warns(EmptyMaskWarning, match="written anyway"):
+        main([*args, "--allow-empty"])
+    assert exit_.value.code == 0 and "predicted masks for 1 case(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rows", [[0] * 9 + [6, 7, 0], [5, 0, 0, 0, 0, 0, 0, 4], [7, 6], [3, 3], [0, 0, 0]])
+def test_plausible_looks_for_the_best_window_of_the_column(rows):
+    """Against a loop over every window; organs on ``rows[k]`` voxels of slice k, 100 voxels a slice."""
+    depth, threshold = 4, 0.03  # a window is plausible from 12 organ voxels
+    pred = np.zeros((len(rows), 10, 10), dtype=np.uint8)
+    for k, n in enumerate(rows):
+        pred[k].flat[:n] = 1
+    windows = [sum(rows[s : s + depth]) for s in range(max(len(rows) - depth, 0) + 1)]
+    assert seg._plausible(pred, depth, threshold) == (max(windows) >= threshold * depth * 100)
 
 
 class _Sign(torch.nn.Module):
