@@ -76,5 +76,6 @@ def train_pipeline(
 
     say(f"phase 2: conditional latent diffusion -> {run / 'diffusion'}")
     train_diffusion(run, cfg, vqgan_run=run, **common)
-    say(f"done in {time.perf_counter() - t0:.0f} s; generate with `lad-fast generate --run {run}`")
+    seconds = time.perf_counter() - t0
+    say(f"done in {seconds:.0f} s; generate with `lad-fast generate --run {run} --out generated`")
     return run
