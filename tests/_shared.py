@@ -112,3 +112,60 @@ class TruthPredictions:
             assert window is not None, "shown an image that is no window of a known column"
             out.append(window)
         return np.stack(out)
+
+
+TALL_PAD = 70  # slices added below the example's 30 (3 mm each): 300 mm in all, the organs in the top 90 mm
+
+
+def tall_real_case(root: Path, shared: Path) -> Path:
+    """The shared TotalSegmentator example CT (122 x 101 x 30 voxels at 3 mm, abdomen with the pancreas)
+    with :data:`TALL_PAD` reflected slices below it, so that the scan reaches far below the organs as a
+    full abdominal CT reaches the pelvis: the centred window of the case prepared without a mask holds
+    no pancreas. Writes ``both/`` (image and mask), ``image_only/`` and ``ext/`` (the mask, to import),
+    each of the one case ``abdomen``, and prepares ``P_both`` from ``both/`` and ``P_image`` from
+    ``image_only/`` at the lad preset. Returns ``root``."""
+    import json
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+    import pytest
+
+    from lad_fast.config import get_preset
+    from lad_fast.data.prepare import prepare_dataset
+
+    ct = nib.load(shared / "totalseg_example" / "ct.nii.gz")
+    seg = nib.load(shared / "totalseg_example" / "seg.nii.gz")
+    assert nib.aff2axcodes(ct.affine) == ("R", "A", "S") and ct.shape == seg.shape == (122, 101, 30)
+    hu = np.pad(np.asarray(ct.dataobj), ((0, 0), (0, 0), (TALL_PAD, 0)), mode="reflect")  # real tissue
+    labels = np.pad(np.asarray(seg.dataobj), ((0, 0), (0, 0), (TALL_PAD, 0)))
+    affine = ct.affine.copy()
+    affine[:3, 3] -= TALL_PAD * affine[:3, 2]  # the first voxel moves TALL_PAD slices down
+    for folder in ("both/images", "both/masks", "image_only/images", "ext"):
+        (root / folder).mkdir(parents=True)
+    nib.save(nib.Nifti1Image(hu, affine), root / "both" / "images" / "abdomen.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), root / "both" / "masks" / "abdomen.nii.gz")
+    (root / "both" / "labels.json").write_text(json.dumps({"vocabulary": "totalseg"}))
+    shutil.copy(root / "both" / "images" / "abdomen.nii.gz", root / "image_only" / "images")
+    shutil.copy(root / "both" / "masks" / "abdomen.nii.gz", root / "ext" / "abdomen.nii.gz")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAD_FAST_QUIET", "1")
+        lad = get_preset("lad")
+        prepare_dataset(root / "both", root / "P_both", lad)
+        prepare_dataset(root / "image_only", root / "P_image", lad)
+    return root
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run ``lad-fast argv`` in-process and return its stderr, asserting the error contract: exit 2 and
+    exactly one line starting ``lad-fast: error: ``."""
+    import pytest
+
+    from lad_fast.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert err.startswith("lad-fast: error: ") and err.count("\n") == 1, err
+    return err

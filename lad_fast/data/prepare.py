@@ -262,6 +262,21 @@ def skipped_summary(report: dict[str, Any]) -> str:
     return f"skipped {n} invalid case{'' if n == 1 else 's'} (details in {report['path']}): {cases}"
 
 
+class _Skips:
+    """The cases left out of a run: with ``skip_invalid`` each InputError is recorded, else raised."""
+
+    def __init__(self, skip_invalid: bool) -> None:
+        self.skip_invalid = skip_invalid
+        self.cases: list[dict[str, Any]] = []
+
+    def __call__(self, plan: _Plan, err: InputError) -> None:
+        if not self.skip_invalid:
+            raise err
+        mask = None if plan.mask is None else str(plan.mask)
+        reason = _reason(err, plan)
+        self.cases.append({"id": plan.case_id, "image": str(plan.image), "mask": mask, "reason": reason})
+
+
 @locks_folder("out", "prepare")  # one writer per prepared folder (prepare, predict-masks, import-masks)
 def prepare_dataset(
     src: Path | str,
@@ -285,25 +300,40 @@ def prepare_dataset(
     ``out/prepare_report.json`` then lists ``{"source", "prepared": [ids], "skipped": [{"id", "image",
     "mask", "reason"}]}`` (:func:`skipped_summary` makes its one line). InputError when no case is left.
     """
-    from lad_fast.data.checks import check_case_folder
     from lad_fast.data.labels import load_user_map
     from lad_fast.data.layouts import discover
-    from lad_fast.utils.atomic import atomic_dir
-    from lad_fast.utils.progress import track
-    from lad_fast.utils.safepaths import inside
 
     src, out = Path(src), Path(out)
     user_map = load_user_map(Path(label_map)) if label_map is not None else None
     layout_name, sources = discover(src, layout)
-    skipped: list[dict[str, Any]] = []
+    skip = _Skips(skip_invalid)
+    plans = _plan_cases(src, sources, vocabulary, user_map, label_map, skip)
+    previous = _check_out(out, cfg, force)
+    valid = _valid_plans(plans, out, cfg, skip)
+    index: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "preset": cfg.preset,
+        "source": str(src.absolute()),  # what the command that re-prepares a damaged case names
+        "geometry": config_to_dict(cfg.geometry),
+        "organs": list(CANONICAL_ORGANS),
+        "layout": layout_name,
+        "image_dtype": np.dtype(IMAGE_DTYPE).name,
+        "cases": [],
+    }
+    _write_cases(valid, out, cfg, strict, previous, index, skip, src)
+    report_path = out / REPORT
+    if skip_invalid:
+        prepared = [c["id"] for c in index["cases"]]
+        write_json(report_path, {"source": str(src), "prepared": prepared, "skipped": skip.cases})
+    elif report_path.is_file():
+        report_path.unlink()  # a report of an earlier run would describe cases this run prepared
+    return index
 
-    def skip(plan: _Plan, err: InputError) -> None:
-        if not skip_invalid:
-            raise err
-        mask = None if plan.mask is None else str(plan.mask)
-        reason = _reason(err, plan)
-        skipped.append({"id": plan.case_id, "image": str(plan.image), "mask": mask, "reason": reason})
 
+def _plan_cases(
+    src: Path, sources: list[Any], vocabulary: str, user_map: Any, label_map: Path | str | None, skip: _Skips
+) -> list[_Plan]:
+    """One plan per discovered case with its label vocabulary resolved; case ids must be unique."""
     plans = []
     for case in sources:
         plan = _Plan(case.case_id, Path(case.image), case.mask and Path(case.mask), None, None)
@@ -319,7 +349,14 @@ def prepare_dataset(
         raise InputError(
             f"{src}: case ids occur twice ({', '.join(dup)}); rename the files so ids are unique"
         )
-    previous = _check_out(out, cfg, force)
+    return plans
+
+
+def _valid_plans(plans: list[_Plan], out: Path, cfg: LadConfig, skip: _Skips) -> list[_Plan]:
+    """The plans whose case folder name is safe and whose headers fit the geometry (read, not loaded)."""
+    from lad_fast.data.checks import check_case_folder
+    from lad_fast.utils.safepaths import inside
+
     valid = []
     for plan in plans:
         check_case_folder(inside(out, CASES, plan.case_id), CASE_FILES)
@@ -329,17 +366,25 @@ def prepare_dataset(
             skip(plan, err)
             continue
         valid.append(plan)
+    return valid
 
-    index: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "preset": cfg.preset,
-        "source": str(src.absolute()),  # what the command that re-prepares a damaged case names
-        "geometry": config_to_dict(cfg.geometry),
-        "organs": list(CANONICAL_ORGANS),
-        "layout": layout_name,
-        "image_dtype": np.dtype(IMAGE_DTYPE).name,
-        "cases": [],
-    }
+
+def _write_cases(
+    valid: list[_Plan],
+    out: Path,
+    cfg: LadConfig,
+    strict: bool,
+    previous: dict[str, Any],
+    index: dict[str, Any],
+    skip: _Skips,
+    src: Path,
+) -> None:
+    """Prepare each case (or reuse its unchanged previous folder) atomically, appending its entry to
+    ``index`` and rewriting ``out/index.json`` after each. InputError when no case is left; on any
+    error before a case was written, the folders this run created are removed."""
+    from lad_fast.utils.atomic import atomic_dir
+    from lad_fast.utils.progress import track
+
     created = not out.exists()
     shape = tuple(cfg.geometry.shape)
     written = 0
@@ -360,8 +405,8 @@ def prepare_dataset(
             index["cases"].append(entry)
             write_json(out / INDEX, index)
         if not index["cases"]:
-            first = "; ".join(f"{s['id']}: {s['reason']}" for s in skipped[:3])
-            raise InputError(f"{src}: no case could be prepared, all {len(skipped)} are invalid ({first})")
+            first = "; ".join(f"{s['id']}: {s['reason']}" for s in skip.cases[:3])
+            raise InputError(f"{src}: no case could be prepared, all {len(skip.cases)} are invalid ({first})")
     except BaseException:
         # Nothing of this run is visible yet: leave no trace of the folders this run created.
         if written == 0:
@@ -370,13 +415,6 @@ def prepare_dataset(
             elif (out / CASES).is_dir() and not any((out / CASES).iterdir()):
                 (out / CASES).rmdir()
         raise
-    report_path = out / REPORT
-    if skip_invalid:
-        prepared = [c["id"] for c in index["cases"]]
-        write_json(report_path, {"source": str(src), "prepared": prepared, "skipped": skipped})
-    elif report_path.is_file():
-        report_path.unlink()  # a report of an earlier run would describe cases this run prepared
-    return index
 
 
 def read_report(out: Path | str) -> dict[str, Any]:

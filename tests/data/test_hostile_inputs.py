@@ -12,8 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _shared import cli_error
 
-from lad_fast.cli.app import main
 from lad_fast.config import get_preset
 from lad_fast.data.checks import MAX_VOXELS, refuse_label_map
 from lad_fast.data.labels import FILE_WORDING, MASK_WORDING, integer_labels
@@ -35,15 +35,6 @@ def _case(root: Path, case_id: str = "c1", folder: str = "images", data: np.ndar
     path = root / folder / f"{case_id}.nii.gz"
     nib.save(nib.Nifti1Image(data, AFFINE), str(path))
     return path
-
-
-def _cli(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert err.startswith("lad-fast: error: ") and err.count("\n") == 1, err
-    return err
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -72,9 +63,9 @@ def test_a_case_id_that_is_a_path_is_refused_on_read(prepared, tmp_path, capsys,
         PreparedDataset(prepared)
     (tmp_path / "masks").mkdir()
     before = _tree(tmp_path)
-    err = _cli(capsys, "import-masks", str(prepared), str(tmp_path / "masks"))
+    err = cli_error(capsys, "import-masks", str(prepared), str(tmp_path / "masks"))
     assert f"case id {bad!r} is not a plain file name" in err and "re-prepare the dataset" in err
-    err = _cli(
+    err = cli_error(
         capsys, "train", "vqgan", "--data", str(prepared), "--run", str(tmp_path / "run"), "--steps", "1"
     )
     assert f"case id {bad!r} is not a plain file name" in err
@@ -100,7 +91,7 @@ def test_an_empty_nnunet_case_id_is_refused_and_nothing_is_replaced(prepared, tm
     src = tmp_path / "nnunet"
     _case(src, "_0000", folder="imagesTr")
     before = _tree(prepared)
-    err = _cli(capsys, "prepare", str(src), str(prepared), "--preset", "tiny", "--force")
+    err = cli_error(capsys, "prepare", str(src), str(prepared), "--preset", "tiny", "--force")
     assert f"{src / 'imagesTr' / '_0000.nii.gz'}: case id '' is not a plain file name" in err
     assert "rename it so that it has a name of its own" in err
     assert _tree(prepared) == before
@@ -109,7 +100,9 @@ def test_an_empty_nnunet_case_id_is_refused_and_nothing_is_replaced(prepared, tm
 def test_a_source_named_sub_dotdot_is_a_clear_error(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32) - 1000, AFFINE), str(tmp_path / "ct.nii.gz"))
     (tmp_path / "sub").mkdir()
-    err = _cli(capsys, "prepare", str(tmp_path / "sub" / ".."), str(tmp_path / "out"), "--preset", "tiny")
+    err = cli_error(
+        capsys, "prepare", str(tmp_path / "sub" / ".."), str(tmp_path / "out"), "--preset", "tiny"
+    )
     assert "case id '..' is not a plain file name" in err and "not one ending in '..'" in err
     assert not (tmp_path / "out").exists()
 
@@ -122,7 +115,7 @@ def test_prepare_never_replaces_a_case_folder_holding_a_users_file(prepared, tmp
     report.write_text("radiologist's notes")
     (prepared / "cases" / "c1" / "image.npy").unlink()  # so the case would be prepared again
     for force in ((), ("--force",)):
-        err = _cli(capsys, "prepare", str(tmp_path / "src"), str(prepared), "--preset", "tiny", *force)
+        err = cli_error(capsys, "prepare", str(tmp_path / "src"), str(prepared), "--preset", "tiny", *force)
         assert f"{prepared / 'cases' / 'c1'}: holds report.txt, which prepare did not write" in err
         assert "--force never deletes files lad-fast did not write" in err
     assert report.read_text() == "radiologist's notes"
@@ -168,7 +161,7 @@ def test_a_header_claiming_more_than_the_file_holds_is_refused_before_reading(
     path = _header_only(tmp_path / "src" / "images" / name, shape, compress)
     if compress:
         assert path.stat().st_size < 200  # the 77-byte file, give or take the gzip header
-    err = _cli(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
+    err = cli_error(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
     assert str(path) in err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
@@ -178,7 +171,7 @@ def test_an_absurd_voxel_spacing_is_refused_before_resampling(tmp_path, capsys):
     path = tmp_path / "src" / "big.nii.gz"
     path.parent.mkdir()
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.int16) - 1000, np.diag([1000.0] * 3 + [1.0])), path)
-    err = _cli(capsys, "prepare", str(path), str(tmp_path / "out"), "--preset", "tiny")
+    err = cli_error(capsys, "prepare", str(path), str(tmp_path / "out"), "--preset", "tiny")
     assert f"{path}: the volume resampled would be" in err and "voxels, more than lad-fast reads" in err
     from lad_fast.data.geometry import resample
 
@@ -197,7 +190,7 @@ def test_a_label_map_given_as_ct_is_refused(tmp_path, capsys):
     seg[10:20, 10:20, 2:8] = 5
     seg[22:30, 12:18, 3:9] = 7
     _case(tmp_path / "src", "seg", data=seg)
-    err = _cli(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
+    err = cli_error(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
     assert "seg.nii.gz: looks like a label map, not a CT image (3 distinct whole values 0..7" in err
     assert "pass the CT scan as the image and this file as its mask" in err and "--label-map" in err
     assert not (tmp_path / "out").exists()
@@ -250,7 +243,7 @@ def test_a_full_disk_while_preparing_names_the_case_folder(tmp_path, capsys, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "save", full)
-    err = _cli(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
+    err = cli_error(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
     case = tmp_path / "out" / "cases" / "c1"
     assert err.startswith(f"lad-fast: error: {case}: no space left on the device")
     assert "free there); free some space and rerun the same command" in err
@@ -273,7 +266,7 @@ def test_prepare_never_writes_over_an_index_json_it_did_not_write(tmp_path, caps
     out.mkdir()
     (out / "index.json").write_text('{"my": "catalogue"}')
     for force in ((), ("--force",)):
-        err = _cli(capsys, "prepare", str(tmp_path / "src"), str(out), "--preset", "tiny", *force)
+        err = cli_error(capsys, "prepare", str(tmp_path / "src"), str(out), "--preset", "tiny", *force)
         assert f"{out / 'index.json'}: not an index prepare wrote; move it out of the folder" in err
     assert (out / "index.json").read_text() == '{"my": "catalogue"}'
     assert sorted(os.listdir(out)) == ["index.json"]

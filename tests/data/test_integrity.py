@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _shared import cli_error
 
 import lad_fast.data.integrity as integrity
 from lad_fast.cli.app import main
@@ -41,15 +42,6 @@ def _fix(data: Path) -> str:
     return f"`lad-fast prepare {_source(data)} {data} --preset tiny`"
 
 
-def _cli(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert err.startswith("lad-fast: error: ") and err.count("\n") == 1, err
-    return err
-
-
 def _edit_array(data: Path, case: str, name: str, edit) -> None:
     path = data / "cases" / case / name
     array = np.load(path)
@@ -66,7 +58,7 @@ def _edit_index(data: Path, edit) -> None:
 def _train_refuses(capsys, data: Path, tmp_path: Path) -> str:
     """``train vqgan`` on ``data``: one line, exit 2, and no run folder."""
     run = tmp_path / "run"
-    err = _cli(
+    err = cli_error(
         capsys, "train", "vqgan", "--data", str(data), "--run", str(run), "--steps", "1", "--device", "cpu"
     )
     assert not run.exists()
@@ -129,7 +121,7 @@ def test_a_non_finite_voxel_is_refused_at_prepare(tmp_path, capsys, monkeypatch)
     ct[5:35, 6:34] = 40.0
     ct[20, 20, 6] = np.nan
     nib.save(nib.Nifti1Image(ct, np.diag([6.4, 6.4, 4.6, 1.0])), str(src / "c1.nii.gz"))
-    err = _cli(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
+    err = cli_error(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
     assert "c1.nii.gz: 1 voxels are NaN or Inf; fill them" in err
     assert not (tmp_path / "out").exists()
     # And whatever path leads there, a non-finite prepared image is never written.
@@ -145,7 +137,7 @@ def test_a_non_finite_voxel_is_refused_at_prepare(tmp_path, capsys, monkeypatch)
         return case
 
     monkeypatch.setattr(geometry, "prepare_case", poisoned)
-    err = _cli(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
+    err = cli_error(capsys, "prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--preset", "tiny")
     assert "c1.nii.gz: 2 prepared voxels are NaN or Inf; fill them in the source" in err
     assert not (tmp_path / "out").exists()
 

@@ -12,9 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+from _shared import TALL_PAD, tall_real_case
 
 from lad_fast.config import get_preset
 from lad_fast.data.io import read_labels
@@ -25,7 +25,7 @@ from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
 
 LAD = get_preset("lad")
-PAD = 70  # slices added below the example's 30 (3 mm each): 300 mm in all, the organs in the top 90 mm
+PAD = TALL_PAD
 PANCREAS = CANONICAL_ID["pancreas"]
 
 
@@ -33,28 +33,7 @@ PANCREAS = CANONICAL_ID["pancreas"]
 def tall(tmp_path_factory, shared) -> Path:
     """``both/`` (image and mask), ``image_only/`` and ``ext/`` (the mask, to import), each of the one
     tall case ``abdomen``; ``P_both`` prepared from ``both/`` and ``P_image`` from ``image_only/``."""
-    root = tmp_path_factory.mktemp("tall")
-    ct = nib.load(shared / "totalseg_example" / "ct.nii.gz")
-    seg = nib.load(shared / "totalseg_example" / "seg.nii.gz")
-    assert nib.aff2axcodes(ct.affine) == ("R", "A", "S") and ct.shape == seg.shape == (122, 101, 30)
-    hu = np.pad(np.asarray(ct.dataobj), ((0, 0), (0, 0), (PAD, 0)), mode="reflect")  # real tissue below
-    labels = np.pad(np.asarray(seg.dataobj), ((0, 0), (0, 0), (PAD, 0)))
-    affine = ct.affine.copy()
-    affine[:3, 3] -= PAD * affine[:3, 2]  # the first voxel moves PAD slices down; the rest stays put
-    for folder in ("both/images", "both/masks", "image_only/images", "ext"):
-        (root / folder).mkdir(parents=True)
-    nib.save(nib.Nifti1Image(hu, affine), root / "both" / "images" / "abdomen.nii.gz")
-    nib.save(nib.Nifti1Image(labels, affine), root / "both" / "masks" / "abdomen.nii.gz")
-    (root / "both" / "labels.json").write_text(json.dumps({"vocabulary": "totalseg"}))
-    shutil.copy(
-        root / "both" / "images" / "abdomen.nii.gz", root / "image_only" / "images" / "abdomen.nii.gz"
-    )
-    shutil.copy(root / "both" / "masks" / "abdomen.nii.gz", root / "ext" / "abdomen.nii.gz")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAD_FAST_QUIET", "1")
-        prepare_dataset(root / "both", root / "P_both", LAD)
-        prepare_dataset(root / "image_only", root / "P_image", LAD)
-    return root
+    return tall_real_case(tmp_path_factory.mktemp("tall"), shared)
 
 
 @pytest.fixture

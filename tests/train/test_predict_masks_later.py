@@ -10,53 +10,33 @@ must give exactly the arrays of preparing image and mask together.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _shared import TALL_PAD, tall_real_case
 
 from lad_fast.config import config_to_dict, get_preset
 from lad_fast.data.geometry import hu_to_unit
 from lad_fast.data.io import read_labels
 from lad_fast.data.labels import CANONICAL_ID, to_canonical
 from lad_fast.data.masks import EmptyMaskWarning, source_column
-from lad_fast.data.prepare import prepare_dataset
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
 from lad_fast.train import segmenter as seg
 
 LAD = get_preset("lad")
-PAD = 70
+PAD = TALL_PAD
 PANCREAS = CANONICAL_ID["pancreas"]
 
 
 @pytest.fixture(scope="module")
 def tall(tmp_path_factory, shared) -> Path:
     """``P_both`` (image and mask prepared together), ``P_image`` (image only) and ``ext/`` (the mask)."""
-    root = tmp_path_factory.mktemp("tall")
-    ct = nib.load(shared / "totalseg_example" / "ct.nii.gz")
-    labels = nib.load(shared / "totalseg_example" / "seg.nii.gz")
-    hu = np.pad(np.asarray(ct.dataobj), ((0, 0), (0, 0), (PAD, 0)), mode="reflect")
-    ids = np.pad(np.asarray(labels.dataobj), ((0, 0), (0, 0), (PAD, 0)))
-    affine = ct.affine.copy()
-    affine[:3, 3] -= PAD * affine[:3, 2]
-    for folder in ("both/images", "both/masks", "image_only/images", "ext"):
-        (root / folder).mkdir(parents=True)
-    nib.save(nib.Nifti1Image(hu, affine), root / "both" / "images" / "abdomen.nii.gz")
-    nib.save(nib.Nifti1Image(ids, affine), root / "both" / "masks" / "abdomen.nii.gz")
-    (root / "both" / "labels.json").write_text(json.dumps({"vocabulary": "totalseg"}))
-    shutil.copy(root / "both" / "images" / "abdomen.nii.gz", root / "image_only" / "images")
-    shutil.copy(root / "both" / "masks" / "abdomen.nii.gz", root / "ext" / "abdomen.nii.gz")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LAD_FAST_QUIET", "1")
-        prepare_dataset(root / "both", root / "P_both", LAD)
-        prepare_dataset(root / "image_only", root / "P_image", LAD)
-    return root
+    return tall_real_case(tmp_path_factory.mktemp("tall"), shared)
 
 
 class ColumnOracle(torch.nn.Module):
