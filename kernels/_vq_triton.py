@@ -59,9 +59,11 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 # 2^-10 per operand, so below 2^-9 per product), fp32 accumulation over D <= 256 terms adds less than
 # 2^-15, and Cauchy-Schwarz bounds sum |z_i c_i| by ||z|| ||c||: every TF32 score cn - 2 z.c lies within
 # 2^-8 ||z|| ||c|| of the fp32 one. FAST_REL is twice that; FAST_ABS covers the rounding of the final
-# subtraction (relative 2^-24 of |cn| + 2|z.c|).
-FAST_REL = 2.0**-7
-FAST_ABS = 2.0**-22
+# subtraction (relative 2^-24 of |cn| + 2|z.c|). ``tl.constexpr`` globals: compiled Triton reads no other
+# module-level values inside @triton.jit. The interpreter reads any, so only a compile tells
+# (tests/kernels/test_compile_aot.py).
+FAST_REL = tl.constexpr(2.0**-7)
+FAST_ABS = tl.constexpr(2.0**-22)
 
 
 @triton.jit
@@ -128,7 +130,7 @@ def _vq_nearest_kernel(
         tl.store(IDX + rows, best_idx, mask=row_ok)
         if FAST:
             cmax = tl.load(CMAX)
-            bound = FAST_REL * tl.sqrt(zn) * cmax + FAST_ABS * cmax * cmax
+            bound = tl.sqrt(zn) * cmax * FAST_REL + cmax * cmax * FAST_ABS
             tl.store(FLAG + rows, (second - best <= 2.0 * bound).to(tl.int32), mask=row_ok)
             w = tl.load(C + best_idx[:, None] * D + dims[None, :], mask=zmask, other=0.0)
             diff = zf - w.to(tl.float32)
