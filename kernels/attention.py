@@ -5,6 +5,13 @@ fp32 statistics, backward from the stored logsumexp (delta preprocess, then sepa
 kernels: deterministic, no atomics). It is registered as the custom ops ``lad_fast::attention_fwd`` and
 ``lad_fast::attention_bwd`` (the latter as the former's autograd formula), so ``torch.compile`` keeps
 forward and backward inside its graphs.
+
+Precision of fp32 inputs on a GPU: TF32 tensor-core products when ``torch.backends.cuda.matmul.allow_tf32``
+is on (``torch.set_float32_matmul_precision("high")``), exact fp32 FMA products when it is off, PyTorch's
+default, as for matmul and SDPA's math path. The exact path has no tensor cores; its autotune configs are
+pruned to tiles that do not spill (``kernels/_limits.py``). At the presets' sequence lengths (at most 512
+tokens) attention is a small part of a training step either way; fp32 training that wants tensor cores
+here too sets the matmul precision to "high". Softmax statistics are fp32 on every path.
 """
 
 from __future__ import annotations

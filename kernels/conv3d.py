@@ -21,6 +21,12 @@ shapes), any stride and padding, dilation 1, fp16 / bf16 / fp32. ``impl="auto"``
 reference for anything else; ``impl="triton"`` raises instead. Under autocast the Triton path casts x,
 weight, bias and residual to the autocast dtype (gamma and beta stay as given), as autocast does for
 ``F.conv3d`` (custom ops have no autocast rule of their own); the reference gets autocast from its ops.
+
+Precision of fp32 inputs on a GPU, forward and backward: TF32 tensor-core products (fp32 accumulation)
+while ``torch.backends.cudnn.allow_tf32`` is on, PyTorch's default, as cuDNN computes ``F.conv3d``;
+exact fp32 FMA products when it is off (the kernel tests turn it off to compare at fp32 tolerances).
+That path has no tensor cores and keeps operand slices in registers: its autotune configs are pruned to
+tiles that do not spill (``kernels/_limits.py``), so it is correct but several times slower.
 """
 
 from __future__ import annotations
