@@ -51,13 +51,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ConfigError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-@torch.library.custom_op("lad_fast::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, d) x3 -> (O contiguous (B, H, L, d), base-2 logsumexp fp32 (B, H, L))."""
     from lad_fast.kernels import _attention_triton
 
     # Strided views (e.g. a (B, L, H, d) transpose) are read in place; see _attention_triton.
     return _attention_triton.forward(q, k, v)
+
+
+_attention_fwd_op = torch.library.custom_op("lad_fast::attention_fwd", mutates_args=())(_attention_fwd_impl)
 
 
 @_attention_fwd_op.register_fake
@@ -67,8 +71,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
     return o, torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
 
 
-@torch.library.custom_op("lad_fast::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd_impl(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,6 +83,9 @@ def _attention_bwd_op(
     from lad_fast.kernels import _attention_triton
 
     return _attention_triton.backward(grad_out, q, k, v, o.contiguous(), lse.contiguous())
+
+
+_attention_bwd_op = torch.library.custom_op("lad_fast::attention_bwd", mutates_args=())(_attention_bwd_impl)
 
 
 @_attention_bwd_op.register_fake
