@@ -104,14 +104,19 @@ def wgrad_fits(
     Registers: the fp32 accumulator (BLOCK_C, BLOCK_O) plus the transposed x operand (BLOCK_C, BLOCK_M),
     three times with ``norm`` (x, scale and shift feed the prologue), in values per thread: at most 160
     with 16-bit operands, 96 with TF32 ones, 48 for "ieee" FMA products. With fp32 operands held in
-    registers over the reduction ("ieee" everywhere, TF32 on sm_80's mma.sync), BLOCK_M is at most 64.
-    Fitted to Triton 3.9's compiles: on sm_80 a TF32 128 x 64 accumulator over 4 warps spills 0.9 KB per
-    thread, TF32 and "ieee" tiles with BLOCK_M = 128 1.2 to 1.5 KB."""
+    registers over the reduction ("ieee" everywhere, TF32 on sm_80's mma.sync), BLOCK_M is at most 64;
+    TF32 on sm_80 also keeps the transposed x tile alone at most 32 values per thread. Fitted to Triton
+    3.9's compiles: on sm_80 a TF32 128 x 64 accumulator over 4 warps spills 0.9 KB per thread, TF32 and
+    "ieee" tiles with BLOCK_M = 128 1.2 to 1.5 KB, a TF32 (BLOCK_C, BLOCK_M) = 128 x 64 x tile over 4
+    warps 0.8 KB."""
     if target is None:
         return True
     bm, bc, bo = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"], config.kwargs["BLOCK_O"]
-    live = (bc * bo + bm * bc * (3 if norm else 1)) // (32 * config.num_warps)
+    threads = 32 * config.num_warps
+    live = (bc * bo + bm * bc * (3 if norm else 1)) // threads
     deep_ok = bm <= 64 or elem <= 2 or (not ieee and target.arch >= 90)
+    if elem == 4 and not ieee and target.arch < 90:  # TF32 through mma.sync: x fragments in registers
+        deep_ok = deep_ok and bc * bm // threads <= 32
     regs_ok = deep_ok and live <= (48 if ieee else 160 if elem <= 2 else 96)
     return regs_ok and wgrad_smem(config, target.arch, elem, ieee, norm) <= target.smem_per_block
 

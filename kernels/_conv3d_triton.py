@@ -104,14 +104,17 @@ def gemm_fits(
     Registers: the fp32 accumulator's values per thread. Tensor cores: at most 64 on sm_80 (mma.sync takes
     its operand fragments from registers too) and with fp32 (TF32) operands, 128 with 16-bit operands on
     sm_90 and later (wgmma and tcgen05 read them from shared memory). "ieee" FMA products: at most 32,
-    and BLOCK_K at most 32 (the FMA loop holds each thread's operand slices over BLOCK_K). Fitted to
-    Triton 3.9's compiles: 128 x 128 tiles over 4 warps spill 0.5 to 1 KB per thread in TF32 on every
-    target and in fp16 dgrad on sm_80; "ieee" tiles with BLOCK_K = 64 spill 0.4 to 10 KB on sm_80."""
+    and BLOCK_K at most 32 (the FMA loop holds each thread's operand slices over BLOCK_K). TF32 on sm_80:
+    BLOCK_M at most 128. Fitted to Triton 3.9's compiles: 128 x 128 tiles over 4 warps spill 0.5 to 1 KB
+    per thread in TF32 on every target and in fp16 dgrad on sm_80; "ieee" tiles with BLOCK_K = 64 spill
+    0.4 to 10 KB on sm_80; TF32 tiles of 256 rows up to 208 B on sm_80."""
     if target is None:
         return True
     acc = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
     if ieee:
         regs_ok = acc <= 32 and config.kwargs["BLOCK_K"] <= 32
+    elif elem == 4 and target.arch < 90:  # TF32 through mma.sync: fp32 operand fragments in registers
+        regs_ok = acc <= 64 and config.kwargs["BLOCK_M"] <= 128
     else:
         regs_ok = acc <= (128 if elem <= 2 and target.arch >= 90 else 64)
     return regs_ok and gemm_smem(config, target.arch, elem, ieee, norm) <= target.smem_per_block
