@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from lad_fast.atomic import write_json
 from lad_fast.config import LadConfig, get_preset
+from lad_fast.runs.loading import load_vqgan
 from lad_fast.train.vqgan import train_vqgan
-from lad_fast.trained import load_vqgan
+from lad_fast.utils.atomic import write_json
 
 BOX = "pancreas+pancreatic_lesion"
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from lad_fast.atomic import append_line
-from lad_fast.augment import augment_mask
-from lad_fast.conditions import structure_condition
+from lad_fast.conditioning.augment import augment_mask
+from lad_fast.conditioning.conditions import structure_condition
 from lad_fast.config import get_preset
 from lad_fast.data.labels import CANONICAL_ID
+from lad_fast.utils.atomic import append_line
 
 ROOT = Path(__file__).resolve().parents[1]
 

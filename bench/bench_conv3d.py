@@ -11,7 +11,7 @@ it measures, side by side in one run:
 - plain ``conv3d(impl="triton")`` against ``F.conv3d`` on the same channels-last-3d input.
 
 Forward only; forward+backward (the Triton dgrad / wgrad against cuDNN's) is measured by
-``bench/gpu_suite.py kernels``, the GPU suite's kernel step.
+``bench/gpu_suite.py kernels``, the GPU suite's kernel step, on the same inputs (:func:`conv_case`).
 
 Prints time, TFLOP/s, peak memory and ratios (> 1 means Triton is faster) and appends one JSON line
 per measurement, with device and versions, to bench/results/conv3d.jsonl. Needs CUDA; on a CPU-only
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -55,48 +57,107 @@ def lad_shapes() -> list[dict]:
     return shapes
 
 
-def bench_shape(shape: dict, dtype: torch.dtype) -> list[dict]:
+@dataclass
+class ConvCase:
+    """Inputs of one res-block shape and the calls the conv benchmarks time on them.
+
+    x and res are channels-last-3d; gamma and beta fp32, as GroupNorm keeps them. With ``grad``
+    (:func:`conv_case`), x, weight, bias, gamma and beta are leaves that require grad (:attr:`leaves`)
+    and ``grad`` is the output gradient a forward+backward pass uses.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    res: torch.Tensor
+    grad: torch.Tensor
+    groups: int
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.x, self.weight, self.bias, self.gamma, self.beta]
+
+    @property
+    def flops(self) -> float:
+        n, c, d, h, w = self.x.shape
+        return 2.0 * n * d * h * w * c * self.weight.shape[0] * 27
+
+    def fused(self) -> torch.Tensor:
+        """``norm_act_conv3d(impl="triton")``: GroupNorm + SiLU + conv3d + bias + residual in one kernel."""
+        return norm_act_conv3d(
+            self.x,
+            self.gamma,
+            self.beta,
+            self.groups,
+            self.weight,
+            self.bias,
+            self.res,
+            padding=1,
+            impl="triton",
+        )
+
+    def chain_autocast(self) -> torch.Tensor:
+        """The PyTorch chain (cuDNN conv) under autocast, as a training step runs it (fp32: no autocast)."""
+        dtype = self.x.dtype
+        with torch.autocast(self.x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return norm_act_conv3d_ref(
+                self.x, self.gamma, self.beta, self.groups, self.weight, self.bias, self.res, padding=1
+            )
+
+    @cached_property
+    def _norm_half(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gamma.detach().to(self.x.dtype), self.beta.detach().to(self.x.dtype)
+
+    def chain_half(self) -> torch.Tensor:
+        """The PyTorch chain directly in the input dtype, norm parameters cast to it (once, untimed)."""
+        g, b = self._norm_half
+        return norm_act_conv3d_ref(self.x, g, b, self.groups, self.weight, self.bias, self.res, padding=1)
+
+    def conv_triton(self) -> torch.Tensor:
+        return conv3d(self.x, self.weight, self.bias, padding=1, impl="triton")
+
+    def conv_cudnn(self) -> torch.Tensor:
+        return F.conv3d(self.x, self.weight, self.bias, padding=1)
+
+
+def conv_case(shape: dict, dtype: torch.dtype, device: str = "cuda", grad: bool = False) -> ConvCase:
+    """The inputs of ``shape`` (an entry of :func:`lad_shapes`) in ``dtype`` on ``device``, seeded on the
+    CPU so that every device sees the same numbers; ``grad``: leaves that require grad (the backward)."""
     n, c, (d, h, w), groups = shape["batch"], shape["channels"], shape["size"], shape["groups"]
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     cl = torch.channels_last_3d
-    x = torch.randn(n, c, d, h, w, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl)
-    res = torch.randn(n, c, d, h, w, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl)
-    weight = (torch.randn(c, c, 3, 3, 3, device=dev, generator=gen) / (27 * c) ** 0.5).to(dtype)
-    bias = torch.randn(c, device=dev, generator=gen).to(dtype)
-    gamma = 1 + 0.1 * torch.randn(c, device=dev, generator=gen)  # fp32, as GroupNorm keeps it
-    beta = 0.1 * torch.randn(c, device=dev, generator=gen)
-    flops = 2.0 * n * d * h * w * c * c * 27
 
-    def fused() -> torch.Tensor:
-        return norm_act_conv3d(x, gamma, beta, groups, weight, bias, res, padding=1, impl="triton")
+    def draw(*size: int, scale: float = 1.0, shift: float = 0.0, dt: torch.dtype = dtype) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen) * scale + shift).to(device, dt)
 
-    def chain_autocast() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=dtype):
-            return norm_act_conv3d_ref(x, gamma, beta, groups, weight, bias, res, padding=1)
+    x = draw(n, c, d, h, w).contiguous(memory_format=cl)
+    weight = draw(c, c, 3, 3, 3, scale=(27 * c) ** -0.5)
+    bias = draw(c)
+    gamma = draw(c, scale=0.1, shift=1.0, dt=torch.float32)
+    beta = draw(c, scale=0.1, dt=torch.float32)
+    res = draw(n, c, d, h, w).contiguous(memory_format=cl)
+    out_grad = draw(n, c, d, h, w)
+    for t in (x, weight, bias, gamma, beta):
+        t.requires_grad_(grad)
+    return ConvCase(x, weight, bias, gamma, beta, res, out_grad, groups)
 
-    g_h, b_h = gamma.to(dtype), beta.to(dtype)
 
-    def chain_half() -> torch.Tensor:
-        return norm_act_conv3d_ref(x, g_h, b_h, groups, weight, bias, res, padding=1)
-
-    def conv_triton() -> torch.Tensor:
-        return conv3d(x, weight, bias, padding=1, impl="triton")
-
-    def conv_cudnn() -> torch.Tensor:
-        return F.conv3d(x, weight, bias, padding=1)
-
+def bench_shape(shape: dict, dtype: torch.dtype) -> list[dict]:
+    """Forward records of the fused op against the faster PyTorch chain, and of conv3d against cuDNN."""
+    case = conv_case(shape, dtype)
+    calls = {"fused": case.fused, "chain_autocast": case.chain_autocast, "chain_half": case.chain_half,
+             "conv_triton": case.conv_triton, "conv_cudnn": case.conv_cudnn}  # fmt: skip
     # Compile and autotune before anything is timed; check the fused result on the way.
-    err = (fused().float() - chain_autocast().float()).abs().max().item()
-    conv_err = (conv_triton().float() - conv_cudnn().float()).abs().max().item()
-    t = {name: time_ms(fn) for name, fn in [("fused", fused), ("chain_autocast", chain_autocast),
-                                              ("chain_half", chain_half), ("conv_triton", conv_triton),
-                                              ("conv_cudnn", conv_cudnn)]}  # fmt: skip
-    mem = {name: peak_extra_mib(fn) for name, fn in [("fused", fused), ("chain_autocast", chain_autocast),
-                                                 ("chain_half", chain_half), ("conv_triton", conv_triton),
-                                                 ("conv_cudnn", conv_cudnn)]}  # fmt: skip
+    err = (case.fused().float() - case.chain_autocast().float()).abs().max().item()
+    conv_err = (case.conv_triton().float() - case.conv_cudnn().float()).abs().max().item()
+    case.chain_half()  # casts the norm parameters once, before the timing
+    t = {name: time_ms(fn) for name, fn in calls.items()}
+    mem = {name: peak_extra_mib(fn) for name, fn in calls.items()}
     chain = min(t["chain_autocast"], t["chain_half"])
-    common = {"shape": [n, c, d, h, w], "groups": groups, "kernel": [3, 3, 3], "padding": 1,
+    flops = case.flops
+    common = {"shape": list(case.x.shape), "groups": case.groups, "kernel": [3, 3, 3], "padding": 1,
               "dtype": dtype_name(dtype), "name": shape["name"]}  # fmt: skip
     return [
         {**common, "op": "norm_act_conv3d", "ms": t["fused"], "tflops": flops / t["fused"] / 1e9,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lad_fast.atomic import append_line
 from lad_fast.config import get_preset
-from lad_fast.data.phantom import generate_phantom, write_phantoms
+from lad_fast.data.phantom.draw import generate_phantom, write_phantoms
+from lad_fast.utils.atomic import append_line
 
 RESULTS = Path(__file__).resolve().parent / "results" / "phantom.jsonl"
 

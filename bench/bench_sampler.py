@@ -39,7 +39,7 @@ ALL_BACKENDS = ("torch", "compile", "onnx", "onnx-tuned", "trt")
 
 
 def _networks(preset: str, device: torch.device):
-    from lad_fast.conditions import structure_dim
+    from lad_fast.conditioning.conditions import structure_dim
     from lad_fast.config import get_preset
     from lad_fast.models.unet import build_unet
     from lad_fast.models.vqgan import VQGAN
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     from lad_fast.config import DiffusionConfig
     from lad_fast.data.geometry import unit_to_hu
     from lad_fast.data.io import write_nifti
-    from lad_fast.diffusion import make_schedule
-    from lad_fast.generate import SamplerSettings, sample_latents
-    from lad_fast.samplers import sample_ddpm
-    from lad_fast.threads import apply_thread_policy
+    from lad_fast.diffusion.samplers import sample_ddpm
+    from lad_fast.diffusion.schedules import make_schedule
+    from lad_fast.generate.generate import SamplerSettings, sample_latents
+    from lad_fast.utils.threads import apply_thread_policy
 
     threads = apply_thread_policy()
     device = torch.device(args.device)

@@ -39,17 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from lad_fast.atomic import atomic_path, write_json
     from lad_fast.config import config_to_dict, get_preset
     from lad_fast.data.cache import phantom_dataset
     from lad_fast.data.prepared import PreparedDataset
+    from lad_fast.runs.loading import load_segmenter, predict_volumes
     from lad_fast.train.segmenter import (
         evaluate_segmenter,
         labelled_split,
         render_prediction,
         train_segmenter,
     )
-    from lad_fast.trained import load_segmenter, predict_volumes
+    from lad_fast.utils.atomic import atomic_path, write_json
 
     cfg = get_preset("tiny")
     steps = args.steps or cfg.segmenter_train.steps

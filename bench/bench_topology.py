@@ -19,8 +19,8 @@ import numpy as np
 import scipy
 import torch
 
-from lad_fast.atomic import append_line
-from lad_fast.topology import lad_structure_vector, lad_structure_vector_gudhi
+from lad_fast.conditioning.topology import lad_structure_vector, lad_structure_vector_gudhi
+from lad_fast.utils.atomic import append_line
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Condition fidelity: do generated volumes follow the anatomy they were conditioned on?
 
 For each guidance scale (default 0, 1 and 3; 0 is the unconditional model) this generates ``--n`` volumes
-from a trained run with ``lad_fast.generate.generate``, segments every volume with the built-in organ
+from a trained run with ``lad_fast.generate.generate.generate``, segments every volume with the built-in organ
 segmenter, and compares the segmentation with the (augmented) mask that conditioned it:
 
 - structure error: mean absolute difference between the Lad structure vectors (per-slice Betti numbers
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lad_fast.evaluate.report import synthetic_fidelity
-    from lad_fast.generate import generate
-    from lad_fast.runs import RunDir
+    from lad_fast.generate.generate import generate
+    from lad_fast.runs.rundir import RunDir
 
     cfg = RunDir.open(args.run).config()
     results = []

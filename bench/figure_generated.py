@@ -1,6 +1,6 @@
 """The README's picture of generated volumes: a real (phantom) case beside generated ones, same grid.
 
-Each tile is ``lad_fast.preview.render_slices`` of one volume (axial, coronal, sagittal; radiological
+Each tile is ``lad_fast.preview.render.render_slices`` of one volume (axial, coronal, sagittal; radiological
 convention) with organ outlines: the real case's labels, and for every generated volume the augmented
 mask that conditioned it. Not a test.
 
@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from lad_fast.data.geometry import canonical_dhw, unit_to_hu
     from lad_fast.data.io import read_image, read_labels
     from lad_fast.data.prepared import PreparedDataset
-    from lad_fast.generated import IMAGES, MASKS, read_manifest, volume_paths
+    from lad_fast.generate.writer import IMAGES, MASKS, read_manifest, volume_paths
     from lad_fast.organs import CANONICAL_ORGANS
-    from lad_fast.preview import render_slices
+    from lad_fast.preview.render import render_slices
 
     names = dict(enumerate(CANONICAL_ORGANS))
     ds = PreparedDataset(args.real)

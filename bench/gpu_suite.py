@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,29 +28,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import dtype_name, environment, peak_extra_mib, time_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
+# The suite runs in a fixed budget: fewer milliseconds of warm-up and repetition than the per-op scripts.
+WARMUP_MS, REP_MS = 10, 50
 
 
 # --------------------------------------------------------------------------------------- recording
-
-
-def environment() -> dict[str, Any]:
-    import triton
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if CUDA else f"cpu ({platform.machine()}, interpreter)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if CUDA else None,
-        "python": platform.python_version(),
-        "commit": commit.stdout.strip() or None,
-        "autotune": os.environ.get("LAD_FAST_AUTOTUNE") or "full",  # "quick": a few configs per kernel
-    }
 
 
 class Sink:
@@ -77,31 +60,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], Any], grad_to_none: list[torch.Tensor] | None = None) -> float:
-    """Median ms per call: Triton's do_bench on CUDA; on a CPU one call."""
-    if CUDA:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none, return_mode="median"))
-    # The interpreter takes seconds per call: one timed call (callers have run fn once already).
-    for t in grad_to_none or []:
-        t.grad = None
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def peak_mib(fn: Callable[[], Any]) -> float | None:
-    """Peak memory one call allocates beyond what was live before it (CUDA only)."""
-    if not CUDA:
-        return None
-    sync()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    sync()
-    del out
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+def _time(fn: Callable[[], Any], leaves: list[torch.Tensor]) -> float:
+    return time_ms(fn, warmup=WARMUP_MS, rep=REP_MS, grad_to_none=leaves)
 
 
 def compare(
@@ -122,8 +82,8 @@ def compare(
         passes["fwd+bwd"] = (both(ours), both(ref))
     for name, (a, b) in passes.items():
         with torch.no_grad() if name == "fwd" else torch.enable_grad():
-            ms, ref_ms = time_ms(a, leaves), time_ms(b, leaves)
-            mem, ref_mem = peak_mib(a), peak_mib(b)
+            ms, ref_ms = _time(a, leaves), _time(b, leaves)
+            mem, ref_mem = peak_extra_mib(a), peak_extra_mib(b)
         sink.write({**common, "pass": name, "ms": ms, "ref_ms": ref_ms, "speedup": ref_ms / ms,
                     "peak_mib": mem, "ref_peak_mib": ref_mem, "max_abs_err_fwd": err})  # fmt: skip
 
@@ -134,7 +94,6 @@ def compare(
 def _conv_shapes(tiny: bool) -> list[dict]:
     if tiny:
         return [{"name": "tiny", "batch": 1, "channels": 4, "size": (2, 3, 4), "groups": 2}]
-    sys.path.insert(0, str(ROOT / "bench"))
     from bench_conv3d import lad_shapes
 
     # The widest-volume and the widest-channel level of each network: the two ends of the tile space.
@@ -142,57 +101,33 @@ def _conv_shapes(tiny: bool) -> list[dict]:
 
 
 def bench_conv(sink: Sink, tiny: bool, dtype: torch.dtype) -> None:
+    """bench_conv3d's inputs and calls (:func:`bench_conv3d.conv_case`), forward and forward+backward."""
+    from bench_conv3d import conv_case
+
+    from lad_fast.kernels import _conv3d_triton
+
     for shape in _conv_shapes(tiny):
-        _bench_conv_shape(sink, shape, dtype)
-
-
-def _bench_conv_shape(sink: Sink, shape: dict, dtype: torch.dtype) -> None:
-    from lad_fast.kernels import _conv3d_triton, conv3d, norm_act_conv3d, norm_act_conv3d_ref
-
-    dev = "cuda" if CUDA else "cpu"
-    cl = torch.channels_last_3d
-    n, c, (d, h, w), groups = shape["batch"], shape["channels"], shape["size"], shape["groups"]
-    g = torch.Generator().manual_seed(0)
-
-    def leaf(*size, scale=1.0, dt=dtype, g=g):
-        return (torch.randn(*size, generator=g) * scale).to(dev, dt).requires_grad_(True)
-
-    x = leaf(n, c, d, h, w).detach().contiguous(memory_format=cl).requires_grad_(True)
-    weight = leaf(c, c, 3, 3, 3, scale=(27 * c) ** -0.5)
-    bias = leaf(c)
-    gamma, beta = leaf(c, dt=torch.float32), leaf(c, dt=torch.float32)  # fp32, as GroupNorm keeps them
-    res = torch.randn(n, c, d, h, w, generator=g).to(dev, dtype).contiguous(memory_format=cl)
-    grad = torch.randn(n, c, d, h, w, generator=g).to(dev, dtype)
-    leaves = [x, weight, bias, gamma, beta]
-    common = {"shape": [n, c, d, h, w], "name": shape["name"], "dtype": str(dtype).removeprefix("torch.")}
-
-    def fused():
-        return norm_act_conv3d(x, gamma, beta, groups, weight, bias, res, padding=1, impl="triton")
-
-    def chain():  # cuDNN conv + GroupNorm + SiLU, under autocast as a training step runs it
-        with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
-            return norm_act_conv3d_ref(x, gamma, beta, groups, weight, bias, res, padding=1)
-
-    compare(sink, {**common, "op": "norm_act_conv3d", "ref": "conv3d(silu(group_norm)) chain"},
-            fused, chain, leaves, grad)  # fmt: skip
-    # The in-load prologue instead of the activation pass (PREACT_MIN_TAPS): measured, not assumed.
-    old = _conv3d_triton.PREACT_MIN_TAPS
-    _conv3d_triton.PREACT_MIN_TAPS = 1000
-    try:
-        compare(sink, {**common, "op": "norm_act_conv3d[prologue]", "ref": "the chain"},
-                fused, chain, leaves, grad)  # fmt: skip
-    finally:
-        _conv3d_triton.PREACT_MIN_TAPS = old
-    compare(sink, {**common, "op": "conv3d", "ref": "F.conv3d (cuDNN)"},
-            lambda: conv3d(x, weight, bias, padding=1, impl="triton"),
-            lambda: F.conv3d(x, weight, bias, padding=1), [x, weight, bias], grad)  # fmt: skip
+        case = conv_case(shape, dtype, "cuda" if CUDA else "cpu", grad=True)
+        common = {"shape": list(case.x.shape), "name": shape["name"], "dtype": dtype_name(dtype)}
+        ref = "conv3d(silu(group_norm)) chain"
+        compare(sink, {**common, "op": "norm_act_conv3d", "ref": ref},
+                case.fused, case.chain_autocast, case.leaves, case.grad)  # fmt: skip
+        # The in-load prologue instead of the activation pass (PREACT_MIN_TAPS): measured, not assumed.
+        old = _conv3d_triton.PREACT_MIN_TAPS
+        _conv3d_triton.PREACT_MIN_TAPS = 1000
+        try:
+            compare(sink, {**common, "op": "norm_act_conv3d[prologue]", "ref": "the chain"},
+                    case.fused, case.chain_autocast, case.leaves, case.grad)  # fmt: skip
+        finally:
+            _conv3d_triton.PREACT_MIN_TAPS = old
+        compare(sink, {**common, "op": "conv3d", "ref": "F.conv3d (cuDNN)"},
+                case.conv_triton, case.conv_cudnn, case.leaves[:3], case.grad)  # fmt: skip
 
 
 def bench_attention(sink: Sink, tiny: bool, dtype: torch.dtype) -> None:
     if tiny:
         shapes = [(1, 2, 24, 16)]
     else:
-        sys.path.insert(0, str(ROOT / "bench"))
         from bench_attention import preset_shapes
 
         shapes = preset_shapes("lad")
@@ -221,7 +156,7 @@ def _bench_attention_shape(sink: Sink, shape: tuple[int, int, int, int], dtype: 
             return F.scaled_dot_product_attention(q, k, v)
 
     common = {"op": "attention", "ref": "SDPA flash" if flash else "SDPA", "shape": [b, h, seq, d],
-              "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+              "dtype": dtype_name(dtype)}  # fmt: skip
     compare(sink, common, lambda: attention(q, k, v, impl="triton"), sdpa, [qkv], grad)
 
 
@@ -231,7 +166,6 @@ def bench_vq(sink: Sink, tiny: bool) -> None:
     if tiny:
         n, k, d = 64, 40, 8
     else:
-        sys.path.insert(0, str(ROOT / "bench"))
         from bench_vq_nearest import preset_shape
 
         n, k, d = preset_shape("lad")
@@ -264,7 +198,7 @@ def step_kernels(out: Path, tiny: bool) -> None:
 
 def _models(tiny: bool):
     """(name, model, inputs, loss) for the VQ-GAN and the U-Net of the ``lad`` preset (or tiny ones)."""
-    from lad_fast.conditions import spatial_channels, structure_dim
+    from lad_fast.conditioning.conditions import spatial_channels, structure_dim
     from lad_fast.config import ConditionConfig, UNetConfig, VQGANConfig, get_preset
     from lad_fast.models.unet import build_unet
     from lad_fast.models.vqgan import VQGAN
@@ -366,7 +300,7 @@ def step_train(out: Path, tiny: bool) -> None:
                 sync()
                 times.append((time.perf_counter() - start) * 1e3)
             peak = torch.cuda.max_memory_allocated() / 2**20 if CUDA else None
-            sink.write({"model": name, "impl": impl, "dtype": str(dtype).removeprefix("torch."),
+            sink.write({"model": name, "impl": impl, "dtype": dtype_name(dtype),
                         "backend": backend, "tiny": tiny, "first_step_s": compile_s,
                         "step_ms": sorted(times)[len(times) // 2], "peak_mib": peak,
                         "loss": float(loss)})  # fmt: skip
@@ -379,7 +313,7 @@ def step_train(out: Path, tiny: bool) -> None:
 def step_topology(out: Path, tiny: bool) -> None:
     import numpy as np
 
-    from lad_fast.topology import lad_structure_vector
+    from lad_fast.conditioning.topology import lad_structure_vector
 
     sink = Sink(out, "topology")
     shape = (4, 16, 16) if tiny else (32, 256, 256)  # the lad geometry
@@ -395,8 +329,8 @@ def step_topology(out: Path, tiny: bool) -> None:
     expected = lad_structure_vector(mask, impl="numpy")
     tensor = torch.from_numpy(mask).to("cuda" if CUDA else "cpu")
     got = lad_structure_vector(tensor, impl="torch")
-    numpy_ms = time_ms(lambda: lad_structure_vector(mask, impl="numpy"))
-    torch_ms = time_ms(lambda: lad_structure_vector(tensor, impl="torch"))
+    numpy_ms = _time(lambda: lad_structure_vector(mask, impl="numpy"), [])
+    torch_ms = _time(lambda: lad_structure_vector(tensor, impl="torch"), [])
     sink.write({"op": "lad_structure_vector", "shape": list(shape), "path": "torch " + tensor.device.type,
                 "ms": torch_ms, "ref": "numpy (CPU)", "ref_ms": numpy_ms, "speedup": numpy_ms / torch_ms,
                 "equal": bool(np.array_equal(got, expected))})  # fmt: skip

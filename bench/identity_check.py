@@ -52,7 +52,7 @@ def main() -> None:
             "--batch",
             "2",
             "--sampler",
-            "ddim",
+            "euler",
             "--steps",
             "8",
             "--seed",

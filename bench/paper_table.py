@@ -183,25 +183,6 @@ def generation_seconds(run: Path, out: Path, n: int) -> float:
                  "cpu"]) / n  # fmt: skip
 
 
-def summary(rep: dict[str, Any]) -> dict[str, Any]:
-    fid = rep["fidelity"]
-    return {
-        "fid": rep["realism"]["fid"],
-        "mmd_linear": rep["realism"]["mmd_linear"],
-        "mmd_gaussian": rep["realism"]["mmd_gaussian"],
-        "diversity": rep["diversity"]["synthetic"],
-        "mask_dice": fid["synthetic"]["mean_dice"],
-        "shuffled_mask_dice": fid["shuffled"]["mean_dice"],
-        "topology_error": fid["synthetic"]["structure_l1"],
-        "shuffled_topology_error": fid["shuffled"]["structure_l1"],
-        "references": {
-            "fid_real_vs_real": rep["references"]["real_vs_real"]["fid"],
-            "fid_trivial": rep["references"]["trivial"]["fid"],
-            "real_ceiling_mask_dice": fid["real"]["mean_dice"],
-        },
-    }
-
-
 def _pm(s: dict[str, float] | None) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "n/a"
 
@@ -213,7 +194,7 @@ def _num(v: float | None, fmt: str) -> str:
 def markdown(record: dict[str, Any]) -> str:
     rows, ssl = record["rows"], record["ssl"]
     out = [
-        "| generator | FID | MMD (lin) | diversity | mask Dice | topology error "
+        "| generator | FID | MMD (lin) | diversity | mask Dice | structure L1 "
         "| VQ-GAN + diffusion train (s) | generation (s/volume) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -221,7 +202,7 @@ def markdown(record: dict[str, Any]) -> str:
         train = (r["vqgan_train_s"] or 0) + (r["diffusion_train_s"] or 0)
         out.append(
             f"| {name} | {r['fid']:.3f} | {r['mmd_linear']:.4f} | {r['diversity']:.3f} "
-            f"| {r['mask_dice']:.3f} | {r['topology_error']:.3f} | {train:.0f} "
+            f"| {r['mask_dice']:.3f} | {r['structure_l1']:.3f} | {train:.0f} "
             f"| {_num(r['generation_s_per_volume'], '.2f')} |"
         )
     out += ["", "SSL fine-tuning Dice per organ (mean ± std over seeds):", ""]
@@ -276,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ssl_record = json.loads((RESULTS / "ssl_benchmark.json").read_text())
 
     real = held_out(args.real or args.work / "heldout", 16)
+    from _common import summary
+
     rows: dict[str, Any] = {}
     for name in rows_run:
         synthetic = args.ssl_work / "synthetic" / name

@@ -1,4 +1,4 @@
-"""CPU threading side by side: torch's defaults against lad-fast's thread policy (lad_fast/threads.py).
+"""CPU threading side by side: torch's defaults against lad-fast's thread policy (lad_fast/utils/threads.py).
 
 Each variant runs in a fresh process, because libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads:
 
@@ -38,14 +38,14 @@ VARIANTS = {
 def child() -> dict:
     import torch
 
-    from lad_fast.threads import apply_thread_policy
+    from lad_fast.utils.threads import apply_thread_policy
 
     threads = apply_thread_policy()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_sampler import _conditions, _networks
 
-    from lad_fast.diffusion import make_schedule
-    from lad_fast.generate import SamplerSettings, sample_latents
+    from lad_fast.diffusion.schedules import make_schedule
+    from lad_fast.generate.generate import SamplerSettings, sample_latents
 
     cfg, vq, net, shape = _networks("tiny", torch.device("cpu"))
     conds = _conditions(net, shape, 2, torch.device("cpu"))

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from lad_fast.cli import data_cmds, evaluate_cmd, export_cmd, generate_cmd, info_cmd, masks_cmd
+from lad_fast.cli import data_cmds, evaluate_cmd, export_cmd, generate_cmd, info_cmd, masks_cmd, plan_cmd
 from lad_fast.cli.bench_cmd import bench_app
 from lad_fast.cli.ssl_cmds import ssl_app
 from lad_fast.cli.train_cmds import train_app
@@ -35,6 +35,7 @@ app.add_typer(train_app, name="train")
 app.command("generate")(generate_cmd.generate)
 app.command("export")(export_cmd.export)
 app.command("evaluate")(evaluate_cmd.evaluate)
+app.command("plan")(plan_cmd.plan)
 app.add_typer(bench_app, name="bench")
 app.add_typer(ssl_app, name="ssl")
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu_wait_policy()
 
     from lad_fast.errors import LadFastError
-    from lad_fast.interrupts import Interrupted, raise_on_signals
+    from lad_fast.utils.interrupts import Interrupted, raise_on_signals
 
     if not _debug():
         warnings.formatwarning = _one_line_warning
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         # Signals raise Interrupted, which Typer passes on (it would turn a KeyboardInterrupt into a silent
-        # exit 130); long loops inside defer them to a safe point (lad_fast.interrupts.deferred).
+        # exit 130); long loops inside defer them to a safe point (lad_fast.utils.interrupts.deferred).
         with raise_on_signals():
             app(args=argv)  # standalone mode: usage errors and --help exit by themselves
     except LadFastError as err:

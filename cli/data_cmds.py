@@ -19,7 +19,7 @@ def phantom(
 ) -> None:
     """Write N synthetic abdominal CTs and TotalSegmentator-numbered label maps as NIfTI."""
     from lad_fast.config import get_preset
-    from lad_fast.data.phantom import write_phantoms
+    from lad_fast.data.phantom.draw import write_phantoms
 
     cfg = get_preset(preset.value)
     paths = write_phantoms(out, n=n, cfg=cfg.phantom, seed=seed, force=force)
@@ -43,11 +43,19 @@ def prepare(
         typer.Option(help="Run with a trained segmenter: predicts masks for the cases that have none."),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    skip_invalid: Annotated[
+        bool,
+        typer.Option(
+            help="Leave out cases with bad scans (too small, broken, misaligned mask) instead of stopping; "
+            "OUT/prepare_report.json names each one and why."
+        ),
+    ] = False,
     force: ForceOpt = False,
 ) -> None:
-    """Turn CT (NIfTI or DICOM) and masks into a prepared, preset-geometry training dataset."""
+    """Turn CT (NIfTI, DICOM or official Lad .npy crops) and masks into a prepared, preset-geometry
+    training dataset."""
     from lad_fast.config import get_preset
-    from lad_fast.data.prepared import prepare_dataset
+    from lad_fast.data.prepare import prepare_dataset, read_report, skipped_summary
 
     cfg = get_preset(preset.value)
     index = prepare_dataset(
@@ -59,11 +67,15 @@ def prepare(
         label_map=label_map,
         strict=strict,
         force=force,
+        skip_invalid=skip_invalid,
     )
-    typer.echo(f"prepared {len(index['cases'])} cases in {out}")
+    n = len(index["cases"])
+    typer.echo(f"prepared {n} case{'' if n == 1 else 's'} in {out}")
+    if skip_invalid and (summary := skipped_summary(read_report(out))):
+        typer.echo(summary, err=True)
     unlabelled = [c["id"] for c in index["cases"] if not c["has_mask"]]
     if unlabelled and segmenter:
-        from lad_fast.cli.train_cmds import resolve_run
+        from lad_fast.cli.options import resolve_run
         from lad_fast.train.segmenter import predict_masks
 
         written = predict_masks(resolve_run(segmenter), out, device=device)
@@ -88,6 +100,10 @@ def preview(
     mask: Annotated[
         Path | None, typer.Option("--mask", "-m", help="Label map to outline (one image only).")
     ] = None,
+    vocabulary: Annotated[
+        Vocabulary,
+        typer.Option(help="Label ids of --mask; auto reads labels.json or guesses from its name and ids."),
+    ] = Vocabulary.auto,
     case: Annotated[
         list[str] | None, typer.Option("--case", help="Case id of a prepared dataset (repeatable).")
     ] = None,
@@ -101,7 +117,8 @@ def preview(
 ) -> None:
     """Write one PNG comparing volumes: three orthogonal slices each, organ outlines named and coloured
     by organ."""
-    from lad_fast.preview import write_preview
+    from lad_fast.preview.render import write_preview
 
-    path = write_preview(sources, out=out, mask=mask, cases=case or (), n=n)
+    vocab = None if vocabulary is Vocabulary.auto else vocabulary.value
+    path = write_preview(sources, out=out, mask=mask, cases=case or (), n=n, vocabulary=vocab)
     typer.echo(f"wrote {path}")

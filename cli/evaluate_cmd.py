@@ -13,7 +13,9 @@ from lad_fast.cli.options import ForceOpt
 
 
 class Features(str, Enum):
+    auto = "auto"
     segmenter = "segmenter"
+    vqgan = "vqgan"
     medicalnet = "medicalnet"
     radimagenet_2p5d = "radimagenet-2.5d"
 
@@ -27,81 +29,98 @@ def _check_output(path: Path | None, force: bool) -> None:
         raise OutputExistsError(f"{path}: is a folder; name a file")
 
 
+RealOpt = Annotated[
+    Path, typer.Option("--real", help="Real volumes: a prepared dataset or a folder of NIfTI volumes.")
+]
+SyntheticOpt = Annotated[
+    Path, typer.Option("--synthetic", help="Generated folder (images/, masks/, manifest.jsonl).")
+]
+FeaturesOpt = Annotated[
+    Features,
+    typer.Option(
+        help="FID/MMD features: the segmenter's encoder, the generator's VQ-GAN encoder, MedicalNet or "
+        "RadImageNet 2.5D (with --weights). auto: the segmenter's, else the VQ-GAN's (mask metrics skipped)."
+    ),
+]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights",
+        help="Weights file: MedicalNet resnet_<depth>.pth or RadImageNet ResNet-50.",
+        dir_okay=False,
+    ),
+]
+SegmenterOpt = Annotated[
+    str | None,
+    typer.Option(help="Run holding the segmenter (name or folder). Default: the run that generated it."),
+]
+SegmentationsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--segmentations",
+        help="An external segmenter's masks of the synthetic volumes (e.g. TotalSegmentator), one per "
+        "volume id: <id>.nii.gz or an organ folder <id>/, on the volume's grid (no resampling). Used "
+        "for Dice, shuffled baseline, structure and volume error instead of the lad-fast segmenter, "
+        "which then runs only for --features segmenter.",
+        file_okay=False,
+    ),
+]
+VocabularyOpt = Annotated[
+    str,
+    typer.Option(
+        "--segmentation-vocabulary",
+        help="Label ids of --segmentations files: totalseg, canonical, abdomenct1k, lad, or a JSON map "
+        "file. auto: organ folders as totalseg, label files as canonical.",
+    ),
+]
+RealSegmentationsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--real-segmentations",
+        help="The same external segmenter's masks of the real volumes, one per real case id, on the grid "
+        "of the image it ran on (a prepared case's source image, or images/<id> of a NIfTI folder): "
+        "the real ceiling. Without it the ceiling is reported as skipped.",
+        file_okay=False,
+    ),
+]
+StrictOpt = Annotated[
+    bool, typer.Option(help="Segmentation ids outside the vocabulary are an error (else a warning).")
+]
+FidelityOpt = Annotated[
+    bool, typer.Option("--fidelity/--no-fidelity", help="Score masks (needs the synthetic masks/).")
+]
+JsonOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write every number as JSON here.")]
+PngOpt = Annotated[Path | None, typer.Option("--png", help="Write the Dice / HU panel as PNG here.")]
+BatchOpt = Annotated[int, typer.Option(help="Volumes per feature and segmenter batch.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
 def evaluate(
-    real: Annotated[
-        Path, typer.Option("--real", help="Real volumes: a prepared dataset or a folder of NIfTI volumes.")
-    ],
-    synthetic: Annotated[
-        Path, typer.Option("--synthetic", help="Generated folder (images/, masks/, manifest.jsonl).")
-    ],
-    features: Annotated[
-        Features,
-        typer.Option(
-            help="FID/MMD features: the segmenter's encoder, MedicalNet or RadImageNet 2.5D (with --weights)."
-        ),
-    ] = Features.segmenter,
-    weights: Annotated[
-        Path | None,
-        typer.Option(
-            "--weights",
-            help="Weights file: MedicalNet resnet_<depth>.pth or RadImageNet ResNet-50.",
-            dir_okay=False,
-        ),
-    ] = None,
-    segmenter: Annotated[
-        str | None,
-        typer.Option(help="Run holding the segmenter (name or folder). Default: the run that generated it."),
-    ] = None,
-    segmentations: Annotated[
-        Path | None,
-        typer.Option(
-            "--segmentations",
-            help="An external segmenter's masks of the synthetic volumes (e.g. TotalSegmentator), one per "
-            "volume id: <id>.nii.gz or an organ folder <id>/, on the volume's grid (no resampling). Used "
-            "for Dice, shuffled baseline, structure and volume error instead of the lad-fast segmenter, "
-            "which then runs only for --features segmenter.",
-            file_okay=False,
-        ),
-    ] = None,
-    segmentation_vocabulary: Annotated[
-        str,
-        typer.Option(
-            "--segmentation-vocabulary",
-            help="Label ids of --segmentations files: totalseg, canonical, abdomenct1k, lad, or a JSON map "
-            "file. auto: organ folders as totalseg, label files as canonical.",
-        ),
-    ] = "auto",
-    real_segmentations: Annotated[
-        Path | None,
-        typer.Option(
-            "--real-segmentations",
-            help="The same external segmenter's masks of the real volumes, one per real case id, on the grid "
-            "of the image it ran on (a prepared case's source image, or images/<id> of a NIfTI folder): "
-            "the real ceiling. Without it the ceiling is reported as skipped.",
-            file_okay=False,
-        ),
-    ] = None,
-    strict: Annotated[
-        bool, typer.Option(help="Segmentation ids outside the vocabulary are an error (else a warning).")
-    ] = False,
-    fidelity: Annotated[
-        bool, typer.Option("--fidelity/--no-fidelity", help="Score masks (needs the synthetic masks/).")
-    ] = True,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write every number as JSON here.")] = None,
-    png: Annotated[Path | None, typer.Option("--png", help="Write the Dice / HU panel as PNG here.")] = None,
-    batch: Annotated[int, typer.Option(help="Volumes per feature and segmenter batch.")] = 4,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    real: RealOpt,
+    synthetic: SyntheticOpt,
+    features: FeaturesOpt = Features.auto,
+    weights: WeightsOpt = None,
+    segmenter: SegmenterOpt = None,
+    segmentations: SegmentationsOpt = None,
+    segmentation_vocabulary: VocabularyOpt = "auto",
+    real_segmentations: RealSegmentationsOpt = None,
+    strict: StrictOpt = False,
+    fidelity: FidelityOpt = True,
+    out: JsonOutOpt = None,
+    png: PngOpt = None,
+    batch: BatchOpt = 4,
+    device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
     """FID, MMD, MS-SSIM diversity, per-organ Dice (with shuffled baseline and real ceiling), topology
     and HU statistics of SYNTHETIC against REAL, with real-vs-real and trivial-generator references."""
     from rich.console import Console
 
-    from lad_fast.atomic import atomic_path, write_json
-    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.cli.options import resolve_run
     from lad_fast.errors import ConfigError
     from lad_fast.evaluate.render import render_panel, tables
     from lad_fast.evaluate.report import evaluate as run_evaluate
+    from lad_fast.utils.atomic import atomic_path, write_json
 
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {batch}")
@@ -126,7 +145,10 @@ def evaluate(
     if not console.is_terminal:  # a pipe or file: rich would wrap the tables at 80 columns
         console = Console(width=120)
     for table in tables(report):
-        console.print(table)
+        if isinstance(table, str):  # a note: one line however wide, and no rich markup in its paths
+            console.print(table, soft_wrap=True, markup=False, highlight=False)
+        else:
+            console.print(table)
     # Outputs are written only once every number exists, each atomically.
     if out is not None:
         write_json(out, report)

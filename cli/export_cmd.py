@@ -44,10 +44,10 @@ def export(
     ] = False,
 ) -> None:
     """Export the denoiser step and the VQ-GAN decoder as ONNX graphs (and TensorRT engines with trt)."""
-    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.cli.options import resolve_run
     from lad_fast.export.artefacts import BatchRange
     from lad_fast.export.run_export import export_run
-    from lad_fast.runs import latest_run
+    from lad_fast.runs.rundir import latest_run
 
     brange = BatchRange.parse(batch_range)  # before the run is opened: a typo costs nothing
     if run:

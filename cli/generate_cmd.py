@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from lad_fast.cli.options import ForceOpt, SeedOpt
+from lad_fast.config import GENERATE_BATCH
 
 
 class Sampler(str, Enum):
@@ -19,6 +20,11 @@ class Sampler(str, Enum):
     heun = "heun"
 
 
+class Layout(str, Enum):
+    default = "default"
+    nnunet = "nnunet"
+
+
 class Backend(str, Enum):
     torch = "torch"
     compile = "compile"
@@ -27,7 +33,9 @@ class Backend(str, Enum):
 
 
 def generate(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest, dataset.json).")
+    ],
     run: Annotated[
         str | None,
         typer.Option("--run", "-r", help="Trained run (name under ./runs or folder). Default: latest."),
@@ -58,7 +66,7 @@ def generate(
         ),
     ] = None,
     augment: Annotated[int, typer.Option(help="Augmented variants per source mask (0: none).")] = 4,
-    batch: Annotated[int, typer.Option(help="Volumes per sampler call.")] = 4,
+    batch: Annotated[int, typer.Option(help="Volumes per sampler call.")] = GENERATE_BATCH,
     seed: SeedOpt = 0,
     backend: Annotated[Backend, typer.Option(help="Denoiser backend.")] = Backend.torch,
     force: ForceOpt = False,
@@ -71,11 +79,18 @@ def generate(
             "Default: tiles only when the whole decode would not fit in memory.",
         ),
     ] = None,
+    layout: Annotated[
+        Layout,
+        typer.Option(
+            help="default: images/ + masks/ (MONAI's list in dataset.json). nnunet: also nnU-Net v2's "
+            "imagesTr/<id>_0000.nii.gz + labelsTr/<id>.nii.gz (hard links, no extra space).",
+        ),
+    ] = Layout.default,
 ) -> None:
     """Sample N volumes with augmented anatomical conditions; resumable, shards by rank under torchrun."""
-    from lad_fast.cli.train_cmds import resolve_run
-    from lad_fast.generate import generate as run_generate
-    from lad_fast.runs import latest_run
+    from lad_fast.cli.options import resolve_run
+    from lad_fast.generate.generate import generate as run_generate
+    from lad_fast.runs.rundir import latest_run
 
     if run:
         run_path = resolve_run(run)
@@ -98,5 +113,6 @@ def generate(
         force=force,
         device=device,
         decode_tile=decode_tile,
+        layout=layout.value,
     )
     typer.echo(f"generated {n} volume{'' if n == 1 else 's'} in {path}")

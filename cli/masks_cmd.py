@@ -23,7 +23,7 @@ def predict_masks(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Predict organ masks (and structure conditions) for the cases of DATA that have none."""
-    from lad_fast.cli.train_cmds import resolve_run
+    from lad_fast.cli.options import resolve_run
     from lad_fast.train.segmenter import predict_masks as predict
 
     written = predict(resolve_run(run), data, device=device, force=force)
@@ -41,11 +41,22 @@ def import_masks(
     force: Annotated[
         bool, typer.Option("--force", help="Import for every case, replacing the masks it already has.")
     ] = False,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            help="Import a mask that holds none of the organs the slice window is chosen by (pancreas) "
+            "with a warning, instead of refusing it."
+        ),
+    ] = False,
 ) -> None:
-    """Import masks an external segmenter (TotalSegmentator) wrote, onto the cases of DATA."""
-    from lad_fast.masks import import_masks as run_import
+    """Import masks an external segmenter (TotalSegmentator) wrote, onto the cases of DATA.
+
+    A case prepared without a mask gets its slice window chosen again from the mask (its source image
+    is read again), so it ends up as if image and mask had been prepared together."""
+    from lad_fast.data.masks import import_masks as run_import
 
     if vocabulary is Vocabulary.auto:
         raise typer.BadParameter("name the masks' vocabulary (totalseg, abdomenct1k, lad, canonical)")
-    written = run_import(data, masks, vocabulary=vocabulary.value, force=force)
-    typer.echo(f"imported masks for {len(written)} case(s) into {data}")
+    written = run_import(data, masks, vocabulary=vocabulary.value, force=force, allow_empty=allow_empty)
+    n = len(written)
+    typer.echo(f"imported masks for {n} case{'' if n == 1 else 's'} into {data}")

@@ -1,7 +1,9 @@
-"""Options shared by several commands, as ``Annotated`` aliases."""
+"""Options shared by several commands, as ``Annotated`` aliases, and :func:`resolve_run`, how every
+command reads a ``--run`` value."""
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -37,3 +39,27 @@ PresetOpt = Annotated[Preset, typer.Option("--preset", "-p", help="Geometry and 
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; one seed gives one result.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an output folder that holds other files.")]
 OutDir = Annotated[Path, typer.Argument(help="Output folder.", file_okay=False)]
+RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name (under ./runs) or folder.")]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", min=1, help="Training steps (default: the preset's).")
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch", min=1, help="Volumes per training step (default: the preset's; see lad-fast plan)."
+    ),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+
+
+def resolve_run(run: str) -> Path:
+    """A bare name means ./runs/<name>, unless only ./<name> is a run (a folder in the current one);
+    anything with a path separator (``./mine``, ``runs/a``, an absolute path) is that folder."""
+    p = Path(run)
+    if p.is_absolute() or any(sep in run for sep in ("/", os.sep)) or run in (".", ".."):
+        return p
+    under = Path("runs") / run
+    if not under.exists() and (p / "config.json").is_file():
+        return p
+    return under

@@ -7,8 +7,17 @@ from typing import Annotated
 
 import typer
 
-from lad_fast.cli.options import ForceOpt, Preset, PresetOpt, SeedOpt
-from lad_fast.cli.train_cmds import DeviceOpt, ResumeOpt, RunOpt, StepsOpt, resolve_run
+from lad_fast.cli.options import (
+    DeviceOpt,
+    ForceOpt,
+    Preset,
+    PresetOpt,
+    ResumeOpt,
+    RunOpt,
+    SeedOpt,
+    StepsOpt,
+    resolve_run,
+)
 
 ssl_app = typer.Typer(
     help="Did the synthetic data help? Pretrain the segmenter's U-Net self-supervised on real + generated "
@@ -36,6 +45,14 @@ def pretrain(
             help="Expected fraction of each batch that is synthetic (when --synthetic is given).",
         ),
     ] = 0.5,  # fmt: skip
+    cases: Annotated[
+        str | None,
+        typer.Option(
+            "--cases",
+            help="Comma-separated ids of the real cases to pretrain on. Default: all "
+            "but the fine-tuning held-out cases.",
+        ),
+    ] = None,  # fmt: skip
     run: RunOpt = "ssl",
     preset: PresetOpt = Preset.tiny,
     steps: StepsOpt = None,
@@ -60,6 +77,7 @@ def pretrain(
         resume=resume,
         force=force,
         device=device,
+        cases=_ids(cases),
     )
     typer.echo(f"ssl: {result.step} steps, checkpoint {result.checkpoint}")
 
@@ -74,6 +92,29 @@ def finetune(
         Path | None,
         typer.Option("--labels", help="Prepared dataset with masks. Default: built-in phantoms."),
     ] = None,
+    cases: Annotated[
+        str | None,
+        typer.Option(
+            "--cases",
+            help="Comma-separated ids of the K cases to fine-tune on. Default: the "
+            "first K labelled training cases.",
+        ),
+    ] = None,
+    eval_every: Annotated[
+        int,
+        typer.Option(
+            "--eval-every",
+            help="Score the held-out cases every N steps (the learning curve, "
+            "RUN/finetune/curve.jsonl); 0: only at the end.",
+        ),
+    ] = 0,
+    pretrained_lr_scale: Annotated[
+        float,
+        typer.Option(
+            "--pretrained-lr-scale",
+            help="Learning rate of the pretrained weights relative to the rest (1: the same).",
+        ),
+    ] = 1.0,  # fmt: skip
     run: RunOpt = "finetune",
     out: Annotated[Path | None, typer.Option("--out", help="Also write the Dice JSON here.")] = None,
     preset: PresetOpt = Preset.tiny,
@@ -101,5 +142,12 @@ def finetune(
         force=force,
         device=device,
         out=out,
+        cases=_ids(cases),
+        eval_every=eval_every,
+        pretrained_lr_scale=pretrained_lr_scale,
     )
     typer.echo(json.dumps({"dice": scores.get("dice"), "cases": scores.get("cases")}))
+
+
+def _ids(cases: str | None) -> list[str] | None:
+    return None if cases is None else [c.strip() for c in cases.split(",") if c.strip()]

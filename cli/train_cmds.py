@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from lad_fast.cli.options import ForceOpt, Preset, PresetOpt
+from lad_fast.cli.options import (
+    BatchOpt,
+    DeviceOpt,
+    ForceOpt,
+    Preset,
+    PresetOpt,
+    ResumeOpt,
+    RunOpt,
+    StepsOpt,
+    resolve_run,
+)
+
+if TYPE_CHECKING:
+    from lad_fast.config import LadConfig
 
 train_app = typer.Typer(
     help="Train the models. Without a subcommand: the whole pipeline on the given data (default: phantoms).",
@@ -20,12 +32,6 @@ DataOpt = Annotated[
     Path | None,
     typer.Option("--data", "-d", help="Prepared dataset (lad-fast prepare). Default: built-in phantoms."),
 ]
-RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name (under ./runs) or folder.")]
-StepsOpt = Annotated[
-    int | None, typer.Option("--steps", min=1, help="Training steps (default: the preset's).")
-]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 HoldoutOpt = Annotated[
     float | None,
     typer.Option(
@@ -36,16 +42,22 @@ HoldoutOpt = Annotated[
 ]
 
 
-def resolve_run(run: str) -> Path:
-    """A bare name means ./runs/<name>, unless only ./<name> is a run (a folder in the current one);
-    anything with a path separator (``./mine``, ``runs/a``, an absolute path) is that folder."""
-    p = Path(run)
-    if p.is_absolute() or any(sep in run for sep in ("/", os.sep)) or run in (".", ".."):
-        return p
-    under = Path("runs") / run
-    if not under.exists() and (p / "config.json").is_file():
-        return p
-    return under
+def _check_memory(
+    cfg: LadConfig, models: tuple[str, ...], device: str, steps: int | None, batch: int | None
+) -> None:
+    """On CUDA, before anything is read or written: each model's training step at the batch it will
+    train with must fit the GPU (:func:`lad_fast.train.plan.check_device`: one line naming the largest
+    batch that does). The whole pipeline checks the VQ-GAN and the diffusion model, which it always
+    trains; a segmenter it trains for unlabelled cases is checked by ``train segmenter`` only."""
+    from lad_fast.utils.devices import choose_device, resolve_device
+
+    dev = resolve_device(choose_device(device))
+    if dev.type != "cuda":
+        return
+    from lad_fast.train.plan import check_device
+
+    for model in models:
+        check_device(cfg, model, getattr(cfg, f"{model}_train").overridden(steps, batch), dev)
 
 
 @train_app.callback()
@@ -55,6 +67,7 @@ def pipeline(
     run: RunOpt = "default",
     preset: PresetOpt = Preset.tiny,
     steps: StepsOpt = None,
+    batch: BatchOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
@@ -64,13 +77,16 @@ def pipeline(
     if ctx.invoked_subcommand is not None:
         return
     from lad_fast.config import get_preset
-    from lad_fast.pipeline import train_pipeline
+    from lad_fast.train.pipeline import train_pipeline
+
+    _check_memory(get_preset(preset.value), ("vqgan", "diffusion"), device, steps, batch)
 
     path = train_pipeline(
         resolve_run(run),
         get_preset(preset.value),
         data=data,
         steps=steps,
+        batch=batch,
         resume=resume,
         force=force,
         device=device,
@@ -85,6 +101,7 @@ def vqgan(
     run: RunOpt = "default",
     preset: PresetOpt = Preset.tiny,
     steps: StepsOpt = None,
+    batch: BatchOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
@@ -94,11 +111,14 @@ def vqgan(
     from lad_fast.config import get_preset
     from lad_fast.train.vqgan import train_vqgan
 
+    _check_memory(get_preset(preset.value), ("vqgan",), device, steps, batch)
+
     result = train_vqgan(
         resolve_run(run),
         get_preset(preset.value),
         data=data,
         steps=steps,
+        batch=batch,
         resume=resume,
         force=force,
         device=device,
@@ -113,6 +133,7 @@ def segmenter(
     run: RunOpt = "default",
     preset: PresetOpt = Preset.tiny,
     steps: StepsOpt = None,
+    batch: BatchOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
@@ -121,11 +142,14 @@ def segmenter(
     from lad_fast.config import get_preset
     from lad_fast.train.segmenter import train_segmenter
 
+    _check_memory(get_preset(preset.value), ("segmenter",), device, steps, batch)
+
     result = train_segmenter(
         resolve_run(run),
         get_preset(preset.value),
         data=data,
         steps=steps,
+        batch=batch,
         resume=resume,
         force=force,
         device=device,
@@ -142,6 +166,7 @@ def diffusion(
     ] = None,
     preset: PresetOpt = Preset.tiny,
     steps: StepsOpt = None,
+    batch: BatchOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
@@ -150,12 +175,15 @@ def diffusion(
     from lad_fast.config import get_preset
     from lad_fast.train.diffusion import train_diffusion
 
+    _check_memory(get_preset(preset.value), ("diffusion",), device, steps, batch)
+
     result = train_diffusion(
         resolve_run(run),
         get_preset(preset.value),
         data=data,
         vqgan_run=resolve_run(vqgan_run) if vqgan_run else None,
         steps=steps,
+        batch=batch,
         resume=resume,
         force=force,
         device=device,

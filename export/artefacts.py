@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lad_fast.atomic import write_json
-from lad_fast.checkpoints import file_sha256
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError
+from lad_fast.runs.checkpoints import file_sha256
+from lad_fast.utils.atomic import write_json
 
 FORMAT = "lad-fast-export/1"
 KINDS = ("denoiser", "decoder")

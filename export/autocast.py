@@ -23,8 +23,8 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lad_fast.atomic import atomic_path
 from lad_fast.errors import BackendUnavailableError, LadFastError
+from lad_fast.utils.atomic import atomic_path
 
 # What ``import modelopt.onnx.autocast`` and one conversion import (nvidia-modelopt 0.47), found by
 # importing it with each missing module added by name: not its [onnx] extra, which adds GPU wheels.

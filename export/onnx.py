@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lad_fast.atomic import atomic_path
 from lad_fast.errors import BackendUnavailableError, LadFastError
 from lad_fast.kernels._dispatch import forced_impl
+from lad_fast.utils.atomic import atomic_path
 
 DEFAULT_OPSET = 18
 

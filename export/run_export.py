@@ -36,10 +36,9 @@ from lad_fast.export.autocast import PRECISIONS
 EXPORT_DIR = "export"  # RUN/export: where generate looks for artefacts and lad-fast export writes them
 DEFAULT_RANGE = BatchRange(1, 4, 16)
 FP32_RTOL = 1e-4  # ONNX Runtime vs PyTorch, max |diff| / max |ref|
-# AutoCast graphs vs fp32 PyTorch. fp16, measured on the tiny test run (tests/export): denoiser 7.5e-4,
-# decoder 1.8e-3; fp16 keeps 11 bits (4.9e-4 relative per rounding), a few roundings in a row stay below 1e-2.
-# bf16 keeps 8 bits (3.9e-3 per rounding): scaled alike, never measured (ONNX Runtime's CPU build has no
-# bf16 Conv, so bf16 graphs are checked but not compared there)
+# AutoCast graphs vs fp32 PyTorch: fp16 keeps 11 bits (4.9e-4 relative per rounding), bf16 8 bits (3.9e-3);
+# a few roundings in a row stay below these. ONNX Runtime's CPU build has no bf16 Conv, so bf16 graphs are
+# checked but not compared there.
 LOW_RTOL = {"fp16": 1e-2, "bf16": 6e-2}
 # volumes per export and verification call (the denoiser sees 2: guidance); the tests run other batches
 VERIFY_BATCH = 1
@@ -196,17 +195,13 @@ def export_run(
     written. ``out`` holding other files is refused without ``force`` (see
     :func:`~lad_fast.export.artefacts.prepare_out`). Graphs are exported and verified on the CPU.
     """
-    from lad_fast.runs import RunDir
-    from lad_fast.trained import checkpoint_hash, load_diffusion, load_frozen_vqgan, vqgan_run_of
+    from lad_fast.runs.loading import load_sampling_models
 
     _check_request(target, precision)
     run = Path(run)
-    rundir = RunDir.open(run)
     out = Path(out) if out is not None else run / EXPORT_DIR
-    net, meta = load_diffusion(run, "cpu")
-    cfg = rundir.config()
-    vqgan_run = vqgan_run_of(run, meta)  # recorded relative to the run
-    vq, _ = load_frozen_vqgan(vqgan_run, cfg, torch.device("cpu"))
+    models = load_sampling_models(run, "cpu")  # the run opened, its config parsed, once
+    net, meta, vq = models.net, models.meta, models.vq
     names = [artefact_name(k, "fp32", "onnx") for k in ("denoiser", "decoder")]
     if precision != "fp32":
         names += [artefact_name(k, precision, "onnx") for k in ("denoiser", "decoder")]
@@ -226,7 +221,7 @@ def export_run(
     decoder = DecoderGraph(vq).eval()
     dec_example = [torch.rand(VERIFY_BATCH, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1]
     written += _export_kind("decoder", decoder, dec_example, [DECODER_INPUT], DECODER_OUTPUT, out, precision,
-                            target, batch_range, checkpoint_hash(vqgan_run / "vqgan"))  # fmt: skip
+                            target, batch_range, models.vqgan_hash)  # fmt: skip
     return written
 
 

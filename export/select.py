@@ -38,8 +38,8 @@ def artefact_path(run: Path, kind: str, backend: str) -> tuple[Path, str]:
 
 def run_meta(run: Path) -> dict:
     """The diffusion checkpoint's meta of ``run`` (no weights loaded), with its ``diffusion_config``."""
-    from lad_fast.checkpoints import META_NAME, latest_step_dir
     from lad_fast.config import config_from_dict
+    from lad_fast.runs.checkpoints import META_NAME, latest_step_dir
 
     step = latest_step_dir(Path(run) / "diffusion")
     if step is None:
@@ -50,14 +50,16 @@ def run_meta(run: Path) -> dict:
     return meta
 
 
-def run_checkpoint(run: Path, kind: str) -> str:
-    """Hash of the checkpoint the ``kind`` graph comes from: the diffusion model, or its VQ-GAN."""
-    from lad_fast.trained import checkpoint_hash, vqgan_run_of
+def run_checkpoint(run: Path, kind: str, meta: dict | None = None) -> str:
+    """Hash of the checkpoint the ``kind`` graph comes from: the diffusion model, or its VQ-GAN (found
+    through the diffusion checkpoint's ``meta``, read here when not given)."""
+    from lad_fast.runs.loading import checkpoint_hash, vqgan_run_of
 
     run = Path(run)
     if kind == "denoiser":
         return checkpoint_hash(run / "diffusion")
-    return checkpoint_hash(vqgan_run_of(run, run_meta(run)) / "vqgan")  # recorded relative to the run
+    meta = meta if meta is not None else run_meta(run)
+    return checkpoint_hash(vqgan_run_of(run, meta) / "vqgan")  # recorded relative to the run
 
 
 def check_run_artefact(run: Path, backend: str, batch: int | None = None, kind: str = "denoiser") -> None:
@@ -88,7 +90,8 @@ def denoiser_artefact(
         meta["diffusion_config"].objective,
         meta["diffusion_config"].timesteps,
     )
-    return _one_rank_exports(run, "denoiser", net, cpu, list(names), "out", backend, batch)
+    checkpoint = run_checkpoint(run, "denoiser")
+    return _one_rank_exports(run, "denoiser", checkpoint, net, cpu, list(names), "out", backend, batch)
 
 
 def decoder_artefact(run: Path, vq: nn.Module, backend: str, batch: int | None = None) -> Path:
@@ -96,13 +99,17 @@ def decoder_artefact(run: Path, vq: nn.Module, backend: str, batch: int | None =
     for ``backend``, exported on demand from the VQ-GAN ``vq`` when absent."""
     from lad_fast.export.graphs import DECODER_INPUT, DECODER_OUTPUT, DecoderGraph
 
-    shape = tuple(int(s) for s in run_meta(run)["latent_shape"])
+    meta = run_meta(run)
+    shape = tuple(int(s) for s in meta["latent_shape"])
     module = DecoderGraph(copy.deepcopy(vq).float().cpu()).eval()
     example = [torch.rand(VERIFY_BATCH, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1]
-    return _one_rank_exports(run, "decoder", module, example, [DECODER_INPUT], DECODER_OUTPUT, backend, batch)
+    checkpoint = run_checkpoint(run, "decoder", meta)
+    return _one_rank_exports(
+        run, "decoder", checkpoint, module, example, [DECODER_INPUT], DECODER_OUTPUT, backend, batch
+    )
 
 
-def _one_rank_exports(run, kind, module, example, names, out_name, backend, batch) -> Path:
+def _one_rank_exports(run, kind, checkpoint, module, example, names, out_name, backend, batch) -> Path:
     """:func:`_find_or_export`; under ``torchrun`` rank 0 exports while the others wait, then they check
     what it wrote (two ranks writing one file would see each other's half-made artefact)."""
     import torch.distributed as dist
@@ -111,22 +118,25 @@ def _one_rank_exports(run, kind, module, example, names, out_name, backend, batc
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_rank() == 0:
             try:
-                return _find_or_export(run, kind, module, example, names, out_name, backend, batch)
+                return _find_or_export(
+                    run, kind, checkpoint, module, example, names, out_name, backend, batch
+                )
             finally:
                 dist.barrier()  # released whether rank 0 succeeded or not
         dist.barrier()
         path, _ = artefact_path(run, kind, backend)
         if not path.exists():
             raise CheckpointError(f"{path}: rank 0 did not export it (see its error); nothing to load")
-        check_artefact(path, checkpoint=run_checkpoint(run, kind), batch=batch, run=run)
+        check_artefact(path, checkpoint=checkpoint, batch=batch, run=run)
         return path
-    return _find_or_export(run, kind, module, example, names, out_name, backend, batch)
+    return _find_or_export(run, kind, checkpoint, module, example, names, out_name, backend, batch)
 
 
-def _find_or_export(run, kind, module, example, names, out_name, backend, batch) -> Path:
+def _find_or_export(run, kind, checkpoint, module, example, names, out_name, backend, batch) -> Path:
+    """The ``kind`` artefact of ``run`` for ``backend``: checked when present (against ``checkpoint``, the
+    hash of the checkpoint it must come from), else exported from ``module`` and verified."""
     path, precision = artefact_path(run, kind, backend)
     out = path.parent
-    checkpoint = run_checkpoint(run, kind)
     if path.exists() or meta_path(path).exists():
         check_artefact(path, checkpoint=checkpoint, batch=batch, run=run)
         return path

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lad_fast.atomic import write_bytes
 from lad_fast.errors import BackendUnavailableError, LadFastError
+from lad_fast.utils.atomic import write_bytes
 
 _INSTALL_HINT = (
     'TensorRT is not installed: pip install "lad-fast[trt]" (TensorRT engines need Linux and an NVIDIA GPU '

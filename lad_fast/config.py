@@ -2,9 +2,9 @@
 
 A component takes its own config (``VQGANConfig``, ``UNetConfig`` ...), never the whole tree. Every run
 writes its resolved :class:`LadConfig` as ``config.json``; :func:`config_from_dict` reads it back.
-Numbers for the ``lad`` preset come from ../shared/LAD_REFERENCE.md.
+Numbers for the ``lad`` and ``lad-official`` presets come from Lad's paper and code (docs/lad.md).
 
-Why one file of ~470 lines: every config dataclass and the named presets live together so that a
+Why one long file: every config dataclass and the named presets live together so that a
 preset reads beside the fields it sets; most of the length is the documented arithmetic of the
 ``lad-official`` sizes.
 """
@@ -116,11 +116,13 @@ class ConditionConfig:
     content_dim: int = 512  # content head output (Lad: 1x2x16x16 = 512)
     embed_dim: int = 256
     drop_prob: float = 0.25  # classifier-free guidance: replaced by a learned null condition
-    # Spatial mask conditioning (issue 11), beside the global content + structure vector above.
+    # Spatial mask conditioning, beside the global content + structure vector above.
     # "none": Lad's global conditions only (the official method). "concat": the conditioning mask, one-hot
-    # over the canonical organs and average-pooled to the latent grid (lad_fast.conditions.spatial_condition),
+    # over the canonical organs and average-pooled to the latent grid
+    # (lad_fast.conditioning.conditions.spatial_condition),
     # is concatenated to the U-Net input at every step; classifier-free guidance drops it together with the
-    # global condition (same ``keep``), its null being zeros (lad_fast.conditions.drop_spatial says why).
+    # global condition (same ``keep``), its null being zeros (lad_fast.conditioning.conditions.drop_spatial
+    # says why).
     # "concat_fine": the same fractions on a twice finer grid, each latent voxel carrying its 8 octants'
     # (NUM_CLASSES x 8 channels), so the U-Net sees where inside a latent voxel an organ boundary lies.
     spatial: str = "none"
@@ -153,7 +155,8 @@ class DiffusionConfig:
     # "ddpm": the discrete process above (Lad). "flow": flow matching / rectified flow (Lipman et al. 2023,
     # Liu et al. 2023, as in SD3 and MAISI-v2): x_t = (1 - t) x0 + t noise for t in [0, 1] (t = 0 data,
     # t = 1 noise), and the network predicts the velocity v = dx_t/dt = noise - x0 (``prediction`` is then
-    # unused); it sees t * (timesteps - 1), the scale of the DDPM integer timesteps (lad_fast/diffusion.py).
+    # unused); it sees t * (timesteps - 1), the scale of the DDPM integer timesteps
+    # (lad_fast/diffusion/schedules.py).
     objective: str = "ddpm"
     # DDPM only. "min_snr": Min-SNR-gamma weighting (Hang et al. 2023), weight min(SNR, gamma) in x0 terms.
     loss_weighting: str = "none"  # "none" | "min_snr"
@@ -172,6 +175,10 @@ class DiffusionConfig:
 class SegmenterConfig:
     channels: tuple[int, ...] = (16, 32, 64)
     groups: int = 8
+
+
+# Volumes per sampler call: lad-fast generate's default --batch (and the plan's sampling batch).
+GENERATE_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,11 @@ class TrainConfig:
     max_bad_steps: int = 20  # non-finite steps tolerated before stopping
     num_workers: int = 0
     seed: int = 0
+
+    def overridden(self, steps: int | None = None, batch: int | None = None) -> TrainConfig:
+        """This config with the command line's ``--steps`` / ``--batch`` where given."""
+        changes = {k: v for k, v in (("steps", steps), ("batch_size", batch)) if v is not None}
+        return replace(self, **changes) if changes else self
 
 
 @dataclass(frozen=True)
@@ -252,7 +264,7 @@ class LadConfig:
             )
 
 
-# Generation that follows its masks in few steps (measured with bench/quality.py at tiny, see README):
+# Generation that follows its masks in few steps (measured with bench/quality.py at tiny, docs/results.md):
 # flow matching (rectified flow) instead of Lad's DDPM, the conditioning mask concatenated to the U-Net
 # input besides Lad's global content + structure conditions, and a 30-step Euler sampler with guidance 3.
 # The field defaults stay Lad's (DDPM, global conditions), which is what runs written before these
@@ -292,7 +304,7 @@ def _tiny() -> LadConfig:
         # The locality loss on every organ's mask (Lad: the pancreas box only) and 1800 steps: the built-in
         # segmenter finds the organs of reconstructed held-out phantoms with mean Dice 0.65 after Lad's
         # 900 steps with the pancreas box, 0.70 with every organ's mask, 0.71 after 1800 steps (measured
-        # one change at a time; that Dice bounds what any generated volume can reach, see README).
+        # one change at a time; that Dice bounds what any generated volume can reach, docs/results.md).
         vqgan_loss=VQGANLossConfig(
             perceptual=0.0,
             gan_2d=0.0,

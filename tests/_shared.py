@@ -42,7 +42,7 @@ def kill_after_first_checkpoint(proc, model_dir, model: str, timeout_s: float = 
     import time
     from pathlib import Path
 
-    from lad_fast.checkpoints import load_checkpoint
+    from lad_fast.runs.checkpoints import load_checkpoint
 
     pointer = Path(model_dir) / "latest"
     deadline = time.monotonic() + timeout_s

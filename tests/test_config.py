@@ -53,7 +53,7 @@ def test_hand_edited_shapes_and_sections_are_named_in_one_line(data, message):
 
 def test_a_run_config_with_a_shape_of_length_2_is_one_line(tmp_path):
     from lad_fast.errors import CheckpointError
-    from lad_fast.runs import RunDir
+    from lad_fast.runs.rundir import RunDir
 
     run = RunDir.create(tmp_path / "r", get_preset("tiny"))
     raw = json.loads(run.config_path.read_text())

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import lad_fast.atomic as atomic
-import lad_fast.checkpoints as ck
-from lad_fast.checkpoints import latest_step_dir, load_checkpoint, save_checkpoint
+import lad_fast.runs.checkpoints as ck
+import lad_fast.utils.atomic as atomic
 from lad_fast.errors import DiskFullError, InputError, LadFastError, OutputExistsError
-from lad_fast.generated import (
+from lad_fast.generate.writer import (
     DATASET_JSON,
     IDENTITY,
     IMAGES,
@@ -27,6 +26,7 @@ from lad_fast.generated import (
     read_manifest,
     volume_paths,
 )
+from lad_fast.runs.checkpoints import latest_step_dir, load_checkpoint, save_checkpoint
 
 SETTINGS = {k: f"v-{k}" for k in IDENTITY}
 AFFINE = np.diag([4.6, 6.4, 6.4, 1.0])

@@ -14,10 +14,10 @@ Rules (DESIGN.md: "Loading a trained run ... is a layer below both train/ and ge
 
 * no cycle between modules, and none between the units directly under ``lad_fast`` (a top-level
   module, or a subpackage with everything in it);
-* ``lad_fast.generate``, ``lad_fast.export.*``, ``lad_fast.evaluate.*``, ``lad_fast.trained``,
-  ``lad_fast.runs``, ``lad_fast.checkpoints`` and the scripts ``bench/*.py`` reach nothing under
-  ``lad_fast.train``, directly or through other modules; only ``lad_fast.cli`` and
-  ``lad_fast.pipeline`` (and the training benches listed below, with their reason) do.
+* every unit imports only units below it in :data:`LAYERS` (nothing runs upward);
+* no unit but ``lad_fast.cli`` (and ``lad_fast.train`` itself), and no script ``bench/*.py`` but the
+  training benches listed below with their reason, reaches ``lad_fast.train``, directly or through
+  other modules: inference, export, evaluation and SSL never depend on training code.
 """
 
 from __future__ import annotations
@@ -39,16 +39,37 @@ PACKAGE_DIRS = {
 TRAIN = "lad_fast.train"
 # Modules (exact names, or prefixes ending in ".") that must not reach lad_fast.train.
 NO_TRAIN = (
-    "lad_fast.generate",
+    "lad_fast.utils.",
+    "lad_fast.kernels.",
+    "lad_fast.conditioning.",
+    "lad_fast.diffusion.",
+    "lad_fast.models.",
+    "lad_fast.data.",
+    "lad_fast.runs.",
     "lad_fast.export.",
+    "lad_fast.generate.",
+    "lad_fast.preview.",
     "lad_fast.evaluate.",
-    "lad_fast.trained",
-    "lad_fast.runs",
-    "lad_fast.checkpoints",
     "lad_fast.ssl.",
 )
+# The units of lad_fast from the bottom up; a unit may import units of its own or a lower row only.
+LAYERS = (
+    ("lad_fast.errors", "lad_fast.organs"),
+    ("lad_fast.config", "lad_fast"),  # the root package only re-exports errors and the version
+    ("lad_fast.utils", "lad_fast.kernels"),
+    ("lad_fast.conditioning", "lad_fast.diffusion"),
+    ("lad_fast.models",),
+    ("lad_fast.data",),
+    ("lad_fast.runs",),
+    ("lad_fast.export",),
+    ("lad_fast.generate",),
+    ("lad_fast.preview",),
+    ("lad_fast.evaluate", "lad_fast.ssl"),
+    ("lad_fast.train",),
+    ("lad_fast.cli",),
+)
 # Benchmarks whose subject is training itself, with what the CLI cannot express for them. They load
-# and predict through lad_fast.trained like every other bench.
+# and predict through lad_fast.runs.loading like every other bench.
 TRAINING_BENCHES = {
     "bench.ablation_locality": "trains two VQ-GANs that differ only in vqgan_loss.locality_weights, a "
     "config field no `lad-fast train` option sets",
@@ -56,8 +77,12 @@ TRAINING_BENCHES = {
     "config fields no `lad-fast train` option sets",
     "bench.bench_segmenter": "trains the segmenter in wall-clock-budgeted chunks (train_segmenter's "
     "stop_at + resume), which `lad-fast train segmenter` does not offer",
+    "bench.trace_calls": "runs any lad-fast command in this process (`train` included) to count the "
+    "files and functions it enters, which a subprocess cannot see",
     "bench.paper_table": "trains generators that differ in vqgan_loss.locality_weights, condition.drop_prob "
     "and diffusion.latent_norm, config fields no `lad-fast train` option sets",
+    "bench.ssl_benchmark": "trains bench.paper_table's generators on each seed's few real cases (the "
+    "scarcity protocol), for the same reason",
 }
 
 
@@ -141,7 +166,7 @@ def import_graph(package_dirs: Mapping[str, Path] = PACKAGE_DIRS) -> dict[str, s
 
 
 def unit_of(module: str, root: str = "lad_fast") -> str:
-    """``lad_fast.train.loop`` -> ``lad_fast.train``; ``lad_fast.runs`` -> itself; the root -> itself."""
+    """``lad_fast.train.loop`` -> ``lad_fast.train``; ``lad_fast.organs`` -> itself; the root -> itself."""
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == root and len(parts) > 1 else module
 
@@ -269,7 +294,7 @@ def test_the_graph_sees_every_package_and_lazy_imports(graph):
     assert {"lad_fast", "lad_fast.train", "lad_fast.kernels", "lad_fast.export", "lad_fast.cli"} <= set(graph)
     assert "lad_fast.kernels.conv3d" in graph and "lad_fast.cli.app" in graph
     # pipeline imports the trainers inside train_pipeline() only: a lazy import must be an edge
-    assert "lad_fast.train.vqgan" in graph["lad_fast.pipeline"]
+    assert "lad_fast.train.vqgan" in graph["lad_fast.train.pipeline"]
 
 
 def test_no_import_cycle_between_modules(graph):
@@ -282,9 +307,32 @@ def test_no_import_cycle_between_subpackages_and_top_level_modules(graph):
     assert not cycles, "import cycles between units of lad_fast: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def test_every_unit_imports_only_its_own_row_or_lower_ones(graph):
+    row = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    units = unit_graph(graph)
+    assert set(units) == set(row), f"units not placed in LAYERS: {sorted(set(units) ^ set(row))}"
+    upward = sorted(f"{a} -> {b}" for a, targets in units.items() for b in targets if row[b] > row[a])
+    assert upward == [], "imports that run upward: " + "; ".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    g = {"lad_fast.runs.rundir": {"lad_fast.generate.writer"}, "lad_fast.generate.writer": set()}
+    row = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    units = unit_graph(g)
+    assert [(a, b) for a, ts in units.items() for b in ts if row[b] > row[a]] == [
+        ("lad_fast.runs", "lad_fast.generate")
+    ]
+
+
 def test_nothing_that_uses_trained_weights_imports_training(graph):
     clients = [m for m in graph if any(m == p or (p.endswith(".") and m.startswith(p)) for p in NO_TRAIN)]
-    assert {"lad_fast.generate", "lad_fast.trained", "lad_fast.runs", "lad_fast.checkpoints"} <= set(clients)
+    assert {
+        "lad_fast.generate.generate",
+        "lad_fast.runs.loading",
+        "lad_fast.runs.rundir",
+        "lad_fast.runs.checkpoints",
+        "lad_fast.ssl.network",
+    } <= set(clients)
     assert any(m.startswith("lad_fast.export.") for m in clients)
     bad = {m: chain for m in clients if (chain := path_to(graph, m, TRAIN))}
     assert not bad, "these must not reach lad_fast.train: " + "; ".join(" -> ".join(c) for c in bad.values())
@@ -320,7 +368,10 @@ def test_find_cycles_on_small_graphs():
 
 
 def test_unit_graph_finds_a_cycle_between_a_module_and_a_subpackage():
-    g = {"lad_fast.runs": {"lad_fast.train.checkpoint"}, "lad_fast.train.loop": {"lad_fast.runs"}}
+    g = {
+        "lad_fast.runs.rundir": {"lad_fast.train.checkpoint"},
+        "lad_fast.train.loop": {"lad_fast.runs.rundir"},
+    }
     assert find_cycles(g) == []  # no module-level cycle ...
     assert find_cycles(unit_graph(g)) == [
         ["lad_fast.runs", "lad_fast.train", "lad_fast.runs"]
@@ -331,7 +382,7 @@ def test_path_to_reports_the_chain_through_other_modules():
     g = {"gen": {"trained"}, "trained": {"lad_fast.train.diffusion"}, "lad_fast.train.diffusion": set()}
     assert path_to(g, "gen", TRAIN) == ["gen", "trained", "lad_fast.train.diffusion"]
     assert path_to(g, "lad_fast.train.diffusion", "gen") is None
-    assert path_to({"a": {"lad_fast.trained"}}, "a", TRAIN) is None  # a prefix is not a parent package
+    assert path_to({"a": {"lad_fast.runs.loading"}}, "a", TRAIN) is None  # a prefix is not a parent package
 
 
 def test_imports_of_sees_lazy_relative_and_submodule_imports(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lad_fast.config import LadConfig, get_preset
 from lad_fast.errors import FolderInUseError
-from lad_fast.lock import LOCK_NAME
+from lad_fast.utils.lock import LOCK_NAME
 
 WAIT_S = 900.0  # preparing the lad preset's 16 phantoms takes a few minutes on two cores
 
@@ -26,7 +26,7 @@ def cache_root() -> Path:
 
 def phantom_dataset(preset: str, n: int | None = None, seed: int = 0) -> Path:
     """Path of a prepared dataset of ``n`` phantoms at ``preset``, generating it if needed."""
-    from lad_fast.data.phantom import write_phantoms
+    from lad_fast.data.phantom.draw import write_phantoms
 
     cfg = get_preset(preset)
     n = n or DEFAULT_PHANTOMS.get(preset, 16)
@@ -43,8 +43,8 @@ def phantom_dataset(preset: str, n: int | None = None, seed: int = 0) -> Path:
 def _prepare_or_wait(raw: Path, prepared: Path, cfg: LadConfig, n: int, timeout_s: float = WAIT_S) -> None:
     """Prepare ``raw`` into ``prepared``. While another process (a second job started at the same time)
     holds the folder's lock, wait for it instead of refusing: its result is the same dataset. A lock left
-    by a process that died is taken over by the retry (lad_fast.lock)."""
-    from lad_fast.data.prepared import prepare_dataset
+    by a process that died is taken over by the retry (lad_fast.utils.lock)."""
+    from lad_fast.data.prepare import prepare_dataset
 
     deadline = time.monotonic() + timeout_s
     while True:

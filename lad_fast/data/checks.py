@@ -110,7 +110,7 @@ def refuse_label_map(array: np.ndarray, source: str) -> None:
 def check_case_folder(folder: Path, files: tuple[str, ...]) -> None:
     """Refuse (even with ``--force``) a prepared case folder that holds anything but ``files`` and the
     temporaries of their atomic writes: prepare replaces a case folder whole, which would delete it."""
-    from lad_fast.atomic import temporary_target
+    from lad_fast.utils.atomic import temporary_target
 
     if not folder.exists() and not folder.is_symlink():
         return

@@ -19,7 +19,10 @@ values. It leaves out, so rewriting them keeps the hash: the order of cases in `
 formatting, the preset's name, paths (the dataset's folder, ``image_source``, ``mask_source``: the same
 masks predicted again by a run in another folder keep the hash), fields derived from the sources and the
 geometry (crop, affine, shape, unknown labels) and any other file. It trusts that ``image.npy`` is what
-``prepare`` makes of the sources (another lad-fast version's prepare is not told apart).
+``prepare`` makes of the sources (another lad-fast version's prepare is not told apart). One exception
+to "derived": when a mask imported after ``prepare`` chose the slice window again, the window's first
+slice joins the case's ``content_hash`` (:func:`lad_fast.data.prepared.image_identity`), since the image
+is then another crop of the same sources.
 
 ``content_hash(masks=False)`` leaves the masks out: the identity of the images alone. The VQ-GAN
 records that one, because the pipeline predicts masks for unlabelled cases after phase 1 and a

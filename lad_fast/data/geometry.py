@@ -1,6 +1,6 @@
 """Geometry: from a volume in its file's voxel order to the preset's ``(D, H, W)`` grid, and back.
 
-The steps, in order (DESIGN.md "Geometry", LAD_REFERENCE.md phase 1 input geometry):
+The steps, in order (Lad's input geometry: docs/lad.md, "Input geometry"):
 
 1. :func:`canonical_dhw`: reorient to RAS (nibabel orientations, no interpolation), then transpose
    ``(i, j, k) -> (k, j, i)`` so indices increase toward (Superior, Anterior, patient's Right).
@@ -12,14 +12,15 @@ The steps, in order (DESIGN.md "Geometry", LAD_REFERENCE.md phase 1 input geomet
    slices containing any of ``geometry.window_organs`` (Lad: pancreas and lesion), centred on those
    organs among equally good windows and centred on the volume without a mask or organ; H and W are
    cropped or padded about their centre. Padding is air (-1000 HU) for images, 0 for labels, as the
-   official code pads.
+   official code pads. :func:`column_case` does everything but the window (every slice kept), and
+   :func:`window_case` chooses it, so a mask that arrives after ``prepare`` can choose it again.
 4. :func:`hu_to_unit`: clip HU to the preset window and map it linearly to [-1, 1].
 
 Every step updates a ``(4, 4)`` affine mapping ``(d, h, w)`` voxel indices to RAS world mm, so a prepared
 case written back with :func:`dhw_to_nifti` overlays its source in any viewer.
 
-The official Lad dataset code could not be found through the search tool; the window rule is implemented
-as LAD_REFERENCE.md states it ("32-slice window chosen where the pancreas is").
+The window rule follows the paper's description (a 32-slice window where the pancreas is); the official
+dataset code was not available to compare against.
 """
 
 from __future__ import annotations
@@ -121,14 +122,36 @@ def check_coverage(shape: tuple[int, ...], affine: np.ndarray, geom: GeometryCon
     check_grid_size(np.ceil(shape_dhw * spacing_dhw / np.asarray(geom.spacing)), source, "volume resampled")
     for axis in range(3):
         covered = float(shape_dhw[axis] * spacing_dhw[axis])
-        fov = geom.shape[axis] * geom.spacing[axis]
-        needed = geom.min_coverage * fov
+        needed = minimum_extent(geom, axis)
         if covered < needed - 1e-6:
+            fov = geom.shape[axis] * geom.spacing[axis]
             raise InputError(
                 f"{source}: too small along axis {AXIS_NAMES[axis]}: covers {covered:.1f} mm, needs at least "
                 f"{needed:.1f} mm ({geom.min_coverage:g} of the preset's {fov:.1f} mm field of view); "
-                "use a larger scan or a preset with a smaller field of view"
+                + _smaller_presets(covered, axis)
             )
+
+
+def minimum_extent(geom: GeometryConfig, axis: int) -> float:
+    """The least extent in mm along ``axis`` (0: D, 1: H, 2: W) that ``geom`` prepares: ``min_coverage``
+    of its field of view."""
+    return geom.min_coverage * geom.shape[axis] * geom.spacing[axis]
+
+
+def _smaller_presets(covered: float, axis: int) -> str:
+    """What to do about a scan covering ``covered`` mm along ``axis``: a preset that accepts it, or that
+    none does (then a smaller field of view is no way out)."""
+    from lad_fast.config import PRESETS, get_preset
+
+    needs = {name: minimum_extent(get_preset(name).geometry, axis) for name in PRESETS}
+    fitting = sorted(name for name, need in needs.items() if covered >= need - 1e-6)
+    if fitting:
+        return f"prepare it with --preset {fitting[0]}, which needs {needs[fitting[0]]:.1f} mm"
+    return (
+        f"no preset fits it (the least any preset needs along this axis is {min(needs.values()):.1f} mm): "
+        "use a scan that covers more of the body, or leave this case out (prepare --skip-invalid "
+        "prepares the other cases and reports it)"
+    )
 
 
 # -------------------------------------------------------------------------------------------- resample
@@ -236,20 +259,36 @@ def unit_to_hu(unit: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ the whole
 
 
-def prepare_case(
+@dataclass
+class ColumnCase:
+    """One case at the preset spacing with H and W already cropped or padded to the preset and every
+    slice kept: what the slice window is chosen from (:func:`window_case`).
+
+    ``hu`` (D', H, W) float32 HU; ``mask`` (D', H, W) uint8 canonical ids or None; ``resampled_affine``
+    (4, 4) of the whole resampled grid of ``resampled_shape`` (D', H', W'); ``hw_start`` the column's
+    first (h, w) voxel in that grid (negative: padded).
+    """
+
+    hu: np.ndarray
+    mask: np.ndarray | None
+    resampled_affine: np.ndarray
+    resampled_shape: tuple[int, int, int]
+    hw_start: tuple[int, int]
+
+
+def window_organ_ids(geom: GeometryConfig) -> tuple[int, ...]:
+    """Canonical ids of ``geom.window_organs``, the organs the slice window is chosen by."""
+    return tuple(CANONICAL_ID[name] for name in geom.window_organs)
+
+
+def column_case(
     image: Volume,
     labels: Volume | None,
     geom: GeometryConfig,
     label_array: np.ndarray | None = None,
-) -> PreparedCase:
-    """Bring one case onto the preset grid.
-
-    ``image``: float HU in file voxel order. ``labels``: the label map's volume (same grid as the image:
-    the caller checks the pair) whose ids are already *canonical*; ``label_array`` (same shape), when
-    given, replaces ``labels.array``: the caller maps source ids with ``data.labels.to_canonical`` in file
-    order (the AbdomenCT-1K kidney split needs the file's affine) and passes the result here, so nearest
-    resampling only ever sees canonical ids. Returns a :class:`PreparedCase` of ``geom.shape``.
-    """
+) -> ColumnCase:
+    """Reorient and resample one case, and crop or pad H and W about their centre (see
+    :func:`prepare_case` for the arguments). The slice window is not chosen yet."""
     check_coverage(image.shape, image.affine, geom, image.source)
     hu, affine = canonical_dhw(image)
     hu, res_affine = resample(hu.astype(np.float32, copy=False), affine, geom.spacing, order=1)
@@ -266,19 +305,46 @@ def prepare_case(
         if mask.shape != hu.shape:  # only if the caller skipped check_pair
             raise InputError(f"{labels.source}: label map grid differs from the image {image.source}")
 
-    organ_ids = tuple(CANONICAL_ID[name] for name in geom.window_organs)
-    d0 = window_start(hu.shape[0], geom.shape[0], mask, organ_ids)
-    start = (d0, (hu.shape[1] - geom.shape[1]) // 2, (hu.shape[2] - geom.shape[2]) // 2)
-
-    unit = hu_to_unit(crop_or_pad(hu, start, geom.shape, AIR_HU), geom.hu_window)
-    cropped_mask = None if mask is None else crop_or_pad(mask, start, geom.shape, 0)
-    return PreparedCase(
-        image=unit,
-        mask=cropped_mask,
-        affine=shifted_affine(res_affine, start),
-        crop_start=start,
+    hw = ((hu.shape[1] - geom.shape[1]) // 2, (hu.shape[2] - geom.shape[2]) // 2)
+    column = (hu.shape[0], *geom.shape[1:])
+    return ColumnCase(
+        hu=crop_or_pad(hu, (0, *hw), column, AIR_HU),
+        mask=None if mask is None else crop_or_pad(mask, (0, *hw), column, 0),
+        resampled_affine=res_affine,
         resampled_shape=tuple(int(n) for n in hu.shape),
+        hw_start=hw,
     )
+
+
+def window_case(column: ColumnCase, geom: GeometryConfig) -> PreparedCase:
+    """Choose the slice window of ``column`` (:func:`window_start`, from its mask when it has one), cut
+    image and mask to it and map HU to [-1, 1]. Returns a :class:`PreparedCase` of ``geom.shape``."""
+    d0 = window_start(column.hu.shape[0], geom.shape[0], column.mask, window_organ_ids(geom))
+    start = (d0, *column.hw_start)
+    return PreparedCase(
+        image=hu_to_unit(crop_or_pad(column.hu, (d0, 0, 0), geom.shape, AIR_HU), geom.hu_window),
+        mask=None if column.mask is None else crop_or_pad(column.mask, (d0, 0, 0), geom.shape, 0),
+        affine=shifted_affine(column.resampled_affine, start),
+        crop_start=start,
+        resampled_shape=column.resampled_shape,
+    )
+
+
+def prepare_case(
+    image: Volume,
+    labels: Volume | None,
+    geom: GeometryConfig,
+    label_array: np.ndarray | None = None,
+) -> PreparedCase:
+    """Bring one case onto the preset grid.
+
+    ``image``: float HU in file voxel order. ``labels``: the label map's volume (same grid as the image:
+    the caller checks the pair) whose ids are already *canonical*; ``label_array`` (same shape), when
+    given, replaces ``labels.array``: the caller maps source ids with ``data.labels.to_canonical`` in file
+    order (the AbdomenCT-1K kidney split needs the file's affine) and passes the result here, so nearest
+    resampling only ever sees canonical ids. Returns a :class:`PreparedCase` of ``geom.shape``.
+    """
+    return window_case(column_case(image, labels, geom, label_array), geom)
 
 
 # ------------------------------------------------------------------------------------- back to NIfTI

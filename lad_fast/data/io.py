@@ -1,5 +1,5 @@
-"""Reading CT volumes and label maps (NIfTI files, DICOM series, TotalSegmentator organ folders) and
-writing NIfTI.
+"""Reading CT volumes and label maps (NIfTI files, DICOM series, TotalSegmentator organ folders, the
+official Lad ``.npy`` crops) and writing NIfTI.
 
 Readers return a :class:`Volume` in the file's own voxel order with a voxel -> RAS mm affine; they never
 resample or reorient (``lad_fast.data.geometry`` does). Every problem with an input raises
@@ -16,13 +16,25 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from lad_fast.atomic import atomic_path
 from lad_fast.data.labels import TOTALSEG_V2_NAMES, integer_labels
 from lad_fast.data.volume import Volume
 from lad_fast.errors import BackendUnavailableError, InputError
+from lad_fast.utils.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NPY_SUFFIX = ".npy"
 AFFINE_TOLERANCE_MM = 1e-3
+# The official Lad crops (LAD_REFERENCE.md, input geometry): (D, H, W) arrays without an affine, at
+# 2.3 x 1.6 x 1.6 mm; images either in HU or mapped from the [-1000, 400] HU window to [-1, 1].
+LAD_NPY_SPACING = (2.3, 1.6, 1.6)
+LAD_NPY_HU_WINDOW = (-1000.0, 400.0)
+LAD_NPY_ASSUMPTION = (
+    "an official Lad .npy crop carries no affine: read with the identity orientation, its axes (D, H, W) "
+    "running inferior to superior, posterior to anterior and toward the patient's right (lad-fast's "
+    "prepared orientation) at "
+    f"{' x '.join(f'{s:g}' for s in LAD_NPY_SPACING)} mm, an image whose values all lie in [-1, 1] as "
+    "Lad's normalised -1000..400 HU; flip or convert crops that differ before preparing them"
+)
 # nibabel and gzip raise these for missing, foreign, corrupt or truncated files.
 _READ_ERRORS = (
     OSError,
@@ -37,6 +49,10 @@ _DICOM_HINT = 'pip install "lad-fast[dicom]"'
 
 def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def is_npy(path: Path) -> bool:
+    return path.name.lower().endswith(NPY_SUFFIX) and not path.name.startswith(".")
 
 
 def nifti_stem(path: Path) -> str:
@@ -156,6 +172,54 @@ def _read_organ_folder(folder: Path) -> Volume:
     return Volume(out, affine, str(folder))
 
 
+# --- official Lad .npy crops -------------------------------------------------------------------------------
+
+
+def lad_npy_affine() -> np.ndarray:
+    """(4, 4) voxel -> RAS mm affine of a ``(D, H, W)`` Lad crop: D along S, H along A, W along R."""
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2] = LAD_NPY_SPACING
+    affine[3, 3] = 1.0
+    return affine
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A 3D numeric array from ``path`` (no pickles), checked before its voxels are read."""
+    import warnings
+
+    from lad_fast.data.checks import check_grid_size
+
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read this .npy file, it is corrupt or truncated ({exc})") from None
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise InputError(
+            f"{path}: array has shape {data.shape}; a Lad crop is one 3D (D, H, W) volume such as 32x256x256"
+        )
+    numeric = np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_
+    if not numeric or np.issubdtype(data.dtype, np.complexfloating):
+        raise InputError(f"{path}: array type {data.dtype} is not a real number; need int or float voxels")
+    check_grid_size(data.shape, str(path))
+    warnings.warn(LAD_NPY_ASSUMPTION, stacklevel=3)  # one text: Python shows it once per process
+    return np.asarray(data)
+
+
+def _read_npy_image(path: Path) -> Volume:
+    array = _load_npy(path).astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{path}: voxels are NaN or Inf; fill them (e.g. with -1000 HU) and retry")
+    if array.size and array.min() >= -1.0 and array.max() <= 1.0:  # Lad's normalised intensities
+        lo, hi = LAD_NPY_HU_WINDOW
+        array = (array + np.float32(1.0)) * np.float32((hi - lo) / 2.0) + np.float32(lo)
+    return Volume(np.ascontiguousarray(array), lad_npy_affine(), str(path))
+
+
+def _read_npy_labels(path: Path) -> Volume:
+    labels = integer_labels(_load_npy(path), path)
+    return Volume(np.ascontiguousarray(labels), lad_npy_affine(), str(path))
+
+
 # --- DICOM ------------------------------------------------------------------------------------------------
 
 
@@ -182,6 +246,26 @@ def _read_dicom_series(folder: Path) -> Volume:
     the column cosine by PixelSpacing[0], k by the step between sorted ImagePositionPatient values.
     """
     pydicom = _import_pydicom(folder)
+    headers = _series_headers(folder, pydicom)
+    headers, pos, row_cos, col_cos = _sorted_slices(folder, headers)
+    spacing = _float_list(headers[0][1], "PixelSpacing", 2, headers[0][0])  # (row spacing, column spacing)
+    array = _series_pixels(folder, headers, pydicom)
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * spacing[1]
+    lps[:3, 1] = col_cos * spacing[0]
+    # The position step (not normal * thickness) also holds for tilted gantries and ignores SliceThickness,
+    # which often differs from the true slice spacing.
+    lps[:3, 2] = (pos[-1] - pos[0]) / (len(pos) - 1)
+    lps[:3, 3] = pos[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise InputError(f"{folder}: {bad} voxels are NaN or Inf after rescaling")
+    return Volume(array, _check_affine(folder, affine), str(folder))
+
+
+def _series_headers(folder: Path, pydicom: Any) -> list[tuple[Path, Any]]:
+    """The headers of every DICOM file in ``folder``, checked to form one single-frame series."""
     files = dicom_files(folder)
     if not files:
         raise InputError(f"{folder}: folder holds no DICOM files (and no NIfTI); expected a DICOM series")
@@ -202,7 +286,14 @@ def _read_dicom_series(folder: Path) -> Volume:
         raise InputError(
             f"{folder}: multi-frame (enhanced) DICOM is not supported; convert it to NIfTI first"
         )
+    return headers
 
+
+def _sorted_slices(
+    folder: Path, headers: list[tuple[Path, Any]]
+) -> tuple[list[tuple[Path, Any]], np.ndarray, np.ndarray, np.ndarray]:
+    """Headers sorted along the slice normal, their (K, 3) LPS positions and the row and column cosines;
+    refuses mixed orientations, a single slice, duplicate positions and uneven (missing) slices."""
     orient = _float_list(headers[0][1], "ImageOrientationPatient", 6, headers[0][0])
     row_cos, col_cos = orient[:3], orient[3:]
     normal = np.cross(row_cos, col_cos)
@@ -225,8 +316,11 @@ def _read_dicom_series(folder: Path) -> Volume:
             f"{folder}: slice spacing is uneven ({steps.min():.3f} to {steps.max():.3f} mm); "
             "slices are missing from the series"
         )
-    spacing = _float_list(headers[0][1], "PixelSpacing", 2, headers[0][0])  # (row spacing, column spacing)
+    return headers, pos, row_cos, col_cos
 
+
+def _series_pixels(folder: Path, headers: list[tuple[Path, Any]], pydicom: Any) -> np.ndarray:
+    """(columns, rows, slices) float32 HU of the sorted series (rescale slope and intercept applied)."""
     ts = headers[0][1].file_meta.get("TransferSyntaxUID") if hasattr(headers[0][1], "file_meta") else None
     compressed = bool(ts is not None and ts.is_compressed)
     rows, cols = int(headers[0][1].Rows), int(headers[0][1].Columns)
@@ -250,19 +344,7 @@ def _read_dicom_series(folder: Path) -> Volume:
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
         intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
         array[:, :, k] = (pixels.astype(np.float64) * slope + intercept).T
-
-    lps = np.eye(4)
-    lps[:3, 0] = row_cos * spacing[1]
-    lps[:3, 1] = col_cos * spacing[0]
-    # The position step (not normal * thickness) also holds for tilted gantries and ignores SliceThickness,
-    # which often differs from the true slice spacing.
-    lps[:3, 2] = (pos[-1] - pos[0]) / (len(pos) - 1)
-    lps[:3, 3] = pos[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    bad = int(np.count_nonzero(~np.isfinite(array)))
-    if bad:
-        raise InputError(f"{folder}: {bad} voxels are NaN or Inf after rescaling")
-    return Volume(array, _check_affine(folder, affine), str(folder))
+    return array
 
 
 # --- public -----------------------------------------------------------------------------------------------
@@ -276,8 +358,8 @@ def _existing(path: Path | str) -> Path:
 
 
 def read_image(path: Path | str) -> Volume:
-    """Read a CT volume: a NIfTI file (any orientation, int or float, slope/intercept applied) or a
-    DICOM series folder.
+    """Read a CT volume: a NIfTI file (any orientation, int or float, slope/intercept applied), a DICOM
+    series folder or an official Lad ``.npy`` crop (:data:`LAD_NPY_ASSUMPTION`).
 
     Returns float32 HU ``(I, J, K)`` in file voxel order and a (4, 4) float64 voxel -> RAS mm affine.
     """
@@ -288,14 +370,20 @@ def read_image(path: Path | str) -> Volume:
         return _read_dicom_series(path)
     if is_nifti(path):
         return _read_nifti_image(path)
+    if is_npy(path):
+        return _read_npy_image(path)
     if is_dicom_file(path):
         raise InputError(f"{path}: a single DICOM file; pass the folder that holds the whole series")
-    raise InputError(f"{path}: unsupported file type; expected .nii, .nii.gz or a DICOM series folder")
+    raise InputError(
+        f"{path}: unsupported file type; expected .nii, .nii.gz, an official Lad .npy crop or a DICOM "
+        "series folder"
+    )
 
 
 def read_labels(path: Path | str) -> Volume:
-    """Read a label map: an integer NIfTI (any int type, or float holding whole numbers) or a
-    TotalSegmentator folder of per-organ masks (returned in TotalSegmentator v2 ids).
+    """Read a label map: an integer NIfTI (any int type, or float holding whole numbers), a
+    TotalSegmentator folder of per-organ masks (returned in TotalSegmentator v2 ids) or an official Lad
+    ``.npy`` crop (:data:`LAD_NPY_ASSUMPTION`; Lad's ids: 1 pancreas, 2 lesion).
 
     Returns ``(I, J, K)`` uint8/uint16/uint32 ids in file voxel order and the (4, 4) voxel -> RAS affine.
     """
@@ -306,7 +394,12 @@ def read_labels(path: Path | str) -> Volume:
         return _read_organ_folder(path)
     if is_nifti(path):
         return _read_nifti_labels(path)
-    raise InputError(f"{path}: unsupported label file; expected .nii, .nii.gz or a folder of organ masks")
+    if is_npy(path):
+        return _read_npy_labels(path)
+    raise InputError(
+        f"{path}: unsupported label file; expected .nii, .nii.gz, an official Lad .npy crop or a folder "
+        "of organ masks"
+    )
 
 
 def check_pair(image: Volume, labels: Volume) -> None:

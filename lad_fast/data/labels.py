@@ -3,7 +3,7 @@
 Inputs arrive with TotalSegmentator v2 ids, AbdomenCT-1K ids, the Lad/UniSeg pancreas ids or a user JSON
 map; :func:`to_canonical` maps all of them onto :data:`CANONICAL_ORGANS` at prepare time. The canonical
 list itself is defined in :mod:`lad_fast.organs`, below the modules that need the ids without the data
-package (``lad_fast.conditions``, which ``lad_fast.data.prepared`` uses).
+package (``lad_fast.conditioning.conditions``, which ``lad_fast.data.prepared`` uses).
 """
 
 from __future__ import annotations

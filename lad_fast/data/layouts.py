@@ -11,7 +11,10 @@ Layouts (``discover(src, layout)``; "auto" tries them in this order):
   in a mask folder (``Mask/`` in the release).
 - ``flat``: ``src/images/*.nii.gz`` with an optional ``src/masks/`` of the same names, or CT files
   directly in ``src``; an optional ``src/labels.json`` holds ``{"vocabulary": name}`` or
-  ``{"map": {"<id>": "<organ>"}}``.
+  ``{"map": {"<id>": "<organ>"}}``. Official Lad ``.npy`` crops are volumes too: ``<id>.npy`` or
+  ``<id>_image.npy`` images with ``<id>_mask.npy`` masks (beside them or in ``masks/``), read with Lad's
+  ids (1 pancreas, 2 lesion) unless ``labels.json`` says otherwise; Lad's ``<id>_topo.npy`` structure
+  vectors are not volumes and are ignored.
 - ``dicom``: ``src`` is one DICOM series folder (no mask).
 
 Hidden files (names starting with ".") are ignored: atomic writers leave their temporaries that way.
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lad_fast.data.io import dicom_files, is_dicom_file, is_nifti, nifti_stem
+from lad_fast.data.io import dicom_files, is_dicom_file, is_nifti, is_npy, nifti_stem
 from lad_fast.data.labels import CANONICAL_ID, VOCABULARIES, parse_user_map
 from lad_fast.errors import ConfigError, InputError
 
@@ -57,8 +60,31 @@ def _niftis(folder: Path) -> list[Path]:
     return [p for p in _visible(folder) if p.is_file() and is_nifti(p)]
 
 
+# Official Lad crops: <id>.npy or <id>_image.npy images, <id>_mask.npy masks, <id>_topo.npy structure vectors.
+_NPY_MASK, _NPY_IMAGE, _NPY_TOPO = "_mask.npy", "_image.npy", "_topo.npy"
+
+
+def _volumes(folder: Path) -> list[Path]:
+    """NIfTI files and ``.npy`` volumes (not Lad's ``_topo.npy`` vectors) directly in ``folder``."""
+    return [
+        p
+        for p in _visible(folder)
+        if p.is_file() and (is_nifti(p) or (is_npy(p) and not p.name.endswith(_NPY_TOPO)))
+    ]
+
+
+def _volume_id(path: Path) -> str:
+    """Case id of a volume file: the NIfTI stem, or a ``.npy`` name without ``_image``/``_mask``."""
+    if not is_npy(path):
+        return nifti_stem(path)
+    for suffix in (_NPY_MASK, _NPY_IMAGE, ".npy"):
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
 def _finish(src: Path, cases: list[CaseSource]) -> list[CaseSource]:
-    from lad_fast.safepaths import plain_name
+    from lad_fast.utils.safepaths import plain_name
 
     for c in cases:  # the id names cases/<id>/: an empty id or ".." would put files onto cases/ itself
         plain_name(
@@ -79,8 +105,8 @@ def _finish(src: Path, cases: list[CaseSource]) -> list[CaseSource]:
 
 
 def _file(src: Path) -> list[CaseSource]:
-    if src.is_file() and is_nifti(src):
-        return [CaseSource(nifti_stem(src), src, None, None)]
+    if src.is_file() and (is_nifti(src) or is_npy(src)):
+        return [CaseSource(_volume_id(src), src, None, None)]
     return []
 
 
@@ -188,15 +214,22 @@ def _flat(src: Path) -> list[CaseSource]:
     if not src.is_dir():
         return []
     images_dir = src / "images" if (src / "images").is_dir() else src
-    images = _niftis(images_dir)
+    volumes = _volumes(images_dir)
+    images = [p for p in volumes if not p.name.endswith(_NPY_MASK)]
     if not images:
         return []
-    masks = {nifti_stem(p): p for p in _niftis(src / "masks")} if (src / "masks").is_dir() else {}
+    masks = {_volume_id(p): p for p in volumes if p.name.endswith(_NPY_MASK)}
+    if (src / "masks").is_dir():
+        masks.update({_volume_id(p): p for p in _volumes(src / "masks")})
     vocabulary, label_map = _flat_vocabulary(src)
     cases = []
     for image in images:
-        case_id = nifti_stem(image)
-        cases.append(CaseSource(case_id, image, masks.get(case_id), vocabulary, label_map))
+        case_id = _volume_id(image)
+        mask = masks.get(case_id)
+        vocab = vocabulary
+        if vocab is None and label_map is None and mask is not None and is_npy(mask):
+            vocab = "lad"  # an official Lad crop's mask holds Lad's pancreas ids
+        cases.append(CaseSource(case_id, image, mask, vocab, label_map))
     return cases
 
 
@@ -211,11 +244,12 @@ _DETECTORS: dict[str, Callable[[Path], list[CaseSource]]] = {
 LAYOUTS: tuple[str, ...] = tuple(_DETECTORS)
 
 _EXPECTED: dict[str, str] = {
-    "file": "a .nii or .nii.gz CT file",
+    "file": "a .nii or .nii.gz CT file (or an official Lad .npy crop)",
     "totalseg": "sXXXX/ct.nii.gz with sXXXX/segmentations/ or seg.nii.gz (or one such case folder)",
     "nnunet": "imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz",
     "abdomenct1k": "Case_XXXXX_0000.nii.gz images with Case_XXXXX.nii.gz masks in a mask folder",
-    "flat": "images/*.nii.gz with an optional masks/ of the same names, or .nii.gz CT files in the folder",
+    "flat": "images/*.nii.gz with an optional masks/ of the same names, or .nii.gz CT files (or Lad "
+    "<id>.npy crops with <id>_mask.npy) in the folder",
     "dicom": "a folder of DICOM files of one series",
 }
 
@@ -241,6 +275,9 @@ def discover(src: Path | str, layout: str = "auto") -> tuple[str, list[CaseSourc
     if src.is_file():
         if is_dicom_file(src):
             raise InputError(f"{src}: a single DICOM file; pass the folder that holds the whole series")
-        raise InputError(f"{src}: unsupported file type; expected .nii, .nii.gz or a DICOM series folder")
+        raise InputError(
+            f"{src}: unsupported file type; expected .nii, .nii.gz, an official Lad .npy crop or a DICOM "
+            "series folder"
+        )
     expected = "; ".join(f"{name}: {_EXPECTED[name]}" for name in LAYOUTS)
     raise InputError(f"{src}: no dataset layout matches this folder; expected one of ({expected})")

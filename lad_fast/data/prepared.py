@@ -1,6 +1,6 @@
-"""Prepared datasets: what ``lad-fast prepare`` writes and what training reads (DESIGN.md "Prepared dataset").
+"""Prepared datasets, read: :class:`PreparedDataset`, what training and generation open.
 
-Layout of a prepared folder::
+Layout of a prepared folder (written by :func:`lad_fast.data.prepare.prepare_dataset`)::
 
     index.json                 schema_version, preset, geometry, organs, layout, cases: [...]
     cases/<id>/image.npy       (D, H, W) float16 in [-1, 1]
@@ -10,293 +10,37 @@ Layout of a prepared folder::
 A case entry records ``content_hash`` (of its sources) and ``mask_hash`` (of its mask and structure
 arrays; :mod:`lad_fast.data.digest`); :meth:`PreparedDataset.content_hash` combines them into the
 dataset's one data hash. After ``prepare``, masks are added or replaced only through
-:meth:`PreparedDataset.set_masks` (imported or predicted masks), which owns the case files and the index.
-This module is the prepared format's one owner (prepare writes it, the class reads it and later writes
-masks into it), hence a little over 450 lines.
+:meth:`PreparedDataset.set_masks` (imported or predicted masks on the case's grid) and
+:meth:`PreparedDataset.replace_case` (a mask that re-chose the slice window of a case prepared without
+one, image included), which own the case files and the index.
 
 Images are stored as float16: values lie in [-1, 1] where float16's step is at most 2**-10, i.e. under
 0.7 HU of the 1400 HU window (rounding error at most 0.35 HU, below the 1 HU step of int16 CT), and it
 halves disk and read bandwidth against float32. Every array loads with ``np.load(mmap_mode="r")``.
-
-Writing is safe to interrupt: every case folder is assembled under a hidden temporary name and renamed
-into place whole (:func:`lad_fast.atomic.atomic_dir`), and ``index.json`` is rewritten atomically after
-each case, so it always lists exactly the complete cases. A rerun skips a case whose id, source content
-hash and vocabulary match the index.
-
-Bad input is found as early as possible: discovery, file headers (dimensions, image/mask shapes and
-affines, "too small") and DICOM series (read in full, as their consistency needs every header) are
-checked for every case before ``out`` is created. Problems only visible in the voxels (NaN, truncated
-data, label ids outside the vocabulary with ``strict``) raise before that case's folder is renamed into
-place; when no case was written yet and this run created ``out``, it is removed again.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lad_fast.atomic import write_json
-from lad_fast.config import ConditionConfig, GeometryConfig, LadConfig, config_from_dict, config_to_dict
-from lad_fast.data.digest import dataset_hash, mask_hash, mask_hash_of_folder, source_hash
-from lad_fast.data.labels import CANONICAL_ORGANS
-from lad_fast.errors import InputError, OutputExistsError
-from lad_fast.lock import LOCK_NAME, locks_folder
+from lad_fast.config import ConditionConfig, GeometryConfig, config_from_dict, config_to_dict
+from lad_fast.data.digest import dataset_hash, mask_hash, mask_hash_of_folder
+from lad_fast.errors import InputError
+from lad_fast.utils.atomic import write_json
 
 SCHEMA_VERSION = 1
 INDEX = "index.json"
 CASES = "cases"
 IMAGE_DTYPE = np.float16
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """One case to prepare: where it comes from and which label vocabulary its mask uses."""
-
-    case_id: str
-    image: Path
-    mask: Path | None
-    vocabulary: str | dict[int, str] | None
-    vocabulary_name: str | None
-
-
-# ------------------------------------------------------------------------------------------ validation
-
-
-def _resolve_vocabulary(case: Any, vocabulary: str, user_map: dict[int, str] | None, label_map: Path | None):
-    """(vocabulary for to_canonical, its name for index.json); the command line wins over the layout."""
-    if case.mask is None:
-        return None, None
-    if user_map is not None:
-        return user_map, f"map:{Path(label_map).name}"
-    if vocabulary != "auto":
-        return vocabulary, vocabulary
-    if case.label_map:
-        return dict(case.label_map), "map:layout"
-    if case.vocabulary:
-        return case.vocabulary, case.vocabulary
-    raise InputError(
-        f"{case.mask}: cannot tell which label ids this mask uses; pass --vocabulary "
-        "(totalseg, abdomenct1k, lad, canonical) or --label-map FILE.json"
-    )
-
-
-def _validate_headers(plan: _Plan, geom: GeometryConfig) -> None:
-    """Everything checkable without reading a NIfTI's voxels (a DICOM series is read: see the module)."""
-    from lad_fast.data.checks import nifti_header
-    from lad_fast.data.geometry import check_coverage
-    from lad_fast.data.io import check_pair, is_nifti, read_image
-    from lad_fast.data.volume import Volume
-
-    def header_of(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:  # None: DICOM, organ folder
-        return nifti_header(path) if path.is_file() and is_nifti(path) else None
-
-    header = header_of(plan.image)
-    if header is None:
-        vol = read_image(plan.image)  # DICOM series: mixed series, spacing and orientation show only here
-        header = (vol.shape, vol.affine)
-    check_coverage(header[0], header[1], geom, str(plan.image))
-    mask_header = header_of(plan.mask) if plan.mask is not None else None
-    if mask_header is not None:
-        # check_pair reads shapes and affines only: zero-stride placeholders stand in for the voxels.
-        def placeholder(h, src):
-            return Volume(np.broadcast_to(np.zeros((), np.uint8), h[0]), h[1], str(src))
-
-        check_pair(placeholder(header, plan.image), placeholder(mask_header, plan.mask))
-
-
-def _is_ours(name: str) -> bool:
-    # index.json, cases/, the writer's lock, and the hidden temporaries atomic writes leave when killed.
-    return name in (INDEX, CASES, LOCK_NAME) or (name.startswith(f".{INDEX}.") and name.endswith(".tmp"))
-
-
-def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
-    """Refuse an output folder holding other files (unless ``force``); return the complete cases of a
-    previous run at the same geometry, by id."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder; choose another output folder")
-    if not out.is_dir():
-        return {}
-    foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p.name))
-    if foreign and not force:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise OutputExistsError(
-            f"{out}: folder holds files prepare did not write ({shown}); choose an empty or new folder, "
-            "or pass --force to prepare into it anyway"
-        )
-    index_path = out / INDEX
-    if not index_path.is_file():
-        return {}
-    old: Any = None
-    try:
-        old = json.loads(index_path.read_text())
-        same = (
-            old.get("schema_version") == SCHEMA_VERSION
-            and old.get("geometry") == json.loads(json.dumps(config_to_dict(cfg.geometry)))
-            and old.get("organs") == list(CANONICAL_ORGANS)
-        )
-        cases = {c["id"]: c for c in old.get("cases", [])}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        same, cases = False, {}
-    if not (isinstance(old, dict) and "schema_version" in old and "cases" in old):  # not ours: kept
-        raise OutputExistsError(
-            f"{index_path}: not an index prepare wrote; move it out of the folder or choose another one "
-            "(--force never overwrites files lad-fast did not write)"
-        )
-    if not same:
-        if not force:
-            was = repr(old.get("preset"))
-            raise OutputExistsError(
-                f"{index_path}: folder holds a dataset prepared at preset {was} (or by another lad-fast "
-                f"version), not {cfg.preset!r}; choose a new folder, or pass --force to re-prepare it"
-            )
-        return {}
-    return cases
-
-
 CASE_FILES = ("image.npy", "mask.npy", "structure.npy")  # all prepare writes in cases/<id>/
-
-
-# ------------------------------------------------------------------------------------------ one case
-
-
-def _is_complete(entry: dict | None, folder: Path, digest: str, vocabulary_name: str | None) -> bool:
-    if entry is None or entry.get("content_hash") != digest or entry.get("vocabulary") != vocabulary_name:
-        return False
-    names = ["image.npy"] + (["mask.npy", "structure.npy"] if entry.get("has_mask") else [])
-    return all((folder / n).is_file() for n in names)
-
-
-def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest: str) -> dict[str, Any]:
-    """Read, check and prepare one case into ``folder`` (a temporary one); return its index entry."""
-    from lad_fast.atomic import atomic_path
-    from lad_fast.conditions import structure_condition
-    from lad_fast.data.checks import refuse_label_map
-    from lad_fast.data.geometry import prepare_case
-    from lad_fast.data.io import check_pair, read_image, read_labels
-    from lad_fast.data.labels import to_canonical
-
-    image = read_image(plan.image)
-    refuse_label_map(image.array, str(plan.image))
-    labels = canonical = None
-    unknown: list[int] = []
-    if plan.mask is not None:
-        labels = read_labels(plan.mask)
-        check_pair(image, labels)
-        canonical, unknown = to_canonical(
-            labels.array, plan.vocabulary, affine=labels.affine, strict=strict, source=str(plan.mask)
-        )
-    case = prepare_case(image, labels, cfg.geometry, label_array=canonical)
-
-    def save(name: str, array: np.ndarray) -> None:
-        with atomic_path(folder / name, suffix=".npy") as tmp:
-            np.save(tmp, array)
-
-    save("image.npy", case.image.astype(IMAGE_DTYPE))
-    digest_of_mask = None
-    if case.mask is not None:
-        structure = np.asarray(structure_condition(case.mask, cfg.condition), dtype=np.int64)
-        save("mask.npy", case.mask)
-        save("structure.npy", structure)
-        digest_of_mask = mask_hash(case.mask, structure)
-    return {
-        "id": plan.case_id,
-        "image_source": str(plan.image),
-        "mask_source": None if plan.mask is None else str(plan.mask),
-        "content_hash": digest,
-        "crop": case.crop_box(),
-        "affine": np.asarray(case.affine).tolist(),
-        "vocabulary": plan.vocabulary_name,
-        "unknown_labels": [int(i) for i in unknown],
-        "shape": list(case.image.shape),
-        "has_mask": case.mask is not None,
-        "mask_hash": digest_of_mask,
-    }
-
-
-# ------------------------------------------------------------------------------------------- dataset
-
-
-@locks_folder("out", "prepare")  # one writer per prepared folder (prepare, predict-masks, import-masks)
-def prepare_dataset(
-    src: Path | str,
-    out: Path | str,
-    cfg: LadConfig,
-    layout: str = "auto",
-    vocabulary: str = "auto",
-    label_map: Path | str | None = None,
-    strict: bool = False,
-    force: bool = False,
-) -> dict[str, Any]:
-    """Prepare every case under ``src`` at ``cfg``'s geometry into ``out``; return the index (as written).
-
-    ``layout``: "auto" or a layout of :func:`lad_fast.data.layouts.discover`. ``vocabulary``: label ids
-    of the masks ("auto": the layout's guess). ``label_map``: a JSON file {"<id>": "<canonical organ>"}
-    that overrides both. ``strict``: label ids outside the vocabulary are an error (else a warning).
-    ``force``: prepare into a folder that holds other files, or one prepared at another geometry.
-    """
-    from lad_fast.atomic import atomic_dir
-    from lad_fast.data.checks import check_case_folder
-    from lad_fast.data.labels import load_user_map
-    from lad_fast.data.layouts import discover
-    from lad_fast.progress import track
-    from lad_fast.safepaths import inside
-
-    src, out = Path(src), Path(out)
-    user_map = load_user_map(Path(label_map)) if label_map is not None else None
-    layout_name, sources = discover(src, layout)
-    plans = []
-    for case in sources:
-        vocab, name = _resolve_vocabulary(case, vocabulary, user_map, label_map)
-        plans.append(_Plan(case.case_id, Path(case.image), case.mask and Path(case.mask), vocab, name))
-    ids = [p.case_id for p in plans]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise InputError(
-            f"{src}: case ids occur twice ({', '.join(dup)}); rename the files so ids are unique"
-        )
-    previous = _check_out(out, cfg, force)
-    for plan in plans:
-        check_case_folder(inside(out, CASES, plan.case_id), CASE_FILES)
-        _validate_headers(plan, cfg.geometry)
-
-    index: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "preset": cfg.preset,
-        "geometry": config_to_dict(cfg.geometry),
-        "organs": list(CANONICAL_ORGANS),
-        "layout": layout_name,
-        "image_dtype": np.dtype(IMAGE_DTYPE).name,
-        "cases": [],
-    }
-    created = not out.exists()
-    written = 0
-    try:
-        for plan in track(plans, "prepare"):
-            folder = out / CASES / plan.case_id
-            extra = json.dumps(plan.vocabulary, sort_keys=True, default=str)
-            digest = source_hash([plan.image, plan.mask], extra)
-            entry = previous.get(plan.case_id)
-            if not _is_complete(entry, folder, digest, plan.vocabulary_name):
-                with atomic_dir(folder) as tmp:
-                    entry = _prepare_one(plan, cfg, strict, tmp, digest)
-                written += 1
-            index["cases"].append(entry)
-            write_json(out / INDEX, index)
-    except BaseException:
-        # Nothing of this run is visible yet: leave no trace of the folders this run created.
-        if written == 0:
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            elif (out / CASES).is_dir() and not any((out / CASES).iterdir()):
-                (out / CASES).rmdir()
-        raise
-    return index
+# An entry's "window": how its slice window was chosen. "centre": without a mask (chosen again when one
+# arrives); "mask": from the mask prepare read; WINDOW_LATER_MASK: from a mask imported after prepare.
+WINDOW_LATER_MASK = "later mask"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -329,15 +73,16 @@ class PreparedDataset:
         preset = index.get("preset")
         if expect_preset is not None and preset != expect_preset:
             raise InputError(
-                f"{self.path}: prepared at preset {preset!r}, but {expect_preset!r} is needed; re-prepare it "
-                f"with `lad-fast prepare SRC OUT --preset {expect_preset}`"
+                f"{self.path}: prepared at preset {preset!r}, but {expect_preset!r} is needed; use it as "
+                f"prepared with --preset {preset} (and models trained at that preset), or re-prepare it with "
+                f"`lad-fast prepare SRC OUT --preset {expect_preset}`"
             )
         self.preset: str = preset
         self.geometry: GeometryConfig = config_from_dict({"geometry": index["geometry"]}).geometry
         self._adopt(index)
 
     def _adopt(self, index: dict) -> None:
-        from lad_fast.safepaths import plain_name
+        from lad_fast.utils.safepaths import plain_name
 
         cases = index.get("cases")
         if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
@@ -351,7 +96,7 @@ class PreparedDataset:
 
     def case_dir(self, case_id: str) -> Path:
         """``<dataset>/cases/<case_id>``, checked to lie inside the dataset (symbolic links followed)."""
-        from lad_fast.safepaths import inside, plain_name
+        from lad_fast.utils.safepaths import inside, plain_name
 
         plain_name(case_id, "case id", self.path / INDEX, "pass the id of one of its cases")
         return inside(self.path, CASES, case_id)
@@ -385,7 +130,7 @@ class PreparedDataset:
             digest = None
             if masks and entry["has_mask"]:  # indexes written before mask_hash existed: hash the arrays
                 digest = entry.get("mask_hash") or mask_hash_of_folder(self.case_dir(entry["id"]))
-            cases.append((entry["id"], entry.get("content_hash"), digest))
+            cases.append((entry["id"], image_identity(entry), digest))
         geometry = json.loads(json.dumps(config_to_dict(self.geometry)))
         dtype = self.index.get("image_dtype", "float16")
         return dataset_hash(geometry, self.index["organs"], dtype, cases, masks=masks)
@@ -405,9 +150,9 @@ class PreparedDataset:
         mask or with the arrays its ``mask_hash`` describes. InputError for an unknown case id, an invalid
         mask, or an ``index.json`` that changed on disk since this dataset was opened.
         """
-        from lad_fast.atomic import atomic_path
-        from lad_fast.conditions import structure_condition
+        from lad_fast.conditioning.conditions import structure_condition
         from lad_fast.data.labels import validate_mask
+        from lad_fast.utils.atomic import atomic_path
 
         arrays = {}
         for case_id, (mask, source) in masks.items():
@@ -418,15 +163,7 @@ class PreparedDataset:
         if not arrays:
             return []
         index_path = self.path / INDEX
-        try:
-            unchanged = json.loads(index_path.read_text()) == self.index
-        except (OSError, ValueError):
-            unchanged = False
-        if not unchanged:
-            raise InputError(
-                f"{index_path}: changed on disk since this dataset was opened (another process writing "
-                "masks?); open the dataset again and retry"
-            )
+        self._check_unchanged(index_path)
         index = json.loads(json.dumps(self.index))  # a private copy: self.index follows the disk
         entries = {e["id"]: e for e in index["cases"]}
         replaced = [case_id for case_id in arrays if entries[case_id]["has_mask"]]
@@ -444,6 +181,70 @@ class PreparedDataset:
         write_json(index_path, index)  # after every case's arrays: the index never lists a half case
         self._adopt(index)
         return list(arrays)
+
+    def replace_case(
+        self,
+        case_id: str,
+        image: np.ndarray,
+        mask: np.ndarray,
+        source: str,
+        condition: ConditionConfig,
+        fields: Mapping[str, Any],
+    ) -> None:
+        """Rewrite one case whole, image included: a mask that arrived later re-chose its slice window.
+
+        image: (D, H, W) in [-1, 1] (stored as float16); mask: (D, H, W) canonical ids on the same grid;
+        source: its ``mask_source``; fields: the entry's new ``crop``, ``affine`` and ``window``.
+
+        The case folder is assembled under a temporary name and renamed into place whole. The case is
+        withdrawn from ``index.json`` first and listed again, with its new entry at its old position,
+        once its folder is complete, so at every instant the index lists a case only with the files its
+        entry describes (a process killed in between leaves the case unlisted: `lad-fast prepare` of the
+        same sources into the folder lists it again). On an error the old entry is listed again.
+        """
+        from lad_fast.conditioning.conditions import structure_condition
+        from lad_fast.data.labels import validate_mask
+        from lad_fast.utils.atomic import atomic_dir, atomic_path
+
+        self.entry(case_id)
+        folder = self.case_dir(case_id)
+        shape = tuple(self.geometry.shape)
+        if tuple(np.shape(image)) != shape:
+            raise InputError(f"case {case_id}: image shape {np.shape(image)} differs from the preset {shape}")
+        m = validate_mask(mask, shape, f"case {case_id} ({source})")
+        structure = np.asarray(structure_condition(m, condition), dtype=np.int64)
+        index_path = self.path / INDEX
+        self._check_unchanged(index_path)
+        index = json.loads(json.dumps(self.index))
+        position = next(i for i, e in enumerate(index["cases"]) if e["id"] == case_id)
+        old = index["cases"].pop(position)
+        new = {**old, **json.loads(json.dumps(dict(fields)))}
+        new.update(has_mask=True, mask_source=str(source), mask_hash=mask_hash(m, structure))
+        write_json(index_path, index)
+        try:
+            with atomic_dir(folder) as tmp:
+                for name, array in (("image.npy", image), ("mask.npy", m), ("structure.npy", structure)):
+                    dtype = IMAGE_DTYPE if name == "image.npy" else array.dtype
+                    with atomic_path(tmp / name, suffix=".npy") as part:
+                        np.save(part, np.asarray(array, dtype=dtype))
+        except BaseException:
+            index["cases"].insert(position, old)  # the old folder is still in place: list it again
+            write_json(index_path, index)
+            raise
+        index["cases"].insert(position, new)
+        write_json(index_path, index)
+        self._adopt(index)
+
+    def _check_unchanged(self, index_path: Path) -> None:
+        try:
+            unchanged = json.loads(index_path.read_text()) == self.index
+        except (OSError, ValueError):
+            unchanged = False
+        if not unchanged:
+            raise InputError(
+                f"{index_path}: changed on disk since this dataset was opened (another process writing "
+                "masks?); open the dataset again and retry"
+            )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self._cases[i]
@@ -463,6 +264,16 @@ class PreparedDataset:
             "structure": load("structure.npy", mmap=False) if has_mask else None,
             "affine": np.asarray(entry["affine"], dtype=np.float64),
         }
+
+
+def image_identity(entry: Mapping[str, Any]) -> str | None:
+    """What the dataset hash records of a case's image: its sources' ``content_hash``, plus the slice
+    window's first slice when a mask that arrived after ``prepare`` chose the window again (the image
+    is then another crop of the same sources; :mod:`lad_fast.data.digest`)."""
+    digest = entry.get("content_hash")
+    if entry.get("window") == WINDOW_LATER_MASK and digest is not None:
+        return f"{digest}:window:{int(entry['crop']['start'][0])}"
+    return digest
 
 
 def export_case_nifti(

@@ -71,7 +71,7 @@ def _nifti(folder: Path, vid: str) -> Path:
 
 def synthetic_ids(folder: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Ids of a generated folder (manifest order; every image without a manifest) and manifest lines."""
-    from lad_fast.generated import IMAGES, read_manifest
+    from lad_fast.generate.writer import IMAGES, read_manifest
 
     folder = Path(folder)
     if not (folder / IMAGES).is_dir():
@@ -86,7 +86,7 @@ def synthetic_ids(folder: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
 
 def check_masks(folder: Path, ids: list[str]) -> None:
     """InputError naming the first volume of ``ids`` without ``masks/<id>.nii.gz``."""
-    from lad_fast.generated import MASKS
+    from lad_fast.generate.writer import MASKS
 
     missing = [i for i in ids if not _nifti(Path(folder) / MASKS, i).is_file()]
     if missing:
@@ -115,8 +115,8 @@ def read_synthetic(
 ) -> tuple[VolumeSet, Grid]:
     """The generated volumes ``ids`` of ``folder`` and their common grid; InputError when they differ."""
     from lad_fast.data.geometry import hu_to_unit
-    from lad_fast.generated import IMAGES, MASKS, read_manifest
-    from lad_fast.progress import track
+    from lad_fast.generate.writer import IMAGES, MASKS, read_manifest
+    from lad_fast.utils.progress import track
 
     folder = Path(folder)
     sources = {r.get("id"): str(r.get("source_case", r.get("id"))) for r in read_manifest(folder).values()}
@@ -175,7 +175,7 @@ def _check_canonical_labels(path: Path) -> None:
     import json
 
     from lad_fast.data.labels import CANONICAL_ORGANS
-    from lad_fast.generated import DATASET_JSON
+    from lad_fast.generate.writer import DATASET_JSON
 
     try:
         labels = json.loads((path / DATASET_JSON).read_text()).get("labels")
@@ -199,7 +199,7 @@ def _onto_grid(
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """A canonical (D, H, W) HU volume (and mask) resampled and cropped onto ``grid`` like ``prepare``,
     and the placement (an ``index.json``-like entry: crop and final affine) that
-    :func:`lad_fast.masks.mask_onto_case` needs to move another mask of the source grid the same way."""
+    :func:`lad_fast.data.masks.mask_onto_case` needs to move another mask of the source grid the same way."""
     from lad_fast.config import GeometryConfig
     from lad_fast.data.geometry import dhw_to_nifti, prepare_case
     from lad_fast.data.volume import Volume
@@ -231,9 +231,9 @@ def read_real(
     """
     from lad_fast.config import GeometryConfig
     from lad_fast.data.geometry import dhw_to_nifti, hu_to_unit, unit_to_hu
+    from lad_fast.data.masks import mask_onto_case
     from lad_fast.data.prepared import INDEX, PreparedDataset
-    from lad_fast.masks import mask_onto_case
-    from lad_fast.progress import track
+    from lad_fast.utils.progress import track
 
     path = Path(path)
     images, masks, segs = [], [], []

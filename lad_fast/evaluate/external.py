@@ -2,7 +2,8 @@
 lad-fast's own segmenter (issue 10, item 1).
 
 A folder holds one entry per volume id, found as ``lad-fast import-masks`` finds them
-(:func:`lad_fast.masks.find_external`) and read by the same reader (:func:`lad_fast.data.io.read_labels`):
+(:func:`lad_fast.data.masks.find_external`) and read by the same reader
+(:func:`lad_fast.data.io.read_labels`):
 ``<id>.nii.gz`` (or ``.nii``), a label map, or ``<id>/``, a TotalSegmentator organ folder of
 ``<organ>.nii.gz`` masks.
 
@@ -12,12 +13,12 @@ Ids outside the vocabulary become background with a warning, or an error with ``
 ``lad-fast prepare --strict`` (:func:`lad_fast.data.labels.to_canonical`).
 
 Grid: a synthetic volume's segmentation must lie on that volume's voxel grid (same shape, affines within
-:data:`lad_fast.masks.GRID_TOLERANCE_MM`), in any voxel order (both are reoriented to canonical first).
+:data:`lad_fast.data.masks.GRID_TOLERANCE_MM`), in any voxel order (both are reoriented to canonical first).
 Nothing is resampled: TotalSegmentator writes its output on its input's grid, so another grid means it ran
 on another file, and guessing an alignment would score the wrong voxels. Real segmentations lie on the
 grid of the real volume as the user has it (a prepared case's source image, as for ``import-masks``, or
 ``images/<id>.nii.gz`` of a NIfTI folder) and follow the real image onto the evaluation grid through the
-same resampling and crop (:func:`lad_fast.masks.mask_onto_case`).
+same resampling and crop (:func:`lad_fast.data.masks.mask_onto_case`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class ExternalSegmentations:
 
     def paths(self, ids: list[str], side: str) -> list[Path]:
         """The entry of each id; InputError naming the first id without one."""
-        from lad_fast.masks import find_external
+        from lad_fast.data.masks import find_external
 
         found = [find_external(self.folder, i) for i in ids]
         missing = [i for i, p in zip(ids, found, strict=True) if p is None]
@@ -126,8 +127,8 @@ def on_grid(
     """Canonical ids in file order -> (D, H, W) uint8 on the volume grid (``shape``, ``grid_affine``, both
     canonical (D, H, W)); InputError unless the segmentation lies on that grid."""
     from lad_fast.data.geometry import canonical_dhw
+    from lad_fast.data.masks import GRID_TOLERANCE_MM
     from lad_fast.data.volume import Volume
-    from lad_fast.masks import GRID_TOLERANCE_MM
 
     ids, aff = canonical_dhw(Volume(np.asarray(canonical, dtype=np.uint8), affine, source))
     if tuple(ids.shape) != tuple(shape):
@@ -151,7 +152,7 @@ def read_synthetic_segmentations(
 ) -> np.ndarray:
     """The segmentations of the synthetic volumes ``ids`` (canonical affines ``affines``, grid ``shape``
     (D, H, W)) -> (N, D, H, W) uint8 canonical ids."""
-    from lad_fast.progress import track
+    from lad_fast.utils.progress import track
 
     out = []
     for vid, path, aff in track(

@@ -2,7 +2,7 @@
 
 Selected by name with :func:`make_extractor`:
 
-- ``"medicalnet"``: a MedicalNet (Med3D) 3D ResNet-10/18/34/50 (:mod:`lad_fast.models.medicalnet`) with
+- ``"medicalnet"``: a MedicalNet (Med3D) 3D ResNet-10/18/34/50 (:mod:`lad_fast.evaluate.nets.medicalnet`) with
   weights from a local file the user passes; each volume is normalised to zero mean and unit standard
   deviation over all its voxels before the network (MedicalNet's training normalisation; its MRI
   recipe used the non-zero voxels only and filled the background with noise, which has no meaning for
@@ -13,8 +13,15 @@ Selected by name with :func:`make_extractor`:
   features see both fine texture and coarse layout: F = sum of the segmenter's channels (112 for the
   default (16, 32, 64)). ``weights_hash`` is a SHA-256 over the state dict (names, dtypes, shapes,
   values; first 16 hex digits).
+- ``"vqgan"``: the encoder of the VQ-GAN of the run that generated the volumes (works offline, needs no
+  segmenter, so an evaluation right after ``lad-fast train`` on labelled data has features). The output of
+  every encoder block and the continuous latents are global-average-pooled, plus the latents' per-channel
+  standard deviation, and concatenated. It is the generator's own encoder, trained on the same real
+  volumes: it sees what the generator models, so read its FID against the real-vs-real floor and the
+  trivial generator of the same report, not against another extractor's numbers.
 - ``"radimagenet-2.5d"``: MAISI's 2.5D protocol (NV-Generate-CTMR ``scripts/compute_fid_2-5d_ct.py``)
-  with a RadImageNet 2D ResNet-50 (:mod:`lad_fast.models.radimagenet`, weights from a local file): every
+  with a RadImageNet 2D ResNet-50 (:mod:`lad_fast.evaluate.nets.radimagenet`, weights from a local file):
+  every
   axial, coronal and sagittal slice, the volume min-max scaled to [0, 1], repeated to 3 channels minus
   (0.406, 0.456, 0.485), globally pooled; F = 2048. MAISI reports one FID per plane with slices as
   samples; here each volume gets ONE vector (mean over the slices of a plane, then over the three
@@ -37,7 +44,7 @@ import torch.nn as nn
 
 from lad_fast.errors import ConfigError, InputError
 
-EXTRACTORS = ("segmenter", "medicalnet", "radimagenet-2.5d")
+EXTRACTORS = ("segmenter", "vqgan", "medicalnet", "radimagenet-2.5d")
 
 
 @runtime_checkable
@@ -143,26 +150,45 @@ def _segmenter_features(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
     return features
 
 
+def _vqgan_features(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def features(x: torch.Tensor) -> torch.Tensor:
+        pooled: list[torch.Tensor] = []
+        hooks = [
+            block.register_forward_hook(lambda _m, _i, out: pooled.append(out.mean(dim=(2, 3, 4))))
+            for block in net.encoder.blocks
+        ]
+        try:
+            z = net.encode_pre_quant(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat([*pooled, z.mean(dim=(2, 3, 4)), z.flatten(2).std(dim=2, unbiased=False)], dim=1)
+
+    return features
+
+
 def make_extractor(
     name: str,
     *,
     weights: str | Path | None = None,
     segmenter: nn.Module | None = None,
+    vqgan: nn.Module | None = None,
     depth: int | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 4,
 ) -> BatchedExtractor:
-    """The feature extractor ``name`` ("segmenter", "medicalnet" or "radimagenet-2.5d"), in eval mode.
+    """The feature extractor ``name`` (one of :data:`EXTRACTORS`), in eval mode.
 
     - "medicalnet" needs ``weights`` (a local MedicalNet ``.pth``); ``depth`` is inferred from it when
       omitted.
     - "segmenter" needs ``segmenter``, an already-loaded lad-fast Segmenter (it is put in eval mode and
       moved to ``device``, in place).
+    - "vqgan" needs ``vqgan``, the generator run's loaded VQ-GAN (eval mode, moved to ``device``, in place).
     - "radimagenet-2.5d" needs ``weights`` (RadImageNet-ResNet50_notop.pth).
     Raises ConfigError for an unknown name or a missing argument, InputError for unusable weights.
     """
     if name == "medicalnet":
-        from lad_fast.models.medicalnet import WEIGHTS_HELP, load_medicalnet
+        from lad_fast.evaluate.nets.medicalnet import WEIGHTS_HELP, load_medicalnet
 
         if weights is None:
             raise ConfigError(f"the medicalnet feature extractor needs a weights file. {WEIGHTS_HELP}")
@@ -184,8 +210,16 @@ def make_extractor(
         return BatchedExtractor(
             "segmenter", state_dict_hash(net), _segmenter_features(net), device, batch_size
         )
+    if name == "vqgan":
+        if vqgan is None or not hasattr(vqgan, "encode_pre_quant"):
+            raise ConfigError(
+                "the vqgan feature extractor needs the VQ-GAN of the run that generated the volumes (its "
+                "manifest names the run; train one with `lad-fast train`)"
+            )
+        net = vqgan.to(device).eval()
+        return BatchedExtractor("vqgan", state_dict_hash(net), _vqgan_features(net), device, batch_size)
     if name == "radimagenet-2.5d":
-        from lad_fast.models.radimagenet import WEIGHTS_HELP, load_radimagenet
+        from lad_fast.evaluate.nets.radimagenet import WEIGHTS_HELP, load_radimagenet
 
         if weights is None:
             raise ConfigError(f"the radimagenet-2.5d feature extractor needs a weights file. {WEIGHTS_HELP}")

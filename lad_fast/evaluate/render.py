@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from lad_fast.preview import _font
+from lad_fast.preview.render import _font
 
 SYN, SHUF, REAL = (70, 140, 230), (150, 150, 150), (60, 180, 90)
 INK, GRID, PAPER = (20, 20, 20), (220, 220, 220), (255, 255, 255)
@@ -21,7 +21,18 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def tables(report: dict[str, Any]) -> list[Any]:
-    """The report as rich Tables: realism with its two reference rows, fidelity and HU per organ."""
+    """The report as rich Tables (realism with its two reference rows, fidelity and HU per organ), then
+    one line each for mask metrics that were skipped and for a segmenter too weak to score masks."""
+    fid = report["fidelity"]
+    notes = [f"warning: {fid['warning']}"] if fid.get("warning") else []
+    if fid.get("skipped"):
+        notes.append(fid["skipped"])
+    return [_realism_table(report), _organ_table(report), *notes]
+
+
+def _realism_table(report: dict[str, Any]) -> Any:
+    """FID and MMD of the synthetic volumes with the real-vs-real floor and the trivial ceiling; the
+    diversity in the caption."""
     from rich.table import Table
 
     realism = Table(title=f"Realism ({report['features']['extractor']} features)", title_justify="left")
@@ -43,6 +54,13 @@ def tables(report: dict[str, Any]) -> list[Any]:
         f"real {_f(div['real'])}"
     )
     realism.caption_justify = "left"
+    return realism
+
+
+def _organ_table(report: dict[str, Any]) -> Any:
+    """Per organ: Dice and volume error against the conditioning masks, the shuffled baseline, the real
+    ceiling, and HU inside the masks; the mean and the structure L1 below."""
+    from rich.table import Table
 
     fid = report["fidelity"]
     syn, shuf, real = fid.get("synthetic", {}), fid.get("shuffled", {}), fid.get("real", {})
@@ -106,7 +124,7 @@ def tables(report: dict[str, Any]) -> list[Any]:
         f"{hu['synthetic_masks']} (synthetic) masks."
     )
     organs.caption_justify = "left"
-    return [realism, organs]
+    return organs
 
 
 # --------------------------------------------------------------------------------------------- the panel
@@ -127,6 +145,8 @@ def _dice_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], repor
     ]
     font, small = _font(14), _font(11)
     draw.text((x0, y0), "Dice per organ", fill=INK, font=font)
+    if fid.get("skipped"):  # no segmenter: say so where the bars would be
+        draw.text((x0 + 130, y0 + 2), "skipped: no segmenter (see the report)", fill=INK, font=small)
     top, bottom, left = y0 + 50, y1 - 60, x0 + 36
     for k, (name, colour, _) in enumerate(series):  # legend
         lx = x0 + k * 150

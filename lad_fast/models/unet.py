@@ -1,18 +1,19 @@
 """The conditional 3D U-Net denoiser over VQ-GAN latents (Lad phase 2).
 
-Conditioning follows Lad (LAD_REFERENCE.md phase 2): a content condition (the mask encoded by the frozen
-VQ-GAN encoder, then a trained :class:`~lad_fast.conditions.ContentHead`) and a structure condition
-(Betti numbers, log1p-normalised) are embedded, concatenated with the time embedding and turned into a
-FiLM scale/shift in every res block. Unlike the official code the content head is trained (unless
-``ConditionConfig.train_content`` is False: then it stays at its random initialisation, as the official
-projection is untrained) and the null condition of classifier-free guidance is a learned embedding.
+Conditioning follows Lad (docs/lad.md, "How the conditions reach the network"): a content condition (the
+mask encoded by the frozen VQ-GAN encoder, then a trained :class:`~lad_fast.models.content.ContentHead`) and
+a structure condition (Betti numbers, log1p-normalised) are embedded, concatenated with the time embedding
+and turned into a FiLM scale/shift in every res block. Unlike the official code the content head is trained
+(unless ``ConditionConfig.train_content`` is False: then it stays at its random initialisation, as the
+official projection is untrained) and the null condition of classifier-free guidance is a learned embedding.
 
 The condition embedding does not depend on x or t, so it is computed once per sample
 (:meth:`LatentUNet.embed_condition`) and the per-step network is ``forward(x, t, cond_emb)``: cheaper
 at every sampling step, and a three-tensor graph for ONNX / TensorRT export.
 
 With ``ConditionConfig.spatial`` "concat" or "concat_fine" the network also takes the spatial condition
-(:func:`lad_fast.conditions.spatial_for`: the mask's organ fractions on the latent grid, or per octant of
+(:func:`lad_fast.conditioning.conditions.spatial_for`: the mask's organ fractions on the latent grid, or per
+octant of
 each latent voxel, zeros for the null branch of guidance), concatenated to x before the stem convolution
 at every step; the per-step network is then ``forward(x, t, cond_emb, spatial)`` and its exported graph
 has a fourth input. With "none" (the field's default; ``lad-official``) nothing changes: same parameters,
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lad_fast.conditions import ContentHead, spatial_channels
+from lad_fast.conditioning.conditions import spatial_channels
 from lad_fast.config import ConditionConfig, UNetConfig
 from lad_fast.errors import ConfigError
 from lad_fast.kernels._cpu_conv import cpu_conv3d
@@ -39,6 +40,7 @@ from lad_fast.models.blocks import (
     keep_or_null,
     timestep_embedding,
 )
+from lad_fast.models.content import ContentHead
 
 
 def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -193,8 +195,8 @@ class LatentUNet(nn.Module):
             got = "none" if spatial is None else tuple(spatial.shape)
             raise ConfigError(
                 f"LatentUNet (condition.spatial={self.cond_cfg.spatial!r}) needs a spatial condition of "
-                f"shape {want}, got {got}; build it with lad_fast.conditions.spatial_for (zeros for the "
-                "null branch)"
+                f"shape {want}, got {got}; build it with lad_fast.conditioning.conditions.spatial_for "
+                "(zeros for the null branch)"
             )
         return torch.cat([x, spatial.to(x.dtype)], dim=1)
 

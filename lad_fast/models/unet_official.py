@@ -2,7 +2,8 @@
 
 Lad's released code is a fork of Medical Diffusion, whose ``ddpm/diffusion.py`` U-Net comes from
 video-diffusion-pytorch: the latent depth axis plays the role of video frames. Written here in
-lad-fast's style, with the layout and parameter shapes of that network (LAD_REFERENCE.md phase 2):
+lad-fast's style, with the layout and parameter shapes of that network (docs/lad.md, "Denoiser and
+diffusion"):
 
 - in-plane (1, 3, 3) convs; post-norm res blocks (conv, GroupNorm, FiLM, SiLU; conv, GroupNorm, SiLU;
   1x1x1 skip when channels change); FiLM from ``[time embedding, raw condition]`` in every res block;
@@ -20,8 +21,8 @@ the official training), and the rotary frequencies computed on the fly (recent r
 versions keep the 16 frequencies as a frozen ``nn.Parameter``). The content convs (official: created
 afresh, untrained, on every call) are a trained head here, counted apart. Parameter counts: see
 ``lad_fast.config._lad_official``. Given the upstream ``Unet3D``'s weights and its time features, this
-network gave the same output to 1e-6 (checked once against the upstream code, outside the test suite:
-it needs einops_exts and rotary-embedding-torch).
+network gives the upstream output to 1e-6; that comparison is not in the test suite, as the upstream code
+needs einops_exts and rotary-embedding-torch.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Shapes (``cfg.channels`` of length n gives n - 1 stride-2 downsamplings, f = 2 ** (n - 1) per axis):
 x (B, in_channels, D, H, W) -> latents (B, latent_channels, D/f, H/f, W/f) -> x (B, in_channels, D, H, W).
 The ``lad`` preset (channels 16, 32, 64; 16384 codes of 8 dims) maps a 32x256x256 volume to an
-8x8x64x64 latent, as in LAD_REFERENCE.md phase 1.
+8x8x64x64 latent, as Lad's does (docs/lad.md, "Phase 1").
 
 Parameter count of ``VQGAN(get_preset("lad").vqgan)``: 736,073 trainable parameters (encoder 361,384,
 decoder 374,689); the EMA codebook is held in buffers (16384 x 8 codes plus its EMA statistics), not

@@ -1,7 +1,7 @@
 """The pretraining pool: real prepared cases mixed with generated volumes at a stated ratio.
 
 Generated folders are read in their own format (``images/<id>.nii.gz`` listed by ``manifest.jsonl``,
-:mod:`lad_fast.generated`), checked against the preset's grid before training, and kept in memory as
+:mod:`lad_fast.generate.writer`), checked against the preset's grid before training, and kept in memory as
 float16 in [-1, 1] once read (a tiny volume is 128 KiB; at ``lad`` a thousand volumes take 4 GiB).
 """
 
@@ -54,7 +54,7 @@ class GeneratedVolumes:
     _cache: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from lad_fast.generated import MANIFEST, read_manifest, volume_paths
+        from lad_fast.generate.writer import MANIFEST, read_manifest, volume_paths
 
         for folder in map(Path, self.folders):
             if not (folder / MANIFEST).is_file():
@@ -101,7 +101,7 @@ class SSLBatches:
             raise InputError(f"{self.real.path}: no real case to pretrain on")
 
     def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
-        from lad_fast.distributed import step_generator
+        from lad_fast.utils.distributed import step_generator
 
         g = step_generator(self.seed, step, rank)
         n_syn = len(self.synthetic) if self.synthetic is not None else 0

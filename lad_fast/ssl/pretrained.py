@@ -20,7 +20,7 @@ def load_pretrained(run: Path, segmenter: SegmenterConfig) -> tuple[dict[str, to
     Raises CheckpointError when ``run`` holds no complete SSL checkpoint, or one pretrained for another
     segmenter architecture (another preset), before anything is trained.
     """
-    from lad_fast.checkpoints import load_checkpoint
+    from lad_fast.runs.checkpoints import load_checkpoint
 
     run = Path(run)
     ckpt = load_checkpoint(run / MODEL, MODEL) if (run / MODEL).is_dir() else None

@@ -37,7 +37,7 @@ class SSLConfig:
 
 
 # Budgets: at tiny a step is a batch of 4 volumes of 16 x 64 x 64 through the (16, 32, 64, 128) U-Net,
-# about 1 s on two busy CPU cores. Fine-tuning is the segmenter's own recipe (peak lr 3e-3, warm-up, cosine),
+# small enough for a CPU. Fine-tuning is the segmenter's own recipe (peak lr 3e-3, warm-up, cosine),
 # decaying to a tenth rather than a fiftieth so that short budgets keep learning to the end.
 PRETRAIN = {
     "tiny": TrainConfig(

@@ -1,4 +1,5 @@
-"""Batches from a prepared dataset, as a pure function of (seed, step, rank) for exact resume."""
+"""The data every trainer reads: the prepared dataset (the given one, or the built-in phantoms), and
+batches from it as a pure function of (seed, step, rank), so a resumed run draws the same ones."""
 
 from __future__ import annotations
 
@@ -10,9 +11,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from lad_fast.config import LadConfig
 from lad_fast.data.prepared import PreparedDataset
-from lad_fast.distributed import shard_indices
 from lad_fast.errors import InputError
+from lad_fast.utils.distributed import shard_indices
+
+
+def training_dataset(data: PreparedDataset | str | Path | None, cfg: LadConfig) -> PreparedDataset:
+    """The prepared dataset a training command reads, opened once and handed to every stage.
+
+    data: an open :class:`PreparedDataset` (returned as it is, so masks a stage adds are seen by the next),
+        a prepared folder, or None for the built-in phantoms of ``cfg.preset`` (generated and prepared
+        once into the local cache, :func:`lad_fast.data.cache.phantom_dataset`). This is the one place
+        that default is decided.
+    InputError for a dataset prepared at another preset than ``cfg.preset``.
+    """
+    if isinstance(data, PreparedDataset):
+        if data.preset != cfg.preset:
+            raise InputError(
+                f"{data.path}: prepared at preset {data.preset!r}, but {cfg.preset!r} is needed; re-prepare "
+                f"it with `lad-fast prepare SRC OUT --preset {cfg.preset}`"
+            )
+        return data
+    if data is None:
+        from lad_fast.data.cache import phantom_dataset
+        from lad_fast.utils.progress import say
+
+        say(f"data: built-in phantoms at preset {cfg.preset!r} (generated locally, cached)")
+        data = phantom_dataset(cfg.preset)
+    return PreparedDataset(data, expect_preset=cfg.preset)
 
 
 def how_to_add_masks(data: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""Training the conditional latent diffusion model (Lad phase 2); :mod:`lad_fast.trained` loads it back.
+"""Training the conditional latent diffusion model (Lad phase 2); :mod:`lad_fast.runs.loading` loads it back.
 
 Pipeline of :func:`train_diffusion`:
 
@@ -7,13 +7,13 @@ Pipeline of :func:`train_diffusion`:
    content hash (``PreparedDataset.content_hash``), the condition config and its ``spatial`` mode, so a
    second call (or ``--resume``) skips the encoder:
    image latents ``to_unit`` -> [-1, 1] (Lad scales by the codebook's min and max), the content encoding
-   of each mask (``encode_pre_quant`` of :func:`lad_fast.trained.mask_as_image`, as Lad passes the label
+   of each mask (``encode_pre_quant`` of :func:`lad_fast.runs.loading.mask_as_image`, as Lad passes the label
    map through the encoder), the normalised structure vector and, with spatial conditioning
    (``condition.spatial`` not "none"), the spatial condition (the mask's organ fractions on the latent grid);
 2. :class:`LatentBatches` draws batches and the classifier-free-guidance dropout as a pure function of
    (seed, step, rank), so a resumed run reaches the same weights;
 3. :func:`lad_fast.train.loop.train` runs the steps with ``{"model": LatentUNet}`` (the content head is
-   part of the U-Net and trains jointly) and EMA weights, which :func:`lad_fast.trained.load_diffusion`
+   part of the U-Net and trains jointly) and EMA weights, which :func:`lad_fast.runs.loading.load_diffusion`
    returns.
 """
 
@@ -21,26 +21,29 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lad_fast.config import LadConfig, config_to_dict
+from lad_fast.config import DiffusionConfig, LadConfig, TrainConfig, config_to_dict
+from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import CheckpointError, InputError
-from lad_fast.models.unet import build_unet
-from lad_fast.train.data import how_to_add_masks
-from lad_fast.train.loop import TrainResult
-from lad_fast.trained import (
+from lad_fast.models.unet import LatentUNet, build_unet
+from lad_fast.models.vqgan import VQGAN
+from lad_fast.runs.loading import (
     check_vqgan_run,
-    checkpoint_hash,
     encode_case,
     latent_norm,
-    load_frozen_vqgan,
+    load_vqgan,
     normalize_latents,
     vqgan_reference,
 )
+from lad_fast.train.data import how_to_add_masks, training_dataset
+from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
+from lad_fast.train.schedule import make_adamw
 
 MODEL = "diffusion"
 LATENTS_NAME = "latents.safetensors"
@@ -49,41 +52,42 @@ LATENTS_NAME = "latents.safetensors"
 # ------------------------------------------------------------------------------------------ latents
 
 
-def _data_hash(data: Path) -> str:
-    from lad_fast.data.prepared import PreparedDataset
-
-    return PreparedDataset(data).content_hash()
-
-
 def encode_dataset(
-    vq: Any, data: Path, cfg: LadConfig, cache: Path, vqgan_hash: str, device: torch.device
+    vq: Any,
+    data: PreparedDataset | Path,
+    cfg: LadConfig,
+    cache: Path,
+    vqgan_hash: str,
+    device: torch.device,
+    data_hash: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Encode every masked case of the prepared dataset ``data`` (cached in ``cache``).
+    """Encode every masked case of the prepared dataset ``data`` (open, or a folder) with ``vq``, cached in
+    ``cache`` under a key of ``vqgan_hash``, ``data_hash`` (default: ``data``'s content hash), the
+    condition config and the case ids.
 
     Returns ``latent`` (N, C, d, h, w), ``content`` (N, C, d, h, w), ``structure`` (N, L) float32 tensors,
     and ``spatial`` (N, K, d, h, w) with spatial conditioning (K:
-    :func:`lad_fast.conditions.spatial_channels`).
+    :func:`lad_fast.conditioning.conditions.spatial_channels`).
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lad_fast.atomic import atomic_path
-    from lad_fast.checkpoints import config_hash
-    from lad_fast.data.prepared import PreparedDataset
-    from lad_fast.progress import track
+    from lad_fast.runs.checkpoints import config_hash
+    from lad_fast.utils.atomic import atomic_path
+    from lad_fast.utils.progress import track
 
-    ds = PreparedDataset(data, expect_preset=cfg.preset)
+    ds = training_dataset(data, cfg)
     if config_to_dict(ds.geometry) != config_to_dict(cfg.geometry):
-        raise InputError(f"{data}: prepared at another geometry than preset {cfg.preset!r}; re-prepare it")
+        raise InputError(f"{ds.path}: prepared at another geometry than preset {cfg.preset!r}; re-prepare it")
     cases = ds.labelled_indices()
     if not cases:
         raise InputError(
-            f"{data}: no case has a mask, and the diffusion model is conditioned on masks; "
-            + how_to_add_masks(data)
+            f"{ds.path}: no case has a mask, and the diffusion model is conditioned on masks; "
+            + how_to_add_masks(ds.path)
         )
     key = {
         "vqgan_hash": vqgan_hash,
-        "data_hash": ds.content_hash(),
+        "data_hash": data_hash if data_hash is not None else ds.content_hash(),
         "condition": config_hash(config_to_dict(cfg.condition)),
         "ids": json.dumps([ds.case_ids[i] for i in cases]),
         "spatial": cfg.condition.spatial,
@@ -113,7 +117,7 @@ class LatentBatches:
     (B,) 1.0 where the condition is kept and 0.0 where classifier-free guidance drops it (probability
     ``drop_prob``), and ``seed``, the seed of the step's timestep and noise draw. When the latents hold
     ``spatial`` (spatial conditioning), also ``spatial`` (B, K, d, h, w) with the same dropout already
-    applied: the null (zeros, :func:`lad_fast.conditions.drop_spatial`) where ``keep`` is 0.
+    applied: the null (zeros, :func:`lad_fast.conditioning.conditions.drop_spatial`) where ``keep`` is 0.
     """
 
     latents: Mapping[str, torch.Tensor]
@@ -122,7 +126,7 @@ class LatentBatches:
     drop_prob: float
 
     def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
-        from lad_fast.distributed import shard_indices, step_generator
+        from lad_fast.utils.distributed import shard_indices, step_generator
 
         n = self.latents["latent"].shape[0]
         idx = torch.tensor(shard_indices(n, self.batch_size, self.seed, step, rank, world))
@@ -137,7 +141,7 @@ class LatentBatches:
             "seed": seed,
         }
         if "spatial" in self.latents:  # dropped with the global condition: one keep flag per sample
-            from lad_fast.conditions import drop_spatial
+            from lad_fast.conditioning.conditions import drop_spatial
 
             out["spatial"] = drop_spatial(self.latents["spatial"][idx], keep)
         return out
@@ -156,89 +160,126 @@ def _model_config(cfg: LadConfig, latent_channels: int, structure_dim: int) -> d
     }
 
 
+@dataclass(frozen=True)
+class _DiffusionLoss:
+    """The denoiser's phase loss, ``loss(modules, batch, step)``: the diffusion objective of ``cfg``
+    (:func:`lad_fast.diffusion.schedules.diffusion_loss`) under the batch's conditions, with the batch's
+    seed drawing the timesteps and noise."""
+
+    net: LatentUNet  # the bare module, for the condition embedding
+    schedule: Any
+    cfg: DiffusionConfig
+    device: torch.device
+
+    def __call__(self, mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
+        from lad_fast.diffusion.schedules import diffusion_loss
+
+        b = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        # The embedding runs on the bare module (it is not part of forward); DDP still reduces its
+        # gradients, as every parameter gets one each step (the null embedding through keep).
+        emb = self.net.embed_condition(b["content"], b["structure"], b["keep"])
+        model = mods["model"]
+        spatial = (b["spatial"],) if "spatial" in b else ()  # already null where keep is 0
+        value = diffusion_loss(
+            lambda x, t: model(x, t, emb, *spatial),
+            b["x0"],
+            self.schedule,
+            self.cfg,
+            generator=torch.Generator().manual_seed(batch["seed"]),
+        )
+        return value, {"kept": b["keep"].mean()}
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """What the denoiser learns from: the prepared dataset and its content hash, and the run holding the
+    frozen VQ-GAN (``vqgan_run``, recorded relative to ``run``)."""
+
+    run: Path
+    vqgan_run: Path
+    dataset: PreparedDataset
+    data_hash: str
+
+
+def _latents(setup: Setup, cfg: LadConfig, vq: VQGAN, vq_hash: str, src: _Sources):
+    """(the dataset's latents and conditions with the latents normalised, the normalisation). Rank 0
+    encodes them and writes the cache in ``run/diffusion/``; the other ranks then read it."""
+    from lad_fast.conditioning.conditions import structure_dim
+
+    cache = setup.run.model_dir(MODEL) / LATENTS_NAME
+    latents = setup.main_first(
+        lambda: encode_dataset(vq, src.dataset, cfg, cache, vq_hash, setup.device, src.data_hash)
+    )
+    norm = latent_norm(latents["latent"], cfg.diffusion.latent_norm)
+    latents = {**latents, "latent": normalize_latents(latents["latent"], norm)}
+    struct_dim = latents["structure"].shape[1]
+    if struct_dim != structure_dim(cfg.geometry.shape[0], cfg.condition):  # defensive: a foreign cache
+        raise CheckpointError(f"{cache}: structure vectors of {struct_dim} values do not fit the config")
+    return latents, norm
+
+
+def _diffusion_job(setup: Setup, cfg: LadConfig, tcfg: TrainConfig, src: _Sources) -> Job:
+    """What the loop trains: the conditional latent U-Net (initial weights from the seed) with AdamW, on
+    batches of the cached latents, and the ``meta.json`` entries sampling reads."""
+    from lad_fast.diffusion.schedules import make_schedule
+
+    dev = setup.device
+    vq, vq_meta = load_vqgan(src.vqgan_run, device=dev)  # checked by train_diffusion
+    vq_hash = vq_meta["checkpoint_hash"]
+    latents, norm = _latents(setup, cfg, vq, vq_hash, src)
+    latent_channels, struct_dim = latents["latent"].shape[1], latents["structure"].shape[1]
+    with setup.initial_weights():
+        net = build_unet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
+    loss = _DiffusionLoss(net, make_schedule(cfg.diffusion).to(dev), cfg.diffusion, dev)
+    opt = make_adamw(net, tcfg)  # a frozen content head (train_content off) stays as built
+    meta = {
+        "preset": cfg.preset,
+        "data_hash": src.data_hash,
+        "data": str(src.dataset.path.resolve()),
+        "vqgan_run": vqgan_reference(src.run, src.vqgan_run),  # relative: the run folder can move
+        "vqgan_hash": vq_hash,
+        "latent_scale": list(vq.latent_scale()),
+        "latent_shape": list(latents["latent"].shape[1:]),
+        "latent_norm": norm,
+        "structure_dim": struct_dim,
+        "cases": int(latents["latent"].shape[0]),
+    }
+    return Job(
+        {"model": net},
+        [Phase("model", opt, loss)],
+        LatentBatches(latents, tcfg.batch_size, tcfg.seed, cfg.condition.drop_prob),
+        model_config=_model_config(cfg, latent_channels, struct_dim),
+        meta=meta,
+    )
+
+
 def train_diffusion(
     run: Path,
     cfg: LadConfig,
-    data: Path | None = None,
+    data: PreparedDataset | Path | None = None,
     vqgan_run: Path | None = None,
     steps: int | None = None,
     resume: bool = False,
     force: bool = False,
     device: str = "auto",
     stop_at: int | None = None,
+    batch: int | None = None,
 ) -> TrainResult:
     """Train the conditional latent U-Net of ``cfg`` into ``run/diffusion/``.
 
-    data: a prepared dataset with masks (default: the built-in phantoms of ``cfg.preset``).
+    data: a prepared dataset with masks, open or a folder (default: the built-in phantoms of
+        ``cfg.preset``; :func:`lad_fast.train.data.training_dataset`).
     vqgan_run: the run holding the trained VQ-GAN (default: ``run``); it must match ``cfg``'s preset,
-        geometry and VQ-GAN config (CheckpointError otherwise). It stays frozen.
-    steps: overrides ``cfg.diffusion_train.steps``. resume / force / device / stop_at: see
-    ``lad_fast.train.loop``.
+        geometry and VQ-GAN config (CheckpointError otherwise), checked before the data is opened. It
+        stays frozen.
+    steps, batch: override ``cfg.diffusion_train.steps`` and ``batch_size``. resume / force / device /
+    stop_at: see ``lad_fast.train.loop``.
     """
-    from lad_fast.conditions import structure_dim as structure_len
-    from lad_fast.data.cache import phantom_dataset
-    from lad_fast.diffusion import diffusion_loss, make_schedule
-    from lad_fast.train.loop import Job, Phase, Setup, train
-    from lad_fast.train.schedule import make_adamw
-
     run = Path(run)
     vqgan_run = Path(vqgan_run) if vqgan_run is not None else run
-    tcfg = replace(cfg.diffusion_train, steps=steps) if steps is not None else cfg.diffusion_train
+    tcfg = cfg.diffusion_train.overridden(steps, batch)
     check_vqgan_run(vqgan_run, cfg)  # before anything is written or encoded
-
-    def build(setup: Setup) -> Job:
-        dev = setup.device
-        data_path = Path(data) if data is not None else phantom_dataset(cfg.preset)
-        vq, _ = load_frozen_vqgan(vqgan_run, cfg, dev)
-        vq_hash = checkpoint_hash(vqgan_run / "vqgan")
-        cache = setup.run.model_dir(MODEL) / LATENTS_NAME
-        # Rank 0 encodes and writes the cache; the other ranks then read it.
-        latents = setup.main_first(lambda: encode_dataset(vq, data_path, cfg, cache, vq_hash, dev))
-        norm = latent_norm(latents["latent"], cfg.diffusion.latent_norm)
-        latents = {**latents, "latent": normalize_latents(latents["latent"], norm)}
-        latent_channels, struct_dim = latents["latent"].shape[1], latents["structure"].shape[1]
-        if struct_dim != structure_len(cfg.geometry.shape[0], cfg.condition):  # defensive: a foreign cache
-            raise CheckpointError(f"{cache}: structure vectors of {struct_dim} values do not fit the config")
-
-        with setup.initial_weights():
-            net = build_unet(cfg.unet, cfg.condition, latent_channels, struct_dim).to(dev)
-        sched = make_schedule(cfg.diffusion).to(dev)
-        opt = make_adamw(net, tcfg)  # a frozen content head (train_content off) stays as built
-
-        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
-            b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            # The embedding runs on the bare module (it is not part of forward); DDP still reduces its
-            # gradients, as every parameter gets one each step (the null embedding through keep).
-            emb = net.embed_condition(b["content"], b["structure"], b["keep"])
-            model = mods["model"]
-            spatial = (b["spatial"],) if "spatial" in b else ()  # already null where keep is 0
-            value = diffusion_loss(
-                lambda x, t: model(x, t, emb, *spatial),
-                b["x0"],
-                sched,
-                cfg.diffusion,
-                generator=torch.Generator().manual_seed(batch["seed"]),
-            )
-            return value, {"kept": b["keep"].mean()}
-
-        meta = {
-            "preset": cfg.preset,
-            "data_hash": _data_hash(data_path),
-            "data": str(data_path.resolve()),
-            "vqgan_run": vqgan_reference(run, vqgan_run),  # relative: the run folder can move
-            "vqgan_hash": vq_hash,
-            "latent_scale": list(vq.latent_scale()),
-            "latent_shape": list(latents["latent"].shape[1:]),
-            "latent_norm": norm,
-            "structure_dim": struct_dim,
-            "cases": int(latents["latent"].shape[0]),
-        }
-        return Job(
-            {"model": net},
-            [Phase("model", opt, loss)],
-            LatentBatches(latents, tcfg.batch_size, tcfg.seed, cfg.condition.drop_prob),
-            model_config=_model_config(cfg, latent_channels, struct_dim),
-            meta=meta,
-        )
-
+    dataset = training_dataset(data, cfg)
+    src = _Sources(run, vqgan_run, dataset, dataset.content_hash())
+    build = partial(_diffusion_job, cfg=cfg, tcfg=tcfg, src=src)
     return train(run, cfg, MODEL, tcfg, build, resume=resume, force=force, device=device, stop_at=stop_at)

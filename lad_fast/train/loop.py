@@ -3,7 +3,7 @@
 The loop owns setup and everything around the optimiser steps; a model's training module only says what
 to train. :func:`train` does, in order (steps 1 to 3 in :func:`lad_fast.train.setup.open_run`):
 
-1. choose this process's device (``lad_fast.devices.choose_device``: ``cuda:LOCAL_RANK`` under torchrun)
+1. choose this process's device (``lad_fast.utils.devices.choose_device``: ``cuda:LOCAL_RANK`` under torchrun)
    and join the process group (gloo on CPU, nccl on CUDA);
 2. refuse a run that already holds a checkpoint of this model unless ``resume`` or ``force``, and verify
    the checkpoint to resume, all before anything is written;
@@ -26,12 +26,12 @@ to train. :func:`train` does, in order (steps 1 to 3 in :func:`lad_fast.train.se
     train(run_path, cfg, "segmenter", cfg.segmenter_train, build, resume=resume, force=force, device="auto")
 
 Determinism: ``batches(step, rank, world)`` must be a pure function of its arguments (use
-:func:`lad_fast.distributed.shard_indices` / ``step_generator``); with RNG states restored from
+:func:`lad_fast.utils.distributed.shard_indices` / ``step_generator``); with RNG states restored from
 ``state.pt``, a resumed run reaches the same weights as an uninterrupted one (bit for bit on CPU).
 
-Why one file of ~460 lines: the step loop (resume, autocast, the NaN guard, EMA, DDP/compile wrapping,
-checkpoints, logging, previews) is one sequence that reads best unbroken; setup lives in
-:mod:`lad_fast.train.setup`.
+Layout: :func:`train` reads as its steps (set up, build, start or restore, run, save, report); the
+state they share and each step's code live in the private ``_Loop``; :func:`_run_phase` is one
+optimiser step. Set-up lives in :mod:`lad_fast.train.setup`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lad_fast.checkpoints import (
+from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
+from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
+from lad_fast.runs.checkpoints import (
     Checkpoint,
     capture_rng,
     config_hash,
@@ -58,15 +60,13 @@ from lad_fast.checkpoints import (
     seed_all,
     versions,
 )
-from lad_fast.config import LAD_SECTIONS, LadConfig, TrainConfig, with_defaults
-from lad_fast.distributed import DistInfo, all_true, max_over_ranks, step_seed
-from lad_fast.errors import CheckpointError, ConfigError, TrainingDivergedError
-from lad_fast.interrupts import Interrupted, deferred
-from lad_fast.lock import locks_folder
-from lad_fast.progress import say
-from lad_fast.runs import RunDir, config_diff
+from lad_fast.runs.rundir import RunDir, config_diff
 from lad_fast.train.ema import EMA
 from lad_fast.train.setup import Setup, open_run
+from lad_fast.utils.distributed import DistInfo, all_true, max_over_ranks, step_seed
+from lad_fast.utils.interrupts import Interrupted, deferred
+from lad_fast.utils.lock import locks_folder
+from lad_fast.utils.progress import say
 
 __all__ = ["Job", "Phase", "Setup", "TrainResult", "train"]
 
@@ -252,6 +252,276 @@ def _check_resume(ckpt: Checkpoint, model: str, model_config: Mapping[str, Any])
         )
 
 
+@dataclass
+class _Window:
+    """The values logged since the last log line, over ``steps`` steps from ``began`` (perf_counter)."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+    steps: int = 0
+    began: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Bar:
+    """The progress bar of one model on rank 0; without one (other ranks) its methods do nothing."""
+
+    progress: Any = None
+    task: Any = None
+
+    def status(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, status=text)
+
+    def at(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+
+class _Loop:
+    """One call's training state between set-up and result (``step``: completed steps; the grad scalers,
+    EMA weights and bad-step count; what was saved last), and the named steps that move it on: start or
+    restore, train one step, log, preview, save."""
+
+    def __init__(self, model: str, cfg: TrainConfig, setup: Setup, job: Job, keep: int) -> None:
+        self.model, self.cfg, self.job, self.keep = model, cfg, job, keep
+        self.run, self.device, self.info = setup.run, setup.device, setup.dist
+        self.model_dir = self.run.model_dir(model)
+        self.scalers = {
+            ph.name: torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16") for ph in job.phases
+        }
+        self.ema = EMA(job.modules["model"], cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.guard = _Guard(model, cfg.max_bad_steps)
+        self.step = self.saved_at = 0
+        self.last_path: Path | None = None
+        self.last_means: dict[str, float] = {}
+        self.wrapped: dict[str, nn.Module] = {}
+        self.t_start = 0.0  # when run_until began (perf_counter)
+
+    # -------------------------------------------------------------------------------- start / restore
+
+    def start(self, resume: bool) -> None:
+        """No checkpoint to continue: dropout and other in-step noise become a function of (seed, rank),
+        whatever the caller drew before."""
+        seed_all(step_seed(self.cfg.seed, -1, self.info.rank))
+        if self.info.is_main:
+            # Lines of an earlier attempt stopped before its first checkpoint: those steps run again.
+            self.run.truncate_log(self.model, after_step=-1)
+            if resume:
+                say(f"{self.model}: no checkpoint in {self.model_dir} to resume; starting at step 0 of "
+                    f"{self.cfg.steps}")  # fmt: skip
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt``: weights, optimisers, schedulers, grad scalers, EMA weights, the batches'
+        state, the step and bad-step counts, and the RNG streams of every rank."""
+        modules, st = self.job.modules, ckpt.state
+        for name, m in modules.items():
+            ckpt.load_module(name, m)
+        self._restore_optimisers(ckpt)
+        if self.ema is not None:
+            self.ema.load_state_dict(
+                ckpt.tensors("ema") if ckpt.has("ema") else modules["model"].state_dict()
+            )
+        if st.get("data") is not None and hasattr(self.job.batches, "load_state_dict"):
+            self.job.batches.load_state_dict(st["data"])
+        self.step, self.guard.bad = int(st["step"]), int(st["bad_steps"])
+        self.saved_at, self.last_path = self.step, ckpt.path
+        ranks = st.get("rng_ranks") or []
+        if len(ranks) == self.info.world:
+            restore_rng(ranks[self.info.rank])
+        else:  # another world size: rank 0 continues its stream, the others start fresh ones
+            restore_rng(st["rng"])
+            if self.info.rank > 0:
+                seed_all(step_seed(self.cfg.seed, self.step, self.info.rank))
+        if self.info.is_main:
+            self.run.truncate_log(self.model, after_step=self.step)  # the lost steps are trained again
+            self.run.log(
+                {"model": self.model, "event": "resume", "step": self.step, "checkpoint": ckpt.path.name}
+            )
+            say(
+                f"{self.model}: already trained ({self.step} of {self.cfg.steps} steps, {ckpt.path})"
+                if self.step >= self.cfg.steps
+                else f"{self.model}: resuming at step {self.step} of {self.cfg.steps} from {ckpt.path}"
+            )
+
+    def _restore_optimisers(self, ckpt: Checkpoint) -> None:
+        st, phases = ckpt.state, self.job.phases
+        try:
+            for ph in phases:
+                ph.optimizer.load_state_dict(st["optimizers"][ph.name])
+                if ph.scheduler is not None:
+                    ph.scheduler.load_state_dict(st["schedulers"][ph.name])
+                self.scalers[ph.name].load_state_dict(st["scalers"][ph.name])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(
+                f"{ckpt.path / 'state.pt'} does not match this training setup (phases "
+                f"{[ph.name for ph in phases]}, saved {sorted(st.get('optimizers', {}))}: {err}); "
+                "resume with the code and options that wrote it, or start a new --run"
+            ) from err
+
+    def wrap(self) -> None:
+        """DDP / torch.compile wrappers for the steps, every module in training mode."""
+        self.wrapped = _wrap(self.job.modules, self.cfg, self.device, self.info)
+        for m in self.job.modules.values():
+            m.train()
+
+    # -------------------------------------------------------------------------------------- the steps
+
+    def run_until(self, end: int) -> int:
+        """Train until ``step == end``, logging, previewing and saving on the way; returns the signal
+        (SIGINT / SIGTERM) that stopped it early, 0 when none did. torchrun forwards a signal to every
+        worker, but they may see it at different steps: the ranks agree on it after every step."""
+        from lad_fast.utils.progress import make_progress
+
+        cfg, info = self.cfg, self.info
+        self.t_start = time.perf_counter()
+        bar = make_progress() if info.is_main else contextlib.nullcontext()
+        stopping = f"after the current {self.model} step, with a checkpoint"
+        with deferred(stopping) as stop, bar as progress:
+            shown, window = _Bar(progress), _Window(began=self.t_start)
+            if progress is not None:
+                shown.task = progress.add_task(self.model, total=cfg.steps, completed=self.step, status="")
+            while self.step < end:
+                self.train_step(window)
+                if self.step % max(cfg.log_every, 1) == 0 or self.step == end:
+                    window = self.log(window, shown)
+                if info.is_main:
+                    shown.at(self.step)
+                    self.preview()
+                if self.step % max(cfg.checkpoint_every, 1) == 0 or self.step == end:
+                    self.save()
+                stopped_by = max_over_ranks(stop.signum or 0, info, self.device)
+                if stopped_by:
+                    return stopped_by
+            # a signal after the last check (or with no step to run) must not be lost
+            return max_over_ranks(stop.signum or 0, info, self.device)
+
+    def train_step(self, window: _Window) -> None:
+        """One step: the batch, every phase that has started (in order), then the EMA update."""
+        step, info = self.step, self.info
+        batch = self.job.batches(step, info.rank, info.world)
+        stepped = False
+        for ph in self.job.phases:
+            if step < ph.start_step:
+                continue
+            scaler = self.scalers[ph.name]
+            outcome, logs = _run_phase(ph, self.wrapped, batch, step, self.cfg, scaler, self.device, info)
+            if ph.scheduler is not None:
+                ph.scheduler.step()
+            self._record(outcome, ph.name)
+            stepped |= outcome == "ok"
+            for k, v in logs.items():
+                window.values.setdefault(k, []).append(v)
+        if stepped and self.ema is not None:
+            self.ema.update(self.job.modules["model"])
+        self.step += 1
+        window.steps += 1
+
+    def _record(self, outcome: str, phase: str) -> None:
+        """Log a skipped step (counted against ``max_bad_steps``) or an fp16 overflow of this step."""
+        at = self.step + 1
+        if outcome in ("loss", "gradient"):
+            if self.info.is_main:
+                self.run.log({"model": self.model, "event": "bad_step", "step": at, "phase": phase,
+                              "non_finite": outcome, "bad_steps": self.guard.bad + 1})  # fmt: skip
+            self.guard.record(at, phase, outcome)
+        elif outcome == "overflow" and self.info.is_main:
+            self.run.log({"model": self.model, "event": "fp16_overflow", "step": at, "phase": phase})
+
+    def log(self, window: _Window, shown: _Bar) -> _Window:
+        """One ``log.jsonl`` line (rank 0) with the window's mean values, learning rates and volumes per
+        second, and the bar's status; returns the next window."""
+        now = time.perf_counter()
+        self.last_means = {k: sum(v) / len(v) for k, v in window.values.items() if v}
+        vol_s = window.steps * self.cfg.batch_size * self.info.world / max(now - window.began, 1e-9)
+        if self.info.is_main:
+            self.run.log(
+                {
+                    "model": self.model,
+                    "step": self.step,
+                    "losses": self.last_means,
+                    "lr": {ph.name: ph.optimizer.param_groups[0]["lr"] for ph in self.job.phases},
+                    "vol_s": round(vol_s, 3),
+                    "elapsed_s": round(now - self.t_start, 3),
+                    "time": time.time(),
+                    "bad_steps": self.guard.bad,
+                }
+            )
+        status = " ".join(f"{k} {v:.4g}" for k, v in self.last_means.items() if "grad_norm" not in k)
+        shown.status(f"{status} {vol_s:.2f} vol/s")
+        return _Window(began=now)
+
+    def preview(self) -> None:
+        """The job's preview when one is due (rank 0), outside the training RNG streams."""
+        job, every = self.job, self.cfg.preview_every
+        if job.preview is None or every <= 0 or self.step % every != 0:
+            return
+        rng = capture_rng()  # previews draw noise; training streams must not notice
+        job.preview(self.step, self.run.path)
+        restore_rng(rng)
+
+    # ------------------------------------------------------------------------------- save / release
+
+    def save(self) -> None:
+        """A checkpoint of the current step: every rank gives its RNG state, rank 0 writes."""
+        self.last_path = self._write_checkpoint(self.step) or self.last_path
+        self.saved_at = self.step
+
+    def save_if_unsaved(self) -> None:
+        if self.saved_at != self.step:
+            self.save()
+
+    def _write_checkpoint(self, at: int) -> Path | None:
+        # Every rank's RNG state goes into state.pt, so a resumed DDP run continues each rank's stream.
+        info, phases = self.info, self.job.phases
+        rngs: list[Any] = [capture_rng()]
+        if info.enabled:
+            rngs = [None] * info.world
+            torch.distributed.all_gather_object(rngs, capture_rng())
+        if not info.is_main:
+            return None
+        batches = self.job.batches
+        state = {
+            "step": at,
+            "bad_steps": self.guard.bad,
+            "world": info.world,
+            "rng": rngs[0],
+            "rng_ranks": rngs,
+            "optimizers": {ph.name: ph.optimizer.state_dict() for ph in phases},
+            "schedulers": {ph.name: ph.scheduler.state_dict() for ph in phases if ph.scheduler is not None},
+            "scalers": {name: s.state_dict() for name, s in self.scalers.items()},
+            "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
+        }
+        ema_tensors = {"ema": self.ema.state_dict()} if self.ema is not None else None
+        meta = _build_meta(self.model, self.run, self.job, at)
+        path = save_checkpoint(
+            self.model_dir,
+            at,
+            modules=self.job.modules,
+            tensors=ema_tensors,
+            state=state,
+            meta=meta,
+            keep=self.keep,
+        )
+        self.run.log({"model": self.model, "event": "checkpoint", "step": at, "checkpoint": path.name})
+        return path
+
+    def release(self) -> None:
+        """Free the DDP wrappers (and their gradient reducers) while the process group is alive: left to
+        the garbage collector, a reducer torn down after the group at exit can abort a gloo rank."""
+        self.wrapped.clear()
+        gc.collect()
+
+
+def _check_job(model: str, cfg: TrainConfig, job: Job, ckpt: Checkpoint | None) -> None:
+    """ConfigError for a job the loop cannot train; CheckpointError when ``ckpt`` has another model config."""
+    if cfg.ema_decay > 0 and "model" not in job.modules:
+        raise ConfigError(f"ema_decay > 0 needs a module named 'model' (got {', '.join(job.modules)})")
+    if not job.phases:
+        raise ConfigError("train() needs at least one Phase")
+    if ckpt is not None:
+        _check_resume(ckpt, model, job.model_config)
+
+
 @locks_folder("run", "train")  # one trainer per run folder (rank 0 holds it for the torchrun job)
 def train(
     run: str | os.PathLike[str],
@@ -272,8 +542,8 @@ def train(
 
     run, config: the run folder and the resolved config recorded in its ``config.json``
         (:meth:`RunDir.create`: a new run, or a reopened one with a compatible config).
-    model: one of ``lad_fast.runs.MODELS``; cfg: its training config (``config.<model>_train``, possibly
-        with ``steps`` overridden).
+    model: one of ``lad_fast.runs.rundir.MODELS``; cfg: its training config (``config.<model>_train``,
+        possibly with ``steps`` overridden).
     build: ``build(setup) -> Job`` (see :class:`Setup`, :class:`Job`), called once on every rank after the
         refusals below, with the process group joined and the run folder created.
     resume: continue from the latest complete checkpoint (starts fresh when there is none); without it
@@ -284,222 +554,34 @@ def train(
     stop_at: stop after this many completed steps with a checkpoint, as if interrupted (a time budget).
     data_hash: when given, resuming a checkpoint whose ``meta.json`` records another ``data_hash``
         raises CheckpointError (the training data changed).
+    Raises Interrupted (after saving a checkpoint of the last step) when SIGINT / SIGTERM stopped it.
     """
     if cfg.amp not in AMP_DTYPES:
         raise ConfigError(f"{model}_train.amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
-    from lad_fast.threads import apply_thread_policy
+    from lad_fast.utils.threads import apply_thread_policy
 
-    apply_thread_policy()  # torch threads from the CPU affinity (lad_fast/threads.py)
-    setup, ckpt = open_run(
-        run,
-        config,
-        model,
-        cfg.seed,
-        resume=resume,
-        force=force,
-        fallback=fallback,
-        device=device,
-        data_hash=data_hash,
-    )
-    rundir, device, info = setup.run, setup.device, setup.dist
-    model_dir = rundir.model_dir(model)
+    apply_thread_policy()  # torch threads from the CPU affinity
+    setup, ckpt = open_run(run, config, model, cfg.seed, resume=resume, force=force, fallback=fallback,
+                           device=device, data_hash=data_hash)  # fmt: skip
     job = build(setup)
-    modules, phases, batches = job.modules, job.phases, job.batches
-    if cfg.ema_decay > 0 and "model" not in modules:
-        raise ConfigError(f"ema_decay > 0 needs a module named 'model' (got {', '.join(modules)})")
-    if not phases:
-        raise ConfigError("train() needs at least one Phase")
-    if ckpt is not None:
-        _check_resume(ckpt, model, job.model_config)
-
-    scalers = {ph.name: torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for ph in phases}
-    ema = EMA(modules["model"], cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step, guard = 0, _Guard(model, cfg.max_bad_steps)
+    _check_job(model, cfg, job, ckpt)
+    loop = _Loop(model, cfg, setup, job, keep)
     if ckpt is None:
-        # Dropout and other in-step noise: a function of (seed, rank), whatever the caller drew before.
-        seed_all(step_seed(cfg.seed, -1, info.rank))
-        if info.is_main:
-            # Lines of an earlier attempt stopped before its first checkpoint: those steps run again.
-            rundir.truncate_log(model, after_step=-1)
-            if resume:
-                say(f"{model}: no checkpoint in {model_dir} to resume; starting at step 0 of {cfg.steps}")
+        loop.start(resume)
     else:
-        for name, m in modules.items():
-            ckpt.load_module(name, m)
-        st = ckpt.state
-        try:
-            for ph in phases:
-                ph.optimizer.load_state_dict(st["optimizers"][ph.name])
-                if ph.scheduler is not None:
-                    ph.scheduler.load_state_dict(st["schedulers"][ph.name])
-                scalers[ph.name].load_state_dict(st["scalers"][ph.name])
-        except (KeyError, ValueError) as err:
-            raise CheckpointError(
-                f"{ckpt.path / 'state.pt'} does not match this training setup (phases "
-                f"{[ph.name for ph in phases]}, saved {sorted(st.get('optimizers', {}))}: {err}); "
-                "resume with the code and options that wrote it, or start a new --run"
-            ) from err
-        if ema is not None:
-            ema.load_state_dict(ckpt.tensors("ema") if ckpt.has("ema") else modules["model"].state_dict())
-        if st.get("data") is not None and hasattr(batches, "load_state_dict"):
-            batches.load_state_dict(st["data"])
-        step, guard.bad = int(st["step"]), int(st["bad_steps"])
-        ranks = st.get("rng_ranks") or []
-        if len(ranks) == info.world:
-            restore_rng(ranks[info.rank])
-        else:  # another world size: rank 0 continues its stream, the others start fresh ones
-            restore_rng(st["rng"])
-            if info.rank > 0:
-                seed_all(step_seed(cfg.seed, step, info.rank))
-        if info.is_main:
-            rundir.truncate_log(model, after_step=step)  # the lost steps are trained again and re-logged
-            rundir.log({"model": model, "event": "resume", "step": step, "checkpoint": ckpt.path.name})
-            say(
-                f"{model}: already trained ({step} of {cfg.steps} steps, {ckpt.path})"
-                if step >= cfg.steps
-                else f"{model}: resuming at step {step} of {cfg.steps} from {ckpt.path}"
-            )
-
-    wrapped = _wrap(modules, cfg, device, info)
-    for m in modules.values():
-        m.train()
-
-    def save(at: int) -> Path | None:
-        # Every rank's RNG state goes into state.pt, so a resumed DDP run continues each rank's stream.
-        rngs: list[Any] = [capture_rng()]
-        if info.enabled:
-            rngs = [None] * info.world
-            torch.distributed.all_gather_object(rngs, capture_rng())
-        if not info.is_main:
-            return None
-        state = {
-            "step": at,
-            "bad_steps": guard.bad,
-            "world": info.world,
-            "rng": rngs[0],
-            "rng_ranks": rngs,
-            "optimizers": {ph.name: ph.optimizer.state_dict() for ph in phases},
-            "schedulers": {ph.name: ph.scheduler.state_dict() for ph in phases if ph.scheduler is not None},
-            "scalers": {name: s.state_dict() for name, s in scalers.items()},
-            "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
-        }
-        ema_tensors = {"ema": ema.state_dict()} if ema is not None else None
-        meta = _build_meta(model, rundir, job, at)
-        path = save_checkpoint(
-            model_dir, at, modules=modules, tensors=ema_tensors, state=state, meta=meta, keep=keep
-        )
-        rundir.log({"model": model, "event": "checkpoint", "step": at, "checkpoint": path.name})
-        return path
-
-    started_at, end = step, (cfg.steps if stop_at is None else min(cfg.steps, stop_at))
-    saved_at, last_path = step, (ckpt.path if ckpt is not None else None)
-    window: dict[str, list[float]] = {}
-    last_means: dict[str, float] = {}
-    t_start = t_window = time.perf_counter()
-    window_steps = 0
-    vols_per_step = cfg.batch_size * info.world
-
-    from lad_fast.progress import make_progress
-
-    bar = make_progress() if info.is_main else contextlib.nullcontext()
-    stopped_by = 0  # the signal (SIGINT / SIGTERM) that stopped training early, 0 when none did
-    stopping = f"after the current {model} step, with a checkpoint"
-    with deferred(stopping) as stop, bar as progress:
-        task = (
-            progress.add_task(model, total=cfg.steps, completed=step, status="")
-            if progress is not None
-            else None
-        )
-        while step < end:
-            batch = batches(step, info.rank, info.world)
-            stepped = False
-            for ph in phases:
-                if step < ph.start_step:
-                    continue
-                outcome, logs = _run_phase(ph, wrapped, batch, step, cfg, scalers[ph.name], device, info)
-                if ph.scheduler is not None:
-                    ph.scheduler.step()
-                if outcome in ("loss", "gradient"):
-                    if info.is_main:
-                        rundir.log(
-                            {
-                                "model": model,
-                                "event": "bad_step",
-                                "step": step + 1,
-                                "phase": ph.name,
-                                "non_finite": outcome,
-                                "bad_steps": guard.bad + 1,
-                            }
-                        )
-                    guard.record(step + 1, ph.name, outcome)
-                elif outcome == "overflow" and info.is_main:
-                    rundir.log({"model": model, "event": "fp16_overflow", "step": step + 1, "phase": ph.name})
-                stepped |= outcome == "ok"
-                for k, v in logs.items():
-                    window.setdefault(k, []).append(v)
-            if stepped and ema is not None:
-                ema.update(modules["model"])
-            step += 1
-            window_steps += 1
-
-            if step % max(cfg.log_every, 1) == 0 or step == end:
-                now = time.perf_counter()
-                last_means = {k: sum(v) / len(v) for k, v in window.items() if v}
-                vol_s = window_steps * vols_per_step / max(now - t_window, 1e-9)
-                if info.is_main:
-                    rundir.log(
-                        {
-                            "model": model,
-                            "step": step,
-                            "losses": last_means,
-                            "lr": {ph.name: ph.optimizer.param_groups[0]["lr"] for ph in phases},
-                            "vol_s": round(vol_s, 3),
-                            "elapsed_s": round(now - t_start, 3),
-                            "time": time.time(),
-                            "bad_steps": guard.bad,
-                        }
-                    )
-                if progress is not None:
-                    status = " ".join(f"{k} {v:.4g}" for k, v in last_means.items() if "grad_norm" not in k)
-                    progress.update(task, status=f"{status} {vol_s:.2f} vol/s")
-                window, t_window, window_steps = {}, now, 0
-            if info.is_main:
-                if progress is not None:
-                    progress.update(task, completed=step)
-                if job.preview is not None and cfg.preview_every > 0 and step % cfg.preview_every == 0:
-                    rng = capture_rng()  # previews draw noise; training streams must not notice
-                    job.preview(step, rundir.path)
-                    restore_rng(rng)
-            if step % max(cfg.checkpoint_every, 1) == 0 or step == end:
-                last_path = save(step) or last_path
-                saved_at = step
-            # torchrun forwards a signal to every worker, but they may see it at different steps
-            stopped_by = max_over_ranks(stop.signum or 0, info, device)
-            if stopped_by:
-                break
-        if not stopped_by:  # a signal after the last check (or with no step to run) must not be lost
-            stopped_by = max_over_ranks(stop.signum or 0, info, device)
+        loop.restore(ckpt)
+    loop.wrap()
+    started_at = loop.step
+    stopped_by = loop.run_until(cfg.steps if stop_at is None else min(cfg.steps, stop_at))
+    loop.save_if_unsaved()  # after a signal; the loop itself always saves its last step
     if stopped_by:
-        if saved_at != step:
-            last_path = save(step) or last_path
-        wrapped.clear()  # as below: DDP reducers go while the process group is alive
-        gc.collect()
-        where = f"; checkpoint {last_path}" if last_path is not None else ""
-        raise Interrupted(
-            stopped_by,
-            f"{model} stopped after step {step} of {cfg.steps}{where}",
-            resume_flag="--resume",
-        )
-    if saved_at != step:  # defensive: the loop above always saves at ``end``
-        last_path = save(step) or last_path
-    result = TrainResult(
-        step=step, bad_steps=guard.bad, losses=last_means, checkpoint=last_path, started_at=started_at
-    )
-    if info.is_main and job.finish is not None:
+        loop.release()
+        where = f"; checkpoint {loop.last_path}" if loop.last_path is not None else ""
+        message = f"{model} stopped after step {loop.step} of {cfg.steps}{where}"
+        raise Interrupted(stopped_by, message, resume_flag="--resume")
+    result = TrainResult(step=loop.step, bad_steps=loop.guard.bad, losses=loop.last_means,
+                         checkpoint=loop.last_path, started_at=started_at)  # fmt: skip
+    if setup.is_main and job.finish is not None:
         job.finish(result)
-    # Free the DDP wrappers (and their gradient reducers) now, while the process group is alive: left to
-    # the garbage collector, a reducer could be torn down after the group at exit, which aborted a gloo
-    # rank ("terminate called without an active exception") in about one two-process run in four.
-    wrapped.clear()
-    gc.collect()
+    loop.release()
     return result

@@ -1,6 +1,6 @@
 """The built-in organ segmenter: training, and predicting masks for unlabelled cases.
 
-Lad conditions its diffusion model on *predicted* organ masks (LAD_REFERENCE.md phase 2). When a
+Lad conditions its diffusion model on *predicted* organ masks (``docs/lad.md``, phase 2). When a
 prepared dataset holds unlabelled cases, :func:`train_segmenter` learns the canonical organs from its
 labelled cases and :func:`predict_masks` writes a mask and structure condition for the others.
 
@@ -11,30 +11,31 @@ labelled cases and :func:`predict_masks` writes a mask and structure condition f
   There are no flips: a left-right flip turns a right kidney into a left one (anatomy has a side), and
   the canonical grid fixes the other axes too.
 * ``meta.json`` stores the organ vocabulary (:data:`CANONICAL_ORGANS`);
-  :func:`lad_fast.trained.load_segmenter` refuses a checkpoint trained for another one, since its output
+  :func:`lad_fast.runs.loading.load_segmenter` refuses a checkpoint trained for another one, since its output
   channels would mean other organs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lad_fast.config import LadConfig, SegmenterConfig, config_from_dict, config_to_dict
+from lad_fast.config import LadConfig, SegmenterConfig, TrainConfig, config_from_dict, config_to_dict
 from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError
-from lad_fast.lock import locks_folder
 from lad_fast.models.segmenter import Segmenter, dice_loss, dice_per_class
-from lad_fast.train.data import PreparedBatches, how_to_add_masks, split_indices
-from lad_fast.train.loop import TrainResult
+from lad_fast.runs.loading import load_segmenter, predict_volumes
+from lad_fast.train.data import PreparedBatches, how_to_add_masks, split_indices, training_dataset
+from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
 from lad_fast.train.schedule import make_adamw, make_scheduler
-from lad_fast.trained import load_segmenter, predict_volumes
+from lad_fast.utils.lock import locks_folder
 
 MODEL = "segmenter"
 # Augmentation, in HU (CT intensities are absolute, so jitter stays well below organ contrasts of
@@ -76,7 +77,7 @@ class SegmenterBatches:
     augment: bool = True
 
     def __call__(self, step: int, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-        from lad_fast.distributed import step_generator
+        from lad_fast.utils.distributed import step_generator
 
         batch = self.source(step, rank, world)
         image, mask = batch["image"], batch["mask"]
@@ -156,96 +157,125 @@ def evaluate_segmenter(
     }
 
 
+@dataclass(frozen=True)
+class SegmentationLoss:
+    """The segmenter's phase loss, ``loss(modules, batch, step)``: Dice + cross-entropy
+    (:func:`lad_fast.models.segmenter.dice_loss`) of ``modules["model"]`` on the batch, on ``device``."""
+
+    device: torch.device
+
+    def __call__(self, mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
+        logits = mods["model"](batch["image"].to(self.device))
+        return dice_loss(logits, batch["mask"].to(self.device)), {}
+
+
+@dataclass
+class _Report:
+    """What a segmenter run shows besides its losses: previews of the first held-out case, and after the
+    last step the held-out Dice of the saved weights (the EMA ones when there are any)."""
+
+    setup: Setup
+    net: Segmenter
+    dataset: PreparedDataset
+    train_idx: list[int]
+    val_idx: list[int]
+    steps: int
+
+    def preview(self, step: int, run_path: Path) -> None:
+        from lad_fast.utils.atomic import atomic_path
+
+        item = self.dataset[self.val_idx[0]]
+        pred = predict_volumes(self.net, np.asarray(item["image"])[None], self.setup.device)[0]
+        img = render_prediction(item["image"], pred, item["mask"], self.dataset.geometry, f"step {step}")
+        with atomic_path(run_path / "previews" / f"segmenter-{step:08d}.png", suffix=".png") as tmp:
+            img.save(tmp, format="PNG")
+
+    def finish(self, result: TrainResult) -> None:
+        if result.step < self.steps:  # stopped early (stop_at): no final report yet
+            return
+        dev = self.setup.device
+        eval_net, _ = load_segmenter(self.setup.run.path, device=dev)
+        scores = evaluate_segmenter(eval_net, self.dataset, self.val_idx, dev)
+        held_out = not set(self.val_idx) & set(self.train_idx)
+        self.setup.run.log(
+            {"model": MODEL, "event": "eval", "step": result.step, "held_out": held_out, **scores}
+        )
+
+
+def _segmenter_job(
+    setup: Setup,
+    cfg: LadConfig,
+    tcfg: TrainConfig,
+    dataset: PreparedDataset,
+    split: tuple[list[int], list[int]],
+) -> Job:
+    """What the loop trains: the segmenter (initial weights from the seed), AdamW with its schedule, and
+    augmented batches of the labelled training cases; ``split`` is (train, held-out) dataset indices."""
+    train_idx, val_idx = split
+    with setup.initial_weights():
+        net = Segmenter(cfg.segmenter, NUM_CLASSES).to(setup.device)
+    opt = make_adamw(net, tcfg)
+    source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, train_idx, require_mask=True)
+    report = _Report(setup, net, dataset, train_idx, val_idx, tcfg.steps)
+    meta = {
+        "preset": cfg.preset,
+        "data_hash": dataset.content_hash(),
+        "data": str(dataset.path.resolve()),
+        "organs": list(CANONICAL_ORGANS),
+        "train_cases": len(train_idx),
+        "held_out_cases": [dataset.case_ids[i] for i in val_idx],
+    }
+    return Job(
+        {"model": net},
+        [Phase("model", opt, SegmentationLoss(setup.device), scheduler=make_scheduler(opt, tcfg))],
+        SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window),
+        model_config=_model_config(cfg.segmenter),
+        meta=meta,
+        preview=report.preview,
+        finish=report.finish,
+    )
+
+
 def train_segmenter(
     run: Path,
     cfg: LadConfig,
-    data: Path | None = None,
+    data: PreparedDataset | Path | None = None,
     steps: int | None = None,
     resume: bool = False,
     force: bool = False,
     device: str = "auto",
     stop_at: int | None = None,
+    batch: int | None = None,
 ) -> TrainResult:
     """Train the segmenter of ``cfg`` on the labelled cases of a prepared dataset into ``run/segmenter/``.
 
-    data: a prepared dataset at ``cfg.preset`` (default: the built-in phantoms); only cases with a mask
-        are used, the train split for training and the held-out split for the Dice logged at the end.
-    steps: overrides ``cfg.segmenter_train.steps``. resume / force / device / stop_at: see
-    ``lad_fast.train.loop``.
+    data: a prepared dataset at ``cfg.preset``, open or a folder (default: the built-in phantoms;
+        :func:`lad_fast.train.data.training_dataset`); only cases with a mask are used, the train split
+        for training and the held-out split for the Dice logged at the end.
+    steps, batch: override ``cfg.segmenter_train.steps`` and ``batch_size``. resume / force / device /
+    stop_at: see ``lad_fast.train.loop``.
     """
-    from lad_fast.data.cache import phantom_dataset
-    from lad_fast.train.loop import Job, Phase, Setup, train
-
-    run = Path(run)
-    tcfg = replace(cfg.segmenter_train, steps=steps) if steps is not None else cfg.segmenter_train
-    data = Path(data) if data is not None else phantom_dataset(cfg.preset)
-    dataset = PreparedDataset(data, expect_preset=cfg.preset)
-    train_idx, val_idx = labelled_split(dataset)
-
-    def build(setup: Setup) -> Job:
-        dev = setup.device
-        with setup.initial_weights():
-            net = Segmenter(cfg.segmenter, NUM_CLASSES).to(dev)
-        opt = make_adamw(net, tcfg)
-        sched = make_scheduler(opt, tcfg)
-
-        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
-            logits = mods["model"](batch["image"].to(dev))
-            return dice_loss(logits, batch["mask"].to(dev)), {}
-
-        source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, train_idx, require_mask=True)
-        batches = SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window)
-
-        def preview(step: int, run_path: Path) -> None:
-            from lad_fast.atomic import atomic_path
-
-            case = val_idx[0]
-            item = dataset[case]
-            pred = predict_volumes(net, np.asarray(item["image"])[None], dev)[0]
-            img = render_prediction(item["image"], pred, item["mask"], dataset.geometry, f"step {step}")
-            with atomic_path(run_path / "previews" / f"segmenter-{step:08d}.png", suffix=".png") as tmp:
-                img.save(tmp, format="PNG")
-
-        def finish(result: TrainResult) -> None:
-            if result.step < tcfg.steps:  # stopped early (stop_at): no final report yet
-                return
-            eval_net, _ = load_segmenter(run, device=dev)  # the EMA weights when there are any
-            scores = evaluate_segmenter(eval_net, dataset, val_idx, dev)
-            held_out = not set(val_idx) & set(train_idx)
-            setup.run.log(
-                {"model": MODEL, "event": "eval", "step": result.step, "held_out": held_out, **scores}
-            )
-
-        meta = {
-            "preset": cfg.preset,
-            "data_hash": dataset.content_hash(),
-            "data": str(data.resolve()),
-            "organs": list(CANONICAL_ORGANS),
-            "train_cases": len(train_idx),
-            "held_out_cases": [dataset.case_ids[i] for i in val_idx],
-        }
-        return Job(
-            {"model": net},
-            [Phase("model", opt, loss, scheduler=sched)],
-            batches,
-            model_config=_model_config(cfg.segmenter),
-            meta=meta,
-            preview=preview,
-            finish=finish,
-        )
-
-    return train(run, cfg, MODEL, tcfg, build, resume=resume, force=force, device=device, stop_at=stop_at)
+    tcfg = cfg.segmenter_train.overridden(steps, batch)
+    dataset = training_dataset(data, cfg)
+    split = labelled_split(dataset)
+    build = partial(_segmenter_job, cfg=cfg, tcfg=tcfg, dataset=dataset, split=split)
+    return train(
+        Path(run), cfg, MODEL, tcfg, build, resume=resume, force=force, device=device, stop_at=stop_at
+    )
 
 
 # ------------------------------------------------------------------------------------------- predict
 
 
-@locks_folder("data", "predict-masks")  # one writer per prepared folder
 def predict_masks(
-    run: Path, data: Path, device: str = "auto", force: bool = False, min_foreground: float = MIN_FOREGROUND
+    run: Path,
+    data: PreparedDataset | Path,
+    device: str = "auto",
+    force: bool = False,
+    min_foreground: float = MIN_FOREGROUND,
 ) -> list[str]:
-    """Predict canonical masks for the cases of the prepared dataset ``data`` that have none (every case
-    with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
+    """Predict canonical masks for the cases of the prepared dataset ``data`` (open, or a folder) that have
+    none (every case with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
 
     A prediction with organs on fewer than ``min_foreground`` of the voxels (all background, typically an
     undertrained segmenter or an image that is not an abdominal CT) is not recorded: a warning names
@@ -254,16 +284,25 @@ def predict_masks(
     Masks are written by :meth:`PreparedDataset.set_masks` (structure condition of the run's ``condition``
     config, ``mask_source: "predicted:<run>"``), one batch of cases at a time: each batch's arrays are
     written atomically, then ``index.json`` once; an interrupted call leaves every case either untouched
-    or complete, and a rerun continues.
+    or complete, and a rerun continues. An open ``data`` is updated in place, so its holder sees the masks.
     """
-    from lad_fast.devices import resolve_device
-    from lad_fast.progress import track
+    dataset = data if isinstance(data, PreparedDataset) else None
+    folder = dataset.path if dataset is not None else Path(data)
+    return _predict_masks(Path(run), folder, dataset, device, force, min_foreground)
+
+
+@locks_folder("data", "predict-masks")  # one writer per prepared folder
+def _predict_masks(
+    run: Path, data: Path, dataset: PreparedDataset | None, device: str, force: bool, min_foreground: float
+) -> list[str]:
+    """:func:`predict_masks` holding the lock of the prepared folder ``data`` (``dataset``: it, if open)."""
+    from lad_fast.utils.devices import resolve_device
+    from lad_fast.utils.progress import track
 
     dev = resolve_device(device)
-    net, meta = load_segmenter(Path(run), device=dev)
+    net, meta = load_segmenter(run, device=dev)
     cfg = config_from_dict(meta["config"])
-    data = Path(data)
-    dataset = PreparedDataset(data, expect_preset=cfg.preset)
+    dataset = training_dataset(dataset if dataset is not None else data, cfg)
     if tuple(dataset.geometry.shape) != tuple(cfg.geometry.shape):
         raise InputError(
             f"{data}: prepared at shape {dataset.geometry.shape}, the segmenter of {run} expects "
@@ -286,21 +325,29 @@ def predict_masks(
                 masks[case_id] = (pred, f"predicted:{run}")
         written += dataset.set_masks(masks, cfg.condition) if masks else []
     if implausible:
-        what = (
-            f"the segmenter of {run} predicted no organ, or organs on fewer than {min_foreground:.1%} of the "
-            f"voxels, for {len(implausible)} of {len(todo)} case(s) ({', '.join(implausible[:5])}"
-            f"{', ...' if len(implausible) > 5 else ''}); they keep no mask"
-        )
-        hint = (
-            "train the segmenter longer (lad-fast train segmenter --resume --steps N), check that these are "
-            f"abdominal CTs, or give them masks with `lad-fast import-masks {data} MASKS`"
-        )
-        if not written:
-            raise InputError(f"{what}; {hint}")
-        import warnings
-
-        warnings.warn(f"{what}; {hint}", stacklevel=2)
+        _refuse_implausible(run, data, implausible, len(todo), min_foreground, fatal=not written)
     return written
+
+
+def _refuse_implausible(
+    run: Path, data: Path, cases: list[str], of: int, min_foreground: float, fatal: bool
+) -> None:
+    """Name the ``cases`` whose prediction was too small to record: InputError when ``fatal`` (no case
+    got a mask), else a warning."""
+    what = (
+        f"the segmenter of {run} predicted no organ, or organs on fewer than {min_foreground:.1%} of the "
+        f"voxels, for {len(cases)} of {of} case(s) ({', '.join(cases[:5])}"
+        f"{', ...' if len(cases) > 5 else ''}); they keep no mask"
+    )
+    hint = (
+        "train the segmenter longer (lad-fast train segmenter --resume --steps N), check that these are "
+        f"abdominal CTs, or give them masks with `lad-fast import-masks {data} MASKS`"
+    )
+    if fatal:
+        raise InputError(f"{what}; {hint}")
+    import warnings
+
+    warnings.warn(f"{what}; {hint}", stacklevel=5)  # at the caller of predict_masks
 
 
 # ------------------------------------------------------------------------------------------- preview
@@ -320,7 +367,7 @@ def render_prediction(
     from PIL import Image
 
     from lad_fast.data.geometry import unit_to_hu
-    from lad_fast.preview import render_slices
+    from lad_fast.preview.render import render_slices
 
     hu = unit_to_hu(np.asarray(image, dtype=np.float32), geometry.hu_window)
     names = dict(enumerate(CANONICAL_ORGANS))

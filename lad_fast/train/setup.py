@@ -1,6 +1,6 @@
 """Everything a training run does before its first step, for every trainer alike.
 
-:func:`open_run` chooses this process's device (:func:`lad_fast.devices.choose_device`:
+:func:`open_run` chooses this process's device (:func:`lad_fast.utils.devices.choose_device`:
 ``cuda:LOCAL_RANK`` under torchrun), joins the process group, refuses a run that already holds a checkpoint
 of the model (unless ``--resume`` or ``--force``) and verifies the checkpoint to resume, all before
 anything is written; then it creates or reopens the run folder and, on ``--force``, deletes the old
@@ -19,12 +19,12 @@ from typing import TypeVar
 
 import torch
 
-from lad_fast.checkpoints import Checkpoint, clean_leftovers, latest_step_dir, load_checkpoint
 from lad_fast.config import LadConfig
-from lad_fast.devices import choose_device, resolve_device
-from lad_fast.distributed import DistInfo, init_distributed
 from lad_fast.errors import CheckpointError, OutputExistsError
-from lad_fast.runs import RunDir
+from lad_fast.runs.checkpoints import Checkpoint, clean_leftovers, latest_step_dir, load_checkpoint
+from lad_fast.runs.rundir import RunDir
+from lad_fast.utils.devices import choose_device, resolve_device
+from lad_fast.utils.distributed import DistInfo, init_distributed
 
 T = TypeVar("T")
 

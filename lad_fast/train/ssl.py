@@ -18,35 +18,52 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lad_fast.config import LadConfig, config_to_dict
+from lad_fast.config import LadConfig, TrainConfig, config_to_dict
 from lad_fast.data.labels import CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
-from lad_fast.errors import InputError
-from lad_fast.models.segmenter import Segmenter, dice_loss
+from lad_fast.errors import ConfigError, InputError
+from lad_fast.models.segmenter import Segmenter
 from lad_fast.ssl.settings import FINETUNE, PRETRAIN, SSLConfig, train_config
+from lad_fast.train.data import PreparedBatches, training_dataset
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
 from lad_fast.train.schedule import make_adamw, make_scheduler
+from lad_fast.train.segmenter import (
+    SegmentationLoss,
+    SegmenterBatches,
+    evaluate_segmenter,
+    labelled_split,
+)
 
 DICE_JSON = "dice.json"
-
-
-def _dataset(data: Path | None, cfg: LadConfig) -> tuple[Path, PreparedDataset]:
-    from lad_fast.data.cache import phantom_dataset
-
-    path = Path(data) if data is not None else phantom_dataset(cfg.preset)
-    return path, PreparedDataset(path, expect_preset=cfg.preset)
+CURVE_JSONL = "curve.jsonl"
 
 
 def held_out_cases(dataset: PreparedDataset) -> list[int]:
     """The labelled cases fine-tuning scores on (none when no case has a mask)."""
-    from lad_fast.train.segmenter import labelled_split
-
     return labelled_split(dataset)[1] if dataset.labelled_indices() else []
+
+
+def case_indices(
+    dataset: PreparedDataset, ids: Sequence[str], allowed: Sequence[int], what: str
+) -> list[int]:
+    """Dataset indices of the case ``ids`` (in their order); InputError for an id that is not a case of
+    ``dataset``, is not among the ``allowed`` indices (held out, or without a mask), or comes twice."""
+    index = {c: i for i, c in enumerate(dataset.case_ids)}
+    unknown = [c for c in ids if c not in index]
+    refused = [c for c in ids if c in index and index[c] not in set(allowed)]
+    if unknown or refused or len(set(ids)) != len(ids) or not ids:
+        shown = ", ".join(dataset.case_ids[i] for i in allowed[:5]) + (" ..." if len(allowed) > 5 else "")
+        why = (f"no such case: {', '.join(unknown)}" if unknown else f"cannot {what}: {', '.join(refused)}"
+               if refused else "no case, or a case named twice")  # fmt: skip
+        raise InputError(f"{dataset.path}: --cases {','.join(ids)}: {why}; choose among {shown}")
+    return [index[c] for c in ids]
 
 
 def _json(obj: Any) -> Any:
@@ -56,10 +73,74 @@ def _json(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------- pretrain
 
 
+@dataclass(frozen=True)
+class _PretrainLoss:
+    """The pretraining phase loss, ``loss(modules, batch, step)``: inpainting L1 on the masked voxels plus
+    ``rotation_weight`` times the rotation cross-entropy (:mod:`lad_fast.ssl.objectives`)."""
+
+    device: torch.device
+    rotation_weight: float
+
+    def __call__(self, mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
+        from lad_fast.ssl.objectives import inpainting_loss, rotation_loss
+
+        rec, logits = mods["model"](batch["input"].to(self.device))
+        l_rec = inpainting_loss(rec, batch["target"].to(self.device), batch["mask"])
+        l_rot = rotation_loss(logits, batch["rotation"])
+        acc = (logits.argmax(1).cpu() == batch["rotation"]).float().mean()
+        logs = {"inpainting": l_rec.detach(), "rotation": l_rot.detach(), "rotation_acc": acc,
+                "synthetic_fraction": batch["synthetic"].float().mean()}  # fmt: skip
+        return l_rec + self.rotation_weight * l_rot, logs
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """What pretraining reads: the real cases (``real``: dataset indices, ``held``: the fine-tuning
+    held-out cases left out) and the generated volumes (``synthetic``, from ``folders``), and the hash of
+    them all (``digest``, the run's ``data_hash``)."""
+
+    dataset: PreparedDataset
+    real: list[int]
+    held: set[int]
+    synthetic: Any  # lad_fast.ssl.data.GeneratedVolumes | None
+    folders: list[str]
+    digest: str
+
+
+def _pretrain_job(setup: Setup, cfg: LadConfig, tcfg: TrainConfig, ssl: SSLConfig, pool: _Pool) -> Job:
+    """What the loop trains: :class:`lad_fast.ssl.network.SSLNet` (initial weights from the seed) with
+    AdamW and its schedule, on mixed real and generated batches."""
+    from lad_fast.ssl.data import SSLBatches
+    from lad_fast.ssl.network import SSLNet
+
+    with setup.initial_weights():
+        net = SSLNet(cfg.segmenter).to(setup.device)
+    opt = make_adamw(net, tcfg)
+    loss = _PretrainLoss(setup.device, ssl.rotation_weight)
+    synthetic = pool.synthetic
+    meta = {
+        "preset": cfg.preset,
+        "data_hash": pool.digest,
+        "data": str(pool.dataset.path.resolve()),
+        "real_cases": len(pool.real),
+        "held_out_cases": [pool.dataset.case_ids[i] for i in sorted(pool.held)],
+        "synthetic": pool.folders,
+        "synthetic_volumes": len(synthetic) if synthetic is not None else 0,
+        "synthetic_ratio": ssl.synthetic_ratio if synthetic is not None else 0.0,
+    }
+    return Job(
+        {"model": net},
+        [Phase("model", opt, loss, scheduler=make_scheduler(opt, tcfg))],
+        SSLBatches(pool.dataset, pool.real, synthetic, tcfg.batch_size, tcfg.seed, ssl),
+        model_config={"segmenter": _json(cfg.segmenter), "ssl": _json(ssl)},
+        meta=meta,
+    )
+
+
 def pretrain(
     run: Path,
     cfg: LadConfig,
-    data: Path | None = None,
+    data: PreparedDataset | Path | None = None,
     synthetic: Sequence[Path] = (),
     ssl: SSLConfig | None = None,
     steps: int | None = None,
@@ -68,75 +149,55 @@ def pretrain(
     force: bool = False,
     device: str = "auto",
     stop_at: int | None = None,
+    cases: Sequence[str] | None = None,
 ) -> TrainResult:
     """Pretrain the segmenter's U-Net of ``cfg`` into ``run/ssl/``.
 
-    data: a prepared dataset at ``cfg.preset`` (default: the built-in phantoms); its images are the real
-        pool (masks unused), less the labelled cases that fine-tuning holds out. synthetic: folders
-        written by ``lad-fast generate`` on the same preset grid (InputError otherwise), mixed in at
-        ``ssl.synthetic_ratio``. steps / seed override the preset's budget (:data:`PRETRAIN`).
+    data: a prepared dataset at ``cfg.preset``, open or a folder (default: the built-in phantoms;
+        :func:`lad_fast.train.data.training_dataset`); its images are the real pool (masks unused), less
+        the labelled cases that fine-tuning holds out. synthetic: folders written by ``lad-fast generate``
+        on the same preset grid (InputError otherwise), mixed in at ``ssl.synthetic_ratio``. steps / seed
+        override the preset's budget (:data:`PRETRAIN`). cases: the ids of the real cases to pretrain on
+        (a scarce pool); default every case but the held-out ones. InputError for an unknown or held-out id.
     """
-    from lad_fast.ssl.data import GeneratedVolumes, SSLBatches
-    from lad_fast.ssl.network import SSLNet
-    from lad_fast.ssl.objectives import inpainting_loss, rotation_loss
+    from lad_fast.ssl.data import GeneratedVolumes
 
     ssl = ssl or SSLConfig()
     tcfg = train_config(PRETRAIN, cfg.preset, steps, seed)
-    data, dataset = _dataset(data, cfg)
+    dataset = training_dataset(data, cfg)
     held = set(held_out_cases(dataset))
     real = [i for i in range(len(dataset)) if i not in held]
-    pool = GeneratedVolumes([Path(s) for s in synthetic], dataset.geometry) if synthetic else None
-    folders = [str(Path(s).resolve()) for s in synthetic]
-    digest = hashlib.sha256(
-        json.dumps([dataset.content_hash(masks=False), folders, len(pool or [])]).encode()
-    )
-
-    def build(setup: Setup) -> Job:
-        dev = setup.device
-        with setup.initial_weights():
-            net = SSLNet(cfg.segmenter).to(dev)
-        opt = make_adamw(net, tcfg)
-
-        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
-            rec, logits = mods["model"](batch["input"].to(dev))
-            l_rec = inpainting_loss(rec, batch["target"].to(dev), batch["mask"])
-            l_rot = rotation_loss(logits, batch["rotation"])
-            acc = (logits.argmax(1).cpu() == batch["rotation"]).float().mean()
-            logs = {"inpainting": l_rec.detach(), "rotation": l_rot.detach(), "rotation_acc": acc,
-                    "synthetic_fraction": batch["synthetic"].float().mean()}  # fmt: skip
-            return l_rec + ssl.rotation_weight * l_rot, logs
-
-        meta = {
-            "preset": cfg.preset,
-            "data_hash": digest.hexdigest(),
-            "data": str(data.resolve()),
-            "real_cases": len(real),
-            "held_out_cases": [dataset.case_ids[i] for i in sorted(held)],
-            "synthetic": folders,
-            "synthetic_volumes": len(pool) if pool is not None else 0,
-            "synthetic_ratio": ssl.synthetic_ratio if pool is not None else 0.0,
-        }
-        return Job(
-            {"model": net},
-            [Phase("model", opt, loss, scheduler=make_scheduler(opt, tcfg))],
-            SSLBatches(dataset, real, pool, tcfg.batch_size, tcfg.seed, ssl),
-            model_config={"segmenter": _json(cfg.segmenter), "ssl": _json(ssl)},
-            meta=meta,
+    if cases is not None:
+        real = case_indices(
+            dataset, cases, allowed=real, what="pretrain on (held out for the fine-tuning Dice)"
         )
-
+    generated = GeneratedVolumes([Path(s) for s in synthetic], dataset.geometry) if synthetic else None
+    folders = [str(Path(s).resolve()) for s in synthetic]
+    chosen = (
+        [sorted(dataset.case_ids[i] for i in real)] if cases is not None else []
+    )  # the default hashes as before
+    digest = hashlib.sha256(
+        json.dumps([dataset.content_hash(masks=False), folders, len(generated or []), *chosen]).encode()
+    ).hexdigest()
+    pool = _Pool(dataset, real, held, generated, folders, digest)
+    build = partial(_pretrain_job, cfg=cfg, tcfg=tcfg, ssl=ssl, pool=pool)
     return train(
         run, cfg, "ssl", tcfg, build, resume=resume, force=force, device=device, stop_at=stop_at,
-        data_hash=digest.hexdigest(),
+        data_hash=digest,
     )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- finetune
 
 
-def finetune_cases(dataset: PreparedDataset, labelled: int) -> tuple[list[int], list[int]]:
-    """(the K = ``labelled`` training cases, the held-out cases); InputError when K does not fit."""
-    from lad_fast.train.segmenter import labelled_split
+def finetune_cases(
+    dataset: PreparedDataset, labelled: int, cases: Sequence[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """(the K = ``labelled`` training cases, the held-out cases); InputError when K does not fit.
 
+    cases: the ids of the K training cases (as many as ``labelled``, labelled and not held out); default
+    the first K labelled cases of the train split, in index order.
+    """
     train_idx, val_idx = labelled_split(dataset)
     if labelled < 1 or labelled > len(train_idx) or set(train_idx) & set(val_idx):
         raise InputError(
@@ -144,7 +205,13 @@ def finetune_cases(dataset: PreparedDataset, labelled: int) -> tuple[list[int], 
             f"{len(val_idx)} held out for the Dice; choose K between 1 and {len(train_idx)}"
             + (" (it needs at least 2 labelled cases)" if set(train_idx) & set(val_idx) else "")
         )
-    return train_idx[:labelled], val_idx
+    if cases is None:
+        return train_idx[:labelled], val_idx
+    if len(cases) != labelled:
+        raise InputError(f"--cases names {len(cases)} case(s) but --labelled is {labelled}; name K cases")
+    return case_indices(
+        dataset, cases, allowed=train_idx, what="fine-tune on (held out or unlabelled)"
+    ), val_idx
 
 
 def initial_segmenter(
@@ -160,11 +227,157 @@ def initial_segmenter(
     return net, (transfer_weights(pretrained, net, source) if pretrained is not None else None)
 
 
+@dataclass
+class _FinetuneReport:
+    """After the last step: the per-organ Dice of the fine-tuned weights on the held-out cases, logged and
+    written to ``run/finetune/dice.json`` (and ``out``); ``scores`` keeps them for the caller (rank 0)."""
+
+    setup: Setup
+    net: Segmenter
+    dataset: PreparedDataset
+    chosen: list[int]
+    held: list[int]
+    pretrained: Path | None
+    pretrained_meta: dict[str, Any]
+    seed: int
+    out: Path | None
+    scores: dict[str, Any]
+
+    def finish(self, result: TrainResult) -> None:
+        from lad_fast.utils.atomic import write_json
+
+        scores, pretrained = self.scores, self.pretrained
+        extra = self.pretrained_meta.get("extra", {})
+        scores.update(evaluate_segmenter(self.net.eval(), self.dataset, self.held, self.setup.device))
+        scores.update(
+            held_out=not set(self.held) & set(self.chosen), labelled=len(self.chosen), steps=result.step,
+            seed=self.seed, pretrained=str(pretrained) if pretrained is not None else None,
+            train_cases=[self.dataset.case_ids[i] for i in self.chosen],
+            curve=read_curve(self.setup.run.path),
+            pretrained_meta={k: extra.get(k) for k in ("synthetic", "synthetic_volumes", "synthetic_ratio",
+                             "real_cases")} if pretrained is not None else None,
+        )  # fmt: skip
+        self.setup.run.log({"model": "finetune", "event": "eval", **scores})
+        write_json(self.setup.run.model_dir("finetune") / DICE_JSON, scores)
+        if self.out is not None:
+            write_json(self.out, scores)
+
+
+def read_curve(run: Path) -> list[dict[str, Any]]:
+    """The learning curve of a fine-tuning run: ``[{"step", "dice": {organ: held-out Dice}}]`` by step, one
+    entry per checkpoint (``eval_every``); a step evaluated twice (after a resume) counts once."""
+    path = Path(run) / "finetune" / CURVE_JSONL
+    points: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                point = json.loads(line)
+                points[int(point["step"])] = point
+    return [points[k] for k in sorted(points)]
+
+
+@dataclass
+class _CurvePoint:
+    """``meta(step)`` of the fine-tuning job: at each checkpoint, the held-out Dice of the weights so far,
+    appended to ``run/finetune/curve.jsonl`` (the learning curve), with the job's fixed meta returned.
+    Evaluation reads no random numbers and the network has no batch statistics, so training is the same
+    with or without it."""
+
+    net: Segmenter
+    dataset: PreparedDataset
+    held: list[int]
+    setup: Setup
+    fixed: dict[str, Any]
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        scores = evaluate_segmenter(self.net.eval(), self.dataset, self.held, self.setup.device)
+        self.net.train()
+        point = {"step": step, "dice": scores["dice"]}
+        path = self.setup.run.model_dir("finetune") / CURVE_JSONL
+        path.parent.mkdir(parents=True, exist_ok=True)  # the first checkpoint is written after its meta
+        with open(path, "a") as f:
+            f.write(json.dumps(point) + "\n")
+        return {**self.fixed, "held_out_dice": scores["dice"]}
+
+
+def finetune_optimizer(
+    net: Segmenter, tcfg: TrainConfig, transferred: Sequence[str], lr_scale: float
+) -> torch.optim.AdamW:
+    """AdamW over the segmenter, the ``transferred`` (pretrained) weights at ``lr_scale`` times the peak
+    learning rate (a gentler start for what pretraining learnt; 1 = one rate for all), the rest at it."""
+    if lr_scale == 1.0 or not transferred:
+        return make_adamw(net, tcfg)
+    names = set(transferred)
+    params = dict(net.named_parameters())
+    pre = [p for n, p in params.items() if n in names and p.requires_grad]
+    rest = [p for n, p in params.items() if n not in names and p.requires_grad]
+    groups = [{"params": pre, "lr": tcfg.lr * lr_scale}, {"params": rest, "lr": tcfg.lr}]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """What fine-tuning reads: the dataset, its K training cases (``chosen``) and held-out cases, and the
+    pretrained start (``state``: an SSLNet state dict, or None; ``meta``: its checkpoint's)."""
+
+    dataset: PreparedDataset
+    chosen: list[int]
+    held: list[int]
+    pretrained: Path | None
+    state: dict[str, torch.Tensor] | None
+    meta: dict[str, Any]
+
+
+def _finetune_job(
+    setup: Setup,
+    cfg: LadConfig,
+    tcfg: TrainConfig,
+    labels: _Labels,
+    report: dict[str, Any],
+    out: Path | None,
+    eval_every: int,
+    lr_scale: float,
+) -> Job:
+    """What the loop trains: the segmenter (pretrained layers transferred, the rest from the seed) with
+    the segmenter's loss, schedule and augmentation on the K chosen cases; the Dice report at the end
+    fills ``report``. ``eval_every`` > 0: a learning-curve point at every checkpoint (every that many
+    steps). ``lr_scale``: see :func:`finetune_optimizer`."""
+    dev, dataset, pretrained = setup.device, labels.dataset, labels.pretrained
+    net, transfer = initial_segmenter(cfg, setup.seed, labels.state, str(pretrained))
+    net = net.to(dev)
+    opt = finetune_optimizer(net, tcfg, transfer.loaded if transfer is not None else (), lr_scale)
+    source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, labels.chosen, require_mask=True)
+    finish = _FinetuneReport(
+        setup, net, dataset, labels.chosen, labels.held, pretrained, labels.meta, tcfg.seed, out, report
+    ).finish
+    meta = {
+        "preset": cfg.preset,
+        "data_hash": dataset.content_hash(),
+        "data": str(dataset.path.resolve()),
+        "organs": list(CANONICAL_ORGANS),
+        "labelled": len(labels.chosen),
+        "train_cases": [dataset.case_ids[i] for i in labels.chosen],
+        "held_out_cases": [dataset.case_ids[i] for i in labels.held],
+        "pretrained": str(Path(pretrained).resolve()) if pretrained is not None else None,
+        "transferred": len(transfer.loaded) if transfer is not None else 0,
+        "pretrained_lr_scale": lr_scale,
+    }
+    curve = _CurvePoint(net, dataset, labels.held, setup, meta) if eval_every > 0 else None
+    return Job(
+        {"model": net},
+        [Phase("model", opt, SegmentationLoss(dev), scheduler=make_scheduler(opt, tcfg))],
+        SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window),
+        model_config={"segmenter": config_to_dict(cfg.segmenter), "num_classes": NUM_CLASSES},
+        meta=curve if curve is not None else meta,
+        finish=finish,
+    )
+
+
 def finetune(
     run: Path,
     cfg: LadConfig,
     pretrained: Path | None,
-    labels: Path | None = None,
+    labels: PreparedDataset | Path | None = None,
     labelled: int = 2,
     steps: int | None = None,
     seed: int = 0,
@@ -172,69 +385,41 @@ def finetune(
     force: bool = False,
     device: str = "auto",
     out: Path | None = None,
+    cases: Sequence[str] | None = None,
+    eval_every: int = 0,
+    pretrained_lr_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Fine-tune a segmenter on K = ``labelled`` cases of ``labels`` into ``run/finetune/``; returns the
     held-out scores ``{"dice": {organ: Dice}, "dice_pooled": ..., "cases": n, ...}``, also written to
     ``run/finetune/dice.json`` (and ``out`` when given).
 
     pretrained: a run holding ``ssl/`` (CheckpointError when it does not, or for another architecture),
-    or None for a fresh start. labels: a prepared dataset with masks (default: the built-in phantoms).
+    or None for a fresh start. labels: a prepared dataset with masks, open or a folder (default: the
+    built-in phantoms; :func:`lad_fast.train.data.training_dataset`). cases: the ids of the K training
+    cases (default the first K; :func:`finetune_cases`). eval_every > 0: score the held-out cases every
+    that many steps (a checkpoint each time) into ``run/finetune/curve.jsonl``, returned as ``"curve"``.
+    pretrained_lr_scale: the transferred weights' learning rate relative to the rest
+    (:func:`finetune_optimizer`; no effect without ``pretrained``).
     """
-    from lad_fast.atomic import write_json
     from lad_fast.ssl.pretrained import load_pretrained
-    from lad_fast.train.data import PreparedBatches
-    from lad_fast.train.segmenter import SegmenterBatches, evaluate_segmenter
 
+    if eval_every < 0:
+        raise ConfigError(f"--eval-every must be >= 0 (0: no learning curve), got {eval_every}")
+    if not pretrained_lr_scale > 0:
+        raise ConfigError(f"--pretrained-lr-scale must be > 0, got {pretrained_lr_scale}")
     tcfg = train_config(FINETUNE, cfg.preset, steps, seed)
-    labels, dataset = _dataset(labels, cfg)
-    chosen, held = finetune_cases(dataset, labelled)
+    if eval_every > 0:
+        tcfg = dataclasses.replace(tcfg, checkpoint_every=eval_every)
+    dataset = training_dataset(labels, cfg)
+    chosen, held = finetune_cases(dataset, labelled, cases)
     state, pmeta = load_pretrained(Path(pretrained), cfg.segmenter) if pretrained is not None else (None, {})
+    curve = Path(run) / "finetune" / CURVE_JSONL
+    if force or not (Path(run) / "finetune" / "latest").is_file():  # a fresh start: no stale curve points
+        curve.unlink(missing_ok=True)
     scores: dict[str, Any] = {}
-
-    def build(setup: Setup) -> Job:
-        dev = setup.device
-        net, transfer = initial_segmenter(cfg, setup.seed, state, str(pretrained))
-        net = net.to(dev)
-        opt = make_adamw(net, tcfg)
-
-        def loss(mods: Mapping[str, torch.nn.Module], batch: dict[str, torch.Tensor], step: int):
-            return dice_loss(mods["model"](batch["image"].to(dev)), batch["mask"].to(dev)), {}
-
-        source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, chosen, require_mask=True)
-
-        def finish(result: TrainResult) -> None:
-            scores.update(evaluate_segmenter(net.eval(), dataset, held, dev))
-            scores.update(
-                held_out=not set(held) & set(chosen), labelled=labelled, steps=result.step, seed=tcfg.seed,
-                pretrained=str(pretrained) if pretrained is not None else None,
-                pretrained_meta={k: pmeta.get("extra", {}).get(k) for k in ("synthetic", "synthetic_volumes",
-                                 "synthetic_ratio", "real_cases")} if pretrained is not None else None,
-            )  # fmt: skip
-            setup.run.log({"model": "finetune", "event": "eval", **scores})
-            write_json(setup.run.model_dir("finetune") / DICE_JSON, scores)
-            if out is not None:
-                write_json(out, scores)
-
-        meta = {
-            "preset": cfg.preset,
-            "data_hash": dataset.content_hash(),
-            "data": str(labels.resolve()),
-            "organs": list(CANONICAL_ORGANS),
-            "labelled": labelled,
-            "train_cases": [dataset.case_ids[i] for i in chosen],
-            "held_out_cases": [dataset.case_ids[i] for i in held],
-            "pretrained": str(Path(pretrained).resolve()) if pretrained is not None else None,
-            "transferred": len(transfer.loaded) if transfer is not None else 0,
-        }
-        return Job(
-            {"model": net},
-            [Phase("model", opt, loss, scheduler=make_scheduler(opt, tcfg))],
-            SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window),
-            model_config={"segmenter": config_to_dict(cfg.segmenter), "num_classes": NUM_CLASSES},
-            meta=meta,
-            finish=finish,
-        )
-
+    sources = _Labels(dataset, chosen, held, pretrained, state, pmeta)
+    build = partial(_finetune_job, cfg=cfg, tcfg=tcfg, labels=sources, report=scores, out=out,
+                    eval_every=eval_every, lr_scale=pretrained_lr_scale)  # fmt: skip
     result = train(run, cfg, "finetune", tcfg, build, resume=resume, force=force, device=device)
     if not scores:  # another rank, or finished by an earlier call: read what rank 0 wrote
         path = Path(run) / "finetune" / DICE_JSON

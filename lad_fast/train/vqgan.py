@@ -17,6 +17,7 @@ import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from lad_fast.checkpoints import latest_step_dir
 from lad_fast.config import LadConfig, config_to_dict
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import ConfigError
-from lad_fast.losses import SlicePerceptualLoss, VQGANLoss, locality_loss, make_discriminators, organ_groups
 from lad_fast.models.vqgan import VQGAN
-from lad_fast.progress import say
-from lad_fast.train.data import PreparedBatches, split_indices
+from lad_fast.runs.checkpoints import latest_step_dir
+from lad_fast.train.data import PreparedBatches, split_indices, training_dataset
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
+from lad_fast.train.losses import (
+    SlicePerceptualLoss,
+    VQGANLoss,
+    locality_loss,
+    make_discriminators,
+    organ_groups,
+)
 from lad_fast.train.schedule import make_scheduler
+from lad_fast.utils.progress import say
 
 MODEL = "vqgan"
 PREVIEWS = "previews"
@@ -79,8 +86,8 @@ class VQBatches:
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     t = t.to(device, non_blocking=True)
     if device.type == "cpu" and t.ndim == 5:
-        # oneDNN's 3D convolution backward is several times faster channels-last at these small channel
-        # counts (measured on the tiny preset); the model is converted alike in train_vqgan.
+        # oneDNN's 3D convolution backward is faster channels-last at these small channel counts; the
+        # model is converted alike (_networks).
         t = t.contiguous(memory_format=torch.channels_last_3d)
     return t
 
@@ -168,7 +175,7 @@ def render_reconstruction(
     """PIL image: rows input, reconstruction and |error| x5 of the axial slice with the most pancreas
     (the middle slice without a mask) of each case of ``batch`` (``image`` (B, 1, D, H, W))."""
     from lad_fast.data.labels import CANONICAL_ID
-    from lad_fast.preview import render_grid
+    from lad_fast.preview.render import render_grid
 
     was_training = vqgan.training
     vqgan.eval()
@@ -200,7 +207,7 @@ def render_reconstruction(
 def _write_png(image: Any, path: Path) -> None:
     import io
 
-    from lad_fast.atomic import write_bytes
+    from lad_fast.utils.atomic import write_bytes
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -232,7 +239,7 @@ def _perceptual_loss(cfg: LadConfig, device: torch.device) -> SlicePerceptualLos
             f"vqgan_loss.perceptual is {lc.perceptual} but vqgan_loss.perceptual_weights is not set; point "
             "it at a lad-fast run holding a trained segmenter (lad-fast train segmenter), or set perceptual 0"
         )
-    from lad_fast.trained import load_segmenter
+    from lad_fast.runs.loading import load_segmenter
 
     seg, _ = load_segmenter(Path(lc.perceptual_weights), device)
     return SlicePerceptualLoss(_Features(seg), spatial_dims=3).to(device)
@@ -309,21 +316,137 @@ def _holdout(run: Path, holdout: float | None, resume: bool) -> float:
     return float(holdout)
 
 
+@dataclass(frozen=True)
+class _Split:
+    """The VQ-GAN's data: the dataset, its training and held-out case indices, the held-out fraction they
+    come from, and the images' content hash (``data_hash``)."""
+
+    dataset: PreparedDataset
+    train_idx: list[int]
+    val_idx: list[int]
+    holdout: float
+    digest: str
+
+
+def _networks(
+    setup: Setup, cfg: LadConfig
+) -> tuple[VQGAN, SlicePerceptualLoss | None, tuple[nn.Module, ...]]:
+    """(VQ-GAN, perceptual loss or None, (2D, 3D) discriminators) on ``setup.device``. Construction order
+    fixes the initial weights: VQ-GAN, perceptual network (a segmenter is built, then loaded), 2D and 3D
+    discriminators (both, whatever their weights)."""
+    dev = setup.device
+    with setup.initial_weights():
+        model = VQGAN(cfg.vqgan).to(dev)
+        perceptual = _perceptual_loss(cfg, dev)
+        discs = tuple(d.to(dev) for d in make_discriminators(cfg.vqgan_loss, cfg.vqgan.in_channels))
+    if dev.type == "cpu":
+        model = model.to(memory_format=torch.channels_last_3d)  # as _on converts the batches
+    return model, perceptual, discs
+
+
+def _phases(modules: Mapping[str, nn.Module], gan: _GANSteps, cfg: LadConfig) -> list[Phase]:
+    """The generator phase (Adam, the lr schedule), then the discriminator phase from ``gan_start_step``
+    on when a discriminator is trained."""
+    tc, lc = cfg.vqgan_train, cfg.vqgan_loss
+
+    def adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+
+    opt_g = adam(modules["model"].parameters())
+    phases = [Phase("generator", opt_g, gan.generator, scheduler=make_scheduler(opt_g, tc))]
+    disc_params = [p for name in ("disc2d", "disc3d") if name in modules for p in modules[name].parameters()]
+    if disc_params:
+        phases.append(Phase("discriminator", adam(disc_params), gan.discriminator, lc.gan_start_step))
+    return phases
+
+
+@dataclass
+class _Report:
+    """The VQ-GAN's held-out report: the reconstruction error logged at every checkpoint (and at the end
+    of a call that trained nothing), the ``meta.json`` entries later phases read, and previews."""
+
+    setup: Setup
+    cfg: LadConfig
+    model: VQGAN
+    held_out: VQBatches
+    split: _Split
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        organs = self.cfg.vqgan_loss.locality_organs or ("pancreas+pancreatic_lesion",)
+        batch_size = self.cfg.vqgan_train.batch_size
+        result = evaluate_reconstruction(self.model, self.held_out, organs, batch_size=batch_size)
+        self.setup.run.log({"model": MODEL, "event": "eval", "step": step, "heldout": result})
+        return {"step": step, **result}
+
+    def meta(self, step: int) -> dict[str, Any]:  # at each checkpoint (rank 0)
+        cfg, split, model = self.cfg, self.split, self.model
+        return {
+            "preset": cfg.preset,
+            "data_hash": split.digest,
+            "data": str(split.dataset.path.resolve()),
+            "latent_scale": list(model.latent_scale()),
+            "latent_shape": [cfg.vqgan.code_dim, *(s // model.downsample_factor for s in cfg.geometry.shape)],
+            "train_cases": len(split.train_idx),
+            "heldout_cases": len(split.val_idx),
+            "holdout": split.holdout,
+            "heldout": self.evaluate(step),
+        }
+
+    def finish(self, result: TrainResult) -> None:
+        if result.step == result.started_at:  # nothing trained (a finished run resumed): still report
+            self.evaluate(result.step)
+
+    def preview(self, step: int, run_path: Path) -> None:
+        batch = next(iter(self.held_out.chunks(PREVIEW_CASES)))
+        image = render_reconstruction(self.model, batch, self.cfg, title_step=step)
+        _write_png(image, self.setup.run.model_dir(MODEL) / PREVIEWS / f"step-{step:08d}.png")
+
+
+def _vqgan_job(setup: Setup, cfg: LadConfig, split: _Split) -> Job:
+    """What the loop trains: the VQ-GAN and the discriminators whose weight is > 0, the two phases, the
+    training batches, and the held-out report."""
+    lc, tc = cfg.vqgan_loss, cfg.vqgan_train
+    model, perceptual, discs = _networks(setup, cfg)
+    modules: dict[str, nn.Module] = {"model": model}
+    if lc.gan_2d > 0:
+        modules["disc2d"] = discs[0]
+    if lc.gan_3d > 0:
+        modules["disc3d"] = discs[1]
+    locality = bool(lc.locality_organs) and any(w != 0 for w in lc.locality_weights)
+    gan = _GANSteps(VQGANLoss(lc), discs, perceptual, setup.device, locality, handoff=len(modules) > 1)
+
+    def batches(indices: list[int]) -> VQBatches:
+        return VQBatches(PreparedBatches(split.dataset, tc.batch_size, tc.seed, indices=indices))
+
+    report = _Report(setup, cfg, model, batches(split.val_idx), split)
+    return Job(
+        modules,
+        _phases(modules, gan, cfg),
+        batches(split.train_idx),
+        model_config=config_to_dict(cfg.vqgan),
+        meta=report.meta,
+        preview=report.preview,
+        finish=report.finish,
+    )
+
+
 def train_vqgan(
     run: Path,
     cfg: LadConfig,
-    data: Path | None = None,
+    data: PreparedDataset | Path | None = None,
     steps: int | None = None,
     resume: bool = False,
     force: bool = False,
     device: str | torch.device = "auto",
     stop_at: int | None = None,
     holdout: float | None = None,
+    batch: int | None = None,
 ) -> TrainResult:
     """Train the VQ-GAN of ``cfg`` into ``run/vqgan/`` on the train split of ``data``.
 
-    data: a prepared dataset at ``cfg.preset`` (default: the cached phantoms of that preset).
-    steps: overrides ``cfg.vqgan_train.steps`` (recorded in the run's config.json).
+    data: a prepared dataset at ``cfg.preset``, open or a folder (default: the cached phantoms of that
+        preset; :func:`lad_fast.train.data.training_dataset`).
+    steps, batch: override ``cfg.vqgan_train.steps`` and ``batch_size`` (recorded in the run's config.json).
     resume / force / device / stop_at: as :func:`lad_fast.train.loop.train`.
     holdout: fraction of the cases (the last ones by id, at least one) held out for the reconstruction
         report; 0 evaluates on the training cases. Default: the resumed checkpoint's, else 0.2.
@@ -333,106 +456,27 @@ def train_vqgan(
     damaged checkpoint or other data on resume, OutputExistsError for a run folder that is not a
     lad-fast run, all before anything is written.
     """
-    if steps is not None:
-        cfg = replace(cfg, vqgan_train=replace(cfg.vqgan_train, steps=steps))
-    if data is None:
-        from lad_fast.data.cache import phantom_dataset
-
-        data = phantom_dataset(cfg.preset)
-    dataset = PreparedDataset(data, expect_preset=cfg.preset)
+    cfg = replace(cfg, vqgan_train=cfg.vqgan_train.overridden(steps, batch))
+    dataset = training_dataset(data, cfg)
     if tuple(dataset.geometry.shape) != tuple(cfg.geometry.shape):
         raise ConfigError(
             f"{dataset.path}: prepared at shape {tuple(dataset.geometry.shape)}, but this config needs "
             f"{tuple(cfg.geometry.shape)}; re-prepare it with this config"
         )
     digest = dataset.content_hash(masks=False)  # the pipeline predicts masks after this phase
-    tc, lc = cfg.vqgan_train, cfg.vqgan_loss
     holdout = _holdout(Path(run), holdout, resume)
     train_idx, val_idx = split_indices(len(dataset), holdout, min_val=1 if holdout > 0 else 0)
     if not val_idx:
         val_idx = train_idx
     held = "evaluated on the training cases" if val_idx == train_idx else f"{len(val_idx)} held out"
     say(f"vqgan: {len(dataset)} cases, {held} (--holdout {holdout:g}), {len(train_idx)} trained on")
-
-    def build(setup: Setup) -> Job:
-        dev = setup.device
-        # Construction order fixes the initial weights: VQ-GAN, perceptual network (a segmenter is
-        # built, then loaded), 2D and 3D discriminators (both, whatever their weights).
-        with setup.initial_weights():
-            model = VQGAN(cfg.vqgan).to(dev)
-            perceptual = _perceptual_loss(cfg, dev)
-            discs = tuple(d.to(dev) for d in make_discriminators(lc, cfg.vqgan.in_channels))
-        if dev.type == "cpu":
-            model = model.to(memory_format=torch.channels_last_3d)
-        modules: dict[str, nn.Module] = {"model": model}
-        if lc.gan_2d > 0:
-            modules["disc2d"] = discs[0]
-        if lc.gan_3d > 0:
-            modules["disc3d"] = discs[1]
-        locality = bool(lc.locality_organs) and any(w != 0 for w in lc.locality_weights)
-        gan = _GANSteps(VQGANLoss(lc), discs, perceptual, dev, locality, handoff=len(modules) > 1)
-
-        def adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-            return torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-
-        opt_g = adam(model.parameters())
-        phases = [Phase("generator", opt_g, gan.generator, scheduler=make_scheduler(opt_g, tc))]
-        disc_params = [
-            p for name in ("disc2d", "disc3d") if name in modules for p in modules[name].parameters()
-        ]
-        if disc_params:
-            phases.append(Phase("discriminator", adam(disc_params), gan.discriminator, lc.gan_start_step))
-
-        batches = VQBatches(PreparedBatches(dataset, tc.batch_size, tc.seed, indices=train_idx))
-        held_out = VQBatches(PreparedBatches(dataset, tc.batch_size, tc.seed, indices=val_idx))
-        organs = lc.locality_organs or ("pancreas+pancreatic_lesion",)
-
-        def evaluate(step: int) -> dict[str, Any]:
-            result = evaluate_reconstruction(model, held_out, organs, batch_size=tc.batch_size)
-            setup.run.log({"model": MODEL, "event": "eval", "step": step, "heldout": result})
-            return {"step": step, **result}
-
-        def meta(step: int) -> dict[str, Any]:  # at each checkpoint (rank 0)
-            return {
-                "preset": cfg.preset,
-                "data_hash": digest,
-                "data": str(Path(data).resolve()),
-                "latent_scale": list(model.latent_scale()),
-                "latent_shape": [
-                    cfg.vqgan.code_dim,
-                    *(s // model.downsample_factor for s in cfg.geometry.shape),
-                ],
-                "train_cases": len(train_idx),
-                "heldout_cases": len(val_idx),
-                "holdout": holdout,
-                "heldout": evaluate(step),
-            }
-
-        def finish(result: TrainResult) -> None:
-            if result.step == result.started_at:  # nothing trained (a finished run resumed): still report
-                evaluate(result.step)
-
-        def preview(step: int, run_path: Path) -> None:
-            batch = next(iter(held_out.chunks(PREVIEW_CASES)))
-            image = render_reconstruction(model, batch, cfg, title_step=step)
-            _write_png(image, setup.run.model_dir(MODEL) / PREVIEWS / f"step-{step:08d}.png")
-
-        return Job(
-            modules,
-            phases,
-            batches,
-            model_config=config_to_dict(cfg.vqgan),
-            meta=meta,
-            preview=preview,
-            finish=finish,
-        )
-
+    split = _Split(dataset, train_idx, val_idx, holdout, digest)
     return train(
         run,
         cfg,
         MODEL,
-        tc,
-        build,
+        cfg.vqgan_train,
+        partial(_vqgan_job, cfg=cfg, split=split),
         resume=resume,
         force=force,
         device=device,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lad_fast.config import GeometryConfig
+from lad_fast.config import GeometryConfig, get_preset
 from lad_fast.data.geometry import (
     canonical_dhw,
     check_coverage,
@@ -198,6 +198,29 @@ def test_too_small_names_file_axis_and_millimetres():
     with pytest.raises(InputError, match=r"axis W \(left-right\): covers 128\.0 mm, needs at least 204\.8"):
         check_coverage((20, 64, 16), affine, TINY, "lps.nii.gz")
     check_coverage((32, 32, 8), np.diag([6.4, 6.4, 4.6, 1.0]), TINY, "ok.nii.gz")  # exactly half: fine
+
+
+def test_too_small_says_which_preset_fits_or_that_none_does(monkeypatch):
+    from dataclasses import replace
+
+    import lad_fast.config
+
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    with pytest.raises(
+        InputError,
+        match=r"covers 180\.0 mm, needs at least 204\.8 mm \(0\.5 of the preset's 409\.6 mm field of view\); "
+        r"no preset fits it \(the least any preset needs along this axis is 204\.8 mm\): use a scan that "
+        r"covers more of the body, or leave this case out \(prepare --skip-invalid",
+    ):
+        check_coverage((122, 60, 30), affine, TINY, "crop.nii.gz")
+    # A preset with a smaller in-plane field of view (128 x 1.6 mm = 204.8 mm) would accept it.
+    small = replace(get_preset("lad"), preset="small")
+    small = replace(small, geometry=replace(small.geometry, shape=(32, 128, 128)))
+    monkeypatch.setitem(lad_fast.config.PRESETS, "small", lambda: small)
+    with pytest.raises(
+        InputError, match=r"field of view\); prepare it with --preset small, which needs 102\.4 mm"
+    ):
+        check_coverage((122, 60, 30), affine, TINY, "crop.nii.gz")
 
 
 def sphere_case(codes: str, centre_world, shape_ras=(70, 66, 30), spacing=(3.2, 3.2, 2.5)):

@@ -17,7 +17,8 @@ from lad_fast.cli.app import main
 from lad_fast.config import get_preset
 from lad_fast.data.checks import MAX_VOXELS, refuse_label_map
 from lad_fast.data.labels import FILE_WORDING, MASK_WORDING, integer_labels
-from lad_fast.data.prepared import PreparedDataset, prepare_dataset
+from lad_fast.data.prepare import prepare_dataset
+from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import InputError, OutputExistsError
 
 TINY = get_preset("tiny")

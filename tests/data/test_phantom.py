@@ -11,8 +11,8 @@ import pytest
 from scipy import ndimage
 
 from lad_fast.config import PhantomConfig, get_preset
-from lad_fast.data.phantom import case_seed, generate_phantom, phantom_affine, write_phantoms
-from lad_fast.data.phantom_anatomy import BONE_CANCELLOUS, BONE_CORTEX, TISSUE_HU
+from lad_fast.data.phantom.anatomy import BONE_CANCELLOUS, BONE_CORTEX, TISSUE_HU
+from lad_fast.data.phantom.draw import case_seed, generate_phantom, phantom_affine, write_phantoms
 from lad_fast.errors import ConfigError, OutputExistsError
 
 TINY = get_preset("tiny").phantom

@@ -12,7 +12,8 @@ from scipy import ndimage
 from lad_fast.cli.app import main
 from lad_fast.config import get_preset
 from lad_fast.data.labels import CANONICAL_ID
-from lad_fast.data.prepared import PreparedDataset, export_case_nifti, prepare_dataset
+from lad_fast.data.prepare import prepare_dataset, read_report, skipped_summary
+from lad_fast.data.prepared import PreparedDataset, export_case_nifti
 from lad_fast.errors import InputError, OutputExistsError
 
 TINY = get_preset("tiny")
@@ -160,7 +161,7 @@ def test_prepare_tiny_synthetic_and_read_back(tmp_path):
     assert np.load(out / "cases" / "c2" / "image.npy", mmap_mode="r").dtype == np.float16
     assert set(np.unique(item["mask"])) == {0, CANONICAL_ID["liver"], PANCREAS}
     assert -1 <= float(item["image"].min()) and float(item["image"].max()) <= 1
-    from lad_fast.conditions import structure_condition
+    from lad_fast.conditioning.conditions import structure_condition
 
     np.testing.assert_array_equal(
         item["structure"], structure_condition(np.asarray(item["mask"]), TINY.condition)
@@ -197,12 +198,12 @@ def test_rerun_skips_complete_cases_and_redoes_changed_ones(tmp_path):
 
 
 def test_interrupted_case_leaves_no_visible_folder(tmp_path, monkeypatch):
-    import lad_fast.conditions
+    import lad_fast.conditioning.conditions
 
     src, out = tmp_path / "src", tmp_path / "out"
     write_case(src, "c1")
     write_case(src, "c2", *synthetic(seed=1))
-    real = lad_fast.conditions.structure_condition
+    real = lad_fast.conditioning.conditions.structure_condition
     calls = []
 
     def interrupt_second(mask, cfg):
@@ -211,12 +212,12 @@ def test_interrupted_case_leaves_no_visible_folder(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(mask, cfg)
 
-    monkeypatch.setattr(lad_fast.conditions, "structure_condition", interrupt_second)
+    monkeypatch.setattr(lad_fast.conditioning.conditions, "structure_condition", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(src, out, TINY)
     assert sorted(os.listdir(out / "cases")) == ["c1"]  # no c2, not even a hidden temporary
     assert [c["id"] for c in json.loads((out / "index.json").read_text())["cases"]] == ["c1"]
-    monkeypatch.setattr(lad_fast.conditions, "structure_condition", real)
+    monkeypatch.setattr(lad_fast.conditioning.conditions, "structure_condition", real)
     stamp = (out / "cases" / "c1" / "image.npy").stat().st_mtime_ns
     index = prepare_dataset(src, out, TINY)
     assert [c["id"] for c in index["cases"]] == ["c1", "c2"]
@@ -224,17 +225,95 @@ def test_interrupted_case_leaves_no_visible_folder(tmp_path, monkeypatch):
 
 
 def test_interrupted_first_case_leaves_no_output_folder(tmp_path, monkeypatch):
-    import lad_fast.conditions
+    import lad_fast.conditioning.conditions
 
     write_case(tmp_path / "src", "c1")
 
     def boom(mask, cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lad_fast.conditions, "structure_condition", boom)
+    monkeypatch.setattr(lad_fast.conditioning.conditions, "structure_condition", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(tmp_path / "src", tmp_path / "out", TINY)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ datasets with bad scans
+
+
+def _write_real(root: Path, case_id: str, ct: nib.Nifti1Image, seg: nib.Nifti1Image, j: slice) -> None:
+    """The real CT and its label map cut to rows ``j`` along the posterior-anterior axis (a real crop)."""
+    affine = ct.affine.copy()
+    affine[:3, 3] += (j.start or 0) * affine[:3, 1]
+    for folder, img in (("images", ct), ("masks", seg)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, j], affine), root / folder / f"{case_id}.nii.gz")
+    (root / "labels.json").write_text(json.dumps({"vocabulary": "totalseg"}))
+
+
+def test_skip_invalid_prepares_the_rest_and_reports_a_too_small_real_crop(tmp_path, shared, capsys):
+    ct = nib.load(shared / "totalseg_example" / "ct.nii.gz")
+    seg = nib.load(shared / "totalseg_example" / "seg.nii.gz")
+    src, out = tmp_path / "src", tmp_path / "out"
+    _write_real(src, "whole", ct, seg, slice(None))  # 101 rows of 3 mm: 303 mm
+    _write_real(src, "cropped", ct, seg, slice(20, 80))  # 60 rows: 180 mm, under half of 409.6 mm
+    reason = (
+        "too small along axis H (posterior-anterior): covers 180.0 mm, needs at least 204.8 mm (0.5 of the "
+        "preset's 409.6 mm field of view); no preset fits it (the least any preset needs along this axis "
+        "is 204.8 mm): use a scan that covers more of the body"
+    )
+    code, err = cli_prepare(capsys, str(src), str(out))
+    assert_one_line_error(code, err, str(src / "images" / "cropped.nii.gz"), reason)
+    assert not out.exists()
+
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", str(src), str(out), "--preset", "tiny", "--skip-invalid"])
+    captured = capsys.readouterr()
+    assert exc.value.code in (0, None), captured.err
+    assert captured.out == f"prepared 1 case in {out}\n"
+    report_path = out / "prepare_report.json"
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith(f"skipped 1 invalid case (details in {report_path}): cropped: {reason}")
+    report = json.loads(report_path.read_text())
+    assert report["prepared"] == ["whole"] and report["source"] == str(src)
+    [skipped] = report["skipped"]
+    assert skipped["id"] == "cropped" and skipped["reason"].startswith(reason)
+    assert skipped["image"] == str(src / "images" / "cropped.nii.gz")
+    assert skipped["mask"] == str(src / "masks" / "cropped.nii.gz")
+    assert PreparedDataset(out).case_ids == ["whole"] and sorted(os.listdir(out / "cases")) == ["whole"]
+
+    # Without the flag, a report of an earlier run would describe cases this run prepared: it goes.
+    (src / "images" / "cropped.nii.gz").unlink()
+    (src / "masks" / "cropped.nii.gz").unlink()
+    assert [c["id"] for c in prepare_dataset(src, out, TINY)["cases"]] == ["whole"]
+    assert sorted(os.listdir(out)) == ["cases", "index.json"]
+
+
+def test_skip_invalid_skips_cases_whose_voxels_are_bad_and_refuses_when_none_is_left(tmp_path):
+    hu, seg = synthetic()
+    bad = hu.copy()
+    bad[3, 4, 5] = np.nan
+    write_case(tmp_path / "src", "a_nan", bad, seg)
+    write_case(tmp_path / "src", "b_good", hu, seg)
+    index = prepare_dataset(tmp_path / "src", tmp_path / "out", TINY, skip_invalid=True)
+    assert [c["id"] for c in index["cases"]] == ["b_good"]
+    report = read_report(tmp_path / "out")
+    assert [s["id"] for s in report["skipped"]] == ["a_nan"]
+    assert (
+        report["skipped"][0]["reason"] == "1 voxels are NaN or Inf; fill them (e.g. with -1000 HU) and retry"
+    )
+    assert skipped_summary(report) == (
+        f"skipped 1 invalid case (details in {tmp_path / 'out' / 'prepare_report.json'}): a_nan: 1 voxels "
+        "are NaN or Inf; fill them (e.g. with -1000 HU) and retry"
+    )
+    assert sorted(os.listdir(tmp_path / "out" / "cases")) == ["b_good"]  # no trace of a_nan
+
+    write_case(tmp_path / "only_bad", "a_nan", bad, seg)
+    with pytest.raises(
+        InputError, match=r"only_bad: no case could be prepared, all 1 are invalid \(a_nan: 1 voxels"
+    ):
+        prepare_dataset(tmp_path / "only_bad", tmp_path / "out2", TINY, skip_invalid=True)
+    assert not (tmp_path / "out2").exists()
 
 
 # ----------------------------------------------------------------------------------- reading errors
@@ -247,8 +326,8 @@ def test_prepared_dataset_errors(tmp_path):
     prepare_dataset(tmp_path / "src", tmp_path / "out", TINY)
     with pytest.raises(
         InputError,
-        match=r"prepared at preset 'tiny', but 'lad' is needed; re-prepare it with "
-        r"`lad-fast prepare SRC OUT --preset lad`",
+        match=r"prepared at preset 'tiny', but 'lad' is needed; use it as prepared with --preset tiny \(and "
+        r"models trained at that preset\), or re-prepare it with `lad-fast prepare SRC OUT --preset lad`",
     ):
         PreparedDataset(tmp_path / "out", expect_preset="lad")
     index = json.loads((tmp_path / "out" / "index.json").read_text())
@@ -328,7 +407,15 @@ def test_too_small(tmp_path, capsys):
     hu, seg = synthetic(shape=(40, 40, 7))  # 7 x 4.6 = 32.2 mm < 36.8 mm
     path = write_case(tmp_path / "src", "c1", hu, seg)
     code, err = cli_prepare(capsys, str(tmp_path / "src"), str(tmp_path / "out"))
-    assert_one_line_error(code, err, str(path), "too small along axis D", "covers 32.2 mm", "36.8 mm")
+    assert_one_line_error(
+        code,
+        err,
+        str(path),
+        "too small along axis D",
+        "covers 32.2 mm, needs at least 36.8 mm (0.5 of the preset's 73.6 mm field of view); no preset fits "
+        "it (the least any preset needs along this axis is 36.8 mm)",
+        "--skip-invalid",
+    )
     assert not (tmp_path / "out").exists()
 
 

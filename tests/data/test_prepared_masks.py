@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lad_fast.atomic
-from lad_fast.conditions import structure_condition
+import lad_fast.utils.atomic
+from lad_fast.conditioning.conditions import structure_condition
 from lad_fast.config import ConditionConfig, get_preset
 from lad_fast.data.digest import mask_hash
 from lad_fast.data.labels import CANONICAL_ID
@@ -53,7 +53,7 @@ def test_set_masks_writes_arrays_then_the_index_once(data, monkeypatch):
     case = _unlabel(data, 1)
     ds = PreparedDataset(data)
     writes = []
-    real = lad_fast.atomic.write_json
+    real = lad_fast.utils.atomic.write_json
     monkeypatch.setattr("lad_fast.data.prepared.write_json", lambda p, o: (writes.append(p), real(p, o)))
     mask = _box(ds)
     assert ds.set_masks({case: (mask.astype(np.int64), "external:/x/m.nii.gz")}, CONDITION) == [case]
@@ -88,7 +88,7 @@ def test_replacing_a_mask_withdraws_it_from_the_index_first(data, monkeypatch):
     ds = PreparedDataset(data)
     case = ds.case_ids[0]
     targets = []
-    real = lad_fast.atomic.atomic_path
+    real = lad_fast.utils.atomic.atomic_path
 
     def die_at_the_structure(target, suffix=""):
         targets.append(Path(target).name)
@@ -96,7 +96,7 @@ def test_replacing_a_mask_withdraws_it_from_the_index_first(data, monkeypatch):
             raise KeyboardInterrupt
         return real(target, suffix)
 
-    monkeypatch.setattr(lad_fast.atomic, "atomic_path", die_at_the_structure)
+    monkeypatch.setattr(lad_fast.utils.atomic, "atomic_path", die_at_the_structure)
     with pytest.raises(KeyboardInterrupt):
         ds.set_masks({case: (_box(ds), "predicted:run")}, CONDITION)
     entry = _index(data)["cases"][0]

@@ -69,7 +69,7 @@ def write_synthetic(out: Path, real: Path, run: Path | None, n: int = 3, masks: 
             line["run"] = str(run.resolve())
         lines.append(json.dumps(line) + "\n")
     (out / "manifest.jsonl").write_text("".join(lines))
-    from lad_fast.generated import dataset_json
+    from lad_fast.generate.writer import dataset_json
 
     (out / "dataset.json").write_text(json.dumps(dataset_json([json.loads(x) for x in lines], "test")))
     return out
@@ -90,7 +90,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_path, capsys):
+def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, seg_run, tmp_path, capsys):
+    from lad_fast.runs.loading import checkpoint_hash
+
     out, png = tmp_path / "eval.json", tmp_path / "eval.png"
     code, stdout, err = run_cli(
         [
@@ -125,7 +127,8 @@ def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_
     rep = json.loads(out.read_text())
     assert rep["real"]["volumes"] == N_REAL and rep["synthetic"]["volumes"] == 3
     assert rep["features"]["extractor"] == "segmenter" and len(rep["features"]["weights_hash"]) == 16
-    assert rep["segmenter"]["checkpoint_hash"] and rep["versions"]["lad_fast"]
+    assert rep["segmenter"]["checkpoint_hash"] == checkpoint_hash(seg_run / "segmenter")
+    assert rep["versions"]["lad_fast"]
     assert rep["command"].startswith("lad-fast")
     for block in (rep["realism"], rep["references"]["real_vs_real"], rep["references"]["trivial"]):
         assert (
@@ -158,11 +161,33 @@ def test_evaluate_prints_the_table_and_writes_json_and_png(real, synthetic, tmp_
     assert alone["segmenter"] == rep["segmenter"] and alone["volumes"] == 3
 
 
+def test_the_segmenter_run_that_generated_the_volumes_is_opened_once(synthetic, seg_run, monkeypatch):
+    from lad_fast.evaluate.report import synthetic_fidelity
+    from lad_fast.runs.rundir import RunDir
+
+    opened, parsed = [], []
+    real_open, real_raw = RunDir.open.__func__, RunDir._raw_config
+
+    def counting_open(cls, path):
+        opened.append(Path(path))
+        return real_open(cls, path)
+
+    def counting_raw(self):
+        parsed.append(self.path)
+        return real_raw(self)
+
+    monkeypatch.setattr(RunDir, "open", classmethod(counting_open))
+    monkeypatch.setattr(RunDir, "_raw_config", counting_raw)
+    synthetic_fidelity(synthetic, device="cpu")
+    # the manifest names seg_run: its segmenter, window and conditions come from one opening
+    assert [p.resolve() for p in opened] == [seg_run.resolve()] and len(parsed) == 1
+
+
 def test_the_synthetic_scores_follow_their_masks_better_than_shuffled(real, synthetic):
     """The fake 'generated' volumes are real phantoms with noise, so their conditioning masks are the
     truth: an oracle segmenter scores Dice 1 against them and less against the shuffled masks."""
-    from lad_fast import trained
     from lad_fast.evaluate.report import evaluate
+    from lad_fast.runs import loading
 
     truth: dict[bytes, np.ndarray] = {}
     from lad_fast.data.prepared import PreparedDataset
@@ -178,7 +203,7 @@ def test_the_synthetic_scores_follow_their_masks_better_than_shuffled(real, synt
         return np.stack([masks[np.abs(images - v).mean(axis=(1, 2, 3)).argmin()] for v in x])
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trained, "predict_volumes", oracle)
+        mp.setattr(loading, "predict_volumes", oracle)
         rep = evaluate(real, synthetic, device="cpu")
     fid = rep["fidelity"]
     assert fid["synthetic"]["mean_dice"] == 1.0 and fid["real"]["mean_dice"] == 1.0
@@ -265,7 +290,7 @@ def test_synthetic_volumes_on_different_grids_are_refused(real, seg_run, tmp_pat
 
 
 def test_medicalnet_weights_with_the_wrong_key_layout_are_refused(real, synthetic, tmp_path, capsys):
-    from lad_fast.models.medicalnet import MedicalNet
+    from lad_fast.evaluate.nets.medicalnet import MedicalNet
 
     # the official ResNet-10 layout with the stem renamed (a re-exported or foreign checkpoint)
     sd = {
@@ -299,7 +324,7 @@ def test_medicalnet_weights_with_the_wrong_key_layout_are_refused(real, syntheti
 
 
 def test_nan_features_are_refused(real, synthetic, tmp_path, capsys):
-    from lad_fast.models.medicalnet import MedicalNet
+    from lad_fast.evaluate.nets.medicalnet import MedicalNet
 
     net = MedicalNet(10)
     sd = {
@@ -330,7 +355,7 @@ def test_nan_features_are_refused(real, synthetic, tmp_path, capsys):
 
 
 def test_without_a_segmenter_the_error_names_the_training_command(real, tmp_path, capsys):
-    from lad_fast.runs import RunDir
+    from lad_fast.runs.rundir import RunDir
 
     run = tmp_path / "no_seg"
     RunDir.create(run, get_preset("tiny"))

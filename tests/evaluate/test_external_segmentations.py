@@ -26,7 +26,7 @@ def generated(real, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """Random MedicalNet ResNet-10 weights in the official key layout."""
-    from lad_fast.models.medicalnet import MedicalNet
+    from lad_fast.evaluate.nets.medicalnet import MedicalNet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("medicalnet") / "resnet_10.pth"

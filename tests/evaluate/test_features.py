@@ -6,8 +6,8 @@ import torch
 from lad_fast.config import SegmenterConfig
 from lad_fast.errors import ConfigError, InputError
 from lad_fast.evaluate.features import FeatureExtractor, make_extractor, state_dict_hash
-from lad_fast.models.medicalnet import MedicalNet
-from lad_fast.models.radimagenet import RadImageNetResNet50
+from lad_fast.evaluate.nets.medicalnet import MedicalNet
+from lad_fast.evaluate.nets.radimagenet import RadImageNetResNet50
 from lad_fast.models.segmenter import Segmenter
 
 
@@ -149,7 +149,8 @@ def test_the_evaluation_library_does_not_import_monai():
     import sys
 
     code = (
-        "import sys, lad_fast.evaluate.metrics, lad_fast.evaluate.features, lad_fast.models.medicalnet; "
+        "import sys, lad_fast.evaluate.metrics, lad_fast.evaluate.features; "
+        "import lad_fast.evaluate.nets.medicalnet; "
         "sys.exit(int(any(m.split('.')[0] == 'monai' for m in sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -52,7 +52,7 @@ def test_structure_error_counts_betti_differences_per_slice():
     pred = ref.copy()
     pred[1, 8:10, 8:11] = 0  # one slice loses its pancreas component: b0 1 -> 0 there
     s = case_fidelity(pred, ref, COND)
-    from lad_fast.conditions import structure_dim
+    from lad_fast.conditioning.conditions import structure_dim
 
     # the pancreas' b0 drops by one on one slice; nothing else changes (the hole it leaves is background)
     assert s["structure_l1"] == pytest.approx(1 / structure_dim(4, COND))

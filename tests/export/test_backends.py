@@ -54,8 +54,8 @@ def test_onnx_backend_matches_eager_with_a_new_batch_size(tmp_path):
 
 def test_guided_ddim_through_onnx_equals_eager(tmp_path):
     from lad_fast.config import DiffusionConfig
-    from lad_fast.diffusion import make_schedule
-    from lad_fast.samplers import guided_denoiser, sample
+    from lad_fast.diffusion.samplers import guided_denoiser, sample
+    from lad_fast.diffusion.schedules import make_schedule
 
     torch.manual_seed(1)
     net = ToyDenoiser()
@@ -90,8 +90,8 @@ class FlowToy(torch.nn.Module):
 
 def test_guided_flow_heun_through_onnx_equals_eager(tmp_path):
     from lad_fast.config import DiffusionConfig
-    from lad_fast.diffusion import make_schedule
-    from lad_fast.samplers import guided_denoiser, sample
+    from lad_fast.diffusion.samplers import guided_denoiser, sample
+    from lad_fast.diffusion.schedules import make_schedule
 
     torch.manual_seed(2)
     net = FlowToy()

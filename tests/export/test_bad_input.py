@@ -104,7 +104,7 @@ def test_metadata_cannot_make_force_delete_other_files(tmp_path):
 
 def test_stale_changed_and_foreign_artefacts_are_refused_by_generate(run_copy, tmp_path):
     from lad_fast.export.run_export import export_run
-    from lad_fast.generate import generate
+    from lad_fast.generate.generate import generate
 
     export_run(run_copy, precision="fp32")
     art = run_copy / "export" / "denoiser.fp32.onnx"
@@ -190,8 +190,8 @@ def test_generate_refuses_a_batch_above_the_engine_profile_before_writing(run_co
 
     import lad_fast.export.tensorrt as trt_mod
     from lad_fast.export.artefacts import write_meta
-    from lad_fast.generate import generate
-    from lad_fast.trained import checkpoint_hash
+    from lad_fast.generate.generate import generate
+    from lad_fast.runs.loading import checkpoint_hash
 
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: None)

@@ -21,8 +21,8 @@ FP32_RTOL, FP16_RTOL = 1e-4, 1e-2
 def _modules(run):
     """(denoiser, decoder graph, latent shape, objective, T) of the run, in PyTorch."""
     from lad_fast.export.graphs import DecoderGraph
-    from lad_fast.runs import RunDir
-    from lad_fast.trained import load_diffusion, load_frozen_vqgan
+    from lad_fast.runs.loading import load_diffusion, load_frozen_vqgan
+    from lad_fast.runs.rundir import RunDir
 
     net, meta = load_diffusion(run, "cpu")
     vq, _ = load_frozen_vqgan(run, RunDir.open(run).config(), torch.device("cpu"))
@@ -107,7 +107,7 @@ def test_metadata_beside_every_artefact(exported, tiny_run):
     import hashlib
     from importlib.metadata import version
 
-    from lad_fast.trained import checkpoint_hash
+    from lad_fast.runs.loading import checkpoint_hash
 
     files = sorted(p.name for p in exported.iterdir())
     assert files == sorted(
@@ -140,8 +140,8 @@ def test_metadata_beside_every_artefact(exported, tiny_run):
 
 def test_decoder_graph_is_the_generators_decode(tiny_run):
     """The export-friendly codebook search equals VQGAN.quantize (chunked kernel reference) exactly."""
-    from lad_fast.runs import RunDir
-    from lad_fast.trained import load_frozen_vqgan
+    from lad_fast.runs.loading import load_frozen_vqgan
+    from lad_fast.runs.rundir import RunDir
 
     vq, _ = load_frozen_vqgan(tiny_run, RunDir.open(tiny_run).config(), torch.device("cpu"))
     _, decoder, shape, _, _ = _modules(tiny_run)

@@ -24,8 +24,8 @@ def _images(out):
 
 
 def test_onnx_backend_writes_the_torch_volumes_and_reuses_its_export(run_copy, tmp_path):
-    from lad_fast.generate import generate, read_manifest
-    from lad_fast.trained import checkpoint_hash
+    from lad_fast.generate.generate import generate, read_manifest
+    from lad_fast.runs.loading import checkpoint_hash
 
     generate(run_copy, tmp_path / "torch", backend="torch", device="cpu", **SETTINGS)
     generate(run_copy, tmp_path / "onnx", backend="onnx", device="cpu", **SETTINGS)
@@ -59,7 +59,7 @@ def test_onnx_backend_writes_the_torch_volumes_and_reuses_its_export(run_copy, t
 def test_onnx_backend_decodes_through_the_exported_decoder(run_copy, tmp_path, monkeypatch):
     """The decoder artefact, not the VQ-GAN module, decodes whole volumes under --backend onnx."""
     import lad_fast.export.backends as backends
-    from lad_fast.generate import generate
+    from lad_fast.generate.generate import generate
 
     calls = []
     real = backends.make_decoder
@@ -88,7 +88,7 @@ def test_two_process_torchrun_exports_once_on_rank_zero(run_copy, tmp_path):
         port = s.getsockname()[1]
     worker = tmp_path / "worker.py"
     worker.write_text(
-        "import sys\nfrom lad_fast.generate import generate\n"
+        "import sys\nfrom lad_fast.generate.generate import generate\n"
         "generate(sys.argv[1], sys.argv[2], n=2, augment=0, batch=1, seed=1, sampler='ddim', steps=2, "
         "backend='onnx', device='cpu')\n"
     )
@@ -116,7 +116,7 @@ def test_onnx_decoder_backend_equals_the_torch_decode(run_copy):
     import torch
 
     from lad_fast.export.backends import make_decoder
-    from lad_fast.generate import load_generator
+    from lad_fast.generate.generate import load_generator
 
     gen = load_generator(run_copy, torch.device("cpu"))
     latent = torch.rand(3, *gen.latent_shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -129,7 +129,7 @@ def test_onnx_decoder_backend_equals_the_torch_decode(run_copy):
 
     assert relative_error(want, got) <= 1e-4
     meta = json.loads((run_copy / "export" / "decoder.fp32.onnx.json").read_text())
-    from lad_fast.trained import checkpoint_hash
+    from lad_fast.runs.loading import checkpoint_hash
 
     assert meta["checkpoint"] == checkpoint_hash(run_copy / "vqgan") and meta["kind"] == "decoder"
     torch_dec = make_decoder("torch", gen.vq, run_copy)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lad_fast.conditions import structure_dim
+from lad_fast.conditioning.conditions import structure_dim
 from lad_fast.config import (
     ConditionConfig,
     UNetConfig,

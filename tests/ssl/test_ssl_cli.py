@@ -13,7 +13,7 @@ import torch
 from lad_fast.cli.app import main
 from lad_fast.config import SegmenterConfig, get_preset
 from lad_fast.data.prepared import PreparedDataset
-from lad_fast.generated import IDENTITY, VolumeWriter
+from lad_fast.generate.writer import IDENTITY, VolumeWriter
 from lad_fast.ssl.data import GeneratedVolumes, SSLBatches
 from lad_fast.ssl.settings import SSLConfig
 
@@ -141,3 +141,100 @@ def test_a_pretrained_run_of_another_architecture_is_refused(phantoms, tmp_path,
     assert "pretrained with another segmenter architecture" in err and "--preset" in err
     code, err = cli(capsys, "ssl", "finetune", "--pretrained", str(tmp_path / "nothing"), *rest)
     assert code == 2 and "no SSL pretraining checkpoint" in err and "--pretrained none" in err
+
+
+# ---------------------------------------------------- the options the SSL benchmark's protocol needs
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    model_dir = run / "finetune"
+    return load_file(str(model_dir / (model_dir / "latest").read_text().strip() / "model.safetensors"))
+
+
+def test_learning_curve_points_leave_training_unchanged(phantoms, tmp_path):
+    from lad_fast.train.ssl import finetune
+
+    cfg = small_cfg()
+    plain = finetune(tmp_path / "plain", cfg, None, phantoms, labelled=2, steps=4, device="cpu")
+    curved = finetune(
+        tmp_path / "curved", cfg, None, phantoms, labelled=2, steps=4, device="cpu", eval_every=2
+    )
+    assert [p["step"] for p in curved["curve"]] == [2, 4]
+    assert curved["curve"][-1]["dice"] == curved["dice"] == plain["dice"]  # the last point is the final score
+    assert plain["curve"] == []
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "curved")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # evaluation changed nothing
+
+
+def test_chosen_cases_are_the_ones_fine_tuned_on(phantoms, tmp_path, capsys):
+    from lad_fast.train.ssl import finetune, held_out_cases
+
+    ds = PreparedDataset(phantoms)
+    held = ds.case_ids[held_out_cases(ds)[0]]
+    train = [c for c in ds.case_ids if c != held]
+    scores = finetune(tmp_path / "f", small_cfg(), None, phantoms, labelled=1, steps=1, device="cpu",
+                      cases=[train[2]])  # fmt: skip
+    assert scores["train_cases"] == [train[2]] and scores["labelled"] == 1
+    rest = ["--labels", str(phantoms), "--run", str(tmp_path / "g"), "--device", "cpu", "--steps", "1"]
+    code, err = cli(
+        capsys, "ssl", "finetune", "--pretrained", "none", "--labelled", "1", "--cases", held, *rest
+    )
+    assert code == 2 and err.count("\n") == 0
+    assert f"--cases {held}: cannot fine-tune on (held out or unlabelled): {held}" in err and train[0] in err
+    code, err = cli(
+        capsys, "ssl", "finetune", "--pretrained", "none", "--labelled", "2", "--cases", train[0], *rest
+    )
+    assert code == 2 and "--cases names 1 case(s) but --labelled is 2" in err
+    code, err = cli(
+        capsys, "ssl", "finetune", "--pretrained", "none", "--labelled", "1", "--cases", "nope", *rest
+    )
+    assert code == 2 and "no such case: nope" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_pretraining_on_chosen_cases(phantoms, tmp_path, capsys):
+    from lad_fast.train.ssl import held_out_cases, pretrain
+
+    ds = PreparedDataset(phantoms)
+    held = ds.case_ids[held_out_cases(ds)[0]]
+    train = [c for c in ds.case_ids if c != held]
+    pretrain(tmp_path / "p", small_cfg(), data=phantoms, steps=1, device="cpu", cases=train[:2])
+    model_dir = tmp_path / "p" / "ssl"
+    meta = json.loads((model_dir / (model_dir / "latest").read_text().strip() / "meta.json").read_text())
+    assert meta["extra"]["real_cases"] == 2
+    pretrain(tmp_path / "all", small_cfg(), data=phantoms, steps=1, device="cpu")
+    model_dir = tmp_path / "all" / "ssl"
+    other = json.loads((model_dir / (model_dir / "latest").read_text().strip() / "meta.json").read_text())
+    assert other["extra"]["real_cases"] == 3 and other["data_hash"] != meta["data_hash"]
+    code, err = cli(capsys, "ssl", "pretrain", "--data", str(phantoms), "--cases", f"{train[0]},{held}",
+                    "--run", str(tmp_path / "r"), "--steps", "1", "--device", "cpu")  # fmt: skip
+    assert code == 2 and err.count("\n") == 0
+    assert f"cannot pretrain on (held out for the fine-tuning Dice): {held}" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_pretrained_weights_get_the_scaled_learning_rate():
+    from lad_fast.ssl.settings import FINETUNE
+    from lad_fast.train.ssl import finetune_optimizer, initial_segmenter
+
+    cfg = small_cfg()
+    net, _ = initial_segmenter(cfg, 0, None)
+    names = [n for n, _ in net.named_parameters() if not n.startswith("head.")]
+    tcfg = FINETUNE["tiny"]
+    opt = finetune_optimizer(net, tcfg, names, 0.1)
+    pre, rest = opt.param_groups
+    assert pre["lr"] == pytest.approx(tcfg.lr * 0.1) and rest["lr"] == pytest.approx(tcfg.lr)
+    by_id = {id(p): n for n, p in net.named_parameters()}
+    assert {by_id[id(p)] for p in pre["params"]} == set(names)
+    assert {by_id[id(p)] for p in rest["params"]} == {
+        n for n, _ in net.named_parameters() if n.startswith("head.")
+    }
+    assert len(finetune_optimizer(net, tcfg, names, 1.0).param_groups) == 1  # 1: the plain optimiser
+
+
+def test_a_non_positive_lr_scale_is_refused(phantoms, tmp_path, capsys):
+    code, err = cli(capsys, "ssl", "finetune", "--pretrained", "none", "--labelled", "1", "--labels",
+                    str(phantoms), "--pretrained-lr-scale", "0", "--run", str(tmp_path / "f"))  # fmt: skip
+    assert code == 2 and "--pretrained-lr-scale must be > 0, got 0.0" in err

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lad_fast.checkpoints import load_checkpoint
-from lad_fast.runs import RunDir
+from lad_fast.runs.checkpoints import load_checkpoint
+from lad_fast.runs.rundir import RunDir
 
 WORKER = Path(__file__).with_name("toy_train.py")
 

@@ -11,8 +11,8 @@ import torch
 from _shared import small_config
 
 from lad_fast.errors import CheckpointError, InputError
+from lad_fast.runs.loading import check_vqgan_run, load_diffusion, mask_as_image, vqgan_run_of
 from lad_fast.train.diffusion import LATENTS_NAME, LatentBatches, train_diffusion
-from lad_fast.trained import check_vqgan_run, load_diffusion, mask_as_image, vqgan_run_of
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, tiny_
     assert m["structure_dim"] == 96 and m["latent_shape"] == [4, 4, 16, 16] and m["step"] == 3
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     # the EMA weights are what load_diffusion returns (not the last raw weights)
-    from lad_fast.checkpoints import load_checkpoint
+    from lad_fast.runs.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(trained / "diffusion", "diffusion")
     ema = ckpt.tensors("ema")
@@ -104,7 +104,7 @@ def test_training_caches_latents_and_records_the_vqgan(trained, vqgan_run, tiny_
 def test_second_run_reuses_the_latent_cache_and_resume_matches_an_uninterrupted_run(
     tmp_path, trained, vqgan_run, tiny_phantoms, monkeypatch
 ):
-    from lad_fast.checkpoints import load_checkpoint
+    from lad_fast.runs.checkpoints import load_checkpoint
     from lad_fast.train import diffusion as mod
 
     run = tmp_path / "part"
@@ -130,7 +130,7 @@ def test_load_diffusion_without_a_trained_model_says_how_to_train(vqgan_run):
 def test_flow_objective_trains_reloads_and_generates_with_euler(tmp_path, vqgan_run, tiny_phantoms):
     from lad_fast.config import DiffusionConfig
     from lad_fast.errors import ConfigError
-    from lad_fast.generate import MANIFEST, generate, volume_id
+    from lad_fast.generate.generate import MANIFEST, generate, volume_id
 
     flow = DiffusionConfig(timesteps=20, objective="flow", flow_shift=2.0, flow_logit_std=0.7)
     cfg = replace(small_config(diffusion_steps=2), diffusion=flow)
@@ -155,7 +155,7 @@ def test_generate_takes_the_runs_sampling_defaults_and_options_override_them(
 ):
     """The run's config records what ``generate`` does without options (its preset's measured best)."""
     from lad_fast.config import DiffusionConfig, SamplingConfig
-    from lad_fast.generate import MANIFEST, generate
+    from lad_fast.generate.generate import MANIFEST, generate
 
     cfg = replace(
         small_config(diffusion_steps=2),

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lad_fast.checkpoints import load_checkpoint
 from lad_fast.config import get_preset
-from lad_fast.interrupts import Interrupted, deferred, raise_on_signals
-from lad_fast.runs import RunDir
+from lad_fast.runs.checkpoints import load_checkpoint
+from lad_fast.runs.rundir import RunDir
+from lad_fast.utils.interrupts import Interrupted, deferred, raise_on_signals
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -126,16 +126,25 @@ def test_resume_without_checkpoint_drops_the_lost_log_lines(tmp_path):
     assert steps == sorted(set(steps)) and steps[0] == 5
 
 
+def _until(done, seconds: float = 5.0) -> None:
+    """Poll ``done`` in short sleeps: a signal sent to this process may land on another thread (torch's,
+    a finished test's), and Python runs its handler in the main thread only at a later bytecode boundary,
+    which a loop reaches and one sleep may not; a loaded machine delays it further."""
+    end = time.monotonic() + seconds
+    while not done() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def test_deferred_sets_a_flag_then_a_second_signal_stops_at_once(capsys):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with deferred("after this test") as stop:
         assert not stop
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # the handler runs at the next bytecode boundary
+        _until(lambda: stop.signum is not None)  # the handler runs at a later bytecode boundary
         assert stop.signum == signal.SIGTERM
         with pytest.raises(Interrupted) as err:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            _until(lambda: False)
     assert err.value.exit_code == 130 and "stopped at once" in str(err.value)
     assert "SIGTERM received, stopping after this test (again to stop at once)" in capsys.readouterr().err
     assert {s: signal.getsignal(s) for s in before} == before  # the previous handlers are back
@@ -144,7 +153,7 @@ def test_deferred_sets_a_flag_then_a_second_signal_stops_at_once(capsys):
 def test_raise_on_signals_raises_interrupted_not_keyboardinterrupt():
     with pytest.raises(Interrupted) as err, raise_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
+        _until(lambda: False)
     assert err.value.exit_code == 143 and str(err.value) == "interrupted (SIGTERM)"
     assert not isinstance(err.value, Exception)  # `except Exception` clean-up must not swallow it
 
@@ -230,13 +239,13 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
 
 
 def test_cli_interrupt_outside_the_step_loop_still_says_how_to_continue(monkeypatch, capsys, tmp_path):
-    import lad_fast.pipeline
+    import lad_fast.train.pipeline
     from lad_fast.cli.app import main
 
     def stopped(*args, **kwargs):
         raise Interrupted(signal.SIGINT)  # as raise_on_signals raises it, e.g. while latents are encoded
 
-    monkeypatch.setattr(lad_fast.pipeline, "train_pipeline", stopped)
+    monkeypatch.setattr(lad_fast.train.pipeline, "train_pipeline", stopped)
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--run", "r", "--force"])
     assert exit_.value.code == 130

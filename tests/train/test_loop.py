@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lad_fast.checkpoints import load_checkpoint
-from lad_fast.distributed import DistInfo, shard_indices, step_seed
 from lad_fast.errors import CheckpointError, ConfigError, OutputExistsError, TrainingDivergedError
-from lad_fast.runs import RunDir
+from lad_fast.runs.checkpoints import load_checkpoint
+from lad_fast.runs.rundir import RunDir
 from lad_fast.train.ema import EMA
 from lad_fast.train.loop import Job, Phase, Setup, train
+from lad_fast.utils.distributed import DistInfo, shard_indices, step_seed
 
 
 def _load_toy():

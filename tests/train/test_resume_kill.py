@@ -12,7 +12,7 @@ import pytest
 import torch
 from _shared import kill_after_first_checkpoint
 
-from lad_fast.checkpoints import load_checkpoint
+from lad_fast.runs.checkpoints import load_checkpoint
 
 WORKER = Path(__file__).with_name("toy_train.py")
 STEPS = 40

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lad_fast.conditions import structure_condition
+from lad_fast.conditioning.conditions import structure_condition
 from lad_fast.config import SegmenterConfig, get_preset
 from lad_fast.data.labels import CANONICAL_ID, CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import CheckpointError, InputError
-from lad_fast.runs import RunDir
+from lad_fast.runs.loading import load_segmenter, predict_volumes
+from lad_fast.runs.rundir import RunDir
 from lad_fast.train.data import PreparedBatches
 from lad_fast.train.segmenter import (
     SHIFT_VOXELS,
@@ -25,7 +26,6 @@ from lad_fast.train.segmenter import (
     render_prediction,
     train_segmenter,
 )
-from lad_fast.trained import load_segmenter, predict_volumes
 
 
 @pytest.fixture(scope="module")

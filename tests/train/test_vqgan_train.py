@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from lad_fast.checkpoints import load_checkpoint
 from lad_fast.config import LadConfig, VQGANConfig, get_preset
 from lad_fast.errors import CheckpointError, InputError, OutputExistsError
+from lad_fast.runs.checkpoints import load_checkpoint
+from lad_fast.runs.loading import load_vqgan
 from lad_fast.train.vqgan import evaluate_reconstruction, train_vqgan
-from lad_fast.trained import load_vqgan
 
 
 def small_cfg(**train: object) -> LadConfig:
@@ -274,7 +274,7 @@ def test_run_folder_holding_another_model(trained: Path, tmp_path: Path, phantom
 
 
 def test_load_vqgan_without_checkpoint(tmp_path: Path) -> None:
-    from lad_fast.runs import RunDir
+    from lad_fast.runs.rundir import RunDir
 
     RunDir.create(tmp_path / "empty", small_cfg())
     with pytest.raises(
@@ -289,9 +289,11 @@ def test_load_vqgan_without_checkpoint(tmp_path: Path) -> None:
 
 
 def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatch) -> None:
-    """The documented parameter count, the 8x8x64x64 latent of 32x256x256, one step on CPU (batch 1)."""
-    from lad_fast.data.phantom import write_phantoms
-    from lad_fast.data.prepared import prepare_dataset
+    """The documented parameter count and the 8x8x64x64 latent of 32x256x256; one training step of the
+    lad models on CPU (batch 1) at a 16x64x64 geometry: the same networks and losses, a quarter of the
+    test's former minute (the full-size step's memory is lad-fast plan's, tests/train/test_plan.py)."""
+    from lad_fast.data.phantom.draw import write_phantoms
+    from lad_fast.data.prepare import prepare_dataset
     from lad_fast.models.vqgan import VQGAN
 
     cfg = get_preset("lad")
@@ -302,6 +304,7 @@ def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatc
         assert model.encode(torch.zeros(1, 1, 32, 256, 256)).shape == (1, 8, 8, 64, 64)
     del model
 
+    cfg = replace(cfg, geometry=replace(cfg.geometry, shape=(16, 64, 64)))
     write_phantoms(tmp_path / "raw", n=2, cfg=cfg.phantom, seed=0)
     prepare_dataset(tmp_path / "raw", tmp_path / "prepared", cfg)
     cfg = replace(
@@ -310,7 +313,7 @@ def test_lad_preset_size_latent_and_one_training_step(tmp_path: Path, monkeypatc
     result = train_vqgan(tmp_path / "run", cfg, data=tmp_path / "prepared", device="cpu")
     assert result.step == 1 and result.bad_steps == 0 and np.isfinite(result.losses["l1"])
     _, meta = load_vqgan(tmp_path / "run")
-    assert meta["latent_shape"] == [8, 8, 64, 64] and meta["preset"] == "lad"
+    assert meta["latent_shape"] == [8, 4, 16, 16] and meta["preset"] == "lad"
 
 
 def test_holdout_flag_sets_prints_and_keeps_the_split(tmp_path: Path, phantoms: Path, capsys) -> None:

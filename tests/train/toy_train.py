@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lad_fast.config import TrainConfig, get_preset
-from lad_fast.devices import choose_device
-from lad_fast.distributed import step_generator
-from lad_fast.interrupts import Interrupted
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
+from lad_fast.utils.devices import choose_device
+from lad_fast.utils.distributed import step_generator
+from lad_fast.utils.interrupts import Interrupted
 
 SHAPE = (1, 4, 6, 6)  # (C, D, H, W) of one toy volume
 

@@ -1,0 +1,1 @@
+"""Diffusion: schedules and training objectives, and the pure sampling functions."""

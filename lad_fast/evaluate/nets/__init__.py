@@ -1,0 +1,1 @@
+"""Pretrained 3D feature networks for the fidelity metrics (MedicalNet, RadImageNet)."""

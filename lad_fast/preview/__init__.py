@@ -1,0 +1,1 @@
+"""PNG previews of volumes and masks, and the inputs behind the preview command."""

@@ -1,0 +1,149 @@
+"""bench/ssl_benchmark.py's protocol, with its commands recorded instead of run: every arm of a seed
+shares that seed's draw (real cases, labelled cases, fine-tuning seed), and only the pool differs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ssl_benchmark", ROOT / "bench" / "ssl_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _option(cmd: list[str], name: str) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def fake_runner(bench):
+    """A Runner that writes what each command would leave behind and keeps the command lines."""
+
+    class Fake(bench.Runner):
+        def run(self, phase, cmd, shown):
+            self.log.append({"phase": phase, "cmd": shown})
+            if phase == "generator":
+                run = Path(shown[3])
+                run.mkdir(parents=True, exist_ok=True)
+                bench.trained_marker(run).write_text("{}")
+            elif phase == "generate":
+                out = Path(_option(shown, "--out"))
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "dataset.json").write_text("{}")
+            elif phase == "pretrain":
+                run = Path(_option(shown, "--run"))
+                (run / "ssl").mkdir(parents=True, exist_ok=True)
+                (run / "ssl" / "latest").write_text(f"step-{int(_option(shown, '--steps')):08d}")
+            elif phase == "finetune":
+                run = Path(_option(shown, "--run")) / "finetune"
+                run.mkdir(parents=True, exist_ok=True)
+                seed = int(_option(shown, "--seed"))
+                dice = {"liver": 0.5 + 0.01 * seed, "spleen": 0.1, "kidney_right": 0.2, "kidney_left": 0.2,
+                        "pancreas": 0.05}  # fmt: skip
+                curve = [{"step": 1, "dice": dice}]
+                (run / "dice.json").write_text(json.dumps({"dice": dice, "curve": curve}))
+
+    return Fake(jobs=1)
+
+
+def fake_dataset(path: Path, n: int = 20) -> Path:
+    cases = [{"id": f"c{i:02d}", "has_mask": True} for i in range(n)]
+    for c in cases:
+        (path / "cases" / c["id"]).mkdir(parents=True)
+        (path / "cases" / c["id"] / "image.npy").write_text("x")
+    (path / "index.json").write_text(json.dumps({"cases": cases}))
+    return path
+
+
+def test_every_arm_of_a_seed_shares_its_draw(bench, tmp_path):
+    from lad_fast.ssl.stats import draw_cases
+
+    data = fake_dataset(tmp_path / "data")
+    pool = [f"c{i:02d}" for i in range(16)]
+    args = bench.parse(["--quick", "--work", str(tmp_path / "w"), "--labelled", "1", "2", "--seeds", "0", "1",
+                        "2", "--arms", *bench.ARMS, "--shared-generator"])  # fmt: skip
+    draws = {s: draw_cases(pool, s, args.unlabelled, args.n_extra) for s in args.seeds}
+    runner = fake_runner(bench)
+    per_k = bench.run_arms(args, data, draws, runner)
+    cmds = [(e["phase"], e["cmd"]) for e in runner.log]
+    finetunes = [c for p, c in cmds if p == "finetune"]
+    assert len(finetunes) == len(bench.ARMS) * 3 * 2  # every (arm, seed, K) once
+    for seed in args.seeds:
+        for k in (1, 2):
+            mine = [
+                c
+                for c in finetunes
+                if _option(c, "--seed") == str(seed) and _option(c, "--labelled") == str(k)
+            ]
+            assert len(mine) == len(bench.ARMS)
+            assert {_option(c, "--cases") for c in mine} == {",".join(draws[seed].real[:k])}
+            assert {_option(c, "--steps") for c in mine} == {str(args.finetune_steps)}
+    pretrains = {(_option(c, "--seed"), Path(_option(c, "--run")).name.split("-s")[0]): c for p, c in cmds
+                 if p == "pretrain"}  # fmt: skip
+    assert len(pretrains) == 5 * 3  # every pretrained arm once per seed, shared by both K
+    for seed in args.seeds:
+        real = ",".join(draws[seed].real)
+        for arm in ("real", "real+lad_fast", "real+lad_official", "real+medical_diffusion"):
+            assert _option(pretrains[(str(seed), arm)], "--cases") == real
+        oracle = _option(pretrains[(str(seed), "oracle")], "--cases").split(",")
+        assert oracle == [*draws[seed].real, *draws[seed].extra]
+        share = _option(pretrains[(str(seed), "real+lad_fast")], "--synthetic-ratio")
+        assert float(share) == pytest.approx(args.n_extra / (args.unlabelled + args.n_extra))
+        assert "--synthetic" not in pretrains[(str(seed), "real")]
+    # shared generator: trained once per row, on the first seed's U cases (lad_official on lad_fast's VQ-GAN)
+    gens = [c for p, c in cmds if p == "generator"]
+    assert sorted(c[2] for c in gens) == ["lad_fast", "lad_official", "medical_diffusion"]
+    assert len([c for p, c in cmds if p == "generate"]) == 3  # and each generates once for all seeds
+    subset = json.loads((tmp_path / "w" / "subsets" / "s0-u4" / "index.json").read_text())
+    assert [c["id"] for c in subset["cases"]] == sorted(draws[0].real)
+    official = next(c for c in gens if c[2] == "lad_official")
+    assert official[5] == next(c for c in gens if c[2] == "lad_fast")[3]
+    # results come back per K and arm in seed order, and a rerun runs nothing
+    assert [r["seed"] for r in per_k["2"]["oracle"]] == [0, 1, 2]
+    again = fake_runner(bench)
+    bench.run_arms(args, data, draws, again)
+    assert again.log == []
+
+
+def test_generators_per_seed_by_default(bench, tmp_path):
+    from lad_fast.ssl.stats import draw_cases
+
+    data = fake_dataset(tmp_path / "data")
+    args = bench.parse(["--work", str(tmp_path / "w"), "--seeds", "0", "1", "--unlabelled", "3",
+                        "--n-extra", "4", "--pretrain-steps", "1", "--finetune-steps", "1"])  # fmt: skip
+    draws = {s: draw_cases([f"c{i:02d}" for i in range(16)], s, 3, 4) for s in args.seeds}
+    runner = fake_runner(bench)
+    bench.run_arms(args, data, draws, runner)
+    gens = [e["cmd"] for e in runner.log if e["phase"] == "generator"]
+    assert len(gens) == 2 * 2  # lad_fast and lad_official, for each seed's own U
+    for s in (0, 1):
+        sub = json.loads((tmp_path / "w" / "subsets" / f"s{s}-u3" / "index.json").read_text())
+        assert sorted(c["id"] for c in sub["cases"]) == sorted(draws[s].real)
+
+
+def test_analysis_pairs_arms_by_seed(bench):
+    def runs(values):
+        return [{"dice": {o: v for o in bench.ORGANS}} for v in values]
+
+    arms = {"none": [0.1, 0.2, 0.3], "real": [0.2, 0.3, 0.4], "real+lad_fast": [0.25, 0.35, 0.45],
+            "oracle": [0.3, 0.4, 0.5]}  # fmt: skip
+    res = bench.analyse({arm: runs(v) for arm, v in arms.items()})
+    iv = res["paired"]["real+lad_fast - real"]["mean"]
+    assert iv["diff"] == pytest.approx(0.05) and iv["lo"] == pytest.approx(0.05) and iv["excludes_zero"]
+    assert res["paired"]["oracle - none"]["pancreas"]["diff"] == pytest.approx(0.2)
+    assert res["recovered_fraction"]["real+lad_fast"]["mean"] == pytest.approx(0.5)
+    assert res["summary"]["real"]["mean_of_organs"]["mean"] == pytest.approx(0.3)
+
+
+def test_the_baselines_are_required(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse(["--arms", "real", "oracle"])
+    assert "--arms must include none and real" in capsys.readouterr().err
