@@ -56,6 +56,7 @@ from lad_fast.kernels._aot_compile import (
     load_on_device,
     materialise,
 )
+from lad_fast.kernels._dispatch import TRITON_INSTALL, triton_available
 from lad_fast.kernels._limits import Target
 
 __all__ = [
@@ -429,6 +430,8 @@ def check(
     Returns ``{"planned": jobs in the subset, "records": one per compiled config, with its "presets",
     "variants" and "problems"}``. In a process with the interpreter on this runs in a subprocess without
     it (``progress`` is then not called)."""
+    if not triton_available():
+        raise BackendUnavailableError(f"the AOT compile check compiles with Triton: {TRITON_INSTALL}")
     from triton import knobs
 
     paths, targets = list(paths), list(targets)

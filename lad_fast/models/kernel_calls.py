@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from lad_fast.conditions import spatial_channels, structure_dim
+from lad_fast.conditioning.conditions import spatial_channels, structure_dim
 from lad_fast.config import get_preset
 from lad_fast.kernels import vq_nearest
 from lad_fast.kernels.aot import OpCall, record_op_calls

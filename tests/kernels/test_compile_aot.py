@@ -115,6 +115,14 @@ def test_steps_that_compile_refuse_the_interpreter():
         aot.kernel_launches([], "fp16")
 
 
+def test_without_triton_the_check_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(aot, "triton_available", lambda: False)
+    with pytest.raises(
+        BackendUnavailableError, match=r"compiles with Triton: pip install .*lad-fast\[triton\]"
+    ):
+        aot.check({})
+
+
 def test_unknown_names_are_refused_with_the_known_ones():
     with pytest.raises(ConfigError, match="unknown sm_75; .* targets sm_80, sm_90"):
         aot.check({}, targets=["sm_75"])
