@@ -1,12 +1,14 @@
 """The ``lad-fast`` command line. This module only assembles commands; each lives in its own module.
 
 Heavy imports (torch, nibabel ...) happen inside commands so that ``--help`` is instant. Library errors
-(:class:`lad_fast.errors.LadFastError`) print as one line and exit with code 2; ``LAD_FAST_DEBUG=1``
-shows the traceback.
+(:class:`lad_fast.errors.LadFastError`) and operating-system errors about a file (full disk, read-only
+file system, permission denied, a file where a folder is needed, ...: :func:`os_error_line`) print as one
+line and exit with code 2; ``LAD_FAST_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -56,6 +58,31 @@ def cpu_wait_policy(env: dict[str, str] | os._Environ[str] = os.environ) -> None
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+# What to do about an operating-system error, by errno; the line names the file first.
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device; free some space and rerun the same command",
+    errno.EDQUOT: "disk quota exceeded; free some space and rerun the same command",
+    errno.EROFS: "the file system is read-only; choose an output folder on a writable one",
+    errno.EACCES: "permission denied; choose a folder you may write to (or fix its permissions)",
+    errno.EPERM: "operation not permitted; choose a folder you may write to (or fix its permissions)",
+    errno.EEXIST: "exists, and is not the folder lad-fast needs there; move it away or choose another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder; choose another path",
+    errno.EISDIR: "is a folder where lad-fast needs a file; choose another path",
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter path",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an ``OSError`` about a file: the file (both, for a rename), what happened, and what to
+    do (:data:`_OS_ADVICE`; otherwise the system's own words)."""
+    path = os.fsdecode(err.filename)
+    if err.filename2 is not None:
+        path = f"{path} -> {os.fsdecode(err.filename2)}"
+    advice = _OS_ADVICE.get(err.errno) if err.errno is not None else None
+    return f"{path}: {advice or (err.strerror or str(err))}"
+
+
 def continue_command(args: list[str], resume_flag: str) -> str:
     """The command line that continues interrupted work: the same arguments without ``--force`` (it would
     start over), plus ``resume_flag`` when given (``--resume`` for training)."""
@@ -90,6 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         if _debug():
             raise
         print(f"lad-fast: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if _debug() or err.filename is None:  # not about a file: a defect, shown with its traceback
+            raise
+        print(f"lad-fast: error: {os_error_line(err)}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as err:
         if _debug():

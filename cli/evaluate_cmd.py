@@ -21,12 +21,34 @@ class Features(str, Enum):
 
 
 def _check_output(path: Path | None, force: bool) -> None:
-    from lad_fast.errors import OutputExistsError
+    """Refuse an output the report could not be written to, before anything is computed: one that exists
+    (without ``force``), a folder, one under a file, or one in a folder that cannot be written (read-only
+    file system, no permission); the writability is probed by creating and removing a hidden file in the
+    nearest folder that exists (the one the report's folders would be made in)."""
+    import os
+    import tempfile
 
-    if path is not None and path.exists() and not force:
+    from lad_fast.errors import LadFastError, OutputExistsError
+
+    if path is None:
+        return
+    if path.exists() and not force:
         raise OutputExistsError(f"{path}: exists; choose another file or pass --force to overwrite it")
-    if path is not None and path.is_dir():
+    if path.is_dir():
         raise OutputExistsError(f"{path}: is a folder; name a file")
+    folder = path.absolute().parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputExistsError(f"{path}: {folder} is a file, not a folder; name a file in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lad-fast-write-check.", dir=folder)
+    except OSError as err:
+        raise LadFastError(
+            f"{path}: cannot write in {folder} ({err.strerror or err}); choose a writable place for it"
+        ) from err
+    os.close(fd)
+    os.unlink(probe)
 
 
 RealOpt = Annotated[

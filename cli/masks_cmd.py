@@ -21,12 +21,23 @@ def predict_masks(
         bool, typer.Option("--force", help="Predict every case, replacing the masks it already has.")
     ] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            help="Write a prediction that holds none of the organs the slice window is chosen by "
+            "(pancreas) with a warning, instead of refusing it. A prediction without any organ is never "
+            "written."
+        ),
+    ] = False,
 ) -> None:
-    """Predict organ masks (and structure conditions) for the cases of DATA that have none."""
+    """Predict organ masks (and structure conditions) for the cases of DATA that have none.
+
+    A case prepared without a mask is predicted over the whole height of its source image and its slice
+    window chosen again from the prediction (its image is re-cropped): run this before training on DATA."""
     from lad_fast.cli.options import resolve_run
     from lad_fast.train.segmenter import predict_masks as predict
 
-    written = predict(resolve_run(run), data, device=device, force=force)
+    written = predict(resolve_run(run), data, device=device, force=force, allow_empty=allow_empty)
     typer.echo(f"predicted masks for {len(written)} case(s) in {data}")
 
 

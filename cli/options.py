@@ -36,7 +36,23 @@ class Vocabulary(str, Enum):
 
 
 PresetOpt = Annotated[Preset, typer.Option("--preset", "-p", help="Geometry and model sizes.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; one seed gives one result.")]
+MAX_SEED = 2**63 - 1  # what torch.Generator.manual_seed and numpy's SeedSequence both take
+
+
+def check_seed(value: int) -> int:
+    """The ``--seed`` value, refused in one line (ConfigError, exit 2) outside 0..:data:`MAX_SEED`, while
+    the options are parsed: before any command creates its output folder."""
+    from lad_fast.errors import ConfigError
+
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--seed {value}: give a whole number from 0 to {MAX_SEED}")
+    return value
+
+
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", callback=check_seed, help="Random seed (0 or more); one seed gives one result."),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an output folder that holds other files.")]
 OutDir = Annotated[Path, typer.Argument(help="Output folder.", file_okay=False)]
 RunOpt = Annotated[str, typer.Option("--run", "-r", help="Run name (under ./runs) or folder.")]

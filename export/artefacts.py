@@ -6,6 +6,12 @@ precision, opset, batch range, the checkpoint it was exported from, the versions
 ONNX, ONNX Runtime, TensorRT and ModelOpt, the GPU (name, compute capability) when there is one, and
 ``files``: what this export wrote, which is all ``--force`` ever deletes (:func:`prepare_out`).
 
+An artefact and its metadata become visible together (:func:`publish`): the artefact is written and
+verified under a hidden staging name, then its metadata (naming the file and its hash) is written, then
+the artefact is renamed into place. A kill between the two leaves metadata whose file is missing: a
+pending export, which ``lad-fast export`` (with or without ``--force``) removes and redoes
+(:func:`clear_pending`), and which ``generate`` refuses naming that command.
+
 :func:`check_artefact` refuses an artefact, with the reasons, when it is not what the caller needs: another
 checkpoint, a changed file, and for TensorRT engines another TensorRT version, another GPU, or a batch
 outside the engine's optimisation profile. ONNX graphs have a dynamic batch axis and are portable, so
@@ -15,6 +21,7 @@ neither the batch nor the GPU is checked for them.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -107,12 +114,18 @@ def environment() -> dict[str, Any]:
     return {"versions": versions, "gpu": gpu_info()}
 
 
-def write_meta(path: Path, **fields: Any) -> dict[str, Any]:
-    """Write ``<path>.json`` for the artefact ``path`` (already in place); returns the metadata."""
+def staging_path(path: Path) -> Path:
+    """The hidden name artefact ``path`` is written and verified under before :func:`publish`."""
+    return path.with_name(f".staging.{path.name}")
+
+
+def write_meta(path: Path, sha256: str | None = None, **fields: Any) -> dict[str, Any]:
+    """Write ``<path>.json`` for the artefact ``path`` (its SHA-256 given, or read from ``path``);
+    returns the metadata."""
     meta = {
         "format": FORMAT,
         "file": path.name,
-        "sha256": file_sha256(path),
+        "sha256": sha256 if sha256 is not None else file_sha256(path),
         "files": [path.name, meta_path(path).name],
         **fields,
         **environment(),
@@ -123,14 +136,63 @@ def write_meta(path: Path, **fields: Any) -> dict[str, Any]:
     return meta
 
 
+def publish(staged: Path, path: Path, **fields: Any) -> dict[str, Any]:
+    """Make the artefact written at ``staged`` (:func:`staging_path`) visible as ``path`` with its
+    metadata: the metadata first, then the file renamed into place, so no reader ever sees the file
+    without its metadata; returns the metadata."""
+    meta = write_meta(path, sha256=file_sha256(staged), **fields)
+    os.replace(staged, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return meta
+
+
+def clear_pending(out: Path) -> list[str]:
+    """Remove what an interrupted export left in ``out``: staging files, and metadata whose artefact was
+    never renamed into place (:func:`publish`); returns the metadata names removed. Call it only while
+    holding the folder's lock."""
+    removed = []
+    for name in sorted(ALL_NAMES):
+        path = Path(out) / name
+        staging_path(path).unlink(missing_ok=True)
+        meta = read_meta(path)
+        if meta is not None and meta.get("file") == name and not path.exists():
+            meta_path(path).unlink()
+            removed.append(meta_path(path).name)
+    return removed
+
+
 def read_meta(path: Path) -> dict[str, Any] | None:
     """The metadata of artefact ``path``; None when ``path`` has no lad-fast metadata beside it."""
     mp = meta_path(path)
     try:
         meta = json.loads(mp.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
     return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def damage(meta: dict[str, Any], path: Path) -> str | None:
+    """What is wrong with the fields of lad-fast metadata ``meta`` of ``path`` (None when nothing)."""
+    batch, versions = meta.get("batch"), meta.get("versions")
+    if meta.get("file") != path.name:
+        return f"it names the file {meta.get('file')!r}"
+    if not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("checkpoint"), str):
+        return "its sha256 or checkpoint is not a string"
+    if meta.get("target") not in TARGETS:
+        return f"its target {meta.get('target')!r} is not one of {', '.join(TARGETS)}"
+    if batch is not None and not (
+        isinstance(batch, dict) and all(type(batch.get(k)) is int for k in ("min", "opt", "max"))
+    ):
+        return "its batch is not {min, opt, max}"
+    if versions is not None and not isinstance(versions, dict):
+        return "its versions are not a mapping"
+    if meta.get("gpu") is not None and not isinstance(meta.get("gpu"), dict):
+        return "its gpu is not a mapping"
+    return None
 
 
 def mismatches(meta: dict[str, Any], path: Path, *, checkpoint: str, batch: int | None = None) -> list[str]:
@@ -142,7 +204,7 @@ def mismatches(meta: dict[str, Any], path: Path, *, checkpoint: str, batch: int 
             f"it was exported from checkpoint {meta.get('checkpoint')}, the run now holds {checkpoint}"
         )
     if not path.is_file():
-        reasons.append("the file is missing")
+        reasons.append("the file is missing (an export interrupted before it was in place?)")
     elif file_sha256(path) != meta.get("sha256"):
         reasons.append("the file changed since it was exported (its SHA-256 differs from the metadata)")
     if meta.get("target") == "trt":
@@ -178,6 +240,9 @@ def check_artefact(path: Path, *, checkpoint: str, batch: int | None = None, run
             f"{path} was not written by lad-fast export (no {meta_path(path).name} beside it); move it "
             f"out of {path.parent} or run `{redo}`"
         )
+    why = damage(meta, path)
+    if why is not None:
+        raise CheckpointError(f"{meta_path(path)} was edited or damaged ({why}); re-export with `{redo}`")
     reasons = mismatches(meta, path, checkpoint=checkpoint, batch=batch)
     if reasons:
         hint = redo
@@ -211,10 +276,13 @@ def prepare_out(out: Path, names: list[str], force: bool) -> None:
 
     Without ``force``: refused when ``out`` holds anything (foreign files, or an earlier export that would
     be overwritten). With ``force``: deletes only the files earlier exports recorded as theirs; foreign
-    files stay, and one that has a name this export writes is refused. Nothing is written before the checks.
+    files stay, and one that has a name this export writes is refused. Nothing is written before the checks
+    but the removal of what an interrupted export left (:func:`clear_pending`), which is redone.
     """
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; choose a folder")
+    if out.is_dir():
+        clear_pending(out)  # an interrupted export: redone below
     present = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
     owned = owned_files(out) if present else set()
     foreign = [n for n in present if n not in owned]

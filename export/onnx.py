@@ -127,12 +127,15 @@ def verify_onnx(
     example: Sequence[torch.Tensor],
     atol: float = 1e-4,
     rtol: float | None = None,
+    name: str | Path | None = None,
 ) -> float:
     """Difference between PyTorch and ONNX Runtime on ``example``; raises if above the tolerance.
 
     Without ``rtol``: the max absolute difference, checked against ``atol``. With ``rtol``: the relative
-    error of :func:`relative_error`, checked against ``rtol`` (``atol`` ignored).
+    error of :func:`relative_error`, checked against ``rtol`` (``atol`` ignored). ``name``: the file the
+    error names (default ``onnx_path``; the artefact's own name when a staged copy is verified).
     """
+    name = onnx_path if name is None else name
     with torch.no_grad(), forced_impl("torch"):
         ref = net.eval()(*example).float()
     got = OnnxDenoiser(onnx_path)(*example).float()
@@ -140,10 +143,10 @@ def verify_onnx(
         err = relative_error(ref, got)
         if not err <= rtol:
             raise LadFastError(
-                f"{onnx_path}: ONNX Runtime differs from PyTorch by {err:.3g} relative (> {rtol:g})"
+                f"{name}: ONNX Runtime differs from PyTorch by {err:.3g} relative (> {rtol:g})"
             )
         return err
     err = (ref - got).abs().max().item()
     if not err <= atol:
-        raise LadFastError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {err:.3g} (> {atol:g})")
+        raise LadFastError(f"{name}: ONNX Runtime differs from PyTorch by {err:.3g} (> {atol:g})")
     return err

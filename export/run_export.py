@@ -19,17 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lad_fast.errors import ConfigError
+from lad_fast.errors import ConfigError, OutputExistsError
 from lad_fast.export.artefacts import (
     GRAPH_BATCH_FACTOR,
     TARGETS,
     BatchRange,
     artefact_name,
+    damage,
     meta_path,
     mismatches,
     prepare_out,
+    publish,
     read_meta,
-    write_meta,
+    staging_path,
 )
 from lad_fast.export.autocast import PRECISIONS
 
@@ -90,12 +92,13 @@ def _export_kind(
     written = []
     fp32 = out / artefact_name(kind, "fp32", "onnx")
     if not _reusable(fp32, checkpoint):
-        with _removed_on_error(fp32):
-            export_onnx(module, example, fp32, names, output_name=out_name)
-            err = verify_onnx(module, fp32, example, rtol=FP32_RTOL)
-        common["outputs"] = _onnx_outputs(fp32)
-        write_meta(fp32, target="onnx", precision="fp32", opset=DEFAULT_OPSET, batch=brange, **common,
-                   verified={"relative_error": err, "tolerance": FP32_RTOL})  # fmt: skip
+        staged = staging_path(fp32)
+        with _removed_on_error(staged):
+            export_onnx(module, example, staged, names, output_name=out_name)
+            err = verify_onnx(module, staged, example, rtol=FP32_RTOL, name=fp32)
+            common["outputs"] = _onnx_outputs(staged)
+            publish(staged, fp32, target="onnx", precision="fp32", opset=DEFAULT_OPSET, batch=brange,
+                    **common, verified={"relative_error": err, "tolerance": FP32_RTOL})  # fmt: skip
         written += [fp32, meta_path(fp32)]
     common.setdefault("outputs", read_meta(fp32).get("outputs"))  # reused fp32 graph: as recorded
     graph = fp32
@@ -111,11 +114,12 @@ def _export_kind(
             n: tuple((b * factor, *e.shape[1:]) for b in (brange.min, brange.opt, brange.max))
             for n, e in zip(names, example, strict=True)
         }
-        with _removed_on_error(engine):
-            build_engine(graph, engine, shapes)
-        write_meta(engine, target="trt", precision=precision, batch=brange, source=graph.name,
-                   opset=read_meta(graph).get("opset"),
-                   profile={n: [list(s) for s in v] for n, v in shapes.items()}, **common)  # fmt: skip
+        staged = staging_path(engine)
+        with _removed_on_error(staged):
+            build_engine(graph, staged, shapes)
+            publish(staged, engine, target="trt", precision=precision, batch=brange, source=graph.name,
+                    opset=read_meta(graph).get("opset"),
+                    profile={n: [list(s) for s in v] for n, v in shapes.items()}, **common)  # fmt: skip
         written += [engine, meta_path(engine)]
     return written
 
@@ -132,10 +136,11 @@ def _autocast_kind(
 
     model = onnx.load(str(fp32))
     keep = nodes_fed_only_by(model, ["t"]) if kind == "denoiser" else decoder_fp32_nodes(model)
-    with _removed_on_error(graph):
-        summary = autocast_onnx(fp32, graph, precision, fp32_nodes=keep)
+    staged = staging_path(graph)
+    with _removed_on_error(staged):
+        summary = autocast_onnx(fp32, staged, precision, fp32_nodes=keep)
         try:
-            err = verify_onnx(module, graph, example, rtol=LOW_RTOL[precision])
+            err = verify_onnx(module, staged, example, rtol=LOW_RTOL[precision], name=graph)
             verified: dict = {"relative_error": err, "tolerance": LOW_RTOL[precision]}
         except Exception as e:  # onnxruntime's NotImplemented has no public class to catch
             if "NOT_IMPLEMENTED" not in str(e):
@@ -143,14 +148,14 @@ def _autocast_kind(
             # ONNX Runtime's CPU build has no bf16 Conv: the graph is checked, not compared, here
             verified = {"skipped": f"ONNX Runtime cannot run this {precision} graph here: {str(e)[:200]}"}
             warnings.warn(f"{graph.name}: not compared with PyTorch ({verified['skipped']})", stacklevel=2)
-    write_meta(graph, target="onnx", precision=precision, opset=summary["opset"], batch=brange,
-               source=fp32.name, autocast=summary, verified=verified, **common)  # fmt: skip
+        publish(staged, graph, target="onnx", precision=precision, opset=summary["opset"], batch=brange,
+                source=fp32.name, autocast=summary, verified=verified, **common)  # fmt: skip
     return [graph, meta_path(graph)]
 
 
 @contextlib.contextmanager
 def _removed_on_error(path: Path) -> Iterator[None]:
-    """An artefact whose export or verification fails is not left behind without its metadata."""
+    """A staged artefact whose export or verification fails is removed (its metadata is not written)."""
     try:
         yield
     except BaseException:
@@ -161,7 +166,9 @@ def _removed_on_error(path: Path) -> Iterator[None]:
 def _reusable(path: Path, checkpoint: str) -> bool:
     """Whether ``path`` is already a matching export (an on-demand TensorRT export reuses the ONNX graph)."""
     meta = read_meta(path)
-    return meta is not None and not mismatches(meta, path, checkpoint=checkpoint)
+    return (
+        meta is not None and damage(meta, path) is None and not mismatches(meta, path, checkpoint=checkpoint)
+    )
 
 
 def _check_request(target: str, precision: str) -> None:
@@ -193,13 +200,26 @@ def export_run(
     Writes ``<kind>.fp32.onnx``, with ``precision`` fp16/bf16 also ``<kind>.<precision>.onnx``, and with
     ``target`` "trt" ``<kind>.<precision>.engine``, each beside its ``.json`` metadata; returns the paths
     written. ``out`` holding other files is refused without ``force`` (see
-    :func:`~lad_fast.export.artefacts.prepare_out`). Graphs are exported and verified on the CPU.
+    :func:`~lad_fast.export.artefacts.prepare_out`); an export interrupted there is redone. ``out`` is
+    locked for the whole export (:class:`~lad_fast.utils.lock.FolderLock`): a second export into it is
+    refused. Graphs are exported and verified on the CPU.
     """
-    from lad_fast.runs.loading import load_sampling_models
+    from lad_fast.utils.lock import folder_lock
 
     _check_request(target, precision)
     run = Path(run)
     out = Path(out) if out is not None else run / EXPORT_DIR
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; choose a folder")
+    with folder_lock(out, "export"):
+        return _export_run(run, out, target, precision, batch_range, force)
+
+
+def _export_run(
+    run: Path, out: Path, target: str, precision: str, batch_range: BatchRange, force: bool
+) -> list[Path]:
+    from lad_fast.runs.loading import load_sampling_models
+
     models = load_sampling_models(run, "cpu")  # the run opened, its config parsed, once
     net, meta, vq = models.net, models.meta, models.vq
     names = [artefact_name(k, "fp32", "onnx") for k in ("denoiser", "decoder")]

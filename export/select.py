@@ -11,7 +11,6 @@ loaded module (:func:`lad_fast.export.run_export._export_kind`, verified against
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from lad_fast.errors import CheckpointError
-from lad_fast.export.artefacts import BatchRange, artefact_name, check_artefact, meta_path
+from lad_fast.export.artefacts import BatchRange, artefact_name, check_artefact, clear_pending, meta_path
 from lad_fast.export.run_export import (
     DEFAULT_RANGE,
     EXPORT_DIR,
@@ -28,6 +27,7 @@ from lad_fast.export.run_export import (
     _export_kind,
     _realistic,
 )
+from lad_fast.utils.lock import folder_lock
 
 
 def artefact_path(run: Path, kind: str, backend: str) -> tuple[Path, str]:
@@ -39,14 +39,20 @@ def artefact_path(run: Path, kind: str, backend: str) -> tuple[Path, str]:
 def run_meta(run: Path) -> dict:
     """The diffusion checkpoint's meta of ``run`` (no weights loaded), with its ``diffusion_config``."""
     from lad_fast.config import config_from_dict
-    from lad_fast.runs.checkpoints import META_NAME, latest_step_dir
+    from lad_fast.errors import ConfigError
+    from lad_fast.runs.checkpoints import META_NAME, latest_step_dir, read_step_meta
 
     step = latest_step_dir(Path(run) / "diffusion")
     if step is None:
         raise CheckpointError(f"{run}: no complete diffusion checkpoint to export")
-    meta = json.loads((step / META_NAME).read_text(encoding="utf-8"))
+    meta, _ = read_step_meta(step)  # checked against the step's digest: decoding uses its latent_norm
     meta = {**meta, **(meta.get("extra") or {})}
-    meta["diffusion_config"] = config_from_dict({"diffusion": meta["model_config"]["diffusion"]}).diffusion
+    try:
+        meta["diffusion_config"] = config_from_dict(
+            {"diffusion": meta["model_config"]["diffusion"]}
+        ).diffusion
+    except (KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{step / META_NAME}: no usable model_config ({err})") from err
     return meta
 
 
@@ -64,9 +70,10 @@ def run_checkpoint(run: Path, kind: str, meta: dict | None = None) -> str:
 
 def check_run_artefact(run: Path, backend: str, batch: int | None = None, kind: str = "denoiser") -> None:
     """Refuse (CheckpointError with the reasons) the run's ``kind`` artefact for ``backend`` when one is
-    there and does not fit the run's checkpoint, this machine or ``batch``; pass when there is none."""
+    there and does not fit the run's checkpoint, this machine or ``batch``; pass when there is none (or only
+    the metadata of an interrupted export)."""
     path, _ = artefact_path(run, kind, backend)
-    if path.exists() or meta_path(path).exists():
+    if path.exists():  # metadata alone is an interrupted export, redone on demand
         check_artefact(path, checkpoint=run_checkpoint(run, kind), batch=batch, run=run)
 
 
@@ -137,16 +144,24 @@ def _find_or_export(run, kind, checkpoint, module, example, names, out_name, bac
     hash of the checkpoint it must come from), else exported from ``module`` and verified."""
     path, precision = artefact_path(run, kind, backend)
     out = path.parent
-    if path.exists() or meta_path(path).exists():
+    if path.exists():  # checked without the lock: generating from a read-only run needs none
         check_artefact(path, checkpoint=checkpoint, batch=batch, run=run)
         return path
     _check_request(backend, precision)
-    for graph in {artefact_name(kind, p, "onnx") for p in ("fp32", precision)}:
-        if (out / graph).exists() or meta_path(out / graph).exists():  # reused when it matches, else refused
-            check_artefact(out / graph, checkpoint=checkpoint, run=run)
-    brange = DEFAULT_RANGE if batch is None else BatchRange(1, batch, max(batch, DEFAULT_RANGE.max))
-    if any(p.is_cuda for p in module.parameters()):
-        module = copy.deepcopy(module).float().cpu()
-    out.mkdir(parents=True, exist_ok=True)
-    _export_kind(kind, module.eval(), example, names, out_name, out, precision, backend, brange, checkpoint)
+    with folder_lock(out, "export"):  # the folder is written: one exporter at a time
+        clear_pending(out)  # what an interrupted export left: redone here
+        if path.exists() or meta_path(path).exists():  # exported meanwhile by another process
+            check_artefact(path, checkpoint=checkpoint, batch=batch, run=run)
+            return path
+        for graph in {artefact_name(kind, p, "onnx") for p in ("fp32", precision)}:
+            if (out / graph).exists() or meta_path(
+                out / graph
+            ).exists():  # reused when it matches, else refused
+                check_artefact(out / graph, checkpoint=checkpoint, run=run)
+        brange = DEFAULT_RANGE if batch is None else BatchRange(1, batch, max(batch, DEFAULT_RANGE.max))
+        if any(p.is_cuda for p in module.parameters()):
+            module = copy.deepcopy(module).float().cpu()
+        _export_kind(
+            kind, module.eval(), example, names, out_name, out, precision, backend, brange, checkpoint
+        )
     return path

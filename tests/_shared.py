@@ -67,3 +67,48 @@ def shared_data(path: Path) -> Path:
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
         pytest.fail(f"{missing}; under CI=true the tests that read the shared sample data must run")
     pytest.skip(missing)
+
+
+def rewrite_meta(meta_path: Path, meta: dict) -> None:
+    """Write an edited checkpoint ``meta.json`` and seal it into the step's ``digest`` again, as if
+    lad-fast had written it so: for tests of the checks that come after the digest (another model, an
+    organ vocabulary, a malformed file list ...)."""
+    import hashlib
+    import json
+
+    meta_path.write_text(json.dumps(meta))
+    digest = meta_path.with_name("digest")
+    entries = dict(reversed(line.split("  ", 1)) for line in digest.read_text().splitlines())
+    entries["meta.json"] = hashlib.sha256(meta_path.read_bytes()).hexdigest()
+    digest.write_text("".join(f"{sha}  {name}\n" for name, sha in sorted(entries.items())))
+
+
+class TruthPredictions:
+    """Stands in for ``predict_volumes(net, images, device)`` in :mod:`lad_fast.train.segmenter`: returns
+    the true labels of whichever window of the known ``columns`` it is shown, so a test of what is done
+    with predictions does not hang on what a segmenter trained for two steps happens to predict.
+
+    ``columns``: (image (D', H, W) in [-1, 1], labels (D', H, W)) pairs; a prepared case is a column of
+    one window. Edit a column's labels to stand for a segmenter that misses an organ there.
+    """
+
+    def __init__(self, columns):
+        import numpy as np
+
+        self.columns = [(np.asarray(unit), np.asarray(labels, dtype=np.uint8)) for unit, labels in columns]
+
+    def __call__(self, net, images, device):
+        import numpy as np
+
+        depth, out = np.shape(images)[1], []
+        for volume in np.asarray(images):
+            found = (
+                labels[s : s + depth]
+                for unit, labels in self.columns
+                for s in range(len(unit) - depth + 1)
+                if np.array_equal(unit[s : s + depth], volume)
+            )
+            window = next(found, None)
+            assert window is not None, "shown an image that is no window of a known column"
+            out.append(window)
+        return np.stack(out)

@@ -220,5 +220,6 @@ def test_checkpoints_follow_the_umask(tmp_path):
         "model.safetensors": 0o664,
         "state.pt": 0o664,
         "meta.json": 0o664,
+        "digest": 0o664,
     }
     assert (tmp_path / "vqgan" / "latest").stat().st_mode & 0o777 == 0o664

@@ -1,10 +1,12 @@
-"""Digests of a prepared dataset: of a case's sources, of a case's mask, and of the whole dataset.
+"""Digests of a prepared dataset: of a case's sources, of its arrays, and of the whole dataset.
 
-Three levels, each a SHA-256 in hex (64 digits):
+Four digests, each a SHA-256 in hex (64 digits):
 
 * :func:`source_hash` -> the case entry's ``content_hash`` in ``index.json``: the bytes of the source
   image and mask files and the label vocabulary they were read with (``prepare`` skips a case whose
   sources hash the same on a rerun);
+* :func:`image_hash` -> the case entry's ``image_hash``: the prepared ``image.npy``, so that a job
+  opening the dataset can verify the array it reads (:mod:`lad_fast.data.integrity`);
 * :func:`mask_hash` -> the case entry's ``mask_hash``: the prepared ``mask.npy`` and ``structure.npy``
   arrays, whoever wrote them (``prepare``, an imported or a predicted mask);
 * :func:`dataset_hash` -> :meth:`lad_fast.data.prepared.PreparedDataset.content_hash`, the one "data
@@ -18,8 +20,9 @@ source changes, the geometry changes, or a mask or structure condition is added 
 values. It leaves out, so rewriting them keeps the hash: the order of cases in ``index.json`` and its
 formatting, the preset's name, paths (the dataset's folder, ``image_source``, ``mask_source``: the same
 masks predicted again by a run in another folder keep the hash), fields derived from the sources and the
-geometry (crop, affine, shape, unknown labels) and any other file. It trusts that ``image.npy`` is what
-``prepare`` makes of the sources (another lad-fast version's prepare is not told apart). One exception
+geometry (crop, affine, shape, unknown labels, ``image_hash``, ``source``) and any other file. It trusts
+that ``image.npy`` is what ``prepare`` makes of the sources (another lad-fast version's prepare is not
+told apart; ``image_hash`` verifies the array, the sources identify it). One exception
 to "derived": when a mask imported after ``prepare`` chose the slice window again, the window's first
 slice joins the case's ``content_hash`` (:func:`lad_fast.data.prepared.image_identity`), since the image
 is then another crop of the same sources.
@@ -61,6 +64,15 @@ def source_hash(paths: list[Path | None], extra: str = "") -> str:
                 for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     h.update(block)
     h.update(extra.encode())
+    return h.hexdigest()
+
+
+def image_hash(image: np.ndarray) -> str:
+    """sha256 of a prepared image (D, H, W) as little-endian float16 (the stored dtype), preceded by its
+    shape: the values, independent of the file's layout."""
+    a = np.ascontiguousarray(np.asarray(image), dtype=np.dtype("<f2"))
+    h = hashlib.sha256(f"image{list(a.shape)}\0".encode())
+    h.update(memoryview(a).cast("B"))
     return h.hexdigest()
 
 

@@ -3,7 +3,9 @@
 Writing is safe to interrupt: every case folder is assembled under a hidden temporary name and renamed
 into place whole (:func:`lad_fast.utils.atomic.atomic_dir`), and ``index.json`` is rewritten atomically after
 each case, so it always lists exactly the complete cases. A rerun skips a case whose id, source content
-hash and vocabulary match the index.
+hash and vocabulary match the index and whose arrays still match the entry's hashes
+(:mod:`lad_fast.data.integrity`): a damaged case or entry is prepared again, never copied forward, so the
+rerun is also the repair every refusal of a damaged dataset names.
 
 Bad input is found as early as possible: discovery, file headers (dimensions, image/mask shapes and
 affines, "too small") and DICOM series (read in full, as their consistency needs every header) are
@@ -31,12 +33,20 @@ from typing import Any
 import numpy as np
 
 from lad_fast.config import GeometryConfig, LadConfig, config_to_dict
-from lad_fast.data.digest import mask_hash, source_hash
+from lad_fast.data.digest import image_hash, mask_hash, source_hash
+from lad_fast.data.integrity import (
+    SCHEMA_VERSION,
+    case_problem,
+    check_index,
+    entry_problem,
+    read_index,
+)
 from lad_fast.data.labels import CANONICAL_ORGANS
-from lad_fast.data.prepared import CASE_FILES, CASES, IMAGE_DTYPE, INDEX, SCHEMA_VERSION
+from lad_fast.data.prepared import CASE_FILES, CASES, IMAGE_DTYPE, INDEX
 from lad_fast.errors import InputError, OutputExistsError
 from lad_fast.utils.atomic import write_json
 from lad_fast.utils.lock import LOCK_NAME, locks_folder
+from lad_fast.utils.safepaths import is_plain_name
 
 REPORT = "prepare_report.json"  # written by prepare --skip-invalid: the cases left out and why
 
@@ -120,23 +130,28 @@ def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
     index_path = out / INDEX
     if not index_path.is_file():
         return {}
-    old: Any = None
     try:
-        old = json.loads(index_path.read_text())
-        same = (
-            old.get("schema_version") == SCHEMA_VERSION
-            and old.get("geometry") == json.loads(json.dumps(config_to_dict(cfg.geometry)))
-            and old.get("organs") == list(CANONICAL_ORGANS)
-        )
-        cases = {c["id"]: c for c in old.get("cases", [])}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        same, cases = False, {}
+        old = read_index(index_path)
+    except InputError:
+        old = None  # bad bytes or bad JSON: lad-fast cannot tell it wrote this file
     if not (isinstance(old, dict) and "schema_version" in old and "cases" in old):  # not ours: kept
         raise OutputExistsError(
             f"{index_path}: not an index prepare wrote; move it out of the folder or choose another one "
             "(--force never overwrites files lad-fast did not write)"
         )
+    try:
+        check_index(old, index_path)
+        damaged = False
+    except InputError:
+        damaged = True
+    same = (
+        old.get("schema_version") == SCHEMA_VERSION
+        and old.get("geometry") == json.loads(json.dumps(config_to_dict(cfg.geometry)))
+        and old.get("organs") == list(CANONICAL_ORGANS)
+    )
     if not same:
+        if damaged and old.get("preset") == cfg.preset:
+            return {}  # our index of this preset, damaged: every case is prepared again
         if not force:
             was = repr(old.get("preset"))
             raise OutputExistsError(
@@ -144,17 +159,28 @@ def _check_out(out: Path, cfg: LadConfig, force: bool) -> dict[str, dict]:
                 f"version), not {cfg.preset!r}; choose a new folder, or pass --force to re-prepare it"
             )
         return {}
-    return cases
+    # Only well-formed entries are candidates for reuse: a damaged one is prepared again, never copied.
+    cases = old["cases"] if isinstance(old["cases"], list) else []
+    well_formed = [c for c in cases if isinstance(c, dict) and is_plain_name(c.get("id"))]
+    return {c["id"]: c for c in well_formed if entry_problem(c) is None}
 
 
 # ------------------------------------------------------------------------------------------ one case
 
 
-def _is_complete(entry: dict | None, folder: Path, digest: str, vocabulary_name: str | None) -> bool:
+def _reusable(
+    entry: dict | None, folder: Path, digest: str, vocabulary_name: str | None, shape: tuple[int, ...]
+) -> dict | None:
+    """The previous run's entry of a case when its sources, vocabulary and arrays are still what it
+    describes (:func:`lad_fast.data.integrity.case_problem`), else None: the case is prepared again. An
+    entry written before ``image_hash`` existed gets it here."""
     if entry is None or entry.get("content_hash") != digest or entry.get("vocabulary") != vocabulary_name:
-        return False
-    names = ["image.npy"] + (["mask.npy", "structure.npy"] if entry.get("has_mask") else [])
-    return all((folder / n).is_file() for n in names)
+        return None
+    if case_problem(folder, entry, shape) is not None:
+        return None
+    if entry.get("image_hash") is None:
+        entry = {**entry, "image_hash": image_hash(np.load(folder / "image.npy", mmap_mode="r"))}
+    return entry
 
 
 def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest: str) -> dict[str, Any]:
@@ -182,7 +208,14 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
         with atomic_path(folder / name, suffix=".npy") as tmp:
             np.save(tmp, array)
 
-    save("image.npy", case.image.astype(IMAGE_DTYPE))
+    image = case.image.astype(IMAGE_DTYPE)
+    bad = int(np.count_nonzero(~np.isfinite(image)))
+    if bad:  # the readers refuse NaN and Inf in the source; this guards every path to the array
+        raise InputError(
+            f"{plan.image}: {bad} prepared voxels are NaN or Inf; fill them in the source (e.g. with -1000 "
+            "HU) and retry"
+        )
+    save("image.npy", image)
     digest_of_mask = None
     if case.mask is not None:
         structure = np.asarray(structure_condition(case.mask, cfg.condition), dtype=np.int64)
@@ -202,6 +235,7 @@ def _prepare_one(plan: _Plan, cfg: LadConfig, strict: bool, folder: Path, digest
         "unknown_labels": [int(i) for i in unknown],
         "shape": list(case.image.shape),
         "has_mask": case.mask is not None,
+        "image_hash": image_hash(image),
         "mask_hash": digest_of_mask,
     }
 
@@ -299,6 +333,7 @@ def prepare_dataset(
     index: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "preset": cfg.preset,
+        "source": str(src.absolute()),  # what the command that re-prepares a damaged case names
         "geometry": config_to_dict(cfg.geometry),
         "organs": list(CANONICAL_ORGANS),
         "layout": layout_name,
@@ -306,14 +341,15 @@ def prepare_dataset(
         "cases": [],
     }
     created = not out.exists()
+    shape = tuple(cfg.geometry.shape)
     written = 0
     try:
         for plan in track(valid, "prepare"):
             folder = out / CASES / plan.case_id
             extra = json.dumps(plan.vocabulary, sort_keys=True, default=str)
             digest = source_hash([plan.image, plan.mask], extra)
-            entry = previous.get(plan.case_id)
-            if not _is_complete(entry, folder, digest, plan.vocabulary_name):
+            entry = _reusable(previous.get(plan.case_id), folder, digest, plan.vocabulary_name, shape)
+            if entry is None:
                 try:
                     with atomic_dir(folder) as tmp:
                         entry = _prepare_one(plan, cfg, strict, tmp, digest)

@@ -2,14 +2,17 @@
 
 Layout of a prepared folder (written by :func:`lad_fast.data.prepare.prepare_dataset`)::
 
-    index.json                 schema_version, preset, geometry, organs, layout, cases: [...]
+    index.json                 schema_version, preset, source, geometry, organs, layout, cases: [...]
     cases/<id>/image.npy       (D, H, W) float16 in [-1, 1]
     cases/<id>/mask.npy        (D, H, W) uint8 canonical organ ids      (cases with a mask)
     cases/<id>/structure.npy   (n,) int64 structure condition           (cases with a mask)
 
-A case entry records ``content_hash`` (of its sources) and ``mask_hash`` (of its mask and structure
-arrays; :mod:`lad_fast.data.digest`); :meth:`PreparedDataset.content_hash` combines them into the
-dataset's one data hash. After ``prepare``, masks are added or replaced only through
+A case entry records ``content_hash`` (of its sources), ``image_hash`` (of its image array) and
+``mask_hash`` (of its mask and structure arrays; :mod:`lad_fast.data.digest`);
+:meth:`PreparedDataset.content_hash` combines the first and last into the dataset's one data hash.
+``index.json`` is checked when the dataset is opened, and the arrays against their hashes by
+:meth:`PreparedDataset.verify`, which every training and generation job calls
+(:mod:`lad_fast.data.integrity`). After ``prepare``, masks are added or replaced only through
 :meth:`PreparedDataset.set_masks` (imported or predicted masks on the case's grid) and
 :meth:`PreparedDataset.replace_case` (a mask that re-chose the slice window of a case prepared without
 one, image included), which own the case files and the index.
@@ -22,25 +25,28 @@ halves disk and read bandwidth against float32. Every array loads with ``np.load
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lad_fast.config import ConditionConfig, GeometryConfig, config_from_dict, config_to_dict
-from lad_fast.data.digest import dataset_hash, mask_hash, mask_hash_of_folder
+from lad_fast.config import ConditionConfig, GeometryConfig, config_to_dict
+from lad_fast.data.digest import dataset_hash, image_hash, mask_hash, mask_hash_of_folder
+from lad_fast.data.integrity import (  # the format's constants, defined beside its checks
+    IMAGE_DTYPE,
+    WINDOW_LATER_MASK,
+    case_problem,
+    check_index,
+    read_index,
+    reprepare_command,
+)
 from lad_fast.errors import InputError
 from lad_fast.utils.atomic import write_json
 
-SCHEMA_VERSION = 1
 INDEX = "index.json"
 CASES = "cases"
-IMAGE_DTYPE = np.float16
 CASE_FILES = ("image.npy", "mask.npy", "structure.npy")  # all prepare writes in cases/<id>/
-# An entry's "window": how its slice window was chosen. "centre": without a mask (chosen again when one
-# arrives); "mask": from the mask prepare read; WINDOW_LATER_MASK: from a mask imported after prepare.
-WINDOW_LATER_MASK = "later mask"
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -60,17 +66,9 @@ class PreparedDataset:
             raise InputError(
                 f"{self.path}: no {INDEX}; not a prepared dataset (make one with `lad-fast prepare SRC OUT`)"
             )
-        try:
-            index = json.loads(index_path.read_text())
-        except ValueError as exc:
-            raise InputError(f"{index_path}: not valid JSON ({exc}); re-prepare the dataset") from None
-        version = index.get("schema_version") if isinstance(index, dict) else None
-        if version != SCHEMA_VERSION:
-            raise InputError(
-                f"{index_path}: schema version {version!r}, this lad-fast reads {SCHEMA_VERSION}; "
-                "re-prepare the dataset with this version's `lad-fast prepare`"
-            )
-        preset = index.get("preset")
+        index = read_index(index_path)
+        self.geometry: GeometryConfig = check_index(index, index_path)
+        preset = index["preset"]
         if expect_preset is not None and preset != expect_preset:
             raise InputError(
                 f"{self.path}: prepared at preset {preset!r}, but {expect_preset!r} is needed; use it as "
@@ -78,21 +76,49 @@ class PreparedDataset:
                 f"`lad-fast prepare SRC OUT --preset {expect_preset}`"
             )
         self.preset: str = preset
-        self.geometry: GeometryConfig = config_from_dict({"geometry": index["geometry"]}).geometry
+        self._verified: set[tuple] = set()
         self._adopt(index)
 
     def _adopt(self, index: dict) -> None:
-        from lad_fast.utils.safepaths import plain_name
-
-        cases = index.get("cases")
-        if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
-            raise InputError(f"{self.path / INDEX}: its case list is damaged; re-prepare the dataset")
-        for c in cases:  # an id becomes a folder name: cases/../../victim must never be reached
-            plain_name(
-                c.get("id"), "case id", self.path / INDEX, "the index was edited; re-prepare the dataset"
-            )
         self.index = index
-        self._cases: list[dict] = list(cases)
+        self._cases: list[dict] = list(index["cases"])
+
+    def reprepare_command(self) -> str:
+        """The command that re-prepares this dataset's damaged cases (and skips the intact ones)."""
+        return reprepare_command(self.path, self.index)
+
+    def verify(self, indices: Iterable[int] | None = None) -> None:
+        """Check the arrays of the cases at ``indices`` (default: every case) against the index, before a
+        job uses them: image shape, dtype, finiteness and ``image_hash``; mask shape, ids and
+        ``mask_hash`` (:func:`lad_fast.data.integrity.case_problem`). InputError naming the case and the
+        command that re-prepares it. A case verified once is not read again by this object unless its
+        entry changes (a mask added by :meth:`set_masks`).
+
+        Cost: each array is read and hashed once (sha256, and a finiteness test on the float16 bits), a
+        few hundredths of a second per ``lad`` case from the page cache (``bench/verify_prepared.py``
+        measures it); from a cold disk, reading the arrays dominates.
+        """
+        shape = tuple(self.geometry.shape)
+        for i in range(len(self)) if indices is None else indices:
+            entry = self._cases[i]
+            key = (entry["id"], entry.get("image_hash"), entry["has_mask"], entry.get("mask_hash"))
+            if key in self._verified:
+                continue
+            problem = case_problem(self.case_dir(entry["id"]), entry, shape)
+            if problem is not None:
+                raise InputError(self.damaged(entry, problem))
+            self._verified.add(key)
+
+    def damaged(self, entry: Mapping[str, Any], problem: str) -> str:
+        """The one-line refusal of a damaged case: which case, what is wrong, and how to re-prepare it."""
+        again = ""
+        source = str(entry.get("mask_source") or "")
+        if source.startswith(("external:", "predicted:")):
+            again = f", then give it its mask again (it came from {source})"
+        return (
+            f"{self.path}: case {entry['id']!r} is damaged: {problem}; re-prepare it with "
+            f"`{self.reprepare_command()}` (which skips the intact cases){again}"
+        )
 
     def case_dir(self, case_id: str) -> Path:
         """``<dataset>/cases/<case_id>``, checked to lie inside the dataset (symbolic links followed)."""
@@ -219,7 +245,13 @@ class PreparedDataset:
         position = next(i for i, e in enumerate(index["cases"]) if e["id"] == case_id)
         old = index["cases"].pop(position)
         new = {**old, **json.loads(json.dumps(dict(fields)))}
-        new.update(has_mask=True, mask_source=str(source), mask_hash=mask_hash(m, structure))
+        image = np.asarray(image, dtype=IMAGE_DTYPE)
+        new.update(
+            has_mask=True,
+            mask_source=str(source),
+            mask_hash=mask_hash(m, structure),
+            image_hash=image_hash(image),
+        )
         write_json(index_path, index)
         try:
             with atomic_dir(folder) as tmp:
@@ -249,12 +281,18 @@ class PreparedDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self._cases[i]
         folder = self.case_dir(entry["id"])
+        shape = tuple(self.geometry.shape)
 
         def load(name: str, mmap: bool = True) -> np.ndarray:
             try:
-                return np.load(folder / name, mmap_mode="r" if mmap else None)
+                array = np.load(folder / name, mmap_mode="r" if mmap else None)
             except (OSError, ValueError) as exc:
-                raise InputError(f"{folder / name}: cannot read ({exc}); re-prepare the dataset") from None
+                problem = f"{name} cannot be read ({exc})"
+                raise InputError(self.damaged(entry, problem)) from None
+            if name != "structure.npy" and array.shape != shape:  # the header alone: free to check
+                problem = f"{name} has shape {array.shape}, not the geometry's {shape}"
+                raise InputError(self.damaged(entry, problem))
+            return array
 
         has_mask = entry["has_mask"]
         return {

@@ -58,17 +58,20 @@ class SourceMask:
 
 def load_source_masks(path: Path, preset: str, shape: tuple[int, int, int]) -> list[SourceMask]:
     """Masks of a prepared dataset (cases with a mask), or of a folder of NIfTI label maps with canonical
-    ids already on the preset grid (the ``masks/`` folder of a generated dataset, for instance)."""
+    ids already on the preset grid (the ``masks/`` folder of a generated dataset, for instance). The cases
+    of a prepared dataset are verified against its index first (:meth:`PreparedDataset.verify`): a damaged
+    mask is refused naming the case, never conditioned on."""
     from lad_fast.data.prepared import INDEX, PreparedDataset
 
     path = Path(path)
     if (path / INDEX).is_file():
         ds = PreparedDataset(path, expect_preset=preset)
+        masked = [i for i, case in enumerate(ds.case_ids) if ds.entry(case)["has_mask"]]
+        ds.verify(masked)
         out = []
-        for i, case in enumerate(ds.case_ids):
-            if ds.entry(case)["has_mask"]:
-                item = ds[i]
-                out.append(SourceMask(case, np.asarray(item["mask"]), item["affine"]))
+        for i in masked:
+            item = ds[i]
+            out.append(SourceMask(ds.case_ids[i], np.asarray(item["mask"]), item["affine"]))
         if not out:
             raise InputError(f"{path}: no case has a mask; generation is conditioned on masks")
         return out

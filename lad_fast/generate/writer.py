@@ -142,14 +142,28 @@ def _clean_leftovers(out: Path) -> None:
         remove_temporaries(out / sub, lambda t, sub=sub: _view_file(sub, t))
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
+def _read_lines(path: Path) -> list[Any]:
+    """The JSON values of a manifest's lines; a line that is not JSON (torn by a kill mid-append) is
+    skipped, its volume made again. InputError naming the file and line for bytes that are not UTF-8."""
     out = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line torn by a kill mid-append: its volume is made again
+    if not path.is_file():
+        return out
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{path} is unreadable ({err.strerror or err}); check the file") from err
+    for n, blob in enumerate(raw.splitlines(), start=1):
+        try:
+            line = blob.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"{path}: line {n} holds bytes that are not UTF-8; the manifest was damaged: restore it, "
+                "delete that line (the volume is then generated again), or choose a new --out"
+            ) from err
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line torn by a kill mid-append: its volume is made again
     return out
 
 

@@ -2,16 +2,21 @@
 
 A model folder (``runs/<name>/<model>/``) holds::
 
-    step-00000100/  model.safetensors [disc.safetensors ...] [ema.safetensors] state.pt meta.json
+    step-00000100/  model.safetensors [disc.safetensors ...] [ema.safetensors] state.pt meta.json digest
     step-00000200/  ...
     latest          "step-00000200": the newest complete step folder
 
 Writing: the step folder is assembled under a temporary dot-name (every file fsynced, ``meta.json``
-last, listing each file's size and SHA-256), renamed into place, then ``latest`` is atomically
-replaced and older folders beyond ``keep`` are pruned. A kill at any point leaves ``latest`` naming a
-complete folder (or, before the first pointer write, no pointer and at most one complete folder).
-Reading verifies sizes and hashes, so truncation or corruption raises :class:`CheckpointError`
-naming the file; ``fallback=True`` then tries the previous complete folder instead.
+listing each weight and state file's size and SHA-256, then ``digest`` last: the SHA-256 of every other
+file of the folder, ``meta.json`` included, in ``sha256sum`` form), renamed into place, then ``latest`` is
+atomically replaced and older folders beyond ``keep`` are pruned. The checkpoint's content hash
+(:func:`digest_hash`) is the hash of ``digest``: it changes when any file of the step changes, the
+normalisation and config in ``meta.json`` as well as the weights. A kill at any point leaves ``latest``
+naming a complete folder (or, before the first pointer write, no pointer and at most one complete
+folder). Reading verifies ``meta.json`` against ``digest`` and every file against its recorded size and
+hash, so an edit, truncation or corruption raises :class:`CheckpointError` naming the file (a step
+folder without ``digest``, written before lad-fast recorded one, is read with its weights checked
+alone); ``fallback=True`` then tries the previous complete folder instead.
 """
 
 from __future__ import annotations
@@ -37,10 +42,12 @@ from lad_fast.errors import CheckpointError
 from lad_fast.utils.atomic import atomic_dir, follow_umask, write_failure, write_text
 
 FORMAT = "lad-fast-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the step folder has a ``digest`` covering meta.json too
 POINTER = "latest"
 STATE_NAME = "state.pt"
 META_NAME = "meta.json"
+DIGEST_NAME = "digest"
+_DIGEST_LINE_RE = re.compile(r"^([0-9a-f]{64})  ([^/\\]+)$")
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
@@ -142,7 +149,13 @@ def latest_step_dir(model_dir: str | os.PathLike[str]) -> Path | None:
     model_dir = Path(model_dir)
     pointer = model_dir / POINTER
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(
+                f"{pointer} is unreadable ({type(err).__name__}); the run folder is damaged "
+                "(delete the pointer to fall back to the newest step folder)"
+            ) from err
         if not _STEP_RE.match(name) or not (model_dir / name).is_dir():
             raise CheckpointError(
                 f"{pointer} names {name!r}, which is not a checkpoint folder; the run folder is damaged "
@@ -233,6 +246,74 @@ def _write_step(
         }
         (tmp / META_NAME).write_text(json.dumps(full_meta, indent=2, default=str) + "\n", encoding="utf-8")
         _fsync(tmp / META_NAME)
+        digest = {name: info["sha256"] for name, info in files.items()}
+        digest[META_NAME] = file_sha256(tmp / META_NAME)
+        (tmp / DIGEST_NAME).write_text(_digest_text(digest), encoding="utf-8")
+        follow_umask(tmp / DIGEST_NAME)
+        _fsync(tmp / DIGEST_NAME)
+
+
+def _digest_text(digest: Mapping[str, str]) -> str:
+    """``sha256sum`` lines (``<hex>  <name>``), sorted by name: the bytes :func:`digest_hash` hashes."""
+    return "".join(f"{sha}  {name}\n" for name, sha in sorted(digest.items()))
+
+
+def read_digest(step_dir: str | os.PathLike[str]) -> tuple[dict[str, str], str] | None:
+    """``({file name: SHA-256}, content hash)`` of a step folder's ``digest``; None when it has none
+    (a checkpoint of a lad-fast that wrote no digest). CheckpointError naming the file when it is not
+    what :func:`save_checkpoint` writes."""
+    path = Path(step_dir) / DIGEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise CheckpointError(
+            f"{path} is unreadable ({err.strerror or err}); the checkpoint is damaged"
+        ) from err
+    digest: dict[str, str] = {}
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = ["<not UTF-8>"]
+    for line in lines:
+        m = _DIGEST_LINE_RE.match(line)
+        if m is None or m.group(2) in digest:
+            digest = {}
+            break
+        digest[m.group(2)] = m.group(1)
+    if META_NAME not in digest or raw.decode("utf-8", "replace") != _digest_text(digest):
+        raise CheckpointError(
+            f"{path} was edited or damaged (not one '<sha256>  <file>' line per file of the checkpoint); "
+            "the checkpoint cannot be trusted: restore it or train again"
+        )
+    return digest, hashlib.sha256(raw).hexdigest()[:16]
+
+
+def files_hash(files: Mapping[str, Any]) -> str:
+    """The content hash of a step folder without ``digest``: its weight files' hashes as ``meta.json``
+    lists them (what lad-fast recorded before ``meta.json`` itself was covered)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def digest_hash(step_dir: str | os.PathLike[str]) -> str:
+    """The content hash of a step folder (16 hex digits): the SHA-256 of its ``digest``, which lists
+    every file's hash, ``meta.json`` included; for a folder without one, :func:`files_hash` of its
+    ``meta.json``. Reads no weights; :func:`load_checkpoint` checks that the files match it."""
+    step_dir = Path(step_dir)
+    read = read_digest(step_dir)
+    if read is not None:
+        return read[1]
+    meta_path = step_dir / META_NAME
+    try:
+        files = json.loads(meta_path.read_text(encoding="utf-8"))["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{meta_path} is unreadable ({type(err).__name__}: {err}); the checkpoint is damaged"
+        ) from err
+    return files_hash(files)
 
 
 @dataclass
@@ -243,6 +324,7 @@ class Checkpoint:
     step: int
     meta: dict[str, Any]
     state: dict[str, Any]
+    content_hash: str = ""  # :func:`digest_hash` of the folder, checked against its files
 
     def has(self, stem: str) -> bool:
         return (self.path / f"{stem}.safetensors").is_file()
@@ -306,17 +388,48 @@ def _check_meta(meta: dict[str, Any], meta_path: Path) -> None:
     )
 
 
-def _verify(step_dir: Path, model: str) -> Checkpoint:
+def read_step_meta(step_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """``(meta.json, content hash)`` of a step folder, ``meta.json`` checked against ``digest`` and its
+    shape against what :func:`save_checkpoint` writes; no weights are read (:func:`load_checkpoint`
+    checks them). CheckpointError naming the file that is missing, edited or damaged."""
+    step_dir = Path(step_dir)
     meta_path = step_dir / META_NAME
+    read = read_digest(step_dir)
+    if read is not None and meta_path.is_file() and file_sha256(meta_path) != read[0][META_NAME]:
+        raise CheckpointError(
+            f"{meta_path} was changed after the checkpoint was written (its SHA-256 does not match "
+            f"{step_dir / DIGEST_NAME}); the checkpoint cannot be trusted: restore it or train again"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise CheckpointError(f"{meta_path} is missing; the checkpoint is incomplete") from err
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{meta_path} is unreadable ({err}); the checkpoint is corrupt") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} is not a lad-fast checkpoint description")
     _check_meta(meta, meta_path)
+    version = meta.get("format_version")
+    if read is None:
+        if version != 1:
+            raise CheckpointError(
+                f"{step_dir / DIGEST_NAME} is missing (the checkpoint's format version {version!r} "
+                "records one); the checkpoint cannot be trusted: restore it or train again"
+            )
+        return meta, files_hash(meta["files"])
+    listed = {name: info["sha256"] for name, info in meta["files"].items()}
+    listed[META_NAME] = read[0][META_NAME]
+    if listed != read[0]:
+        raise CheckpointError(
+            f"{step_dir / DIGEST_NAME} does not list the files {META_NAME} lists; the checkpoint "
+            "cannot be trusted: restore it or train again"
+        )
+    return meta, read[1]
+
+
+def _verify(step_dir: Path, model: str) -> Checkpoint:
+    meta_path = step_dir / META_NAME
+    meta, content = read_step_meta(step_dir)
     if meta.get("model") != model:
         raise CheckpointError(
             f"{step_dir} holds a {meta.get('model')!r} checkpoint, not {model!r}; "
@@ -335,7 +448,7 @@ def _verify(step_dir: Path, model: str) -> Checkpoint:
         state = torch.load(step_dir / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad pickle
         raise CheckpointError(f"{step_dir / STATE_NAME} is unreadable ({type(err).__name__})") from err
-    return Checkpoint(path=step_dir, step=int(meta["step"]), meta=meta, state=state)
+    return Checkpoint(path=step_dir, step=int(meta["step"]), meta=meta, state=state, content_hash=content)
 
 
 def load_checkpoint(

@@ -22,7 +22,6 @@ trainers; it imports nothing from ``lad_fast.train`` (tests/test_imports.py chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,7 @@ from lad_fast.models.segmenter import Segmenter
 from lad_fast.models.unet import LatentUNet, build_unet
 from lad_fast.models.vqgan import VQGAN
 from lad_fast.organs import CANONICAL_ORGANS, NUM_CLASSES
-from lad_fast.runs.checkpoints import META_NAME, latest_step_dir, load_checkpoint
+from lad_fast.runs.checkpoints import META_NAME, digest_hash, latest_step_dir, load_checkpoint
 from lad_fast.runs.rundir import RunDir, config_diff
 
 # Config sections a VQ-GAN run must share with the diffusion run that uses its latents.
@@ -51,25 +50,17 @@ PREDICT_BATCH = 4  # oneDNN's 3D convolutions are several times slower per case 
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-def _files_hash(files: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def checkpoint_hash(model_dir: Path) -> str:
-    """Short hash of the latest checkpoint in ``model_dir``: its files' SHA-256, as ``meta.json`` lists them.
+    """Short content hash of the latest checkpoint in ``model_dir``
+    (:func:`~lad_fast.runs.checkpoints.digest_hash`): it covers every file of the step, ``meta.json``
+    (latent normalisation, model config) as well as the weights.
 
-    Cheap (no weights are read) and changes whenever any weight file changes.
+    Cheap (no weights are read); loading the checkpoint checks that its files match it.
     """
     step_dir = latest_step_dir(model_dir)
     if step_dir is None:
         raise CheckpointError(f"{model_dir}: no complete checkpoint")
-    try:
-        files = json.loads((step_dir / META_NAME).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"{step_dir / META_NAME} is unreadable ({err}); the checkpoint is damaged"
-        ) from err
-    return _files_hash(files)
+    return digest_hash(step_dir)
 
 
 # ------------------------------------------------------------------------------------------ loaders
@@ -103,7 +94,7 @@ def _load(
         )
     meta = {**ckpt.meta, **(ckpt.meta.get("extra") or {})}
     meta["checkpoint"] = str(ckpt.path)
-    meta["checkpoint_hash"] = _files_hash(ckpt.meta.get("files", {}))
+    meta["checkpoint_hash"] = ckpt.content_hash
     try:
         module = build(ckpt.meta.get("model_config") or {}, meta, rundir)
     except (KeyError, TypeError, ValueError, ConfigError) as err:

@@ -213,33 +213,55 @@ class RunDir:
         """Append one JSON line to ``log.jsonl`` (fsynced)."""
         append_line(self.log_path, json.dumps(record, sort_keys=False))
 
-    def read_log(self, model: str | None = None) -> list[dict[str, Any]]:
-        """The parsed lines of ``log.jsonl`` (of one model when given); a torn last line is skipped."""
-        if not self.log_path.exists():
+    def _log_lines(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(line, record)`` of every line of ``log.jsonl``; a line that is not JSON (one torn by a kill
+        mid-append) is skipped. CheckpointError naming the file and line for bytes that are not UTF-8 or
+        a record that is not an object with a string ``model`` and an integer ``step`` (when it has one),
+        so a damaged line is neither trusted nor copied forward by :meth:`truncate_log`."""
+        try:
+            raw = self.log_path.read_bytes()
+        except FileNotFoundError:
             return []
+        except OSError as err:
+            raise CheckpointError(
+                f"{self.log_path} is unreadable ({err.strerror or err}); check the file"
+            ) from err
         out = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+        for n, blob in enumerate(raw.splitlines(), start=1):
             try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a kill mid-append
-            if model is None or rec.get("model") == model:
-                out.append(rec)
+                line = blob.decode("utf-8")
+            except UnicodeDecodeError:
+                what = "bytes that are not UTF-8"
+            else:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a kill mid-append
+                step = rec.get("step", 0) if isinstance(rec, dict) else None
+                if isinstance(rec, dict) and isinstance(rec.get("model"), str) and type(step) is int:
+                    out.append((line, rec))
+                    continue
+                what = 'a line that is not a log record ({"model": ..., "step": N, ...})'
+            raise CheckpointError(
+                f"{self.log_path}: line {n} holds {what}; the log was edited or damaged: delete that line "
+                "(or the whole log, which only records training) and rerun"
+            )
         return out
+
+    def read_log(self, model: str | None = None) -> list[dict[str, Any]]:
+        """The parsed lines of ``log.jsonl`` (of one model when given); a torn last line is skipped,
+        a damaged one refused (:meth:`_log_lines`)."""
+        return [rec for _, rec in self._log_lines() if model is None or rec["model"] == model]
 
     def truncate_log(self, model: str, after_step: int) -> None:
         """Drop ``model``'s lines with ``step > after_step`` (a resumed run rewrites those steps)."""
         if not self.log_path.exists():
             return
-        keep = []
-        for line in self.log_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("model") == model and rec.get("step", -1) > after_step:
-                continue
-            keep.append(line)
+        keep = [
+            line
+            for line, rec in self._log_lines()
+            if not (rec["model"] == model and rec.get("step", -1) > after_step)
+        ]
         from lad_fast.utils.atomic import write_text
 
         write_text(self.log_path, "".join(k + "\n" for k in keep))

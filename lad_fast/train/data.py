@@ -24,7 +24,9 @@ def training_dataset(data: PreparedDataset | str | Path | None, cfg: LadConfig) 
         a prepared folder, or None for the built-in phantoms of ``cfg.preset`` (generated and prepared
         once into the local cache, :func:`lad_fast.data.cache.phantom_dataset`). This is the one place
         that default is decided.
-    InputError for a dataset prepared at another preset than ``cfg.preset``.
+    Every case's arrays are verified against the index before training reads them
+    (:meth:`PreparedDataset.verify`; a case already verified by this object is not read again).
+    InputError for a dataset prepared at another preset than ``cfg.preset``, or a damaged case.
     """
     if isinstance(data, PreparedDataset):
         if data.preset != cfg.preset:
@@ -32,14 +34,17 @@ def training_dataset(data: PreparedDataset | str | Path | None, cfg: LadConfig) 
                 f"{data.path}: prepared at preset {data.preset!r}, but {cfg.preset!r} is needed; re-prepare "
                 f"it with `lad-fast prepare SRC OUT --preset {cfg.preset}`"
             )
-        return data
-    if data is None:
-        from lad_fast.data.cache import phantom_dataset
-        from lad_fast.utils.progress import say
+        dataset = data
+    else:
+        if data is None:
+            from lad_fast.data.cache import phantom_dataset
+            from lad_fast.utils.progress import say
 
-        say(f"data: built-in phantoms at preset {cfg.preset!r} (generated locally, cached)")
-        data = phantom_dataset(cfg.preset)
-    return PreparedDataset(data, expect_preset=cfg.preset)
+            say(f"data: built-in phantoms at preset {cfg.preset!r} (generated locally, cached)")
+            data = phantom_dataset(cfg.preset)
+        dataset = PreparedDataset(data, expect_preset=cfg.preset)
+    dataset.verify()
+    return dataset
 
 
 def how_to_add_masks(data: str | Path) -> str:

@@ -3,9 +3,11 @@
 Pipeline of :func:`train_diffusion`:
 
 1. the frozen VQ-GAN of a trained run encodes every case of a prepared dataset once; the result is
-   cached in ``<run>/diffusion/latents.safetensors`` keyed by the VQ-GAN checkpoint hash, the dataset's
-   content hash (``PreparedDataset.content_hash``), the condition config and its ``spatial`` mode, so a
-   second call (or ``--resume``) skips the encoder:
+   cached in ``<run>/diffusion/latents.safetensors``, which records its inputs (the VQ-GAN checkpoint
+   hash, the dataset's content hash ``PreparedDataset.content_hash``, the condition config, its
+   ``spatial`` mode and the case ids) and the hash of its own content (:func:`latents_hash`). A second
+   call (or ``--resume``) skips the encoder when both agree, and encodes again, with one line saying
+   why, when either does not (a damaged cache never reaches training):
    image latents ``to_unit`` -> [-1, 1] (Lad scales by the codebook's min and max), the content encoding
    of each mask (``encode_pre_quant`` of :func:`lad_fast.runs.loading.mask_as_image`, as Lad passes the label
    map through the encoder), the normalised structure vector and, with spatial conditioning
@@ -47,9 +49,61 @@ from lad_fast.train.schedule import make_adamw
 
 MODEL = "diffusion"
 LATENTS_NAME = "latents.safetensors"
+# Part of a cache's recorded inputs: a cache written before its content was hashed is encoded again.
+LATENTS_FORMAT = "lad-fast latents v2"
+_INPUT_NAMES = {
+    "format": "cache format",
+    "vqgan_hash": "VQ-GAN checkpoint",
+    "data_hash": "data",
+    "condition": "condition config",
+    "ids": "cases",
+    "spatial": "spatial conditioning",
+}
 
 
 # ------------------------------------------------------------------------------------------ latents
+
+
+def latents_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors of a latent cache, by name: each one's name, dtype, shape and bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_cache(
+    cache: Path, key: Mapping[str, str], names: tuple[str, ...]
+) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``cache`` when it was encoded from the inputs ``key`` and its content matches its
+    recorded hash; otherwise None, after one line saying why it is encoded again."""
+    from safetensors import safe_open
+
+    from lad_fast.utils.progress import say
+
+    if not cache.is_file():
+        return None
+    why = None
+    try:
+        with safe_open(str(cache), framework="pt") as f:
+            meta = f.metadata() or {}
+            differ = [_INPUT_NAMES[k] for k in key if meta.get(k) != key[k]]
+            tensors = {k: f.get_tensor(k) for k in names} if not differ else None
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        why = f"cannot be read ({type(exc).__name__})"
+    else:
+        if differ:
+            why = f"was encoded from other inputs ({', '.join(differ)})"
+        elif latents_hash(tensors) != meta.get("content_hash"):
+            why = "is damaged (its content does not match its recorded hash)"
+    if why is not None:
+        say(f"{MODEL}: the latent cache {cache} {why}; encoding the dataset again")
+        return None
+    return tensors
 
 
 def encode_dataset(
@@ -62,14 +116,14 @@ def encode_dataset(
     data_hash: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode every masked case of the prepared dataset ``data`` (open, or a folder) with ``vq``, cached in
-    ``cache`` under a key of ``vqgan_hash``, ``data_hash`` (default: ``data``'s content hash), the
-    condition config and the case ids.
+    ``cache`` with its inputs (``vqgan_hash``, ``data_hash`` (default: ``data``'s content hash), the
+    condition config and the case ids) and the hash of its content; a cache that disagrees with either
+    is encoded again (:func:`_read_cache`).
 
     Returns ``latent`` (N, C, d, h, w), ``content`` (N, C, d, h, w), ``structure`` (N, L) float32 tensors,
     and ``spatial`` (N, K, d, h, w) with spatial conditioning (K:
     :func:`lad_fast.conditioning.conditions.spatial_channels`).
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from lad_fast.runs.checkpoints import config_hash
@@ -86,6 +140,7 @@ def encode_dataset(
             + how_to_add_masks(ds.path)
         )
     key = {
+        "format": LATENTS_FORMAT,
         "vqgan_hash": vqgan_hash,
         "data_hash": data_hash if data_hash is not None else ds.content_hash(),
         "condition": config_hash(config_to_dict(cfg.condition)),
@@ -93,19 +148,15 @@ def encode_dataset(
         "spatial": cfg.condition.spatial,
     }
     names = ("latent", "content", "structure") + (("spatial",) if cfg.condition.spatial != "none" else ())
-    if cache.is_file():
-        try:
-            with safe_open(str(cache), framework="pt") as f:
-                if f.metadata() == key:
-                    return {k: f.get_tensor(k) for k in names}
-        except Exception:  # a damaged cache is recomputed, never trusted
-            pass
+    cached = _read_cache(cache, key, names)
+    if cached is not None:
+        return cached
     rows = [
         encode_case(vq, ds[i]["image"], ds[i]["mask"], cfg, device) for i in track(cases, "encode latents")
     ]
     tensors = {k: torch.stack([r[k] for r in rows]).contiguous() for k in names}
     with atomic_path(cache, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=key)
+        save_file(tensors, str(tmp), metadata={**key, "content_hash": latents_hash(tensors)})
     return tensors
 
 

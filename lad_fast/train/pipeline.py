@@ -1,9 +1,18 @@
 """The main job: ``lad-fast train`` with no subcommand runs every stage of Lad in order.
 
 1. data: the given prepared dataset, or the built-in phantoms (generated and prepared once, cached);
-2. phase 1: the VQ-GAN with the locality loss;
-3. masks: when some cases have no mask, the organ segmenter is trained on the labelled cases and
-   predicts the rest (Lad's "predicted organ masks");
+2. masks: when some cases have no mask, the organ segmenter is trained on the labelled cases and
+   predicts the rest (Lad's "predicted organ masks"). A case prepared without a mask gets its slice
+   window chosen again from the prediction, which rewrites its image
+   (:func:`lad_fast.train.segmenter.predict_masks`), so this comes before any model reads the images:
+   the VQ-GAN records the hash of the images it trained on, and a resumed phase 1 refuses changed data.
+   A prediction that is not recorded (no organ, or none of the window organs inside the window, where
+   ``lad-fast predict-masks`` stops) does not stop the job: one warning line names those cases, which
+   keep no mask and their window, and training goes on with the cases that have a mask. Recording such
+   a prediction instead would condition the diffusion model on a mask that misses the organs the
+   locality loss and the slice window are about; the warning names the commands that give the cases a
+   mask;
+3. phase 1: the VQ-GAN with the locality loss;
 4. phase 2: the conditional latent diffusion model.
 
 Each stage writes its own checkpoint folder in the run; ``--resume`` continues an interrupted pipeline
@@ -55,17 +64,18 @@ def train_pipeline(
         )
     common = dict(data=dataset, steps=steps, batch=batch, resume=resume, force=force, device=device)
 
-    say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
-    train_vqgan(run, cfg, holdout=holdout, **common)
-
-    if unlabelled:
+    if unlabelled:  # before phase 1: predicting re-crops the images (see the module doc)
         from lad_fast.train.segmenter import predict_masks, train_segmenter
 
         say(f"masks: {len(unlabelled)} case(s) without a mask; training the organ segmenter")
         train_segmenter(run, cfg, **common)
-        predict_masks(run, dataset, device=device)
+        predict_masks(run, dataset, device=device, keep_going=True)  # refused predictions: warned
+
+    say(f"phase 1: VQ-GAN with the locality loss -> {run / 'vqgan'}")
+    train_vqgan(run, cfg, holdout=holdout, **common)
 
     say(f"phase 2: conditional latent diffusion -> {run / 'diffusion'}")
     train_diffusion(run, cfg, vqgan_run=run, **common)
-    say(f"done in {time.perf_counter() - t0:.0f} s; generate with `lad-fast generate --run {run}`")
+    seconds = time.perf_counter() - t0
+    say(f"done in {seconds:.0f} s; generate with `lad-fast generate --run {run} --out generated`")
     return run

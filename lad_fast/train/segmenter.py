@@ -273,29 +273,94 @@ def predict_masks(
     device: str = "auto",
     force: bool = False,
     min_foreground: float = MIN_FOREGROUND,
+    allow_empty: bool = False,
+    keep_going: bool = False,
 ) -> list[str]:
     """Predict canonical masks for the cases of the prepared dataset ``data`` (open, or a folder) that have
     none (every case with ``force``) with the segmenter of ``run``; returns the ids of the cases written.
 
-    A prediction with organs on fewer than ``min_foreground`` of the voxels (all background, typically an
-    undertrained segmenter or an image that is not an abdominal CT) is not recorded: a warning names
-    those cases, and InputError is raised when no case got a plausible mask.
+    A case prepared without a mask (its slice window is the centred one,
+    :func:`lad_fast.data.masks.window_of`) is predicted over the whole height of its source image
+    (:func:`lad_fast.data.masks.source_column`), and its slice window is chosen again from that
+    prediction: image and mask are re-cropped together and the case rewritten whole
+    (:func:`lad_fast.data.masks.recrop_case`), as if they had been prepared together. This changes the
+    case's image, so it is done before any model trains on the dataset (``lad-fast prepare
+    --segmenter``, or ``lad-fast predict-masks`` before ``train``; the main job predicts before its
+    VQ-GAN phase). A case whose window is already set is predicted on its prepared image.
 
-    Masks are written by :meth:`PreparedDataset.set_masks` (structure condition of the run's ``condition``
-    config, ``mask_source: "predicted:<run>"``), one batch of cases at a time: each batch's arrays are
-    written atomically, then ``index.json`` once; an interrupted call leaves every case either untouched
-    or complete, and a rerun continues. An open ``data`` is updated in place, so its holder sees the masks.
+    Each prediction is checked twice, in this order, and not recorded when it fails (the case keeps no
+    mask, and its image and window are untouched):
+
+    1. plausible: some window of the preset depth in what the segmenter saw (the whole height, or the
+       prepared image) has organs on at least ``min_foreground`` of its voxels. Less is no abdomen
+       found (typically an undertrained segmenter, or an image that is not an abdominal CT); never
+       recorded, ``allow_empty`` or not.
+    2. window organs: the prediction holds one of ``geometry.window_organs`` inside its final window.
+       With ``allow_empty`` such a prediction is written with an
+       :class:`~lad_fast.data.masks.EmptyMaskWarning` instead
+       (:func:`lad_fast.data.masks.check_window_organs`).
+
+    The cases of the others are written first; then one message names the cases left without a mask and
+    why. It is an InputError when a prediction failed check 2, or when no case got a mask; otherwise
+    (only some implausible cases) a warning. With ``keep_going`` (the main job,
+    :func:`lad_fast.train.pipeline.train_pipeline`) it is always a warning: those cases stay unlabelled
+    and training goes on with the cases that have a mask.
+
+    Masks are written one case (re-cropped) or one batch of cases at a time, each atomically with its
+    ``index.json``; an interrupted call leaves every case either untouched or complete, and a rerun
+    continues. An open ``data`` is updated in place, so its holder sees the masks.
     """
     dataset = data if isinstance(data, PreparedDataset) else None
     folder = dataset.path if dataset is not None else Path(data)
-    return _predict_masks(Path(run), folder, dataset, device, force, min_foreground)
+    return _predict_masks(Path(run), folder, dataset, device, force, min_foreground, allow_empty, keep_going)
+
+
+def predict_column(net: Segmenter, hu: np.ndarray, geometry: Any, device: torch.device | str) -> np.ndarray:
+    """Labels of a whole-height column ``hu`` (D', H, W) HU at the preset grid -> (D', H, W) uint8.
+
+    The segmenter sees windows of the preset depth D, as in training: consecutive windows from the top,
+    the last one ending at the last slice (it overlaps the one before, whose labels it replaces there); a
+    column shorter than D is padded with air and cut back.
+    """
+    from lad_fast.data.geometry import AIR_HU, hu_to_unit
+
+    depth, total = int(geometry.shape[0]), hu.shape[0]
+    if total < depth:
+        pad = np.full((depth - total, *hu.shape[1:]), AIR_HU, dtype=np.float32)
+        return predict_column(net, np.concatenate([hu, pad]), geometry, device)[:total]
+    starts = sorted({*range(0, total - depth + 1, depth), total - depth})
+    windows = np.stack([hu_to_unit(hu[s : s + depth], geometry.hu_window) for s in starts])
+    preds = predict_volumes(net, windows, device)
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    for s, pred in zip(starts, preds, strict=True):
+        out[s : s + depth] = pred
+    return out
+
+
+def _plausible(pred: np.ndarray, depth: int, min_foreground: float) -> bool:
+    """Whether some ``depth``-slice window of ``pred`` (D', H, W) has organs on ``min_foreground`` of its
+    voxels (a column shorter than ``depth`` counts as padded with background)."""
+    per_slice = np.count_nonzero(pred.reshape(len(pred), -1), axis=1)
+    best = np.convolve(per_slice, np.ones(min(depth, len(pred)), dtype=np.int64), mode="valid").max()
+    return bool(best >= min_foreground * depth * pred[0].size)
 
 
 @locks_folder("data", "predict-masks")  # one writer per prepared folder
 def _predict_masks(
-    run: Path, data: Path, dataset: PreparedDataset | None, device: str, force: bool, min_foreground: float
+    run: Path,
+    data: Path,
+    dataset: PreparedDataset | None,
+    device: str,
+    force: bool,
+    min_foreground: float,
+    allow_empty: bool,
+    keep_going: bool,
 ) -> list[str]:
     """:func:`predict_masks` holding the lock of the prepared folder ``data`` (``dataset``: it, if open)."""
+    from dataclasses import replace as with_fields
+
+    from lad_fast.data.geometry import window_case, window_organ_ids
+    from lad_fast.data.masks import check_window_organs, recrop_case, source_column, window_of
     from lad_fast.utils.devices import resolve_device
     from lad_fast.utils.progress import track
 
@@ -308,46 +373,96 @@ def _predict_masks(
             f"{data}: prepared at shape {dataset.geometry.shape}, the segmenter of {run} expects "
             f"{cfg.geometry.shape}; re-prepare the dataset at preset {cfg.preset!r}"
         )
+    geom, depth, organs = dataset.geometry, int(dataset.geometry.shape[0]), window_organ_ids(dataset.geometry)
     labelled = set(dataset.labelled_indices())
     todo = [i for i in range(len(dataset)) if force or i not in labelled]
+    source = f"predicted:{run}"
+    recrop = [i for i in todo if window_of(dataset.entry(dataset.case_ids[i])) == "centre"]
+    fixed = [i for i in todo if i not in set(recrop)]
     written: list[str] = []
-    implausible: list[str] = []  # predictions too small to be an abdomen's organs: never recorded
-    chunks = [todo[i : i + EVAL_BATCH] for i in range(0, len(todo), EVAL_BATCH)]
+    unrecorded: dict[str, list[str]] = {"implausible": [], "no window organs": []}
+
+    def verdict(seen: np.ndarray, final: np.ndarray) -> str | None:
+        """Why the prediction ``seen`` (what the segmenter labelled) with ``final`` (its final window)
+        is not recorded, in the order of :func:`predict_masks`; None: record it."""
+        if not _plausible(seen, depth, min_foreground):
+            return "implausible"
+        if not allow_empty and not np.isin(final, organs).any():
+            return "no window organs"
+        return None
+
+    for i in track(recrop, "predict masks (whole height)"):
+        case_id = dataset.case_ids[i]
+        column = source_column(dataset, case_id)
+        column = with_fields(column, mask=predict_column(net, column.hu, geom, dev))
+        if why := verdict(column.mask, window_case(column, geom).mask):
+            unrecorded[why].append(case_id)
+            continue
+        recrop_case(dataset, case_id, column, source, cfg.condition, allow_empty)  # warns if allowed empty
+        written.append(case_id)
+    chunks = [fixed[i : i + EVAL_BATCH] for i in range(0, len(fixed), EVAL_BATCH)]
     for chunk in track(chunks, "predict masks"):
         images = np.stack([np.asarray(dataset[i]["image"]) for i in chunk])
         preds = predict_volumes(net, images, dev)
         ids = [dataset.case_ids[i] for i in chunk]
         masks = {}
         for case_id, pred in zip(ids, preds, strict=True):
-            if np.count_nonzero(pred) < min_foreground * pred.size:
-                implausible.append(case_id)
-            else:
-                masks[case_id] = (pred, f"predicted:{run}")
+            if why := verdict(pred, pred):
+                unrecorded[why].append(case_id)
+                continue
+            check_window_organs(pred, geom, f"case {case_id} ({source})", allow_empty)  # warns if allowed
+            masks[case_id] = (pred, source)
         written += dataset.set_masks(masks, cfg.condition) if masks else []
-    if implausible:
-        _refuse_implausible(run, data, implausible, len(todo), min_foreground, fatal=not written)
+    if any(unrecorded.values()):
+        fatal = not keep_going and (bool(unrecorded["no window organs"]) or not written)
+        _name_unrecorded(run, data, geom, unrecorded, len(todo), len(written), min_foreground, fatal)
     return written
 
 
-def _refuse_implausible(
-    run: Path, data: Path, cases: list[str], of: int, min_foreground: float, fatal: bool
+def _name_unrecorded(
+    run: Path,
+    data: Path,
+    geometry: Any,
+    unrecorded: dict[str, list[str]],
+    of: int,
+    written: int,
+    min_foreground: float,
+    fatal: bool,
 ) -> None:
-    """Name the ``cases`` whose prediction was too small to record: InputError when ``fatal`` (no case
-    got a mask), else a warning."""
-    what = (
-        f"the segmenter of {run} predicted no organ, or organs on fewer than {min_foreground:.1%} of the "
-        f"voxels, for {len(cases)} of {of} case(s) ({', '.join(cases[:5])}"
-        f"{', ...' if len(cases) > 5 else ''}); they keep no mask"
+    """One message naming the cases whose prediction was not recorded (``unrecorded``: the ids per
+    reason of :func:`_predict_masks`) and what to do: InputError when ``fatal``, else a warning."""
+
+    def cases(ids: list[str]) -> str:
+        return f"{len(ids)} of {of} case(s) ({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
+
+    organs = ", ".join(geometry.window_organs)
+    what = []
+    if unrecorded["implausible"]:
+        what.append(
+            f"no organ, or organs on fewer than {min_foreground:.1%} of the voxels, for "
+            + cases(unrecorded["implausible"])
+        )
+    if unrecorded["no window organs"]:
+        what.append(
+            f"none of the organs the slice window is chosen by ({organs}) inside that window for "
+            + cases(unrecorded["no window organs"])
+        )
+    others = f", the other {written} got theirs" if written else ""
+    message = (
+        f"the segmenter of {run} predicted {' and '.join(what)}; they keep no mask{others}; train the "
+        "segmenter longer (lad-fast train segmenter --resume --steps N), check that these are abdominal "
+        f"CTs, or give them masks with `lad-fast import-masks {data} MASKS`"
     )
-    hint = (
-        "train the segmenter longer (lad-fast train segmenter --resume --steps N), check that these are "
-        f"abdominal CTs, or give them masks with `lad-fast import-masks {data} MASKS`"
-    )
+    if unrecorded["no window organs"]:
+        message += (
+            f"; to write the predictions without {organs} anyway: "
+            f"`lad-fast predict-masks {data} --run {run} --allow-empty`"
+        )
     if fatal:
-        raise InputError(f"{what}; {hint}")
+        raise InputError(message)
     import warnings
 
-    warnings.warn(f"{what}; {hint}", stacklevel=5)  # at the caller of predict_masks
+    warnings.warn(message, stacklevel=5)  # at the caller of predict_masks
 
 
 # ------------------------------------------------------------------------------------------- preview

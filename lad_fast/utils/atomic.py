@@ -3,6 +3,11 @@
 Files are written to a temporary sibling, fsynced and renamed over the target (``os.replace`` is atomic
 on POSIX within one file system). Folders are assembled under a temporary sibling name and renamed into
 place as a whole.
+
+A failed write raises an ``OSError`` that names the target, never the hidden temporary: a
+:class:`~lad_fast.errors.DiskFullError` for a full disk (numpy's errno-less short write included), else
+the original error (read-only file system, permission denied, ...) with the target as its file name, which
+the command line prints as one line.
 """
 
 from __future__ import annotations
@@ -86,13 +91,20 @@ def _free(path: Path) -> str:
     return "unknown"
 
 
+# numpy's ``np.save``/``tofile`` on a full disk: a short ``fwrite`` reported as a plain OSError, no errno.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
 def write_failure(target: str | os.PathLike[str], err: BaseException) -> DiskFullError | None:
-    """A one-line :class:`DiskFullError` naming ``target`` and the free space when ``err`` is a full disk
-    (``OSError`` ENOSPC, a DiskFullError about a file inside ``target``, or the messages torch's and
-    safetensors' writers turn it into); None otherwise."""
+    """A one-line :class:`DiskFullError` (an ``OSError`` with errno ENOSPC) naming ``target`` and the free
+    space when ``err`` is a full disk (``OSError`` ENOSPC or EDQUOT, numpy's short-write error ``"65536
+    requested and 8064 written"``, which carries no errno, a DiskFullError about a file inside ``target``,
+    or the messages torch's and safetensors' writers turn it into); None otherwise."""
     text = str(err)
-    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(
-        s in text for s in ("No space left", "os error 28", "unexpected pos", "file write failed")
+    full = (
+        (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
+        or (isinstance(err, OSError) and err.errno is None and bool(_SHORT_WRITE.match(text)))
+        or any(s in text for s in ("No space left", "os error 28", "unexpected pos", "file write failed"))
     )
     if not full:
         return None
@@ -100,6 +112,19 @@ def write_failure(target: str | os.PathLike[str], err: BaseException) -> DiskFul
         f"{target}: no space left on the device while writing it ({_free(Path(target))} free there); "
         "free some space and rerun the same command (what was complete is kept, nothing half-written)"
     )
+
+
+def _about_target(target: Path, err: OSError, temporary: Path) -> OSError:
+    """``err`` naming ``target`` instead of the hidden ``temporary`` (or a file inside it) it was raised
+    for, so the one line the CLI prints names the file the user asked for; other errors unchanged."""
+    name = err.filename
+    if name is not None and not (
+        Path(os.fsdecode(name)) == temporary or temporary in Path(os.fsdecode(name)).parents
+    ):
+        return err
+    if name is None and err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(target))  # keeps the errno's subclass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,7 +145,10 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    except OSError as err:  # a read-only or unwritable folder: name the file, not the temporary
+        raise _failure(target, err, target.parent) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -131,13 +159,22 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as err:
-        full = write_failure(target, err)
-        if full is None:
+        failure = _failure(target, err, tmp)
+        if failure is err:
             raise
-        raise full from err
+        raise failure from err
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _failure(target: Path, err: OSError, temporary: Path) -> OSError:
+    """What a failed atomic write of ``target`` raises: a DiskFullError for a full disk, else ``err``
+    naming ``target`` when it was raised for the ``temporary`` (:func:`_about_target`)."""
+    full = write_failure(target, err)
+    if full is not None:
+        return full
+    return _about_target(target, err, temporary)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
@@ -166,7 +203,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as err:
+        raise _failure(target, err, target.parent) from err
     old: Path | None = None
     try:
         yield tmp
@@ -178,10 +218,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as err:  # a full disk names the folder, not a file in its hidden temporary
-        full = write_failure(target, err)
-        if full is None:
+        failure = _failure(target, err, tmp)
+        if failure is err:
             raise
-        raise full from err
+        raise failure from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,12 +22,15 @@ development machine (``bench/threads.py``; the numbers are in ``bench/results/th
 
 Overrides, strongest first: ``LAD_FAST_THREADS=N`` (or ``=torch``: leave torch's own choice),
 then ``OMP_NUM_THREADS`` (when set, torch already uses it and nothing is changed), then the rule.
+``N`` above the usable cores is clamped to them with a one-line warning: more threads than cores never
+run faster, and tens of thousands crash or hang OpenMP.
 ``generate`` and ``train`` call :func:`apply_thread_policy`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, MutableMapping
 
 from lad_fast.errors import ConfigError
@@ -48,22 +51,39 @@ def threads_for(cores: int) -> int:
     return 1 if cores <= 2 else cores - 1
 
 
+class ThreadsClampedWarning(UserWarning):
+    """``LAD_FAST_THREADS`` asked for more threads than this process has cores; the core count is used."""
+
+
 def chosen_threads(env: Mapping[str, str] | None = None, cores: int | None = None) -> int | None:
     """Torch thread count for this process, or None to leave torch's own (``LAD_FAST_THREADS=torch``, or
-    ``OMP_NUM_THREADS`` set: torch read it at load). Raises ConfigError for a bad ``LAD_FAST_THREADS``."""
+    ``OMP_NUM_THREADS`` set: torch read it at load). ``cores``: the usable cores (default: the affinity
+    mask's). Raises ConfigError for a bad ``LAD_FAST_THREADS``; one above ``cores`` is clamped to it with
+    a :class:`ThreadsClampedWarning`."""
     env = os.environ if env is None else env
+    cores = affinity_cores() if cores is None else cores
     value = env.get(THREADS_ENV, "").strip()
     if value == "torch":
         return None
     if value:
-        if not value.isdigit() or int(value) < 1:
+        digits = value.lstrip("0")
+        if not (value.isascii() and value.isdigit()) or not digits:
             raise ConfigError(
                 f"{THREADS_ENV}={value!r}: give a positive number of threads, or 'torch' for torch's default"
             )
-        return int(value)
+        if len(digits) > 18 or int(digits) > cores:  # int() of thousands of digits is refused by Python
+            shown = value if len(value) <= 18 else f"{value[:18]}..."
+            warnings.warn(
+                f"{THREADS_ENV}={shown} is more than the {cores} cores this process may run on; "
+                f"using {cores}",
+                ThreadsClampedWarning,
+                stacklevel=2,
+            )
+            return cores
+        return int(digits)
     if env.get("OMP_NUM_THREADS", "").strip():
         return None
-    return threads_for(affinity_cores() if cores is None else cores)
+    return threads_for(cores)
 
 
 def cpu_env(env: MutableMapping[str, str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -435,3 +436,48 @@ def test_pretrained_features_without_weights_say_where_to_get_them(
     code, _, err = run_cli(["--real", str(real), "--synthetic", str(synthetic), "--features", features,
                             "--out", str(out)], capsys)  # fmt: skip
     _assert_refused(code, err, rf"the {features} feature extractor needs a weights file.*--weights", out)
+
+
+def _no_computation(monkeypatch) -> None:
+    import lad_fast.evaluate.report as report
+
+    def fail(*args, **kwargs):
+        raise AssertionError("evaluate computed before checking its outputs")
+
+    monkeypatch.setattr(report, "evaluate", fail)
+
+
+@pytest.mark.parametrize("option", ["--out", "--png"])
+def test_an_output_under_a_file_is_one_line_before_computing(tmp_path, capsys, monkeypatch, option):
+    _no_computation(monkeypatch)
+    (tmp_path / "FILE").write_text("keep")
+    target = tmp_path / "FILE" / "x.json"
+    code, _, err = run_cli(
+        ["--real", str(tmp_path), "--synthetic", str(tmp_path), option, str(target)], capsys
+    )
+    _assert_refused(code, err, rf"{tmp_path / 'FILE'} is a file, not a folder; name a file in a folder")
+    assert (tmp_path / "FILE").read_text() == "keep"
+
+
+def test_an_unwritable_output_folder_is_one_line_before_computing(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    _no_computation(monkeypatch)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "new" / "e.json"
+    code, _, err = run_cli(["--real", str(tmp_path), "--synthetic", str(tmp_path), "--out", str(out)], capsys)
+    _assert_refused(
+        code, err, rf"e.json: cannot write in {tmp_path} \(Read-only file system\)", tmp_path / "new"
+    )
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path):
+    from lad_fast.cli.evaluate_cmd import _check_output
+
+    _check_output(tmp_path / "a" / "b" / "e.json", force=False)
+    assert list(tmp_path.iterdir()) == []

@@ -192,11 +192,11 @@ def test_a_graph_that_fails_verification_is_not_left_behind(tiny_run, tmp_path, 
 
     monkeypatch.setattr(rx, "FP32_RTOL", 0.0)  # nothing agrees to 0: the first graph is refused
     out = tmp_path / "out"
-    with pytest.raises(
-        LadFastError, match=r"denoiser.fp32.onnx: ONNX Runtime differs from PyTorch by .* relative"
-    ):
+    with pytest.raises(LadFastError) as exc:
         rx.export_run(tiny_run, out, precision="fp32")
-    assert [p.name for p in out.iterdir()] == []
+    # The message names the artefact, not the hidden staged copy it was verified under.
+    assert str(exc.value).startswith(f"{out / 'denoiser.fp32.onnx'}: ONNX Runtime differs from PyTorch by ")
+    assert not out.exists()  # nothing left behind, not even the folder
 
 
 def test_cli_export_prints_the_graphs_it_wrote(tiny_run, tmp_path, capsys):

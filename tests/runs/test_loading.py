@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _shared import small_config
+from _shared import rewrite_meta, small_config
 
 from lad_fast.conditioning.conditions import structure_dim
 from lad_fast.config import SegmenterConfig, config_to_dict
@@ -199,7 +199,7 @@ def test_an_edited_meta_json_is_one_line(tmp_path, edit, what):
     (meta_path,) = (run / "vqgan").glob("step-*/meta.json")
     meta = json.loads(meta_path.read_text())
     edit(meta)
-    meta_path.write_text(json.dumps(meta))  # still valid JSON
+    rewrite_meta(meta_path, meta)  # still valid JSON, sealed as if lad-fast had written it
     with pytest.raises(
         CheckpointError,
         match=rf"^{re.escape(str(meta_path))} was edited or damaged \({what}.*\); the checkpoint cannot be",

@@ -3,17 +3,19 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _shared import TruthPredictions, rewrite_meta
 
 from lad_fast.conditioning.conditions import structure_condition
 from lad_fast.config import SegmenterConfig, get_preset
 from lad_fast.data.labels import CANONICAL_ID, CANONICAL_ORGANS, NUM_CLASSES
 from lad_fast.data.prepared import PreparedDataset
 from lad_fast.errors import CheckpointError, InputError
-from lad_fast.runs.loading import load_segmenter, predict_volumes
+from lad_fast.runs.loading import load_segmenter
 from lad_fast.runs.rundir import RunDir
 from lad_fast.train.data import PreparedBatches
 from lad_fast.train.segmenter import (
@@ -106,7 +108,7 @@ def test_a_checkpoint_for_another_vocabulary_is_refused(trained, tmp_path):
     meta_path = copy / "segmenter" / result.checkpoint.name / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["extra"]["organs"] = ["background", "pancreas", "pancreatic_lesion"]
-    meta_path.write_text(json.dumps(meta))
+    rewrite_meta(meta_path, meta)
     with pytest.raises(CheckpointError, match=r"organ vocabulary \['background', 'pancreas'.*retrain"):
         load_segmenter(copy)
 
@@ -194,8 +196,20 @@ def test_augmented_batches_are_pure_shifted_and_keep_sides(phantoms):
 # ------------------------------------------------------------------------------------------- predicting
 
 
-def test_predict_masks_fills_unlabelled_cases_atomically(trained, data):
+@pytest.fixture
+def truth(phantoms, monkeypatch):
+    """The segmenter's predictions of the phantoms' prepared images are their true masks."""
+    import lad_fast.train.segmenter as seg
+
+    ds = PreparedDataset(phantoms)
+    truth = TruthPredictions([(np.asarray(ds[i]["image"]), np.asarray(ds[i]["mask"])) for i in range(4)])
+    monkeypatch.setattr(seg, "predict_volumes", truth)
+    return truth
+
+
+def test_predict_masks_fills_unlabelled_cases_atomically(trained, data, truth):
     run, _ = trained
+    true_mask = np.load(data / "cases" / "phantom_0_0002" / "mask.npy")
     case = _drop_mask(data, 2)
     before = {p: p.read_bytes() for p in (data / "cases").glob("*/mask.npy")}
     written = predict_masks(run, data, device="cpu")
@@ -203,10 +217,8 @@ def test_predict_masks_fills_unlabelled_cases_atomically(trained, data):
     entry = PreparedDataset(data).entry(case)
     assert entry["has_mask"] and entry["mask_source"] == f"predicted:{run}"
     mask = np.load(data / "cases" / case / "mask.npy")
-    net, meta = load_segmenter(run)
-    image = np.asarray(PreparedDataset(data)[2]["image"])
-    np.testing.assert_array_equal(mask, predict_volumes(net, image[None], "cpu")[0])
-    assert mask.dtype == np.uint8 and mask.shape == image.shape
+    np.testing.assert_array_equal(mask, true_mask)  # what the segmenter predicted for its image
+    assert mask.dtype == np.uint8
     cfg = get_preset("tiny")
     np.testing.assert_array_equal(
         np.load(data / "cases" / case / "structure.npy"), structure_condition(mask, cfg.condition)
@@ -214,6 +226,54 @@ def test_predict_masks_fills_unlabelled_cases_atomically(trained, data):
     assert {p: p.read_bytes() for p in before} == before  # labelled cases untouched
     assert predict_masks(run, data, device="cpu") == []  # nothing left to do
     assert len(predict_masks(run, data, device="cpu", force=True)) == 4
+
+
+def test_predictions_are_checked_for_organs_then_for_the_window_organs(trained, data, truth):
+    """A prediction with organs but none of the window organs is refused after the other cases are
+    written; with ``keep_going`` (the main job) it is only named in a warning; with ``allow_empty`` it is
+    written with a warning. A prediction with (almost) no organ is never written."""
+    from lad_fast.data.geometry import window_organ_ids
+    from lad_fast.data.masks import EmptyMaskWarning
+
+    run, _ = trained
+    good, missing, empty = (_drop_mask(data, i) for i in (0, 1, 2))
+    (image, labels), (image_empty, _) = truth.columns[1:3]
+    window_organs = window_organ_ids(PreparedDataset(data).geometry)
+    truth.columns[1] = (image, np.where(np.isin(labels, window_organs), 0, labels))
+    truth.columns[2] = (image_empty, np.zeros_like(labels))
+
+    def has_mask() -> list[bool]:
+        return [c["has_mask"] for c in json.loads((data / "index.json").read_text())["cases"][:3]]
+
+    with pytest.raises(InputError) as refused:
+        predict_masks(run, data, device="cpu")
+    message = str(refused.value)
+    assert message.startswith(
+        f"the segmenter of {run} predicted no organ, or organs on fewer than 0.5% of the voxels, for 1 of 3 "
+        f"case(s) ({empty}) and none of the organs the slice window is chosen by (pancreas, "
+        f"pancreatic_lesion) inside that window for 1 of 3 case(s) ({missing}); they keep no mask, the "
+        "other 1 got theirs; train the segmenter longer"
+    )
+    assert message.endswith(
+        f"; to write the predictions without pancreas, pancreatic_lesion anyway: "
+        f"`lad-fast predict-masks {data} --run {run} --allow-empty`"
+    )
+    assert has_mask() == [True, False, False]  # the good one is written
+    assert PreparedDataset(data).entry(good)["mask_source"] == f"predicted:{run}"
+
+    before = (data / "index.json").read_bytes()
+    with pytest.warns(UserWarning, match=r"for 1 of 2 case\(s\) \(.*\); they keep no mask;") as caught:
+        assert predict_masks(run, data, device="cpu", keep_going=True) == []
+    assert len(caught) == 1 and (data / "index.json").read_bytes() == before
+
+    with pytest.warns(UserWarning) as caught:
+        assert predict_masks(run, data, device="cpu", allow_empty=True) == [missing]
+    (allowed,) = [str(w.message) for w in caught if w.category is EmptyMaskWarning]
+    assert allowed.startswith(f"case {missing} (predicted:{run}): mask holds none of the organs")
+    assert allowed.endswith("written anyway (--allow-empty)")
+    (named,) = [str(w.message) for w in caught if w.category is not EmptyMaskWarning]
+    assert f"no organ, or organs on fewer than 0.5% of the voxels, for 1 of 2 case(s) ({empty})" in named
+    assert has_mask() == [True, True, False]
 
 
 def test_predict_masks_refuses_another_preset(trained, data):
@@ -254,7 +314,7 @@ def test_render_prediction_stacks_true_over_predicted(phantoms):
     assert both.height == 2 * one.height and both.width == one.width
 
 
-def test_predict_masks_command(trained, data, tmp_path):
+def test_predict_masks_command(trained, data, tmp_path, truth):
     import typer
     from typer.testing import CliRunner
 
@@ -277,43 +337,54 @@ def test_predict_masks_command(trained, data, tmp_path):
 # ------------------------------------------------------------------------------ prepare --segmenter
 
 
-def test_prepare_predicts_masks_for_unlabelled_cases(trained, phantoms, tmp_path, capsys):
+def _column_truth(raw: Path, ids: list[str], geometry) -> TruthPredictions:
+    """Predictions equal to the true labels over the whole height of the raw phantoms ``ids``."""
+    from lad_fast.data.geometry import column_case, hu_to_unit
+    from lad_fast.data.io import read_image, read_labels
+    from lad_fast.data.labels import to_canonical
+
+    columns = []
+    for case in ids:
+        labels = read_labels(raw / "masks" / f"{case}.nii.gz")
+        canonical, _ = to_canonical(labels.array, "totalseg", affine=labels.affine)
+        column = column_case(read_image(raw / "images" / f"{case}.nii.gz"), labels, geometry, canonical)
+        columns.append((hu_to_unit(column.hu, geometry.hu_window), column.mask))
+    return TruthPredictions(columns)
+
+
+def test_prepare_predicts_masks_for_unlabelled_cases(trained, phantoms, tmp_path, capsys, monkeypatch):
+    """Prepared without masks, the cases get their window chosen again from the predictions over their
+    whole height: the arrays of preparing image and mask together."""
+    import lad_fast.train.segmenter as seg
     from lad_fast.cli.app import main
 
     run, _ = trained
+    ids = ["phantom_0_0000", "phantom_0_0001"]
     src = tmp_path / "src" / "images"
     src.mkdir(parents=True)
-    for image in sorted((phantoms.parent / "raw" / "images").glob("*.nii.gz"))[:2]:
-        shutil.copy(image, src / image.name)
+    for case in ids:
+        shutil.copy(phantoms.parent / "raw" / "images" / f"{case}.nii.gz", src)
     plain = tmp_path / "plain"
     with pytest.raises(SystemExit) as exc:
         main(["prepare", str(src.parent), str(plain), "--preset", "tiny"])
     assert exc.value.code == 0
     assert "2 case(s) have no mask" in capsys.readouterr().err
 
+    ref = PreparedDataset(phantoms)
+    monkeypatch.setattr(seg, "predict_volumes", _column_truth(phantoms.parent / "raw", ids, ref.geometry))
     out = tmp_path / "prepared"
+    args = ["prepare", str(src.parent), str(out), "--preset", "tiny", "--segmenter", str(run)]
     with pytest.raises(SystemExit) as exc:
-        main(
-            [
-                "prepare",
-                str(src.parent),
-                str(out),
-                "--preset",
-                "tiny",
-                "--segmenter",
-                str(run),
-                "--device",
-                "cpu",
-            ]
-        )
+        main([*args, "--device", "cpu"])
     assert exc.value.code == 0
-    cases = json.loads((out / "index.json").read_text())["cases"]
-    assert [c["has_mask"] for c in cases] == [True, True]
-    assert all(c["mask_source"].startswith("predicted:") for c in cases)
-    for c in cases:
-        mask = np.load(out / "cases" / c["id"] / "mask.npy")
-        assert mask.shape == (16, 64, 64) and mask.dtype == np.uint8
-        assert np.load(out / "cases" / c["id"] / "structure.npy").dtype == np.int64
+    ours = PreparedDataset(out)
+    assert ours.case_ids == ids
+    for i, case in enumerate(ids):
+        entry = ours.entry(case)
+        assert entry["mask_source"] == f"predicted:{run}" and entry["window"] == "later mask"
+        assert entry["crop"] == ref.entry(case)["crop"]
+        for name in ("image", "mask", "structure", "affine"):
+            np.testing.assert_array_equal(np.asarray(ours[i][name]), np.asarray(ref[i][name]), err_msg=name)
 
 
 def test_labelled_indices_come_from_the_index(data):

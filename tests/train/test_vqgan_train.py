@@ -255,10 +255,12 @@ def test_resume_on_other_data(trained: Path, phantoms: Path, cache: Path) -> Non
 
 
 def test_run_folder_holding_another_model(trained: Path, tmp_path: Path, phantoms: Path) -> None:
+    from _shared import rewrite_meta  # here: the CLI subprocess imports this module
+
     meta_path = trained / "vqgan" / "step-00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["model"] = "segmenter"
-    meta_path.write_text(json.dumps(meta))
+    rewrite_meta(meta_path, meta)
     before = _snapshot(trained)
     with pytest.raises(CheckpointError, match=r"holds a 'segmenter' checkpoint, not 'vqgan'"):
         train_vqgan(trained, small_cfg(steps=4), data=phantoms, resume=True, device="cpu")

@@ -118,6 +118,8 @@ def write_phantoms(out: Path, n: int, cfg: PhantomConfig, seed: int, force: bool
     out = Path(out)
     if n < 1:
         raise ConfigError(f"phantom count n={n} must be at least 1")
+    if seed < 0:  # numpy's generators take no negative seed; refused before the folder is created
+        raise ConfigError(f"phantom seed {seed} must be 0 or more")
     _check(cfg)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} is a file, not a folder; choose another output folder")
