@@ -194,6 +194,7 @@ run_step topology 25 "$PY" bench/gpu_suite.py topology --out "$OUT" "${TINY[@]}"
 run_step sampler 30 run_sampler
 run_step pytest 120 run_pytest
 run_step kernels 110 "$PY" bench/gpu_suite.py kernels --out "$OUT" "${TINY[@]}"
+run_step compile 90 "$PY" bench/compile_sweep.py --device "${TINY[@]}"  # AOT check on this GPU; log only
 run_step train "$BUDGET" "$PY" bench/gpu_suite.py train --out "$OUT" "${TINY[@]}"
 log "done in $(($(date +%s) - START))s; steps:"
 cat "$OUT/steps.jsonl"

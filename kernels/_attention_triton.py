@@ -13,6 +13,10 @@ Flash-attention-2 recipe over (B * heads, L, d) contiguous tensors:
   (dQ). Recomputing P twice costs ~1.25x the FLOPs of an atomic dQ, but the result is deterministic
   and needs no fp32 dQ buffer or zero-fill; at the ``lad`` sequence lengths (<= a few thousand tokens)
   there are enough (block, batch-head) programs to fill the GPU either way.
+
+fp32 inputs take TF32 tensor-core products only when ``torch.backends.cuda.matmul.allow_tf32`` is on
+(``IEEE`` otherwise: exact FMA products, see ``attention.py``). The autotune prunes keep, on a GPU, the
+configs within its shared memory and each kernel's register budget (``_KERNEL_TILES``, ``_limits.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lad_fast.kernels import _limits
 from lad_fast.kernels._dispatch import interpreter_on
 
 LOG2E = 1.4426950408889634
@@ -40,9 +45,41 @@ def _configs(big: tuple[int, ...], small: tuple[int, ...], owner: str, sweep: st
     ]
 
 
-def _make_prune(owner: str, sweep: str):
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        """Drop blocks longer than the sequence and tiles too large for the head dim."""
+# Per kernel, in tiles of (swept x d) or (owned x d): loaded per iteration (fwd: K and V; dK/dV: Q and
+# dO, with the LSE and delta rows; dQ: K and V), loaded once (fwd: Q; dK/dV: K and V; dQ: Q and dO), and
+# computed tiles that feed a dot as its A operand (fwd: P; dK/dV: P and dS; dQ: dS), which the FMA loop
+# ("ieee", fp32) and tcgen05 (sm_100) read from shared memory; then the live-register budgets (tensor
+# cores, "ieee") in fp32 values per thread: owned x swept scores plus 2 x owned x d (accumulator and the
+# owned operand). Budgets fitted to Triton 3.9's compiles (bench/results/compile_sweep.json).
+_KERNEL_TILES = {
+    "fwd": dict(loads=2, once=1, staged=1, budget=(96, 48)),
+    "dkdv": dict(loads=2, once=2, staged=2, budget=(96, 24)),
+    "dq": dict(loads=2, once=2, staged=1, budget=(128, 64)),
+}
+
+
+def attention_smem(
+    owner: int, sweep: int, d: int, stages: int, arch: int, elem: int, ieee: bool, kind: str
+) -> int:
+    """Shared memory of one attention kernel's loop (see ``_KERNEL_TILES``), in bytes; the backward
+    kernels' row reductions take up to 2 KB besides."""
+    t = _KERNEL_TILES[kind]
+    per_stage = t["loads"] * sweep * d * elem + (2 * sweep * 4 if kind == "dkdv" else 0)
+    once = t["once"] * owner * d * elem + (2048 if kind != "fwd" else 0)
+    if ieee or arch >= 100:
+        once += t["staged"] * owner * sweep * (4 if ieee else elem)
+    return _limits.pipelined_smem(arch, not ieee, stages, per_stage, once)
+
+
+def _make_prune(owner: str, sweep: str, kind: str):
+    def prune(
+        configs: list[triton.Config], named_args: dict, target: _limits.Target | None = None, **kwargs
+    ) -> list[triton.Config]:
+        """Drop blocks longer than the sequence and tiles too large for the head dim; on a GPU (``target``,
+        by default the launch's device) also tiles above its shared memory or the kernel's register
+        budget: live fp32 values per thread (owned x swept scores, owned x d accumulator and operand)
+        at most 96 / 96 / 128 (fwd / dK dV / dQ) on tensor cores and 48 / 24 / 64 for "ieee" FMA products,
+        fitted to Triton 3.9's compiles (bench/results/compile_sweep.json)."""
         if len(configs) == 1:
             return configs
         args = {**named_args, **kwargs}  # where constexpr kwargs land differs across Triton versions
@@ -57,15 +94,27 @@ def _make_prune(owner: str, sweep: str):
             if head_dim >= 128 and (bo > 64 or c.num_stages > 3):
                 continue
             kept.append(c)
-        return kept or configs[:1]
+        target = target or _limits.device_target(named_args)
+        if target is None:
+            return kept or configs[:1]
+        elem, ieee = _limits.element_size(named_args, "Q"), bool(args.get("IEEE"))
+        budget = _KERNEL_TILES[kind]["budget"][1 if ieee else 0]
+
+        def fits(c: triton.Config) -> bool:
+            bo, bs = c.kwargs[owner], c.kwargs[sweep]
+            live = (bo * bs + 2 * bo * head_dim) // (32 * c.num_warps)
+            smem = attention_smem(bo, bs, head_dim, c.num_stages, target.arch, elem, ieee, kind)
+            return live <= budget and smem <= target.smem_per_block
+
+        return _limits.select(kept, configs, fits)
 
     return prune
 
 
 @triton.autotune(
     configs=_configs((64, 128), (32, 64, 128), "BLOCK_M", "BLOCK_N"),
-    key=["L", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _make_prune("BLOCK_M", "BLOCK_N")},
+    key=["L", "HEAD_DIM", "IEEE"],  # IEEE: the prune keeps other tiles for it
+    prune_configs_by={"early_config_prune": _make_prune("BLOCK_M", "BLOCK_N", "fwd")},
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -153,8 +202,8 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, L, H, sdb, sdh, sdl, HEAD_DIM: tl.const
 
 @triton.autotune(
     configs=_configs((64, 128), (32, 64), "BLOCK_N", "BLOCK_M"),
-    key=["L", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _make_prune("BLOCK_N", "BLOCK_M")},
+    key=["L", "HEAD_DIM", "IEEE"],  # IEEE: the prune keeps other tiles for it
+    prune_configs_by={"early_config_prune": _make_prune("BLOCK_N", "BLOCK_M", "dkdv")},
 )
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -236,8 +285,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.autotune(
     configs=_configs((64, 128), (32, 64), "BLOCK_M", "BLOCK_N"),
-    key=["L", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _make_prune("BLOCK_M", "BLOCK_N")},
+    key=["L", "HEAD_DIM", "IEEE"],  # IEEE: the prune keeps other tiles for it
+    prune_configs_by={"early_config_prune": _make_prune("BLOCK_M", "BLOCK_N", "dq")},
 )
 @triton.jit
 def _attn_bwd_dq_kernel(

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from lad_fast.kernels import _conv3d_triton as kt
-from lad_fast.kernels._conv3d_triton import _prune_conv_configs, m_bucket, norm_act, weight_layout
+from lad_fast.kernels import _limits
+from lad_fast.kernels._conv3d_triton import _conv_tiles, gemm_fits, m_bucket, norm_act, weight_layout
 from lad_fast.kernels._dispatch import interpreter_on
 
 _INTERP_DGRAD = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -56,9 +57,16 @@ def _dgrad_configs() -> list[triton.Config]:
     ]
 
 
-def _prune_dgrad(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # The forward's rule with the roles swapped: columns are input channels, the reduction output ones.
-    return _prune_conv_configs(configs, {"O": named_args["C"], "C": named_args["O"]})
+def _prune_dgrad(
+    configs: list[triton.Config], named_args: dict, target: _limits.Target | None = None, **kwargs
+) -> list[triton.Config]:
+    """The forward's rules with the roles swapped: columns are input channels, the reduction output ones.
+    The GEMM loop is the forward's without a prologue (NORM is dgrad's epilogue)."""
+    kept = _conv_tiles(configs, named_args["C"], named_args["O"])
+    target = target or _limits.device_target(named_args)
+    elem = _limits.element_size(named_args, "dy_ptr")
+    ieee = bool(kwargs.get("IEEE"))
+    return _limits.select(kept, configs, lambda c: gemm_fits(c, target, elem, ieee, norm=False))
 
 
 def _wgrad_configs() -> list[triton.Config]:
@@ -77,12 +85,55 @@ def _wgrad_configs() -> list[triton.Config]:
     ]
 
 
-def _prune_wgrad(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+def wgrad_smem(config: triton.Config, arch: int, elem: int, ieee: bool, norm: bool) -> int:
+    """Shared memory of wgrad's loop: an x tile (BLOCK_M, BLOCK_C) and a dy tile (BLOCK_M, BLOCK_O) per
+    stage. With ``norm`` also the prologue's fp32 scale and shift tiles (BLOCK_M, BLOCK_C), and the
+    activated, transposed x (the dot's A operand, computed in registers) staged once more, up to twice
+    its size (sm_100); its loads then pipeline with ``stages - 1`` buffers on every target."""
+    bm, bc, bo = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"], config.kwargs["BLOCK_O"]
+    per_stage = (bm * bc + bm * bo) * elem + (2 * bm * bc * 4 if norm else 0)
+    once = 2 * bm * bc * elem if norm else 0
+    return _limits.pipelined_smem(arch, not ieee and not norm, config.num_stages, per_stage, once)
+
+
+def wgrad_fits(
+    config: triton.Config, target: _limits.Target | None, elem: int, ieee: bool, norm: bool
+) -> bool:
+    """Whether a wgrad config runs on ``target`` without spilling (always, without a target).
+
+    Registers: the fp32 accumulator (BLOCK_C, BLOCK_O) plus the transposed x operand (BLOCK_C, BLOCK_M),
+    three times with ``norm`` (x, scale and shift feed the prologue), in values per thread: at most 160
+    with 16-bit operands, 96 with TF32 ones, 48 for "ieee" FMA products. With fp32 operands held in
+    registers over the reduction ("ieee" everywhere, TF32 on sm_80's mma.sync), BLOCK_M is at most 64;
+    TF32 on sm_80 also keeps the transposed x tile alone at most 32 values per thread. Fitted to Triton
+    3.9's compiles: on sm_80 a TF32 128 x 64 accumulator over 4 warps spills 0.9 KB per thread, TF32 and
+    "ieee" tiles with BLOCK_M = 128 1.2 to 1.5 KB, a TF32 (BLOCK_C, BLOCK_M) = 128 x 64 x tile over 4
+    warps 0.8 KB."""
+    if target is None:
+        return True
+    bm, bc, bo = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_C"], config.kwargs["BLOCK_O"]
+    threads = 32 * config.num_warps
+    live = (bc * bo + bm * bc * (3 if norm else 1)) // threads
+    deep_ok = bm <= 64 or elem <= 2 or (not ieee and target.arch >= 90)
+    if elem == 4 and not ieee and target.arch < 90:  # TF32 through mma.sync: x fragments in registers
+        deep_ok = deep_ok and bc * bm // threads <= 32
+    regs_ok = deep_ok and live <= (48 if ieee else 160 if elem <= 2 else 96)
+    return regs_ok and wgrad_smem(config, target.arch, elem, ieee, norm) <= target.smem_per_block
+
+
+def _prune_wgrad(
+    configs: list[triton.Config], named_args: dict, target: _limits.Target | None = None, **kwargs
+) -> list[triton.Config]:
+    """Tiles that fit the problem (channel blocks within the channels; 8 warps for the largest tiles only)
+    and the GPU (``wgrad_fits`` on ``target``, by default the device of the launch's tensors)."""
     max_c = max(16, triton.next_power_of_2(named_args["C"]))
     max_o = max(16, triton.next_power_of_2(named_args["O"]))
     kept = [c for c in configs if c.kwargs["BLOCK_C"] <= max_c and c.kwargs["BLOCK_O"] <= max_o]
     kept = [c for c in kept if c.num_warps == 4 or c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_O"] >= 64 * 64]
-    return kept or configs[:1]
+    target = target or _limits.device_target(named_args)
+    elem = _limits.element_size(named_args, "dy_ptr")
+    ieee, norm = bool(kwargs.get("IEEE")), bool(kwargs.get("NORM"))
+    return _limits.select(kept, configs, lambda c: wgrad_fits(c, target, elem, ieee, norm))
 
 
 @triton.jit
@@ -173,7 +224,8 @@ def _dgrad_kernel(
 
 _dgrad_tuned = triton.autotune(
     configs=_dgrad_configs(),
-    key=["M_BUCKET", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM"],
+    # IEEE too: the prune keeps other tiles for exact fp32 products than for TF32 ones
+    key=["M_BUCKET", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM", "IEEE"],
     prune_configs_by={"early_config_prune": _prune_dgrad},
 )(_dgrad_kernel)
 
@@ -274,7 +326,8 @@ def _wgrad_kernel(
 
 _wgrad_tuned = triton.autotune(
     configs=_wgrad_configs(),
-    key=["M_BUCKET", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM"],
+    # IEEE too: the prune keeps other tiles for exact fp32 products than for TF32 ones
+    key=["M_BUCKET", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM", "IEEE"],
     prune_configs_by={"early_config_prune": _prune_wgrad},
 )(_wgrad_kernel)
 

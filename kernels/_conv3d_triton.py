@@ -18,7 +18,10 @@ Weights are laid out for the GEMM once per weight version (``weight_layout``), a
 buckets the row count to its next power of two (``m_bucket``). The backward lives in
 ``_conv3d_bwd_triton.py``.
 
-Accumulation is fp32; the output is stored in the input dtype.
+Accumulation is fp32; the output is stored in the input dtype. fp32 inputs take TF32 tensor-core
+products unless ``torch.backends.cudnn.allow_tf32`` is off (then ``IEEE``: exact FMA products; see
+``conv3d.py``). The autotune prune keeps configs that fit the problem and, on a GPU, the device: shared
+memory (``gemm_smem``) and registers (``gemm_fits``), per ``kernels/_limits.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lad_fast.kernels import _limits
 from lad_fast.kernels._dispatch import interpreter_on
 
 # Under the interpreter one small fixed config (tl.dot needs dims >= 16); its cost is per program and
@@ -71,16 +75,61 @@ def _conv_configs() -> list[triton.Config]:
     return configs
 
 
-def _prune_conv_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+def _conv_tiles(configs: list[triton.Config], out_channels: int, in_channels: int) -> list[triton.Config]:
     """Drop tiles wider than the problem: BLOCK_N beyond the out channels, BLOCK_K beyond the in channels."""
-    max_n = max(16, triton.next_power_of_2(named_args["O"]))
-    max_k = max(16, triton.next_power_of_2(named_args["C"]))
+    max_n = max(16, triton.next_power_of_2(out_channels))
+    max_k = max(16, triton.next_power_of_2(in_channels))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_K"] <= max_k]
     # 256-row tiles only for narrow outputs (the 16- and 32-channel VQ-GAN levels), where they keep
     # enough work per program; 8 warps only pay off on the largest tiles.
     kept = [c for c in kept if c.kwargs["BLOCK_M"] < 256 or c.kwargs["BLOCK_N"] <= 32]
-    kept = [c for c in kept if c.num_warps == 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 64]
-    return kept or configs[:1]
+    return [c for c in kept if c.num_warps == 4 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 64]
+
+
+def gemm_smem(config: triton.Config, arch: int, elem: int, ieee: bool, norm: bool) -> int:
+    """Shared memory of the implicit-GEMM loop of the forward and of dgrad: an A tile (BLOCK_M, BLOCK_K)
+    and a B tile (BLOCK_K, BLOCK_N) per stage, with ``norm`` the prologue's fp32 scale and shift tiles
+    (BLOCK_M, BLOCK_K) too; at least the output tile, which the epilogue stages through shared memory."""
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    per_stage = (bm * bk + bk * bn) * elem + (2 * bm * bk * 4 if norm else 0)
+    pipeline = _limits.pipelined_smem(arch, not ieee, config.num_stages, per_stage)
+    return max(pipeline, bm * bn * elem + _limits.SMEM_SLACK)
+
+
+def gemm_fits(
+    config: triton.Config, target: _limits.Target | None, elem: int, ieee: bool, norm: bool
+) -> bool:
+    """Whether a conv / dgrad config runs on ``target`` without spilling (always, without a target).
+
+    Registers: the fp32 accumulator's values per thread. Tensor cores: at most 64 on sm_80 (mma.sync takes
+    its operand fragments from registers too) and with fp32 (TF32) operands, 128 with 16-bit operands on
+    sm_90 and later (wgmma and tcgen05 read them from shared memory). "ieee" FMA products: at most 32,
+    and BLOCK_K at most 32 (the FMA loop holds each thread's operand slices over BLOCK_K). TF32 on sm_80:
+    BLOCK_M at most 128. Fitted to Triton 3.9's compiles: 128 x 128 tiles over 4 warps spill 0.5 to 1 KB
+    per thread in TF32 on every target and in fp16 dgrad on sm_80; "ieee" tiles with BLOCK_K = 64 spill
+    0.4 to 10 KB on sm_80; TF32 tiles of 256 rows up to 208 B on sm_80."""
+    if target is None:
+        return True
+    acc = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
+    if ieee:
+        regs_ok = acc <= 32 and config.kwargs["BLOCK_K"] <= 32
+    elif elem == 4 and target.arch < 90:  # TF32 through mma.sync: fp32 operand fragments in registers
+        regs_ok = acc <= 64 and config.kwargs["BLOCK_M"] <= 128
+    else:
+        regs_ok = acc <= (128 if elem <= 2 and target.arch >= 90 else 64)
+    return regs_ok and gemm_smem(config, target.arch, elem, ieee, norm) <= target.smem_per_block
+
+
+def _prune_conv_configs(
+    configs: list[triton.Config], named_args: dict, target: _limits.Target | None = None, **kwargs
+) -> list[triton.Config]:
+    """Tiles that fit the problem (``_conv_tiles``) and the GPU (``gemm_fits``: shared memory and
+    registers on ``target``, by default the device of the launch's tensors)."""
+    kept = _conv_tiles(configs, named_args["O"], named_args["C"])
+    target = target or _limits.device_target(named_args)
+    elem = _limits.element_size(named_args, "x_ptr")
+    ieee, norm = bool(kwargs.get("IEEE")), bool(kwargs.get("NORM"))
+    return _limits.select(kept, configs, lambda c: gemm_fits(c, target, elem, ieee, norm))
 
 
 @triton.jit
@@ -198,7 +247,8 @@ def _conv3d_kernel(
 # volume re-tuned across the configs (seconds per shape); one bucket shares the same best tile.
 _conv3d_tuned = triton.autotune(
     configs=_conv_configs(),
-    key=["M_BUCKET", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM"],
+    # IEEE too: the prune keeps other tiles for exact fp32 products than for TF32 ones
+    key=["M_BUCKET", "C", "O", "KD", "KH", "KW", "SD", "SH", "SW", "NORM", "IEEE"],
     prune_configs_by={"early_config_prune": _prune_conv_configs},
 )(_conv3d_kernel)
 

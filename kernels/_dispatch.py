@@ -29,6 +29,10 @@ TRITON_INSTALL = 'pip install "lad-fast[triton]"'
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
+# Set only inside ``meta_as_cuda()``: kernels/aot.py records which ops a model launches on meta tensors.
+_META_AS_CUDA = False
+
+
 def triton_available() -> bool:
     """True when the triton package is installed (found at import of this module, not imported)."""
     return _TRITON_FOUND
@@ -47,7 +51,7 @@ def resolve_impl(impl: str, *tensors: torch.Tensor) -> str:
         raise ConfigError(f"LAD_FAST_KERNELS must be 'torch' or 'triton', got {forced!r}")
     if impl == "auto":
         impl = forced or "auto"
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = all(t.is_cuda or (_META_AS_CUDA and t.is_meta) for t in tensors)
     if impl == "auto":
         return "triton" if on_cuda and triton_available() else "torch"
     if impl == "triton":
@@ -76,7 +80,8 @@ def autocast_inputs(
     tensors in order (None stays None).
     """
     device = next(t for t in tensors if t is not None).device.type
-    if not torch.is_autocast_enabled(device):
+    # Devices without autocast (meta: the AOT check's shape-only runs) get the tensors as they are.
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return list(tensors)
     dtype = dtype or torch.get_autocast_dtype(device)
     # Autocast's own eligibility rule: floating tensors other than float64.
@@ -100,3 +105,16 @@ def forced_impl(impl: str) -> Iterator[None]:
             os.environ.pop("LAD_FAST_KERNELS", None)
         else:
             os.environ["LAD_FAST_KERNELS"] = old
+
+
+@contextlib_contextmanager
+def meta_as_cuda() -> Iterator[None]:
+    """Inside the block ``impl="auto"`` treats meta tensors as CUDA tensors: a model run on meta tensors
+    (shapes only, no data, no GPU) calls the Triton ops a GPU run calls, with the same arguments. The
+    ops' fake implementations serve meta tensors; kernels/aot.py records the calls with a dispatch hook."""
+    global _META_AS_CUDA
+    old, _META_AS_CUDA = _META_AS_CUDA, True
+    try:
+        yield
+    finally:
+        _META_AS_CUDA = old

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lad_fast.kernels import _limits
 from lad_fast.kernels._dispatch import interpreter_on
 
 
@@ -35,8 +36,21 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles that cannot pay off: blocks larger than the problem, and big tiles with wide codes."""
+def vq_smem(config: triton.Config, block_d: int, arch: int, elem: int, ieee: bool) -> int:
+    """Shared memory of the search loop: a code tile (BLOCK_K, BLOCK_D) per stage, the z tile
+    (BLOCK_N, BLOCK_D) once, and 2 KB for the cross-warp min / argmin (measured: up to 2 KB)."""
+    bn, bk = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    per_stage, once = bk * block_d * elem, bn * block_d * elem + 2048
+    return _limits.pipelined_smem(arch, not ieee, config.num_stages, per_stage, once)
+
+
+def _prune(
+    configs: list[triton.Config], named_args: dict, target: _limits.Target | None = None, **kwargs
+) -> list[triton.Config]:
+    """Drop tiles that cannot pay off: blocks larger than the problem, and big tiles with wide codes; on
+    a GPU (``target``, by default the launch's device) also tiles above its shared memory or register
+    budget: score-tile values per thread at most 128 for fp16 / bf16, 64 for the TF32 pass (it also keeps
+    each row's runner-up) and 32 for the exact fp32 pass (FMA products), fitted to Triton 3.9's compiles."""
     if len(configs) == 1:
         return configs
     args = {**named_args, **kwargs}  # where constexpr kwargs land differs across Triton versions
@@ -52,16 +66,28 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         if block_d >= 128 and bn * bk > 64 * 64:
             continue
         kept.append(c)
-    return kept or configs[:1]
+    target = target or _limits.device_target(named_args)
+    if target is None:
+        return kept or configs[:1]
+    elem, ieee = _limits.element_size(named_args, "Z"), bool(args.get("IEEE"))
+    budget = 32 if ieee else (64 if args.get("FAST") else 128)
+
+    def fits(c: triton.Config) -> bool:
+        live = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
+        return live <= budget and vq_smem(c, block_d, target.arch, elem, ieee) <= target.smem_per_block
+
+    return _limits.select(kept, configs, fits)
 
 
 # Exactness margin of the fast fp32 pass. TF32 keeps 10 mantissa bits (truncated: relative error below
 # 2^-10 per operand, so below 2^-9 per product), fp32 accumulation over D <= 256 terms adds less than
 # 2^-15, and Cauchy-Schwarz bounds sum |z_i c_i| by ||z|| ||c||: every TF32 score cn - 2 z.c lies within
 # 2^-8 ||z|| ||c|| of the fp32 one. FAST_REL is twice that; FAST_ABS covers the rounding of the final
-# subtraction (relative 2^-24 of |cn| + 2|z.c|).
-FAST_REL = 2.0**-7
-FAST_ABS = 2.0**-22
+# subtraction (relative 2^-24 of |cn| + 2|z.c|). ``tl.constexpr`` globals: compiled Triton reads no other
+# module-level values inside @triton.jit. The interpreter reads any, so only a compile tells
+# (tests/kernels/test_compile_aot.py).
+FAST_REL = tl.constexpr(2.0**-7)
+FAST_ABS = tl.constexpr(2.0**-22)
 
 
 @triton.jit
@@ -128,7 +154,7 @@ def _vq_nearest_kernel(
         tl.store(IDX + rows, best_idx, mask=row_ok)
         if FAST:
             cmax = tl.load(CMAX)
-            bound = FAST_REL * tl.sqrt(zn) * cmax + FAST_ABS * cmax * cmax
+            bound = tl.sqrt(zn) * cmax * FAST_REL + cmax * cmax * FAST_ABS
             tl.store(FLAG + rows, (second - best <= 2.0 * bound).to(tl.int32), mask=row_ok)
             w = tl.load(C + best_idx[:, None] * D + dims[None, :], mask=zmask, other=0.0)
             diff = zf - w.to(tl.float32)

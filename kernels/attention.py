@@ -5,6 +5,13 @@ fp32 statistics, backward from the stored logsumexp (delta preprocess, then sepa
 kernels: deterministic, no atomics). It is registered as the custom ops ``lad_fast::attention_fwd`` and
 ``lad_fast::attention_bwd`` (the latter as the former's autograd formula), so ``torch.compile`` keeps
 forward and backward inside its graphs.
+
+Precision of fp32 inputs on a GPU: TF32 tensor-core products when ``torch.backends.cuda.matmul.allow_tf32``
+is on (``torch.set_float32_matmul_precision("high")``), exact fp32 FMA products when it is off, PyTorch's
+default, as for matmul and SDPA's math path. The exact path has no tensor cores; its autotune configs are
+pruned to tiles that do not spill (``kernels/_limits.py``). At the presets' sequence lengths (at most 512
+tokens) attention is a small part of a training step either way; fp32 training that wants tensor cores
+here too sets the matmul precision to "high". Softmax statistics are fp32 on every path.
 """
 
 from __future__ import annotations
@@ -44,13 +51,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ConfigError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-@torch.library.custom_op("lad_fast::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, d) x3 -> (O contiguous (B, H, L, d), base-2 logsumexp fp32 (B, H, L))."""
     from lad_fast.kernels import _attention_triton
 
     # Strided views (e.g. a (B, L, H, d) transpose) are read in place; see _attention_triton.
     return _attention_triton.forward(q, k, v)
+
+
+_attention_fwd_op = torch.library.custom_op("lad_fast::attention_fwd", mutates_args=())(_attention_fwd_impl)
 
 
 @_attention_fwd_op.register_fake
@@ -60,8 +71,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
     return o, torch.empty((b, h, seq), dtype=torch.float32, device=q.device)
 
 
-@torch.library.custom_op("lad_fast::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd_impl(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,6 +83,9 @@ def _attention_bwd_op(
     from lad_fast.kernels import _attention_triton
 
     return _attention_triton.backward(grad_out, q, k, v, o.contiguous(), lse.contiguous())
+
+
+_attention_bwd_op = torch.library.custom_op("lad_fast::attention_bwd", mutates_args=())(_attention_bwd_impl)
 
 
 @_attention_bwd_op.register_fake

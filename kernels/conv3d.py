@@ -21,6 +21,16 @@ shapes), any stride and padding, dilation 1, fp16 / bf16 / fp32. ``impl="auto"``
 reference for anything else; ``impl="triton"`` raises instead. Under autocast the Triton path casts x,
 weight, bias and residual to the autocast dtype (gamma and beta stay as given), as autocast does for
 ``F.conv3d`` (custom ops have no autocast rule of their own); the reference gets autocast from its ops.
+
+Precision of fp32 inputs on a GPU, forward and backward: TF32 tensor-core products (fp32 accumulation)
+while ``torch.backends.cudnn.allow_tf32`` is on, PyTorch's default, as cuDNN computes ``F.conv3d``;
+exact fp32 FMA products when it is off (the kernel tests turn it off to compare at fp32 tolerances).
+That path has no tensor cores and keeps operand slices in registers: its autotune configs are pruned to
+tiles that do not spill (``kernels/_limits.py``), so it is correct but several times slower. Every
+config either path can pick compiles for sm_80 and sm_90 in CI (``kernels/aot.py``).
+
+Each op's body is a plain function (``_<op>_impl``) that ``torch.library.custom_op`` registers, so that
+``kernels/aot.py`` can replay recorded calls through the host code on meta tensors.
 """
 
 from __future__ import annotations
@@ -187,14 +197,16 @@ def _empty_out(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pad
     )  # fmt: skip
 
 
-@torch.library.custom_op("lad_fast::conv3d", mutates_args=())
-def _conv3d_op(
+def _conv3d_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int]
 ) -> torch.Tensor:
     from lad_fast.kernels import _conv3d_triton as kt
 
     x = x.contiguous(memory_format=torch.channels_last_3d)
     return kt.launch_conv3d(x, weight, bias, None, tuple(stride), tuple(padding))
+
+
+_conv3d_op = torch.library.custom_op("lad_fast::conv3d", mutates_args=())(_conv3d_impl)
 
 
 @_conv3d_op.register_fake
@@ -207,8 +219,7 @@ def _grad_or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like.new_empty(0)
 
 
-@torch.library.custom_op("lad_fast::conv3d_bwd", mutates_args=())
-def _conv3d_bwd_op(
+def _conv3d_bwd_impl(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: list[int],
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -226,6 +237,9 @@ def _conv3d_bwd_op(
     if needs[2]:
         gb = dy.sum((0, 2, 3, 4), dtype=torch.float32).to(x.dtype)
     return _grad_or_empty(gx, x), _grad_or_empty(gw, x), _grad_or_empty(gb, x)
+
+
+_conv3d_bwd_op = torch.library.custom_op("lad_fast::conv3d_bwd", mutates_args=())(_conv3d_bwd_impl)
 
 
 @_conv3d_bwd_op.register_fake
@@ -254,8 +268,7 @@ def _conv3d_backward(ctx, grad):
 _conv3d_op.register_autograd(_conv3d_backward, setup_context=_conv3d_setup)
 
 
-@torch.library.custom_op("lad_fast::norm_act_conv3d", mutates_args=())
-def _norm_act_conv3d_op(
+def _norm_act_conv3d_impl(
     x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int, weight: torch.Tensor,
     bias: torch.Tensor | None, residual: torch.Tensor | None, stride: list[int], padding: list[int],
     eps: float,
@@ -266,6 +279,11 @@ def _norm_act_conv3d_op(
     # Fold the GroupNorm affine into one multiply-add per (n, c): y = x * scale + shift.
     scale, shift, _, _ = _folded_affine(x, gamma, beta, groups, eps)
     return kt.launch_conv3d(x, weight, bias, residual, tuple(stride), tuple(padding), scale, shift)
+
+
+_norm_act_conv3d_op = torch.library.custom_op("lad_fast::norm_act_conv3d", mutates_args=())(
+    _norm_act_conv3d_impl
+)
 
 
 @_norm_act_conv3d_op.register_fake
@@ -287,8 +305,7 @@ def _folded_affine(x, gamma, beta, groups, eps):
     return scale.contiguous(), shift.contiguous(), mean, rstd
 
 
-@torch.library.custom_op("lad_fast::norm_act_conv3d_bwd", mutates_args=())
-def _norm_act_bwd_op(
+def _norm_act_bwd_impl(
     grad: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
     groups: int, stride: list[int], padding: list[int], eps: float, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -315,6 +332,11 @@ def _norm_act_bwd_op(
         _grad_or_empty(None if gw is None else gw.to(weight.dtype).contiguous(), x),
         _grad_or_empty(gb, x),
     )
+
+
+_norm_act_bwd_op = torch.library.custom_op("lad_fast::norm_act_conv3d_bwd", mutates_args=())(
+    _norm_act_bwd_impl
+)
 
 
 @_norm_act_bwd_op.register_fake

@@ -66,8 +66,7 @@ def _check(z: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
-@torch.library.custom_op("lad_fast::vq_nearest", mutates_args=())
-def _vq_nearest_op(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _vq_nearest_impl(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from lad_fast.kernels import _vq_triton
 
     n, d = z.shape
@@ -83,6 +82,9 @@ def _vq_nearest_op(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
     if n > 0:
         _vq_triton.launch(z, codebook, code_norms, indices, distances)
     return indices, distances
+
+
+_vq_nearest_op = torch.library.custom_op("lad_fast::vq_nearest", mutates_args=())(_vq_nearest_impl)
 
 
 @_vq_nearest_op.register_fake

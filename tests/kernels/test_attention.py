@@ -158,7 +158,7 @@ def test_autotune_pruning_keeps_fitting_tiles():
         for bn in (32, 64, 128)
         for s in (2, 4)
     ]
-    prune = _attention_triton._make_prune("BLOCK_M", "BLOCK_N")
+    prune = _attention_triton._make_prune("BLOCK_M", "BLOCK_N", "fwd")
     kept = prune(configs, {"L": 40}, HEAD_DIM=128)
     assert kept and all(c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64 for c in kept)
     assert all(c.num_stages <= 3 for c in kept)

@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
-STEPS = ["install", "env", "topology", "sampler", "pytest", "kernels", "train"]
+STEPS = ["install", "env", "topology", "sampler", "pytest", "kernels", "compile", "train"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite itself runs")
 
