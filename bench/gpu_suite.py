@@ -6,7 +6,9 @@ Steps: ``env`` (device and versions), ``kernels`` (Triton against the PyTorch pa
 forward+backward: the fused GroupNorm+SiLU+conv against the cuDNN conv + GroupNorm + SiLU chain, conv3d
 against cuDNN, attention against SDPA flash, vq_nearest against cdist+argmin), ``train`` (one compiled
 bf16 training step of the VQ-GAN and of the U-Net with ``impl="triton"`` and ``impl="torch"``: time and
-peak memory) and ``topology`` (the structure vector's torch GPU path against the numpy path). Each
+peak memory), ``calibrate`` (each model's real training step at ``lad`` against ``lad-fast plan``'s
+predicted peak and time: the plan's calibration) and ``topology`` (the structure vector's torch GPU path
+against the numpy path). Each
 step appends JSON lines, every one carrying device and versions, to ``DIR/<step>.jsonl``.
 
 ``--tiny`` runs the same code at tiny shapes: on a CPU the Triton kernels run in the interpreter
@@ -307,6 +309,74 @@ def step_train(out: Path, tiny: bool) -> None:
             del model, opt, compiled
 
 
+# ------------------------------------------------------------------------------------- calibrate
+
+
+def _this_gpu() -> Any:
+    """The lad_fast.utils.gpu_specs entry of this device (its rates time the plan), else memory only."""
+    from lad_fast.utils.gpu_specs import GPU, GPUS
+
+    props = torch.cuda.get_device_properties(0)
+    name = props.name.lower()
+    for key in ("h200", "h100", "l40s", "rtx4090"):
+        if key.replace("rtx", "") in name.replace(" ", ""):
+            return GPUS[key]
+    if "a100" in name:
+        return GPUS["a100-80" if props.total_memory > 60 * 2**30 else "a100-40"]
+    return GPU(props.name, props.total_memory)
+
+
+def step_calibrate(out: Path, tiny: bool) -> None:
+    """Measured against planned: each model's real training step (the trainer's modules, losses and
+    optimiser, built by ``lad_fast.train.plan.build_step``) on this device beside ``lad-fast plan``'s
+    prediction of the same step: peak memory and median step time, and their ratios, which are the
+    plan's calibration factors. The dry run plans and runs the segmenter's step at ``tiny`` on the CPU
+    (no memory measured there, and no time predicted for a CPU)."""
+    from lad_fast.config import get_preset
+    from lad_fast.train.plan import build_step, plan_step
+
+    sink = Sink(out, "train")  # beside the train step's records: the device tool returns eight files at most
+    cfg = get_preset("tiny" if tiny else "lad")
+    dev = torch.device("cuda" if CUDA else "cpu")
+    gpu = _this_gpu() if CUDA else None
+    for model in ("vqgan", "diffusion", "segmenter") if CUDA else ("segmenter",):
+        record: dict[str, Any] = {"kind": "calibrate", "model": model, "preset": cfg.preset, "batch": 1}
+        record["tiny"] = tiny
+        try:
+            plan = plan_step(cfg, model, 1, gpu=CUDA)
+            at = max(ph.start_step for ph in build_step(cfg, model, 1, gpu=CUDA).phases)
+            with dev:  # modules, optimiser state, EMA and the batch on this device, as the trainer puts them
+                step = build_step(cfg, model, 1, fake=False, gpu=CUDA)
+            step.run(at)  # the first step creates the optimiser state and autotunes
+            sync()
+            if CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(3 if CUDA else 1):
+                start = time.perf_counter()
+                step.run(at)
+                sync()
+                times.append((time.perf_counter() - start) * 1e3)
+            measured_peak = torch.cuda.max_memory_allocated() if CUDA else None
+            planned_s = plan.seconds(gpu) if gpu is not None else None
+            step_ms = sorted(times)[len(times) // 2]
+            record.update({
+                "gpu_spec": gpu.name if gpu is not None else None,
+                "planned_peak_mib": plan.peak / 2**20,
+                "measured_peak_mib": measured_peak and measured_peak / 2**20,
+                "peak_ratio": measured_peak and measured_peak / plan.peak,
+                "planned_step_ms": planned_s and planned_s * 1e3,
+                "measured_step_ms": step_ms,
+                "time_ratio": planned_s and step_ms / (planned_s * 1e3),
+            })  # fmt: skip
+            del step
+        except Exception as err:  # one model's failure must not hide the others' calibration
+            record["error"] = f"{type(err).__name__}: {err}"
+        sink.write(record)
+        if CUDA:
+            torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------- topology
 
 
@@ -340,7 +410,7 @@ def step_topology(out: Path, tiny: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("env", "kernels", "train", "topology"))
+    parser.add_argument("step", choices=("env", "kernels", "train", "calibrate", "topology"))
     parser.add_argument("--out", type=Path, required=True, help="folder of the JSON-lines results")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU dry run)")
     args = parser.parse_args(argv)
@@ -352,9 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "env":
         Sink(args.out, "env").write({"tiny": args.tiny})
     else:
-        {"kernels": step_kernels, "train": step_train, "topology": step_topology}[args.step](
-            args.out, args.tiny
-        )
+        steps = {"kernels": step_kernels, "train": step_train, "calibrate": step_calibrate}
+        {**steps, "topology": step_topology}[args.step](args.out, args.tiny)
     return 0
 
 

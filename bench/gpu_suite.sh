@@ -15,10 +15,13 @@
 #   4. sampler   `lad-fast bench sampler` per backend, when that command exists (else one logged line)
 #   5. pytest    tests/kernels, bf16 tests included (they run only on CUDA); in the dry run, a quick subset
 #   6. kernels   Triton vs the PyTorch paths at `lad` shapes, forward and forward+backward
-#   7. train     one compiled bf16 training step of the `lad` VQ-GAN and U-Net, impl triton vs torch
+#   7. compile   the ahead-of-time compile check, loaded on this GPU (bench/compile_sweep.py --device)
+#   8. calibrate each `lad` model's real training step against `lad-fast plan`: measured / predicted
+#                peak memory and step time, the plan's calibration factors (lines of train.jsonl)
+#   9. train     one compiled bf16 training step of the `lad` VQ-GAN and U-Net, impl triton vs torch
 #                (last: it gets what is left of the budget; each model/impl is written as it finishes)
 # Every result is a JSON line carrying device and versions, in DIR/<step>.jsonl; DIR/steps.jsonl holds
-# each step's status and seconds, DIR/suite.log the whole output, DIR/pytest.xml the test report: eight
+# each step's status and seconds, DIR/suite.log the whole output, DIR/pytest.xml the test report: nine
 # files at most, what the device tool returns. Commit DIR under bench/results/.
 #
 # Wheels carried to the GPU machine (its image has torch 2.11, triton 3.6, cupy, onnxruntime, numpy,
@@ -195,6 +198,7 @@ run_step sampler 30 run_sampler
 run_step pytest 120 run_pytest
 run_step kernels 110 "$PY" bench/gpu_suite.py kernels --out "$OUT" "${TINY[@]}"
 run_step compile 90 "$PY" bench/compile_sweep.py --device "${TINY[@]}"  # AOT check on this GPU; log only
+run_step calibrate 120 "$PY" bench/gpu_suite.py calibrate --out "$OUT" "${TINY[@]}"
 run_step train "$BUDGET" "$PY" bench/gpu_suite.py train --out "$OUT" "${TINY[@]}"
 log "done in $(($(date +%s) - START))s; steps:"
 cat "$OUT/steps.jsonl"

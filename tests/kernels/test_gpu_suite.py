@@ -18,7 +18,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
-STEPS = ["install", "env", "topology", "sampler", "pytest", "kernels", "compile", "train"]
+STEPS = ["install", "env", "topology", "sampler", "pytest", "kernels", "compile", "calibrate", "train"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite itself runs")
 
@@ -63,11 +63,17 @@ def test_results_carry_device_versions_and_both_paths(dry_run):
     assert ("vq_nearest", "fwd") in seen
     assert all(r["ms"] > 0 and r["ref_ms"] > 0 and r["max_abs_err_fwd"] < 1e-4 for r in kernels)
 
-    train = _lines(out / "train.jsonl")
+    records = _lines(out / "train.jsonl")
+    train = [r for r in records if r.get("kind") != "calibrate"]
     by = {(r["model"], r["impl"]): r for r in train}
     assert set(by) == {(m, i) for m in ("vqgan", "unet") for i in ("torch", "triton")}
     for model in ("vqgan", "unet"):  # one step from the same weights: the same loss on both paths
         assert by[(model, "triton")]["loss"] == pytest.approx(by[(model, "torch")]["loss"], rel=1e-5)
+
+    # The plan's calibration: the segmenter's real step beside its plan (memory is measured on a GPU only).
+    (calib,) = [r for r in records if r.get("kind") == "calibrate"]
+    assert "error" not in calib, calib["error"]
+    assert calib["model"] == "segmenter" and calib["planned_peak_mib"] > 1 and calib["measured_step_ms"] > 0
 
     (topo,) = _lines(out / "topology.jsonl")
     assert topo["equal"] is True
