@@ -14,8 +14,16 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import signal
+
 import pytest
 from _shared import shared_data
+
+# A test run started in the background by a script (`cmd &`) inherits SIGINT ignored, and lad-fast keeps an
+# ignored signal ignored, as Python does: the tests that send SIGINT then see nothing. They test what an
+# interactive shell or a scheduler gives, so they get Python's own handler back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
