@@ -32,6 +32,7 @@ class Backend(str, Enum):
     trt = "trt"
 
 
+# Long only by its option declarations (typer reads them from the signature); the body is the call.
 def generate(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (images/, masks/, manifest, dataset.json).")

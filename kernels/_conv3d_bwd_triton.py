@@ -147,6 +147,10 @@ def _dgrad_kernel(
     NORM: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """Input gradient of a 3D convolution (transposed implicit GEMM), with the fused GroupNorm + SiLU
+    prologue's backward and its per-channel sums in the epilogue. One kernel body of 83 lines: the
+    gather, the accumulation loop and the epilogue share their index tensors, which a split into
+    ``@triton.jit`` helpers would recompute or pass around as many arguments."""
     # One sample per program (axis 2), so the epilogue's per-channel sums belong to one GroupNorm row.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
