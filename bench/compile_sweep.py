@@ -1,17 +1,17 @@
 """Compile every Triton kernel config ahead of time for each GPU target and tabulate its resources.
 
     python bench/compile_sweep.py [--subset all|frontier] [--targets ...] [--kernels ...] [--paths ...]
-                                  [--presets ...] [--workers N] [--max-minutes M]
+                                  [--presets ...] [--workers N] [--max-minutes M] [--out STEM]
         the kernels' configs at the shapes the presets' models launch in training, recorded on meta
         tensors (lad_fast.models.kernel_calls), for each target; ``all``: every config each kernel's
         prune keeps for the target (about 3,000 compiles for sm_80, sm_90 and sm_100); ``frontier``:
         per kernel, dtype path and target the configs no other one dominates (the largest tiles and
         stages, where the limits bind; about 380). No compile starts after --max-minutes. Writes
-        bench/results/compile_sweep.json (versions, machine, one record per compile and line) and
-        bench/results/compile_sweep.md (kernel x dtype path x target: configs, max shared memory against
-        the limit, max registers, spills, tensor-core instructions). Exit status 1 when any config has a
-        problem (compile error, shared memory over the limit, spills over the bound, a tensor-core dot
-        without tensor-core instructions).
+        STEM.json (versions, machine, one record per compile and line) and STEM.md (kernel x dtype path x
+        target: configs, max shared memory against the limit, max registers, spills, tensor-core
+        instructions); STEM is bench/results/compile_sweep unless --out names another. Exit status 1
+        when any config has a problem (compile error, shared memory over the limit, spills over the
+        bound, a tensor-core dot without tensor-core instructions).
     python bench/compile_sweep.py --device [--tiny]
         bench/gpu_suite.sh's step: the CI subset compiled for this machine's GPU (its architecture and its
         own shared-memory limit), each binary then loaded on the GPU, whose driver reports registers and
@@ -102,7 +102,8 @@ def write(result: dict, args: argparse.Namespace, seconds: float) -> None:
         "max_spill_bytes": _limits.MAX_SPILL_BYTES, "planned": result["planned"], "compiles": len(records),
         "errors": len(errors), "with_problems": len(bad),
     }  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     # one record per line: a file that reads and diffs by compile
     per_line = [json.dumps(r, default=str) for r in records]
     body = (
@@ -111,7 +112,7 @@ def write(result: dict, args: argparse.Namespace, seconds: float) -> None:
         + ",\n  ".join(per_line)
         + "\n ]\n}\n"
     )
-    (RESULTS / "compile_sweep.json").write_text(body)
+    out.with_suffix(".json").write_text(body)
     subset = {
         "all": "every autotune config that the kernel's own prune keeps for the target",
         "frontier": "the frontier of the configs that the kernel's own prune keeps for the target: per "
@@ -157,7 +158,7 @@ def write(result: dict, args: argparse.Namespace, seconds: float) -> None:
             for r in bad
         ]
         lines.append("")
-    (RESULTS / "compile_sweep.md").write_text("\n".join(lines))
+    out.with_suffix(".md").write_text("\n".join(lines))
 
 
 def _calls(presets) -> dict:
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="compile processes (default 1)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per compile")
     parser.add_argument("--max-minutes", type=float, help="start no compile after this many minutes")
+    parser.add_argument(
+        "--out", default=str(RESULTS / "compile_sweep"), help="results stem: STEM.json and STEM.md"
+    )
     parser.add_argument("--device", action="store_true", help="the GPU suite's check (see above)")
     parser.add_argument(
         "--tiny", action="store_true", help="with --device: vq_nearest's fp32 pass at tiny only"
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = sum(1 for r in records if r["error"])
     print(
         f"{len(records)} of {result['planned']} planned compiles, {errors} errors, {len(bad)} with "
-        "problems; bench/results/compile_sweep.md"
+        f"problems; {Path(args.out).with_suffix('.md')}"
     )
     return 1 if bad else 0
 

@@ -83,6 +83,8 @@ TRAINING_BENCHES = {
     "and diffusion.latent_norm, config fields no `lad-fast train` option sets",
     "bench.ssl_benchmark": "trains bench.paper_table's generators on each seed's few real cases (the "
     "scarcity protocol), for the same reason",
+    "bench.gpu_suite": "its calibrate step times each model's real training step (train.plan.build_step: "
+    "the trainer's modules, losses and optimiser) beside the plan's prediction, a step no command exposes",
 }
 
 
