@@ -408,6 +408,15 @@ def markdown(record: dict[str, Any]) -> str:
             out += ["| comparison | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
             for name, ivs in res["paired"].items():
                 out.append(f"| {name} | " + " | ".join(_cell(ivs[o]) for o in cols) + " |")
+            if "oracle - real" in res["paired"]:
+                half = {o: (iv["hi"] - iv["lo"]) / 2 for o, iv in res["paired"]["oracle - real"].items()}
+                out += [
+                    "",
+                    "Resolution: half the width of the oracle - real interval, the smallest mean difference "
+                    f"{seeds} seeds resolve at this spread: "
+                    + ", ".join(f"{o} {half[o]:.3f}" for o in cols)
+                    + ".",
+                ]
         if res["recovered_fraction"]:
             head = "Recovered fraction of the oracle's gain, (arm - real) / (oracle - real) on the means"
             out += ["", head + " (n/a: the oracle gains < 0.001):", ""]
