@@ -48,6 +48,9 @@ cores the thread policy leaves, lad_fast/utils/threads.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import heapq
+import itertools
 import json
 import math
 import os
@@ -57,6 +60,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -93,20 +97,50 @@ PROFILES: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------------------ commands
 
 
-class Runner:
-    """Runs commands, at most ``jobs`` at a time, records each (``log`` and ``HISTORY``), and adds its
-    wall time to ``seconds[phase]``; ``once(key, fn)`` runs ``fn`` for the first caller of ``key`` while
-    later callers wait for its result (a generator shared by arms, a pretraining shared by K)."""
+class Slots:
+    """At most ``jobs`` holders at a time; a freed slot goes to the waiter with the lowest priority (then
+    the earliest), so one seed's commands finish before the next seed's start taking cores and a run cut
+    short leaves whole seeds, not a little of every seed."""
 
     def __init__(self, jobs: int) -> None:
-        self.slots = threading.Semaphore(jobs)
+        self.free = jobs
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, int]] = []  # heap of (priority, ticket)
+        self._tickets = itertools.count()
+
+    @contextlib.contextmanager
+    def hold(self, priority: int) -> Iterator[None]:
+        with self._cond:
+            me = (priority, next(self._tickets))
+            heapq.heappush(self._waiting, me)
+            self._cond.wait_for(lambda: self.free > 0 and self._waiting[0] == me)
+            heapq.heappop(self._waiting)
+            self.free -= 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += 1
+                self._cond.notify_all()
+
+
+class Runner:
+    """Runs commands, at most ``jobs`` at a time (lower seeds first: ``priority``), records each (``log``
+    and ``HISTORY``), and adds its wall time to ``seconds[phase]``; ``once(key, fn)`` runs ``fn`` for the
+    first caller of ``key`` while later callers wait for its result (a generator shared by arms, a
+    pretraining shared by K)."""
+
+    def __init__(self, jobs: int) -> None:
+        self.slots = Slots(jobs)
+        self.priority = threading.local()  # .value: the seed of the task this thread runs
         self.log: list[dict[str, Any]] = []
         self.seconds: dict[str, float] = {}
         self._lock = threading.Lock()
         self._once: dict[str, Future] = {}
 
     def run(self, phase: str, cmd: list[str], shown: list[str]) -> None:
-        with self.slots:
+        with self.slots.hold(getattr(self.priority, "value", 0)):
             text = " ".join(shown)
             print(f"$ {text}", flush=True)
             t0 = time.perf_counter()
@@ -288,6 +322,7 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
         return run
 
     def task(arm: str, seed: int, k: int) -> dict[str, Any]:
+        runner.priority.value = args.seeds.index(seed)  # what this thread starts (or waits on) is seed's
         source = (
             "none" if arm == "none" else str(runner.once(f"pre-{arm}-{seed}", lambda: pretrained(arm, seed)))
         )

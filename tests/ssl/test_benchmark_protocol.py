@@ -147,3 +147,29 @@ def test_the_baselines_are_required(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse(["--arms", "real", "oracle"])
     assert "--arms must include none and real" in capsys.readouterr().err
+
+
+def test_a_freed_slot_goes_to_the_lowest_seed_waiting(bench):
+    """The runner's slots hand a freed core to the waiting command of the lowest seed (then the earliest),
+    so a benchmark cut short holds whole seeds."""
+    import threading
+    import time
+
+    slots, order = bench.Slots(1), []
+
+    def wait(priority: int) -> None:
+        with slots.hold(priority):
+            order.append(priority)
+
+    with slots.hold(0):
+        threads = [threading.Thread(target=wait, args=(p,)) for p in (3, 1, 2, 1)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(slots._waiting) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(slots._waiting) == 4
+    for t in threads:
+        t.join(10)
+    assert order == [1, 1, 2, 3]
+    assert slots.free == 1
