@@ -327,6 +327,7 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
             "none" if arm == "none" else str(runner.once(f"pre-{arm}-{seed}", lambda: pretrained(arm, seed)))
         )
         lr = f"-lr{args.pretrained_lr_scale:g}" if arm != "none" and args.pretrained_lr_scale != 1 else ""
+        lr += "-enc" if arm != "none" and args.transfer == "encoder" else ""
         steps = f"p{args.pretrain_steps}-k{k}-f{args.finetune_steps}-e{args.eval_every}{lr}"
         name = f"{arm}-s{seed}-u{u}-x{n}-{steps}"
         run = args.work / "finetune" / name
@@ -336,7 +337,8 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
                 "ssl", "finetune", "--pretrained", source, "--labelled", str(k), "--cases",
                 ",".join(draws[seed].labelled(k)), "--run", str(run), "--steps", str(args.finetune_steps),
                 "--seed", str(seed), "--eval-every", str(args.eval_every), "--pretrained-lr-scale",
-                str(args.pretrained_lr_scale), "--resume", "--labels", str(data), *common,
+                str(args.pretrained_lr_scale), "--transfer", args.transfer, "--resume", "--labels", str(data),
+                *common,
             ])  # fmt: skip
         scores = json.loads(dice.read_text())
         print(f"K={k}", arm, seed, json.dumps({o: scores["dice"].get(o) for o in ORGANS}), flush=True)
@@ -499,6 +501,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--pretrained-lr-scale", type=float, default=1.0, help="fine-tuning lr of pretrained weights"
     )
+    ap.add_argument(
+        "--transfer",
+        default="all",
+        choices=("all", "encoder"),
+        help="pretrained weights fine-tuning starts from",
+    )
     ap.add_argument("--generator-vqgan-steps", type=int, help="default: the tiny preset's (quick 100)")
     ap.add_argument("--generator-diffusion-steps", type=int, help="default: the tiny preset's (quick 100)")
     ap.add_argument("--shared-generator", action=argparse.BooleanOptionalAction, default=None,
@@ -576,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             "labelled": args.labelled, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
             "pretrain_batch": 4, "finetune_steps": args.finetune_steps, "finetune_batch": 2,
             "eval_every": args.eval_every, "pretrained_lr_scale": args.pretrained_lr_scale,
+            "transfer": args.transfer,
             "synthetic_share": round(args.n_extra / (args.unlabelled + args.n_extra), 4),
             "generator_vqgan_steps": args.generator_vqgan_steps or "preset",
             "generator_diffusion_steps": args.generator_diffusion_steps or "preset",

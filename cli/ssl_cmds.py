@@ -115,6 +115,14 @@ def finetune(
             help="Learning rate of the pretrained weights relative to the rest (1: the same).",
         ),
     ] = 1.0,  # fmt: skip
+    transfer: Annotated[
+        str,
+        typer.Option(
+            "--transfer",
+            help="Pretrained weights to start from: 'all' (encoder and decoder) or 'encoder' (the "
+            "decoder starts fresh).",
+        ),
+    ] = "all",
     run: RunOpt = "finetune",
     out: Annotated[Path | None, typer.Option("--out", help="Also write the Dice JSON here.")] = None,
     preset: PresetOpt = Preset.tiny,
@@ -145,6 +153,7 @@ def finetune(
         cases=_ids(cases),
         eval_every=eval_every,
         pretrained_lr_scale=pretrained_lr_scale,
+        transfer=transfer,
     )
     typer.echo(json.dumps({"dice": scores.get("dice"), "cases": scores.get("cases")}))
 

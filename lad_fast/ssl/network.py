@@ -2,9 +2,11 @@
 
 :class:`SSLNet` is the segmenter's own U-Net (:class:`lad_fast.models.segmenter.Segmenter`, one output
 channel: the reconstructed volume) plus a rotation head on the bottleneck. Fine-tuning starts from the
-same shapes: every weight of the U-Net but the last 1x1 convolution (``head``, whose output channels
-are the organs there, the volume here) is transferred, encoder and decoder alike, as Models Genesis
-does (Swin UNETR transfers only its encoder; here the decoder learned the inpainting too).
+same shapes. ``transfer="all"`` (the default) moves every weight of the U-Net but the last 1x1
+convolution (``head``, whose output channels are the organs there, the volume here), encoder and decoder
+alike, as Models Genesis does; ``transfer="encoder"`` moves the encoder only (stem, down blocks,
+pooling), as Swin UNETR does, and leaves the decoder at its fresh weights, for when a decoder that
+learned to inpaint is a worse start for segmentation than a fresh one.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import torch
 import torch.nn as nn
 
 from lad_fast.config import SegmenterConfig
-from lad_fast.errors import CheckpointError
+from lad_fast.errors import CheckpointError, ConfigError
 from lad_fast.models.segmenter import Segmenter
 from lad_fast.ssl.objectives import ROTATIONS
 
 BODY = "body."
-NOT_TRANSFERRED = ("head.",)  # segmenter keys left at their fresh initial weights
+# segmenter keys left at their fresh initial weights, per transfer mode
+NOT_TRANSFERRED = {"all": ("head.",), "encoder": ("head.", "up.", "unpool.", "norm_out.")}
 
 
 class SSLNet(nn.Module):
@@ -47,12 +50,17 @@ class Transfer:
     unused: tuple[str, ...]
 
 
-def transfer_weights(pretrained: dict[str, torch.Tensor], seg: Segmenter, source: str = "") -> Transfer:
-    """Copy an :class:`SSLNet` state dict into ``seg`` (in place) and account for every key.
+def transfer_weights(
+    pretrained: dict[str, torch.Tensor], seg: Segmenter, source: str = "", transfer: str = "all"
+) -> Transfer:
+    """Copy an :class:`SSLNet` state dict into ``seg`` (in place) and account for every key; ``transfer``:
+    ``"all"`` or ``"encoder"`` (see the module docstring; ConfigError for another).
 
     Raises CheckpointError when a U-Net key is missing or has another shape (the pretrained run had
     another segmenter architecture) or when the state holds keys that are neither U-Net nor SSL head.
     """
+    if transfer not in NOT_TRANSFERRED:
+        raise ConfigError(f"--transfer must be one of {', '.join(NOT_TRANSFERRED)}, got {transfer!r}")
     target = seg.state_dict()
     unknown = sorted(k for k in pretrained if not k.startswith(BODY) and not k.startswith("rotation."))
     if unknown:
@@ -60,7 +68,7 @@ def transfer_weights(pretrained: dict[str, torch.Tensor], seg: Segmenter, source
     body = {k[len(BODY) :]: v for k, v in pretrained.items() if k.startswith(BODY)}
     loaded, fresh = [], []
     for key, value in target.items():
-        if key.startswith(NOT_TRANSFERRED):
+        if key.startswith(NOT_TRANSFERRED[transfer]):
             fresh.append(key)
             continue
         theirs = body.get(key)

@@ -215,16 +215,23 @@ def finetune_cases(
 
 
 def initial_segmenter(
-    cfg: LadConfig, seed: int, pretrained: dict[str, torch.Tensor] | None, source: str = ""
+    cfg: LadConfig,
+    seed: int,
+    pretrained: dict[str, torch.Tensor] | None,
+    source: str = "",
+    transfer: str = "all",
 ):
     """(the fine-tuning segmenter before its first step, the weight transfer or None). Fresh weights come
-    from ``seed`` alone, so a pretrained start differs from none only in the transferred layers."""
+    from ``seed`` alone, so a pretrained start differs from none only in the transferred layers
+    (``transfer``: all of the U-Net or its encoder, :func:`lad_fast.ssl.network.transfer_weights`)."""
     from lad_fast.ssl.network import transfer_weights
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = Segmenter(cfg.segmenter, NUM_CLASSES)
-    return net, (transfer_weights(pretrained, net, source) if pretrained is not None else None)
+    if pretrained is None:
+        return net, None
+    return net, transfer_weights(pretrained, net, source, transfer)
 
 
 @dataclass
@@ -326,6 +333,7 @@ class _Labels:
     pretrained: Path | None
     state: dict[str, torch.Tensor] | None
     meta: dict[str, Any]
+    transfer: str = "all"
 
 
 def _finetune_job(
@@ -343,7 +351,7 @@ def _finetune_job(
     fills ``report``. ``eval_every`` > 0: a learning-curve point at every checkpoint (every that many
     steps). ``lr_scale``: see :func:`finetune_optimizer`."""
     dev, dataset, pretrained = setup.device, labels.dataset, labels.pretrained
-    net, transfer = initial_segmenter(cfg, setup.seed, labels.state, str(pretrained))
+    net, transfer = initial_segmenter(cfg, setup.seed, labels.state, str(pretrained), labels.transfer)
     net = net.to(dev)
     opt = finetune_optimizer(net, tcfg, transfer.loaded if transfer is not None else (), lr_scale)
     source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, labels.chosen, require_mask=True)
@@ -361,6 +369,7 @@ def _finetune_job(
         "pretrained": str(Path(pretrained).resolve()) if pretrained is not None else None,
         "transferred": len(transfer.loaded) if transfer is not None else 0,
         "pretrained_lr_scale": lr_scale,
+        "transfer": labels.transfer if pretrained is not None else None,
     }
     curve = _CurvePoint(net, dataset, labels.held, setup, meta) if eval_every > 0 else None
     return Job(
@@ -388,6 +397,7 @@ def finetune(
     cases: Sequence[str] | None = None,
     eval_every: int = 0,
     pretrained_lr_scale: float = 1.0,
+    transfer: str = "all",
 ) -> dict[str, Any]:
     """Fine-tune a segmenter on K = ``labelled`` cases of ``labels`` into ``run/finetune/``; returns the
     held-out scores ``{"dice": {organ: Dice}, "dice_pooled": ..., "cases": n, ...}``, also written to
@@ -399,7 +409,9 @@ def finetune(
     cases (default the first K; :func:`finetune_cases`). eval_every > 0: score the held-out cases every
     that many steps (a checkpoint each time) into ``run/finetune/curve.jsonl``, returned as ``"curve"``.
     pretrained_lr_scale: the transferred weights' learning rate relative to the rest
-    (:func:`finetune_optimizer`; no effect without ``pretrained``).
+    (:func:`finetune_optimizer`; no effect without ``pretrained``). transfer: ``"all"`` (every U-Net
+    weight but the output layer) or ``"encoder"`` (the decoder starts fresh), as
+    :func:`lad_fast.ssl.network.transfer_weights`.
     """
     from lad_fast.ssl.pretrained import load_pretrained
 
@@ -407,6 +419,10 @@ def finetune(
         raise ConfigError(f"--eval-every must be >= 0 (0: no learning curve), got {eval_every}")
     if not pretrained_lr_scale > 0:
         raise ConfigError(f"--pretrained-lr-scale must be > 0, got {pretrained_lr_scale}")
+    from lad_fast.ssl.network import NOT_TRANSFERRED
+
+    if transfer not in NOT_TRANSFERRED:
+        raise ConfigError(f"--transfer must be one of {', '.join(NOT_TRANSFERRED)}, got {transfer!r}")
     tcfg = train_config(FINETUNE, cfg.preset, steps, seed)
     if eval_every > 0:
         tcfg = dataclasses.replace(tcfg, checkpoint_every=eval_every)
@@ -417,7 +433,7 @@ def finetune(
     if force or not (Path(run) / "finetune" / "latest").is_file():  # a fresh start: no stale curve points
         curve.unlink(missing_ok=True)
     scores: dict[str, Any] = {}
-    sources = _Labels(dataset, chosen, held, pretrained, state, pmeta)
+    sources = _Labels(dataset, chosen, held, pretrained, state, pmeta, transfer)
     build = partial(_finetune_job, cfg=cfg, tcfg=tcfg, labels=sources, report=scores, out=out,
                     eval_every=eval_every, lr_scale=pretrained_lr_scale)  # fmt: skip
     result = train(run, cfg, "finetune", tcfg, build, resume=resume, force=force, device=device)

@@ -103,7 +103,8 @@ def test_pretrain_then_finetune_none_and_pretrained_differ_only_in_initial_weigh
     a, b = metas["none"], metas["warm"]
     assert a["model_config"] == b["model_config"] and a["data_hash"] == b["data_hash"]
     differ = {k for k in a["extra"] if a["extra"][k] != b["extra"].get(k)}
-    assert differ == {"pretrained", "transferred"}  # same data, cases, config: only the start differs
+    # same data, cases and config: only the start differs
+    assert differ == {"pretrained", "transferred", "transfer"}
     assert b["extra"]["transferred"] > 0 and a["extra"]["transferred"] == 0
     assert (tmp_path / "none" / "config.json").read_text() == (tmp_path / "warm" / "config.json").read_text()
 
@@ -238,3 +239,10 @@ def test_a_non_positive_lr_scale_is_refused(phantoms, tmp_path, capsys):
     code, err = cli(capsys, "ssl", "finetune", "--pretrained", "none", "--labelled", "1", "--labels",
                     str(phantoms), "--pretrained-lr-scale", "0", "--run", str(tmp_path / "f"))  # fmt: skip
     assert code == 2 and "--pretrained-lr-scale must be > 0, got 0.0" in err
+
+
+def test_an_unknown_transfer_is_refused(phantoms, tmp_path, capsys):
+    code, err = cli(capsys, "ssl", "finetune", "--pretrained", "none", "--labelled", "1", "--labels",
+                    str(phantoms), "--transfer", "decoder", "--run", str(tmp_path / "f"))  # fmt: skip
+    assert code == 2 and "--transfer must be one of all, encoder, got 'decoder'" in err
+    assert not (tmp_path / "f").exists()

@@ -72,3 +72,31 @@ def test_none_and_pretrained_starts_differ_only_in_the_transferred_weights():
     assert all(torch.equal(b[k], pretrained["body." + k]) for k in t.loaded)
     convs = [k for k in t.loaded if k.endswith("weight") and a[k].ndim == 5]
     assert convs and all(not torch.equal(a[k], b[k]) for k in convs)  # other draws: the start moved
+
+
+def test_encoder_transfer_leaves_the_decoder_fresh():
+    """``transfer="encoder"`` (Swin UNETR's choice): stem, down blocks and pooling take the pretrained
+    weights; every decoder weight keeps the seed's initial value and its pretrained value is unused."""
+    torch.manual_seed(0)
+    pretrained = SSLNet(CFG, impl="torch").state_dict()
+    seg = Segmenter(CFG, NUM_CLASSES, impl="torch")
+    before = {k: v.clone() for k, v in seg.state_dict().items()}
+    t = transfer_weights(pretrained, seg, "test", transfer="encoder")
+    keys = set(seg.state_dict())
+    encoder = {k for k in keys if k.startswith(("stem.", "down.", "pool."))}
+    assert set(t.loaded) == encoder
+    assert set(t.fresh) == keys - encoder and any(k.startswith("up.") for k in t.fresh)
+    assert {"body." + k for k in t.loaded} | set(t.unused) == set(pretrained)
+    after = seg.state_dict()
+    for k in t.fresh:
+        assert torch.equal(after[k], before[k]), k
+    for k in t.loaded:
+        assert torch.equal(after[k], pretrained["body." + k]), k
+
+
+def test_an_unknown_transfer_mode_is_refused():
+    from lad_fast.errors import ConfigError
+
+    pretrained = SSLNet(CFG, impl="torch").state_dict()
+    with pytest.raises(ConfigError, match="--transfer must be one of all, encoder, got 'decoder'"):
+        transfer_weights(pretrained, Segmenter(CFG, NUM_CLASSES, impl="torch"), "x", transfer="decoder")
