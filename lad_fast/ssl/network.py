@@ -50,6 +50,12 @@ class Transfer:
     unused: tuple[str, ...]
 
 
+def check_transfer(transfer: str) -> None:
+    """ConfigError unless ``transfer`` names a transfer mode (a key of :data:`NOT_TRANSFERRED`)."""
+    if transfer not in NOT_TRANSFERRED:
+        raise ConfigError(f"--transfer must be one of {', '.join(NOT_TRANSFERRED)}, got {transfer!r}")
+
+
 def transfer_weights(
     pretrained: dict[str, torch.Tensor], seg: Segmenter, source: str = "", transfer: str = "all"
 ) -> Transfer:
@@ -59,8 +65,7 @@ def transfer_weights(
     Raises CheckpointError when a U-Net key is missing or has another shape (the pretrained run had
     another segmenter architecture) or when the state holds keys that are neither U-Net nor SSL head.
     """
-    if transfer not in NOT_TRANSFERRED:
-        raise ConfigError(f"--transfer must be one of {', '.join(NOT_TRANSFERRED)}, got {transfer!r}")
+    check_transfer(transfer)
     target = seg.state_dict()
     unknown = sorted(k for k in pretrained if not k.startswith(BODY) and not k.startswith("rotation."))
     if unknown:

@@ -419,10 +419,9 @@ def finetune(
         raise ConfigError(f"--eval-every must be >= 0 (0: no learning curve), got {eval_every}")
     if not pretrained_lr_scale > 0:
         raise ConfigError(f"--pretrained-lr-scale must be > 0, got {pretrained_lr_scale}")
-    from lad_fast.ssl.network import NOT_TRANSFERRED
+    from lad_fast.ssl.network import check_transfer
 
-    if transfer not in NOT_TRANSFERRED:
-        raise ConfigError(f"--transfer must be one of {', '.join(NOT_TRANSFERRED)}, got {transfer!r}")
+    check_transfer(transfer)  # before the data is opened or the run folder made
     tcfg = train_config(FINETUNE, cfg.preset, steps, seed)
     if eval_every > 0:
         tcfg = dataclasses.replace(tcfg, checkpoint_every=eval_every)
