@@ -326,9 +326,9 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
         source = (
             "none" if arm == "none" else str(runner.once(f"pre-{arm}-{seed}", lambda: pretrained(arm, seed)))
         )
-        lr = f"-lr{args.pretrained_lr_scale:g}" if arm != "none" and args.pretrained_lr_scale != 1 else ""
-        lr += "-enc" if arm != "none" and args.transfer == "encoder" else ""
-        steps = f"p{args.pretrain_steps}-k{k}-f{args.finetune_steps}-e{args.eval_every}{lr}"
+        recipe = f"-lr{args.pretrained_lr_scale:g}" if arm != "none" and args.pretrained_lr_scale != 1 else ""
+        recipe += "-enc" if arm != "none" and args.transfer == "encoder" else ""
+        steps = f"p{args.pretrain_steps}-k{k}-f{args.finetune_steps}-e{args.eval_every}{recipe}"
         name = f"{arm}-s{seed}-u{u}-x{n}-{steps}"
         run = args.work / "finetune" / name
         dice = run / "finetune" / "dice.json"
