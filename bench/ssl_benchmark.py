@@ -354,6 +354,53 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
     return out
 
 
+# ------------------------------------------------------------------------------------------ merging
+
+# settings two runs must share for their seeds to be pooled (what a run's folder names and draws depend on)
+SAME = ("unlabelled", "n_extra", "labelled", "pretrain_steps", "finetune_steps", "eval_every",
+        "pretrained_lr_scale", "transfer", "generator_vqgan_steps", "generator_diffusion_steps",
+        "shared_generator", "pool", "held_out")  # fmt: skip
+
+
+def merge_runs(record: dict[str, Any], earlier: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+    """Pool the seeds of earlier records (``--merge``) into this one: every seed is an independent draw
+    run by deterministic commands, so seeds measured by earlier calls on another ``--work`` join this
+    call's as they are. Settings (``SAME``), arms and the draw of every seed must agree; a seed may come
+    from one record only. Returns {"per_seed", "draws", "seeds", "commands", "merged_from"}."""
+    per_k = {k: {arm: list(runs) for arm, runs in res.items()} for k, res in record["per_seed"].items()}
+    draws, seeds = dict(record["draws"]), list(record["scale"]["seeds"])
+    commands, sources = list(record["commands"]), []
+    for path, old in earlier:
+        for key in SAME:
+            if old["scale"].get(key) != record["scale"].get(key):
+                raise SystemExit(
+                    f"--merge {path}: its {key} is {old['scale'].get(key)!r}, this run's is "
+                    f"{record['scale'].get(key)!r}; only runs of the same settings can be pooled"
+                )
+        both = sorted(set(seeds) & set(old["scale"]["seeds"]))
+        if both:
+            raise SystemExit(f"--merge {path}: seed(s) {both} are in this run too; a seed is counted once")
+        for k, res in per_k.items():
+            if k not in old["per_seed"] or set(old["per_seed"][k]) != set(res):
+                raise SystemExit(
+                    f"--merge {path}: its arms for K = {k} are {sorted(old['per_seed'].get(k, {}))}, this "
+                    f"run's are {sorted(res)}"
+                )
+            for arm, runs in old["per_seed"][k].items():
+                res[arm].extend(runs)
+        draws.update(old["draws"])
+        seeds += old["scale"]["seeds"]
+        commands += old["commands"]
+        sources.append({"file": str(path), "command": old["command"], "seeds": old["scale"]["seeds"]})
+    order = {s: i for i, s in enumerate(sorted(seeds))}
+    for res in per_k.values():
+        for arm in res:
+            res[arm].sort(key=lambda r: order[r["seed"]])
+    seeds.sort()
+    return {"per_seed": per_k, "draws": {str(s): draws[str(s)] for s in seeds}, "seeds": seeds,
+            "commands": commands, "merged_from": sources}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ analysis
 
 
@@ -524,6 +571,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--work", type=Path, default=None, help="default /tmp/lad-ssl-bench (quick /tmp/lad-ssl-quick)"
     )
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/ssl_benchmark[_quick].json")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="pool the seeds of these earlier result JSONs (same settings, other seeds) into this one",
+    )
     args = ap.parse_args(argv)
     for key, value in PROFILES["quick" if args.quick else "default"].items():
         if getattr(args, key) is None:
@@ -562,8 +616,37 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     global HISTORY
     HISTORY = args.work / "commands.jsonl"
+    scale = {
+        "scale": args.scale, "unlabelled": args.unlabelled, "n_extra": args.n_extra,
+        "labelled": args.labelled, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
+        "pretrain_batch": 4, "finetune_steps": args.finetune_steps, "finetune_batch": 2,
+        "eval_every": args.eval_every, "pretrained_lr_scale": args.pretrained_lr_scale,
+        "transfer": args.transfer,
+        "synthetic_share": round(args.n_extra / (args.unlabelled + args.n_extra), 4),
+        "generator_vqgan_steps": args.generator_vqgan_steps or "preset",
+        "generator_diffusion_steps": args.generator_diffusion_steps or "preset",
+        "shared_generator": args.shared_generator, "jobs": args.jobs,
+        "data": str(args.data), "pool": len(pool), "held_out": len(held),
+    }  # fmt: skip
+    draws_json = {str(s): {"real": list(d.real), "extra": list(d.extra)} for s, d in draws.items()}
+    arms = {str(k): {arm: [] for arm in args.arms} for k in args.labelled}
+    earlier = [(path, json.loads(path.read_text())) for path in args.merge]
+    for path, old in earlier:  # the same pool draws the same cases: a merged seed is the seed it says
+        for s, d in old["draws"].items():
+            now = draw_cases(pool, int(s), args.unlabelled, args.n_extra)
+            if [list(now.real), list(now.extra)] != [d["real"], d["extra"]]:
+                raise SystemExit(f"--merge {path}: seed {s} drew other cases there; the datasets differ")
+    # settings and seeds are checked before hours of commands, the results after them
+    merge_runs({"per_seed": arms, "draws": draws_json, "scale": scale, "commands": []}, earlier)
     runner = Runner(args.jobs)
     per_k = run_arms(args, Path(args.data), draws, runner)
+    generator_draw = {str(s): (args.seeds[0] if args.shared_generator else s) for s in args.seeds}
+    commands = [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()]
+    this = {"per_seed": per_k, "draws": draws_json, "scale": scale, "commands": commands}
+    merged = merge_runs(this, earlier)
+    per_k, scale["seeds"] = merged["per_seed"], merged["seeds"]
+    for _path, old in earlier:
+        generator_draw.update(old["generator_draw"])
     by_k = {k: analyse(res) for k, res in per_k.items()}
     from _curves import curves  # bench/ is on sys.path when this runs as a script
 
@@ -579,20 +662,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "scale": {
-            "scale": args.scale, "unlabelled": args.unlabelled, "n_extra": args.n_extra,
-            "labelled": args.labelled, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
-            "pretrain_batch": 4, "finetune_steps": args.finetune_steps, "finetune_batch": 2,
-            "eval_every": args.eval_every, "pretrained_lr_scale": args.pretrained_lr_scale,
-            "transfer": args.transfer,
-            "synthetic_share": round(args.n_extra / (args.unlabelled + args.n_extra), 4),
-            "generator_vqgan_steps": args.generator_vqgan_steps or "preset",
-            "generator_diffusion_steps": args.generator_diffusion_steps or "preset",
-            "shared_generator": args.shared_generator, "jobs": args.jobs,
-            "data": str(args.data), "pool": len(pool), "held_out": len(held),
-        },
-        "draws": {str(s): {"real": list(d.real), "extra": list(d.extra)} for s, d in draws.items()},
-        "generator_draw": {str(s): (args.seeds[0] if args.shared_generator else s) for s in args.seeds},
+        "scale": scale,
+        "merged_from": merged["merged_from"],  # earlier calls whose seeds are pooled here (--merge)
+        "draws": merged["draws"],
+        "generator_draw": {s: generator_draw[s] for s in merged["draws"]},
         "organs": list(ORGANS),
         "summary": first["summary"],  # the first K's, the table bench/paper_table.py shows
         "by_k": by_k,
@@ -600,9 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         "curves_png": png.name if has_png else None,
         "seconds": {k: round(v, 1) for k, v in runner.seconds.items()},
         "total_seconds": round(time.perf_counter() - t0, 1),
-        # every command behind these numbers, from this call and earlier ones on --work (a rerun skips
-        # what exists)
-        "commands": [json.loads(line) for line in HISTORY.read_text().splitlines() if line.strip()],
+        # every command behind these numbers, from this call, earlier ones on --work (a rerun skips what
+        # exists) and the merged records
+        "commands": merged["commands"],
     }  # fmt: skip
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     md = markdown(record)

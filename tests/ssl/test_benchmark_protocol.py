@@ -173,3 +173,42 @@ def test_a_freed_slot_goes_to_the_lowest_seed_waiting(bench):
         t.join(10)
     assert order == [1, 1, 2, 3]
     assert slots.free == 1
+
+
+def _record(bench, seeds, **scale):
+    """A result record of ``seeds`` as main() writes it (only the fields merging reads)."""
+    settings = {key: 1 for key in bench.SAME} | scale | {"seeds": list(seeds)}
+    runs = [{"seed": s, "dice": {"liver": s / 10}} for s in seeds]
+    per_seed = {"2": {"none": runs, "real": runs}}
+    draws = {str(s): {"real": [f"r{s}"], "extra": [f"x{s}"]} for s in seeds}
+    commands = [{"cmd": f"seed {s}"} for s in seeds]
+    return {"command": f"run {seeds}", "scale": settings, "per_seed": per_seed, "draws": draws,
+            "commands": commands}  # fmt: skip
+
+
+def test_merging_pools_the_seeds_of_earlier_records_in_seed_order(bench):
+    merged = bench.merge_runs(_record(bench, [4]), [(Path("old.json"), _record(bench, [2, 0, 1]))])
+    assert merged["seeds"] == [0, 1, 2, 4]
+    assert [r["seed"] for r in merged["per_seed"]["2"]["real"]] == [0, 1, 2, 4]
+    assert [r["dice"]["liver"] for r in merged["per_seed"]["2"]["none"]] == [0.0, 0.1, 0.2, 0.4]
+    assert list(merged["draws"]) == ["0", "1", "2", "4"] and merged["draws"]["1"]["real"] == ["r1"]
+    assert len(merged["commands"]) == 4
+    assert merged["merged_from"] == [{"file": "old.json", "command": "run [2, 0, 1]", "seeds": [2, 0, 1]}]
+
+
+@pytest.mark.parametrize(
+    ("earlier", "message"),
+    [
+        ({"seeds": [3, 4]}, "--merge old.json: seed(s) [4] are in this run too; a seed is counted once"),
+        ({"finetune_steps": 600}, "--merge old.json: its finetune_steps is 600, this run's is 1; only runs"),
+        ({"arms": ("none", "real", "oracle")}, "its arms for K = 2 are ['none', 'oracle', 'real'], this"),
+    ],
+)
+def test_merging_refuses_records_that_are_not_the_same_benchmark(bench, earlier, message):
+    seeds, arms = earlier.pop("seeds", [0]), earlier.pop("arms", None)
+    old = _record(bench, seeds, **earlier)
+    if arms:
+        old["per_seed"]["2"] = {arm: [{"seed": s, "dice": {}} for s in seeds] for arm in arms}
+    with pytest.raises(SystemExit) as err:
+        bench.merge_runs(_record(bench, [4]), [(Path("old.json"), old)])
+    assert message in str(err.value)
