@@ -328,6 +328,7 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
         )
         recipe = f"-lr{args.pretrained_lr_scale:g}" if arm != "none" and args.pretrained_lr_scale != 1 else ""
         recipe += "-enc" if arm != "none" and args.transfer == "encoder" else ""
+        recipe += f"-fz{args.freeze_steps}" if arm != "none" and args.freeze_steps else ""
         steps = f"p{args.pretrain_steps}-k{k}-f{args.finetune_steps}-e{args.eval_every}{recipe}"
         name = f"{arm}-s{seed}-u{u}-x{n}-{steps}"
         run = args.work / "finetune" / name
@@ -337,7 +338,8 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
                 "ssl", "finetune", "--pretrained", source, "--labelled", str(k), "--cases",
                 ",".join(draws[seed].labelled(k)), "--run", str(run), "--steps", str(args.finetune_steps),
                 "--seed", str(seed), "--eval-every", str(args.eval_every), "--pretrained-lr-scale",
-                str(args.pretrained_lr_scale), "--transfer", args.transfer, "--resume", "--labels", str(data),
+                str(args.pretrained_lr_scale), "--transfer", args.transfer, "--freeze-steps",
+                str(args.freeze_steps), "--resume", "--labels", str(data),
                 *common,
             ])  # fmt: skip
         scores = json.loads(dice.read_text())
@@ -356,10 +358,12 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
 
 # ------------------------------------------------------------------------------------------ merging
 
-# settings two runs must share for their seeds to be pooled (what a run's folder names and draws depend on)
-SAME = ("unlabelled", "n_extra", "labelled", "pretrain_steps", "finetune_steps", "eval_every",
-        "pretrained_lr_scale", "transfer", "generator_vqgan_steps", "generator_diffusion_steps",
-        "shared_generator", "pool", "held_out")  # fmt: skip
+# settings two runs must share for their seeds to be pooled (what a run's folder names and draws depend
+# on), with the value a record written before the setting existed had
+SAME: dict[str, Any] = {key: None for key in (
+    "unlabelled", "n_extra", "labelled", "pretrain_steps", "finetune_steps", "eval_every",
+    "pretrained_lr_scale", "transfer", "generator_vqgan_steps", "generator_diffusion_steps",
+    "shared_generator", "pool", "held_out")} | {"freeze_steps": 0}  # fmt: skip
 
 
 def merge_runs(record: dict[str, Any], earlier: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
@@ -371,11 +375,12 @@ def merge_runs(record: dict[str, Any], earlier: list[tuple[Path, dict[str, Any]]
     draws, seeds = dict(record["draws"]), list(record["scale"]["seeds"])
     commands, sources = list(record["commands"]), []
     for path, old in earlier:
-        for key in SAME:
-            if old["scale"].get(key) != record["scale"].get(key):
+        for key, before in SAME.items():
+            theirs, ours = old["scale"].get(key, before), record["scale"].get(key, before)
+            if theirs != ours:
                 raise SystemExit(
-                    f"--merge {path}: its {key} is {old['scale'].get(key)!r}, this run's is "
-                    f"{record['scale'].get(key)!r}; only runs of the same settings can be pooled"
+                    f"--merge {path}: its {key} is {theirs!r}, this run's is {ours!r}; only runs of the "
+                    "same settings can be pooled"
                 )
         both = sorted(set(seeds) & set(old["scale"]["seeds"]))
         if both:
@@ -554,6 +559,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=("all", "encoder"),
         help="pretrained weights fine-tuning starts from",
     )
+    ap.add_argument(
+        "--freeze-steps", type=int, default=0, help="fine-tuning steps the pretrained weights stay frozen"
+    )
     ap.add_argument("--generator-vqgan-steps", type=int, help="default: the tiny preset's (quick 100)")
     ap.add_argument("--generator-diffusion-steps", type=int, help="default: the tiny preset's (quick 100)")
     ap.add_argument("--shared-generator", action=argparse.BooleanOptionalAction, default=None,
@@ -621,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "labelled": args.labelled, "seeds": args.seeds, "pretrain_steps": args.pretrain_steps,
         "pretrain_batch": 4, "finetune_steps": args.finetune_steps, "finetune_batch": 2,
         "eval_every": args.eval_every, "pretrained_lr_scale": args.pretrained_lr_scale,
-        "transfer": args.transfer,
+        "transfer": args.transfer, "freeze_steps": args.freeze_steps,
         "synthetic_share": round(args.n_extra / (args.unlabelled + args.n_extra), 4),
         "generator_vqgan_steps": args.generator_vqgan_steps or "preset",
         "generator_diffusion_steps": args.generator_diffusion_steps or "preset",

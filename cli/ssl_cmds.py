@@ -115,6 +115,14 @@ def finetune(
             help="Learning rate of the pretrained weights relative to the rest (1: the same).",
         ),
     ] = 1.0,  # fmt: skip
+    freeze_steps: Annotated[
+        int,
+        typer.Option(
+            "--freeze-steps",
+            help="Keep the pretrained weights frozen for the first N steps while the fresh layers "
+            "learn, then fine-tune them too (0: never frozen).",
+        ),
+    ] = 0,
     transfer: Annotated[
         str,
         typer.Option(
@@ -154,6 +162,7 @@ def finetune(
         eval_every=eval_every,
         pretrained_lr_scale=pretrained_lr_scale,
         transfer=transfer,
+        freeze_steps=freeze_steps,
     )
     typer.echo(json.dumps({"dice": scores.get("dice"), "cases": scores.get("cases")}))
 

@@ -33,7 +33,7 @@ from lad_fast.models.segmenter import Segmenter
 from lad_fast.ssl.settings import FINETUNE, PRETRAIN, SSLConfig, train_config
 from lad_fast.train.data import PreparedBatches, training_dataset
 from lad_fast.train.loop import Job, Phase, Setup, TrainResult, train
-from lad_fast.train.schedule import make_adamw, make_scheduler
+from lad_fast.train.schedule import lr_factor, make_adamw, make_scheduler
 from lad_fast.train.segmenter import (
     SegmentationLoss,
     SegmenterBatches,
@@ -308,11 +308,13 @@ class _CurvePoint:
 
 
 def finetune_optimizer(
-    net: Segmenter, tcfg: TrainConfig, transferred: Sequence[str], lr_scale: float
+    net: Segmenter, tcfg: TrainConfig, transferred: Sequence[str], lr_scale: float, freeze_steps: int = 0
 ) -> torch.optim.AdamW:
     """AdamW over the segmenter, the ``transferred`` (pretrained) weights at ``lr_scale`` times the peak
-    learning rate (a gentler start for what pretraining learnt; 1 = one rate for all), the rest at it."""
-    if lr_scale == 1.0 or not transferred:
+    learning rate (a gentler start for what pretraining learnt; 1 = one rate for all), the rest at it:
+    two parameter groups, pretrained first, whenever their rates or schedules differ (``lr_scale`` != 1
+    or ``freeze_steps`` > 0, :func:`finetune_scheduler`), else one."""
+    if (lr_scale == 1.0 and freeze_steps == 0) or not transferred:
         return make_adamw(net, tcfg)
     names = set(transferred)
     params = dict(net.named_parameters())
@@ -320,6 +322,28 @@ def finetune_optimizer(
     rest = [p for n, p in params.items() if n not in names and p.requires_grad]
     groups = [{"params": pre, "lr": tcfg.lr * lr_scale}, {"params": rest, "lr": tcfg.lr}]
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay)
+
+
+def finetune_scheduler(
+    opt: torch.optim.Optimizer, tcfg: TrainConfig, freeze_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """The segmenter's schedule; with ``freeze_steps`` > 0 and a pretrained group (the first of
+    :func:`finetune_optimizer`'s two), that group is frozen then unfrozen: learning rate 0 for the first
+    ``freeze_steps`` steps (AdamW moves no weight at rate 0, weight decay included, so only the fresh
+    layers learn, on the pretrained features), then the schedule, ramped up linearly over the schedule's
+    warm-up length (at least 1 step) so the unfrozen weights are not hit by the full rate at once.
+    A pure function of the step, so a resumed run follows the same curve."""
+    if freeze_steps == 0 or len(opt.param_groups) == 1:
+        return make_scheduler(opt, tcfg)
+    base = lr_factor(tcfg)
+    ramp = max(1, round(tcfg.warmup_fraction * tcfg.steps))
+
+    def pretrained(step: int) -> float:
+        if step < freeze_steps:
+            return 0.0
+        return base(step) * min(1.0, (step - freeze_steps + 1) / ramp)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, [pretrained, base])
 
 
 @dataclass(frozen=True)
@@ -345,15 +369,17 @@ def _finetune_job(
     out: Path | None,
     eval_every: int,
     lr_scale: float,
+    freeze_steps: int = 0,
 ) -> Job:
     """What the loop trains: the segmenter (pretrained layers transferred, the rest from the seed) with
     the segmenter's loss, schedule and augmentation on the K chosen cases; the Dice report at the end
     fills ``report``. ``eval_every`` > 0: a learning-curve point at every checkpoint (every that many
-    steps). ``lr_scale``: see :func:`finetune_optimizer`."""
+    steps). ``lr_scale``, ``freeze_steps``: see :func:`finetune_optimizer`, :func:`finetune_scheduler`."""
     dev, dataset, pretrained = setup.device, labels.dataset, labels.pretrained
     net, transfer = initial_segmenter(cfg, setup.seed, labels.state, str(pretrained), labels.transfer)
     net = net.to(dev)
-    opt = finetune_optimizer(net, tcfg, transfer.loaded if transfer is not None else (), lr_scale)
+    loaded = transfer.loaded if transfer is not None else ()
+    opt = finetune_optimizer(net, tcfg, loaded, lr_scale, freeze_steps)
     source = PreparedBatches(dataset, tcfg.batch_size, tcfg.seed, labels.chosen, require_mask=True)
     finish = _FinetuneReport(
         setup, net, dataset, labels.chosen, labels.held, pretrained, labels.meta, tcfg.seed, out, report
@@ -369,12 +395,13 @@ def _finetune_job(
         "pretrained": str(Path(pretrained).resolve()) if pretrained is not None else None,
         "transferred": len(transfer.loaded) if transfer is not None else 0,
         "pretrained_lr_scale": lr_scale,
+        "freeze_steps": freeze_steps,
         "transfer": labels.transfer if pretrained is not None else None,
     }
     curve = _CurvePoint(net, dataset, labels.held, setup, meta) if eval_every > 0 else None
     return Job(
         {"model": net},
-        [Phase("model", opt, SegmentationLoss(dev), scheduler=make_scheduler(opt, tcfg))],
+        [Phase("model", opt, SegmentationLoss(dev), scheduler=finetune_scheduler(opt, tcfg, freeze_steps))],
         SegmenterBatches(source, tcfg.seed, dataset.geometry.hu_window),
         model_config={"segmenter": config_to_dict(cfg.segmenter), "num_classes": NUM_CLASSES},
         meta=curve if curve is not None else meta,
@@ -398,6 +425,7 @@ def finetune(
     eval_every: int = 0,
     pretrained_lr_scale: float = 1.0,
     transfer: str = "all",
+    freeze_steps: int = 0,
 ) -> dict[str, Any]:
     """Fine-tune a segmenter on K = ``labelled`` cases of ``labels`` into ``run/finetune/``; returns the
     held-out scores ``{"dice": {organ: Dice}, "dice_pooled": ..., "cases": n, ...}``, also written to
@@ -411,7 +439,9 @@ def finetune(
     pretrained_lr_scale: the transferred weights' learning rate relative to the rest
     (:func:`finetune_optimizer`; no effect without ``pretrained``). transfer: ``"all"`` (every U-Net
     weight but the output layer) or ``"encoder"`` (the decoder starts fresh), as
-    :func:`lad_fast.ssl.network.transfer_weights`.
+    :func:`lad_fast.ssl.network.transfer_weights`. freeze_steps: the transferred weights stay as
+    pretrained for that many steps while the fresh layers learn, then fine-tune too
+    (:func:`finetune_scheduler`; 0: never frozen; no effect without ``pretrained``).
     """
     from lad_fast.ssl.pretrained import load_pretrained
 
@@ -419,6 +449,8 @@ def finetune(
         raise ConfigError(f"--eval-every must be >= 0 (0: no learning curve), got {eval_every}")
     if not pretrained_lr_scale > 0:
         raise ConfigError(f"--pretrained-lr-scale must be > 0, got {pretrained_lr_scale}")
+    if not 0 <= freeze_steps:
+        raise ConfigError(f"--freeze-steps must be >= 0 (0: never frozen), got {freeze_steps}")
     from lad_fast.ssl.network import check_transfer
 
     check_transfer(transfer)  # before the data is opened or the run folder made
@@ -434,7 +466,8 @@ def finetune(
     scores: dict[str, Any] = {}
     sources = _Labels(dataset, chosen, held, pretrained, state, pmeta, transfer)
     build = partial(_finetune_job, cfg=cfg, tcfg=tcfg, labels=sources, report=scores, out=out,
-                    eval_every=eval_every, lr_scale=pretrained_lr_scale)  # fmt: skip
+                    eval_every=eval_every, lr_scale=pretrained_lr_scale,
+                    freeze_steps=freeze_steps)  # fmt: skip
     result = train(run, cfg, "finetune", tcfg, build, resume=resume, force=force, device=device)
     if not scores:  # another rank, or finished by an earlier call: read what rank 0 wrote
         path = Path(run) / "finetune" / DICE_JSON

@@ -212,3 +212,12 @@ def test_merging_refuses_records_that_are_not_the_same_benchmark(bench, earlier,
     with pytest.raises(SystemExit) as err:
         bench.merge_runs(_record(bench, [4]), [(Path("old.json"), old)])
     assert message in str(err.value)
+
+
+def test_a_record_from_before_a_setting_existed_merges_at_its_old_value(bench):
+    old = _record(bench, [0])
+    del old["scale"]["freeze_steps"]  # written before --freeze-steps: never frozen
+    assert bench.merge_runs(_record(bench, [4], freeze_steps=0), [(Path("old.json"), old)])["seeds"] == [0, 4]
+    with pytest.raises(SystemExit) as err:
+        bench.merge_runs(_record(bench, [4], freeze_steps=50), [(Path("old.json"), old)])
+    assert "its freeze_steps is 0, this run's is 50" in str(err.value)

@@ -246,3 +246,42 @@ def test_an_unknown_transfer_is_refused(phantoms, tmp_path, capsys):
                     str(phantoms), "--transfer", "decoder", "--run", str(tmp_path / "f"))  # fmt: skip
     assert code == 2 and "--transfer must be one of all, encoder, got 'decoder'" in err
     assert not (tmp_path / "f").exists()
+
+
+def test_frozen_pretrained_weights_stay_put_then_fine_tune():
+    from lad_fast.ssl.settings import FINETUNE
+    from lad_fast.train.schedule import lr_factor
+    from lad_fast.train.ssl import finetune_optimizer, finetune_scheduler, initial_segmenter
+
+    net, _ = initial_segmenter(small_cfg(), 0, None)
+    names = [n for n, _ in net.named_parameters() if not n.startswith("head.")]
+    tcfg = replace(FINETUNE["tiny"], steps=20, warmup_fraction=0.1)  # a 2-step ramp after unfreezing
+    opt = finetune_optimizer(net, tcfg, names, 1.0, freeze_steps=2)
+    sched = finetune_scheduler(opt, tcfg, freeze_steps=2)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    lrs = []
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+        sched.step()
+        if len(lrs) == 2:  # two frozen steps: weight decay moved nothing either
+            now = dict(net.named_parameters())
+            assert all(torch.equal(now[n], start[n]) for n in names)
+            assert not torch.equal(now["head.weight"], start["head.weight"])
+    base = lr_factor(tcfg)
+    assert [pre for pre, _ in lrs] == [0.0, 0.0, pytest.approx(tcfg.lr * base(2) * 0.5)]
+    assert [rest for _, rest in lrs] == [pytest.approx(tcfg.lr * base(s)) for s in range(3)]
+    now = dict(net.named_parameters())
+    assert any(not torch.equal(now[n], start[n]) for n in names)  # unfrozen at step 2
+    plain = finetune_optimizer(net, tcfg, (), 1.0, freeze_steps=2)  # nothing pretrained: one group
+    assert len(plain.param_groups) == 1 and len(finetune_scheduler(plain, tcfg, 2).lr_lambdas) == 1
+
+
+def test_a_negative_freeze_is_refused(phantoms, tmp_path, capsys):
+    code, err = cli(capsys, "ssl", "finetune", "--pretrained", "none", "--labelled", "1", "--labels",
+                    str(phantoms), "--freeze-steps", "-1", "--run", str(tmp_path / "f"))  # fmt: skip
+    assert code == 2 and "--freeze-steps must be >= 0 (0: never frozen), got -1" in err
+    assert not (tmp_path / "f").exists()
