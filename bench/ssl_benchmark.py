@@ -313,11 +313,14 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
         if arm in ROWS:
             folder = synthetic.folder(ROWS[arm], seed)
             pool = ["--synthetic", str(folder), "--synthetic-ratio", f"{n / (u + n):.6g}"]
-        run = args.work / "pretrain" / f"{arm}-s{seed}-u{u}-x{n}-n{args.pretrain_steps}"
+        recipe = f"-c{args.contrastive_weight:g}" if args.contrastive_weight else ""
+        contrastive = ["--contrastive-weight", f"{args.contrastive_weight:g}"] if recipe else []
+        run = args.work / "pretrain" / f"{arm}-s{seed}-u{u}-x{n}-n{args.pretrain_steps}{recipe}"
         if _steps_done(run, "ssl") < args.pretrain_steps:
             runner.lad("pretrain", [
                 "ssl", "pretrain", "--run", str(run), "--steps", str(args.pretrain_steps), "--seed",
                 str(seed), "--cases", ",".join(cases), "--resume", *data_opt, *pool, *common,
+                *contrastive,
             ])  # fmt: skip
         return run
 
@@ -326,7 +329,10 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
         source = (
             "none" if arm == "none" else str(runner.once(f"pre-{arm}-{seed}", lambda: pretrained(arm, seed)))
         )
-        recipe = f"-lr{args.pretrained_lr_scale:g}" if arm != "none" and args.pretrained_lr_scale != 1 else ""
+        recipe = f"-c{args.contrastive_weight:g}" if arm != "none" and args.contrastive_weight else ""
+        recipe += (
+            f"-lr{args.pretrained_lr_scale:g}" if arm != "none" and args.pretrained_lr_scale != 1 else ""
+        )
         recipe += "-enc" if arm != "none" and args.transfer == "encoder" else ""
         recipe += f"-fz{args.freeze_steps}" if arm != "none" and args.freeze_steps else ""
         steps = f"p{args.pretrain_steps}-k{k}-f{args.finetune_steps}-e{args.eval_every}{recipe}"
@@ -363,7 +369,7 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
 SAME: dict[str, Any] = {key: None for key in (
     "unlabelled", "n_extra", "labelled", "pretrain_steps", "finetune_steps", "eval_every",
     "pretrained_lr_scale", "transfer", "generator_vqgan_steps", "generator_diffusion_steps",
-    "shared_generator", "pool", "held_out")} | {"freeze_steps": 0}  # fmt: skip
+    "shared_generator", "pool", "held_out")} | {"freeze_steps": 0, "contrastive_weight": 0.0}  # fmt: skip
 
 
 def merge_runs(record: dict[str, Any], earlier: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
@@ -560,6 +566,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="pretrained weights fine-tuning starts from",
     )
     ap.add_argument(
+        "--contrastive-weight", type=float, default=0.0, help="pretraining's contrastive term (0: off)"
+    )
+    ap.add_argument(
         "--freeze-steps", type=int, default=0, help="fine-tuning steps the pretrained weights stay frozen"
     )
     ap.add_argument("--generator-vqgan-steps", type=int, help="default: the tiny preset's (quick 100)")
@@ -630,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain_batch": 4, "finetune_steps": args.finetune_steps, "finetune_batch": 2,
         "eval_every": args.eval_every, "pretrained_lr_scale": args.pretrained_lr_scale,
         "transfer": args.transfer, "freeze_steps": args.freeze_steps,
+        "contrastive_weight": args.contrastive_weight,
         "synthetic_share": round(args.n_extra / (args.unlabelled + args.n_extra), 4),
         "generator_vqgan_steps": args.generator_vqgan_steps or "preset",
         "generator_diffusion_steps": args.generator_diffusion_steps or "preset",

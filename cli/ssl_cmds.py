@@ -53,6 +53,14 @@ def pretrain(
             "but the fine-tuning held-out cases.",
         ),
     ] = None,  # fmt: skip
+    contrastive_weight: Annotated[
+        float,
+        typer.Option(
+            "--contrastive-weight",
+            help="Add Swin UNETR's contrastive term (NT-Xent between two views of each volume) at this "
+            "weight; 0: off.",
+        ),
+    ] = 0.0,
     run: RunOpt = "ssl",
     preset: PresetOpt = Preset.tiny,
     steps: StepsOpt = None,
@@ -61,7 +69,8 @@ def pretrain(
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Masked-volume inpainting + rotation prediction on the segmenter's U-Net (into RUN/ssl/)."""
+    """Masked-volume inpainting + rotation prediction (+ optional contrastive coding) on the segmenter's U-Net
+    (into RUN/ssl/)."""
     from lad_fast.config import get_preset
     from lad_fast.ssl.settings import SSLConfig
     from lad_fast.train.ssl import pretrain as run_pretrain
@@ -71,7 +80,7 @@ def pretrain(
         get_preset(preset.value),
         data=data,
         synthetic=synthetic or [],
-        ssl=SSLConfig(synthetic_ratio=synthetic_ratio),
+        ssl=SSLConfig(synthetic_ratio=synthetic_ratio, contrastive_weight=contrastive_weight),
         steps=steps,
         seed=seed,
         resume=resume,

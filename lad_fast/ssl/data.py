@@ -86,7 +86,8 @@ class SSLBatches:
     Each of the ``batch_size`` volumes is generated with probability ``cfg.synthetic_ratio`` (when there
     are generated volumes), else real, drawn uniformly from its pool; then turned by a random quarter turn
     and block-masked. Returns ``input`` (B, 1, D, H, W) masked and turned, ``target`` the turned volume,
-    ``mask`` (B, 1, D, H, W) bool, ``rotation`` (B,) int64, ``synthetic`` (B,) bool.
+    ``mask`` (B, 1, D, H, W) bool, ``rotation`` (B,) int64, ``synthetic`` (B,) bool; with a contrastive
+    term (``cfg.contrastive_weight`` > 0) also ``view``: the same volumes turned and masked anew.
     """
 
     real: PreparedDataset
@@ -118,10 +119,15 @@ class SSLBatches:
         x = torch.from_numpy(np.stack(vols))[:, None]
         target, labels = random_rotations(x, g)
         mask = block_mask(tuple(target.shape), self.cfg.mask_grid, self.cfg.mask_ratio, g)
-        return {
+        batch = {
             "input": mask_volumes(target, mask, self.cfg.noise_std, g),
             "target": target,
             "mask": mask,
             "rotation": labels,
             "synthetic": torch.tensor(flags),
         }
+        if self.cfg.contrastive_weight > 0:  # drawn after the first view, which stays as it was
+            turned, _ = random_rotations(x, g)
+            mask2 = block_mask(tuple(turned.shape), self.cfg.mask_grid, self.cfg.mask_ratio, g)
+            batch["view"] = mask_volumes(turned, mask2, self.cfg.noise_std, g)
+        return batch

@@ -27,17 +27,29 @@ NOT_TRANSFERRED = {"all": ("head.",), "encoder": ("head.", "up.", "unpool.", "no
 
 
 class SSLNet(nn.Module):
-    """x (B, 1, D, H, W) -> (reconstruction (B, 1, D, H, W), rotation logits (B, 4))."""
+    """x (B, 1, D, H, W) -> (reconstruction (B, 1, D, H, W), rotation logits (B, 4)); with ``contrast`` >
+    0 a projection head (bottleneck -> ``contrast`` features, SimCLR's two layers) as well, and
+    ``forward(x, view)`` returns the embeddings of both views of each volume after those two."""
 
-    def __init__(self, cfg: SegmenterConfig, impl: str = "auto") -> None:
+    def __init__(self, cfg: SegmenterConfig, impl: str = "auto", contrast: int = 0) -> None:
         super().__init__()
         self.body = Segmenter(cfg, num_classes=1, impl=impl)
-        self.rotation = nn.Linear(cfg.channels[-1], ROTATIONS)
+        c = cfg.channels[-1]
+        self.rotation = nn.Linear(c, ROTATIONS)
+        self.contrast = (
+            nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, contrast)) if contrast else None
+        )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, view: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         h, skips = self.body.encode(x)
-        logits = self.rotation(h.float().mean(dim=(2, 3, 4)))  # global average pool of the bottleneck
-        return self.body.decode(h, skips), logits
+        pooled = h.float().mean(dim=(2, 3, 4))  # global average pool of the bottleneck
+        out = (self.body.decode(h, skips), self.rotation(pooled))
+        if view is None:
+            return out
+        if self.contrast is None:
+            raise ConfigError("this SSLNet has no projection head (contrast=0): it takes no second view")
+        other = self.body.encode(view)[0].float().mean(dim=(2, 3, 4))  # the encoder only
+        return (*out, self.contrast(pooled), self.contrast(other))
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,8 @@ def transfer_weights(
     """
     check_transfer(transfer)
     target = seg.state_dict()
-    unknown = sorted(k for k in pretrained if not k.startswith(BODY) and not k.startswith("rotation."))
+    heads = ("rotation.", "contrast.")
+    unknown = sorted(k for k in pretrained if not k.startswith(BODY) and not k.startswith(heads))
     if unknown:
         raise CheckpointError(f"{source}: not an SSL pretraining checkpoint (keys {unknown[:3]})")
     body = {k[len(BODY) :]: v for k, v in pretrained.items() if k.startswith(BODY)}

@@ -13,10 +13,15 @@ close to Models Genesis' in-painting, Zhou et al. MedIA 2021):
   encode global layout, where the liver is against the spleen: exactly what a volume with organs in the
   wrong place (a bad generator) would teach wrongly, so it is sensitive to synthetic-data quality. The
   axial plane is the only one where a quarter turn keeps the grid (H = W; D is coarser and shorter).
-* Swin UNETR's third term, contrastive coding between two views, needs large batches to have negatives;
-  at a batch of 2 to 4 volumes on a CPU it has almost none, so it is left out.
+* Swin UNETR's third term, **contrastive coding** between two views, is optional
+  (``SSLConfig.contrastive_weight``, default 0: off): each volume is seen a second time, with its own
+  quarter turn and block mask, and an NT-Xent loss (SimCLR) pulls the projected bottleneck features of
+  the two views of a volume together and pushes the other volumes of the batch away. It needs many
+  negatives to work well; at a batch of 4 volumes on a CPU each view has 6, so it is off by default
+  and the SSL benchmark measures whether it helps.
 
-Shapes: volumes (B, 1, D, H, W) in [-1, 1]; masks (B, 1, D, H, W) bool; rotation labels (B,) int64.
+Shapes: volumes (B, 1, D, H, W) in [-1, 1]; masks (B, 1, D, H, W) bool; rotation labels (B,) int64;
+embeddings (B, E).
 """
 
 from __future__ import annotations
@@ -84,3 +89,19 @@ def inpainting_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the rotation logits (B, 4) against labels (B,)."""
     return F.cross_entropy(logits.float(), labels.to(logits.device))
+
+
+def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR) over two views: embeddings z1, z2 (B, E), row i of each the same volume. Each of
+    the 2B embeddings is classified among the other 2B - 1 by cosine similarity / ``temperature``, its
+    other view the right answer; the mean cross-entropy. B >= 2 (one volume has no negative)."""
+    if z1.shape != z2.shape or z1.ndim != 2 or z1.shape[0] < 2:
+        raise ConfigError(
+            f"contrastive loss needs two (B >= 2, E) views, got {tuple(z1.shape)}, {tuple(z2.shape)}"
+        )
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = (z @ z.t()) / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=sim.device), float("-inf"))
+    other = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
+    return F.cross_entropy(sim, other)

@@ -21,6 +21,9 @@ class SSLConfig:
         noise and reconstructed. rotation_weight: weight of the rotation cross-entropy beside the L1
         reconstruction loss (Swin UNETR weighs its three losses equally; with two, 1 keeps that).
     synthetic_ratio: expected fraction of each batch drawn from the generated volumes (when any).
+    contrastive_weight: weight of the contrastive (NT-Xent) loss between two views of each volume (0: off,
+        no second view is drawn or encoded); contrastive_temperature its temperature, contrastive_dim
+        the projection's width.
     """
 
     mask_grid: tuple[int, int, int] = (4, 8, 8)
@@ -28,12 +31,19 @@ class SSLConfig:
     noise_std: float = 0.5  # masked blocks hold N(0, std) noise (Swin UNETR's cut-out fill)
     rotation_weight: float = 1.0
     synthetic_ratio: float = 0.5
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.5
+    contrastive_dim: int = 64
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"ssl mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.synthetic_ratio <= 1.0:
             raise ConfigError(f"--synthetic-ratio must be in [0, 1], got {self.synthetic_ratio}")
+        if not self.contrastive_weight >= 0.0:
+            raise ConfigError(f"--contrastive-weight must be >= 0 (0: off), got {self.contrastive_weight}")
+        if not self.contrastive_temperature > 0.0:
+            raise ConfigError(f"ssl contrastive_temperature must be > 0, got {self.contrastive_temperature}")
 
 
 # Budgets: at tiny a step is a batch of 4 volumes of 16 x 64 x 64 through the (16, 32, 64, 128) U-Net,

@@ -76,21 +76,43 @@ def _json(obj: Any) -> Any:
 @dataclass(frozen=True)
 class _PretrainLoss:
     """The pretraining phase loss, ``loss(modules, batch, step)``: inpainting L1 on the masked voxels plus
-    ``rotation_weight`` times the rotation cross-entropy (:mod:`lad_fast.ssl.objectives`)."""
+    ``rotation_weight`` times the rotation cross-entropy, plus ``contrastive_weight`` times the NT-Xent
+    loss between the batch's two views when it is > 0 (:mod:`lad_fast.ssl.objectives`)."""
 
     device: torch.device
     rotation_weight: float
+    contrastive_weight: float = 0.0
+    temperature: float = 0.5
 
     def __call__(self, mods: Mapping[str, torch.nn.Module], batch: dict[str, Any], step: int):
-        from lad_fast.ssl.objectives import inpainting_loss, rotation_loss
+        from lad_fast.ssl.objectives import contrastive_loss, inpainting_loss, rotation_loss
 
-        rec, logits = mods["model"](batch["input"].to(self.device))
+        x = batch["input"].to(self.device)
+        if self.contrastive_weight > 0:
+            rec, logits, z1, z2 = mods["model"](x, batch["view"].to(self.device))
+        else:
+            rec, logits = mods["model"](x)
         l_rec = inpainting_loss(rec, batch["target"].to(self.device), batch["mask"])
         l_rot = rotation_loss(logits, batch["rotation"])
         acc = (logits.argmax(1).cpu() == batch["rotation"]).float().mean()
         logs = {"inpainting": l_rec.detach(), "rotation": l_rot.detach(), "rotation_acc": acc,
                 "synthetic_fraction": batch["synthetic"].float().mean()}  # fmt: skip
-        return l_rec + self.rotation_weight * l_rot, logs
+        total = l_rec + self.rotation_weight * l_rot
+        if self.contrastive_weight > 0:
+            l_con = contrastive_loss(z1, z2, self.temperature)
+            logs["contrastive"] = l_con.detach()
+            total = total + self.contrastive_weight * l_con
+        return total, logs
+
+
+def _ssl_json(ssl: SSLConfig) -> dict[str, Any]:
+    """The SSL settings a checkpoint records; without the contrastive fields while the term is off, so a
+    run of the default recipe records (and resumes with) what it recorded before the term existed."""
+    out = _json(ssl)
+    if ssl.contrastive_weight == 0:
+        for key in ("contrastive_weight", "contrastive_temperature", "contrastive_dim"):
+            out.pop(key)
+    return out
 
 
 @dataclass(frozen=True)
@@ -114,9 +136,12 @@ def _pretrain_job(setup: Setup, cfg: LadConfig, tcfg: TrainConfig, ssl: SSLConfi
     from lad_fast.ssl.network import SSLNet
 
     with setup.initial_weights():
-        net = SSLNet(cfg.segmenter).to(setup.device)
+        contrast = ssl.contrastive_dim if ssl.contrastive_weight > 0 else 0
+        net = SSLNet(cfg.segmenter, contrast=contrast).to(setup.device)
     opt = make_adamw(net, tcfg)
-    loss = _PretrainLoss(setup.device, ssl.rotation_weight)
+    loss = _PretrainLoss(
+        setup.device, ssl.rotation_weight, ssl.contrastive_weight, ssl.contrastive_temperature
+    )
     synthetic = pool.synthetic
     meta = {
         "preset": cfg.preset,
@@ -132,7 +157,7 @@ def _pretrain_job(setup: Setup, cfg: LadConfig, tcfg: TrainConfig, ssl: SSLConfi
         {"model": net},
         [Phase("model", opt, loss, scheduler=make_scheduler(opt, tcfg))],
         SSLBatches(pool.dataset, pool.real, synthetic, tcfg.batch_size, tcfg.seed, ssl),
-        model_config={"segmenter": _json(cfg.segmenter), "ssl": _json(ssl)},
+        model_config={"segmenter": _json(cfg.segmenter), "ssl": _ssl_json(ssl)},
         meta=meta,
     )
 

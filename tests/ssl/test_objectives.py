@@ -12,6 +12,7 @@ from lad_fast.ssl.network import SSLNet
 from lad_fast.ssl.objectives import (
     ROTATIONS,
     block_mask,
+    contrastive_loss,
     inpainting_loss,
     mask_volumes,
     random_rotations,
@@ -113,3 +114,37 @@ def test_masked_reconstruction_and_rotation_losses_fall_on_a_toy_volume():
     first, last = sum(rec_losses[:5]) / 5, sum(rec_losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
     assert sum(rot_losses[-5:]) / 5 < sum(rot_losses[:5]) / 5
+
+
+def _nt_xent_by_hand(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """The NT-Xent loss written out, one anchor at a time (SimCLR's definition)."""
+    z = [v / v.norm() for v in torch.cat([z1, z2]).double()]
+    n, total = z1.shape[0], 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        others = [float(torch.dot(z[i], z[k])) / t for k in range(2 * n) if k != i]
+        total += -float(torch.dot(z[i], z[positive])) / t + float(torch.logsumexp(torch.tensor(others), 0))
+    return total / (2 * n)
+
+
+def test_contrastive_loss_is_nt_xent():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    for t in (0.1, 0.5):
+        assert contrastive_loss(z1, z2, t).item() == pytest.approx(_nt_xent_by_hand(z1, z2, t), rel=1e-5)
+    # two views that agree, unlike the other volumes: lower than two that do not
+    assert contrastive_loss(z1, z1 + 0.01, 0.5) < contrastive_loss(z1, z2, 0.5)
+    with pytest.raises(ConfigError, match=r"contrastive loss needs two \(B >= 2, E\) views, got \(1, 8\)"):
+        contrastive_loss(z1[:1], z2[:1], 0.5)
+
+
+def test_the_projection_head_embeds_both_views():
+    net = SSLNet(SegmenterConfig(channels=(8, 16), groups=4), impl="torch", contrast=6)
+    x = _toy_volume().repeat(2, 1, 1, 1, 1)
+    rec, logits, z1, z2 = net(x, torch.flip(x, dims=(-1,)))
+    assert rec.shape == x.shape and logits.shape == (2, ROTATIONS) and z1.shape == z2.shape == (2, 6)
+    assert torch.allclose(net(x, x)[2], net(x, x)[3])  # the same view, the same embedding
+    plain = SSLNet(SegmenterConfig(channels=(8, 16), groups=4), impl="torch")
+    assert len(plain(x)) == 2 and not any(k.startswith("contrast.") for k in plain.state_dict())
+    with pytest.raises(ConfigError, match="no projection head"):
+        plain(x, x)

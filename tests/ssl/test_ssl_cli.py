@@ -77,6 +77,38 @@ def test_generated_volumes_mix_at_the_stated_ratio(phantoms, tmp_path):
     assert torch.equal(first["input"][~first["mask"]], first["target"][~first["mask"]])
 
 
+def test_a_second_view_is_drawn_only_for_the_contrastive_term(phantoms):
+    ds = PreparedDataset(phantoms)
+    plain = SSLBatches(ds, [0, 1, 2], None, 2, 0, SSLConfig())(5)
+    both = SSLBatches(ds, [0, 1, 2], None, 2, 0, SSLConfig(contrastive_weight=1.0))(5)
+    assert "view" not in plain and set(both) == set(plain) | {"view"}
+    assert all(torch.equal(plain[k], both[k]) for k in plain)  # the first view as without the term
+    assert both["view"].shape == both["input"].shape and not torch.equal(both["view"], both["input"])
+
+
+def test_pretraining_with_the_contrastive_term(phantoms, tmp_path):
+    from lad_fast.train.ssl import _ssl_json, finetune, pretrain
+
+    ssl = SSLConfig(contrastive_weight=0.5)
+    pretrain(tmp_path / "pre", small_cfg(), data=phantoms, ssl=ssl, steps=2, device="cpu")
+    logged = [r for r in map(json.loads, (tmp_path / "pre" / "log.jsonl").read_text().splitlines())
+              if r.get("model") == "ssl" and "losses" in r]  # fmt: skip
+    assert logged[-1]["losses"]["contrastive"] > 0
+    scores = finetune(
+        tmp_path / "ft", small_cfg(), tmp_path / "pre", phantoms, labelled=2, steps=1, device="cpu"
+    )
+    assert scores["dice"]  # the projection head is an SSL head: not transferred, not in the way
+    # the default recipe records its settings as before the term existed (so its runs still resume)
+    assert "contrastive_weight" not in _ssl_json(SSLConfig()) and _ssl_json(ssl)["contrastive_weight"] == 0.5
+
+
+def test_a_negative_contrastive_weight_is_refused(phantoms, tmp_path, capsys):
+    code, err = cli(capsys, "ssl", "pretrain", "--data", str(phantoms), "--contrastive-weight", "-1",
+                    "--run", str(tmp_path / "p"))  # fmt: skip
+    assert code == 2 and "--contrastive-weight must be >= 0 (0: off), got -1.0" in err
+    assert not (tmp_path / "p").exists()
+
+
 def test_pretrain_then_finetune_none_and_pretrained_differ_only_in_initial_weights(phantoms, tmp_path):
     from lad_fast.train.ssl import finetune, pretrain
 
