@@ -221,3 +221,31 @@ def test_a_record_from_before_a_setting_existed_merges_at_its_old_value(bench):
     with pytest.raises(SystemExit) as err:
         bench.merge_runs(_record(bench, [4], freeze_steps=50), [(Path("old.json"), old)])
     assert "its freeze_steps is 0, this run's is 50" in str(err.value)
+
+
+def test_recipe_probes_are_compared_on_the_seeds_they_share():
+    spec = importlib.util.spec_from_file_location("ssl_probes", ROOT / "bench" / "ssl_probes.py")
+    probes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probes)
+
+    def record(seeds, value, **scale):
+        runs = {arm: [{"seed": s, "dice": {o: value[arm] + s / 100 for o in probes.ORGANS}} for s in seeds]
+                for arm in probes.ARMS}  # fmt: skip
+        return {"scale": {"seeds": seeds, **scale}, "per_seed": {"2": runs}}
+
+    default = record([3, 4], {"none": 0.6, "real": 0.5, "oracle": 0.4})
+    frozen = record([4], {"none": 0.6, "real": 0.65, "oracle": 0.7}, transfer="encoder", freeze_steps=100)
+    table = probes.rows([(Path("a.json"), default), (Path("b.json"), frozen)])
+    assert table["seeds"] == [4]
+    assert [r["recipe"] for r in table["rows"]] == ["default", "transfer=encoder, freeze_steps=100"]
+    assert table["rows"][0]["arms"]["mean"] == {"none": 0.64, "real": 0.54, "oracle": 0.44}
+    assert table["rows"][1]["paired"]["pancreas"] == {"real - none": 0.05, "oracle - none": 0.1,
+                                                      "oracle - real": 0.05}  # fmt: skip
+    assert (
+        "| transfer=encoder, freeze_steps=100 | 0.640 | 0.690 | 0.740 | +0.050 | +0.100 |"
+        in probes.markdown(table)
+    )
+    with pytest.raises(SystemExit, match="no seed common to every record"):
+        probes.rows(
+            [(Path("a.json"), record([1], {"none": 0, "real": 0, "oracle": 0})), (Path("b.json"), frozen)]
+        )
