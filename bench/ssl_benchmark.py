@@ -474,6 +474,8 @@ def _round(x: float | None) -> float | None:
 
 
 def _cell(iv: dict[str, Any]) -> str:
+    if iv.get("seeds", 2) < 2:
+        return f"{iv['diff']:+.3f} (1 seed, no interval)"
     star = "*" if iv["excludes_zero"] else ""
     return f"{iv['diff']:+.3f} [{iv['lo']:+.3f}, {iv['hi']:+.3f}]{star}"
 
@@ -503,7 +505,7 @@ def markdown(record: dict[str, Any]) -> str:
             out += ["| comparison | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
             for name, ivs in res["paired"].items():
                 out.append(f"| {name} | " + " | ".join(_cell(ivs[o]) for o in cols) + " |")
-            if "oracle - real" in res["paired"]:
+            if "oracle - real" in res["paired"] and seeds > 1:
                 half = {o: (iv["hi"] - iv["lo"]) / 2 for o, iv in res["paired"]["oracle - real"].items()}
                 out += [
                     "",

@@ -62,7 +62,9 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.lo > 0 or self.hi < 0
+        """Whether the interval lies on one side of zero; never for one seed, whose "interval" is the
+        single difference itself (every resample is that seed), which says nothing of the spread."""
+        return self.seeds >= 2 and (self.lo > 0 or self.hi < 0)
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return {"diff": round(self.diff, 4), "lo": round(self.lo, 4), "hi": round(self.hi, 4),

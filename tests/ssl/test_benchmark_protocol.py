@@ -249,3 +249,13 @@ def test_recipe_probes_are_compared_on_the_seeds_they_share():
         probes.rows(
             [(Path("a.json"), record([1], {"none": 0, "real": 0, "oracle": 0})), (Path("b.json"), frozen)]
         )
+
+
+def test_one_seed_is_reported_without_an_interval(bench):
+    runs = {
+        arm: [{"dice": {o: v for o in bench.ORGANS}}]
+        for arm, v in (("none", 0.6), ("real", 0.5), ("oracle", 0.7))
+    }
+    md = bench.markdown({"by_k": {"2": bench.analyse(runs)}, "scale": {"seeds": [4]}})
+    assert "| oracle - real | +0.200 (1 seed, no interval) |" in md
+    assert "]*" not in md and "Resolution" not in md

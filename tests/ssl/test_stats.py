@@ -72,3 +72,9 @@ def test_draws_refuse_what_does_not_fit():
         draw_cases(POOL, 0, unlabelled=5, extra=16)
     with pytest.raises(ConfigError, match="between 1 and U = 4"):
         draw_cases(POOL, 0, 4, 2).labelled(5)
+
+
+def test_one_seed_has_no_interval_that_excludes_zero():
+    iv = paired_bootstrap([0.5], [0.4])
+    assert iv.diff == pytest.approx(0.1) and iv.lo == iv.hi and not iv.excludes_zero
+    assert paired_bootstrap([0.5, 0.6], [0.4, 0.4]).excludes_zero  # two seeds, both above: it does
