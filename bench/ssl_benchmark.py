@@ -306,6 +306,12 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
     synthetic = Synthetic(args, data, draws, runner)
     u, n = args.unlabelled, args.n_extra
 
+    # run-name suffixes of the settings that change a pretrained run, and a fine-tuning from one
+    pre_recipe = f"-c{args.contrastive_weight:g}" if args.contrastive_weight else ""
+    ft_recipe = f"-lr{args.pretrained_lr_scale:g}" if args.pretrained_lr_scale != 1 else ""
+    ft_recipe += "-enc" if args.transfer == "encoder" else ""
+    ft_recipe += f"-fz{args.freeze_steps}" if args.freeze_steps else ""
+
     def pretrained(arm: str, seed: int) -> Path:
         draw = draws[seed]
         cases = list(draw.real) + (list(draw.extra) if arm == "oracle" else [])
@@ -313,9 +319,8 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
         if arm in ROWS:
             folder = synthetic.folder(ROWS[arm], seed)
             pool = ["--synthetic", str(folder), "--synthetic-ratio", f"{n / (u + n):.6g}"]
-        recipe = f"-c{args.contrastive_weight:g}" if args.contrastive_weight else ""
-        contrastive = ["--contrastive-weight", f"{args.contrastive_weight:g}"] if recipe else []
-        run = args.work / "pretrain" / f"{arm}-s{seed}-u{u}-x{n}-n{args.pretrain_steps}{recipe}"
+        contrastive = ["--contrastive-weight", f"{args.contrastive_weight:g}"] if pre_recipe else []
+        run = args.work / "pretrain" / f"{arm}-s{seed}-u{u}-x{n}-n{args.pretrain_steps}{pre_recipe}"
         if _steps_done(run, "ssl") < args.pretrain_steps:
             runner.lad("pretrain", [
                 "ssl", "pretrain", "--run", str(run), "--steps", str(args.pretrain_steps), "--seed",
@@ -329,12 +334,7 @@ def run_arms(args: argparse.Namespace, data: Path, draws: dict[int, Any], runner
         source = (
             "none" if arm == "none" else str(runner.once(f"pre-{arm}-{seed}", lambda: pretrained(arm, seed)))
         )
-        recipe = f"-c{args.contrastive_weight:g}" if arm != "none" and args.contrastive_weight else ""
-        recipe += (
-            f"-lr{args.pretrained_lr_scale:g}" if arm != "none" and args.pretrained_lr_scale != 1 else ""
-        )
-        recipe += "-enc" if arm != "none" and args.transfer == "encoder" else ""
-        recipe += f"-fz{args.freeze_steps}" if arm != "none" and args.freeze_steps else ""
+        recipe = "" if arm == "none" else pre_recipe + ft_recipe
         steps = f"p{args.pretrain_steps}-k{k}-f{args.finetune_steps}-e{args.eval_every}{recipe}"
         name = f"{arm}-s{seed}-u{u}-x{n}-{steps}"
         run = args.work / "finetune" / name
